@@ -1,0 +1,25 @@
+"""mlo: multi-level optimization for PyTorch.
+
+Declare each level as a ``Problem``, wire the levels into a dependency graph, and hand them to an
+``Engine`` with a hypergradient estimator from ``mlo.estimators``.
+"""
+
+from . import estimators
+from .engine import Engine
+from .errors import DivergenceError, EstimatorError, GraphError, MLOError, NonFiniteError, ProgramError
+from .hooks import Hook
+from .problem import Problem
+
+__all__ = [
+    "Problem",
+    "Engine",
+    "Hook",
+    "estimators",
+    "MLOError",
+    "ProgramError",
+    "GraphError",
+    "EstimatorError",
+    "NonFiniteError",
+    "DivergenceError",
+]
+__version__ = "0.1.0"

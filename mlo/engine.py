@@ -1,0 +1,321 @@
+"""`Engine`: runs a multi-level program and computes hypergradients through its graph.
+
+Each round steps every level bottom-up: a lower level its ``steps`` steps, then its uppers.
+A level without lowers takes a plain training step. A level with lowers steps along its
+hypergradient, computed by the per-hop rule below with the estimator of each edge.
+
+Per-hop rule. For an upper level ``u`` with objective ``L_u``, let ``a_v = dL_u/dtheta_v`` (partial,
+at the evaluation point) for ``u`` and every level below it. Going bottom-up over the levels
+below ``u``, each level ``v`` adds, for each of its lowers ``m``, the estimator's
+``vjp_{v,m}(a_m)``; finally ``hypergradient(u) = a_u + sum_l vjp_{u,l}(a_l)`` over ``u``'s lowers.
+For implicit estimators ``vjp_{v,m}(a) = -(d^2 L_m/dtheta_v dtheta_m) H_m^{-1} a`` with ``H_m`` the
+Hessian of ``L_m`` in ``theta_m`` alone (other levels fixed), so contributions sum over every
+path of the graph. The evaluation point is the current state, except that each direct lower of
+``u`` whose estimator has a look-ahead (finite differences, unroll) is evaluated there.
+
+Buffers: estimator evaluations never move module buffers (BatchNorm statistics are restored
+after every hypergradient); the plain step of a level without lowers updates them as a normal
+training step does.
+
+The engine's state is explicit: every level's module, optimizer, scheduler and data position,
+and the round counter (``state_dict`` / ``load_state_dict``).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from . import autodiff
+from .autodiff import Tensors
+from .errors import EstimatorError, NonFiniteError, ProgramError
+from .estimators import Estimator, Hop, Info, resolve
+from .functional import Program, frozen_buffers
+from .graph import Graph
+from .hooks import Hook
+from .problem import Problem
+
+__all__ = ["Engine"]
+
+EstimatorSpec = str | Estimator
+Edge = tuple[str, str]
+
+
+@dataclass
+class _Stream:
+    """A level's position in its data: the batch in use and how many were drawn."""
+
+    iterator: Iterator[Any]
+    drawn: int = 0
+    batch: Any = None
+
+
+@dataclass
+class Diagnostics:
+    """What the estimators reported at the last hypergradient of each edge."""
+
+    by_edge: dict[Edge, Info] = field(default_factory=dict)
+
+
+class Engine:
+    """Runs ``problems`` wired by ``graph`` with hypergradients from ``estimator``.
+
+    Args:
+        problems: the levels, each a ``Problem`` with a unique name.
+        graph: ``{upper: [lowers]}``; the best response of each lower depends on the upper.
+        estimator: a registered name (``"cg"``), a ``"name:opt=value"`` string, an ``Estimator``,
+            or a mapping ``{(upper, lower): estimator}`` covering every edge.
+        hooks: objects with ``on_step`` / ``on_round`` methods (see ``mlo.hooks.Hook``).
+        check_finite: raise ``NonFiniteError`` naming the level and round when a loss or
+            hypergradient is NaN or infinite.
+
+    Every check on the program happens here, before any step.
+    """
+
+    def __init__(
+        self,
+        problems: Sequence[Problem],
+        graph: Mapping[str, Sequence[str]] | None = None,
+        estimator: EstimatorSpec | Mapping[Edge, EstimatorSpec] = "cg",
+        hooks: Sequence[Hook] = (),
+        check_finite: bool = True,
+    ) -> None:
+        problems = list(problems)
+        for p in problems:
+            if not isinstance(p, Problem):
+                raise ProgramError(f"problems must be mlo.Problem instances, got {type(p).__name__}: {p!r}")
+        ids = [id(p) for p in problems]
+        for p in problems:
+            if ids.count(id(p)) > 1:
+                raise ProgramError(f"level {p.name!r} is listed twice in problems")
+        self.graph = Graph.build([p.name for p in problems], graph or {})
+        self.program = Program(problems)
+        self._check_parameters()
+        self.estimators = self._resolve_estimators(estimator)
+        self.hooks = list(hooks)
+        self.check_finite = check_finite
+        self.round = 0
+        self.diagnostics = Diagnostics()
+        self._streams = {name: _Stream(p.batches()) for name, p in self.program.problems.items()}
+
+    # ------------------------------------------------------------------ building
+
+    def _check_parameters(self) -> None:
+        owner: dict[int, str] = {}
+        for name, problem in self.program.problems.items():
+            params = self.program.params[name]
+            if not params:
+                role = "an upper level" if self.graph.lowers_of[name] else "a level"
+                raise ProgramError(f"level {name!r} is {role} with no trainable parameters in its module")
+            for p in params:
+                if id(p) in owner:
+                    raise ProgramError(
+                        f"a parameter of level {name!r} also belongs to level {owner[id(p)]!r}; "
+                        "each parameter must belong to exactly one level"
+                    )
+                owner[id(p)] = name
+            held = {id(q) for group in problem.optimizer.param_groups for q in group["params"]}
+            module_names = {id(p): n for n, p in problem.module.named_parameters() if p.requires_grad}
+            missing = [n for i, n in module_names.items() if i not in held]
+            if missing:
+                raise ProgramError(
+                    f"level {name!r}: its optimizer does not own parameter(s) {missing} of its module"
+                )
+            extra = held - set(module_names)
+            if extra:
+                raise ProgramError(
+                    f"level {name!r}: its optimizer holds {len(extra)} tensor(s) that are not trainable "
+                    "parameters of its module"
+                )
+
+    def _resolve_estimators(self, spec: EstimatorSpec | Mapping[Edge, EstimatorSpec]) -> dict[Edge, Estimator]:
+        edges = self.graph.edges
+        if isinstance(spec, Mapping):
+            unknown = [e for e in spec if e not in edges]
+            if unknown:
+                raise EstimatorError(f"estimator mapping names edge(s) {unknown} not in the graph; edges: {list(edges)}")
+            missing = [e for e in edges if e not in spec]
+            if missing:
+                raise EstimatorError(f"estimator mapping has no estimator for edge(s) {missing}")
+            chosen = {e: resolve(spec[e]) for e in edges}
+        else:
+            one = resolve(spec)
+            chosen = {e: one for e in edges}
+        for (_, lower), est in chosen.items():
+            est.check(self.program.problems[lower])
+        return chosen
+
+    # ------------------------------------------------------------------ running
+
+    def run(self, rounds: int) -> None:
+        """Run ``rounds`` rounds; each steps every level bottom-up."""
+        if isinstance(rounds, bool) or not isinstance(rounds, int) or rounds < 0:
+            raise ValueError(f"rounds must be an int >= 0, got {rounds!r}")
+        for _ in range(rounds):
+            for name in self.graph.bottom_up:
+                for _ in range(self.program.problems[name].steps):
+                    self.step(name)
+            self.round += 1
+            for hook in self.hooks:
+                hook.on_round(self)
+
+    def step(self, name: str) -> Tensor:
+        """One optimizer step of level ``name`` on its next batch; returns its loss (detached)."""
+        problem = self.program.problems[name]
+        self._draw(name)
+        if self.graph.lowers_of[name]:
+            with frozen_buffers(self.program.buffers()):
+                grads, loss = self._total(name, self.program.params, create_graph=False)
+        else:
+            loss = self.program.loss(name, self._streams[name].batch)
+            self._check(loss, name, "loss")
+            grads = autodiff.grad(loss, self.program.params[name])
+        self._check(grads, name, "hypergradient")
+        for p, g in zip(self.program.params[name], grads):
+            p.grad = g.detach()
+        problem.optimizer.step()
+        if problem.scheduler is not None:
+            problem.scheduler.step()
+        loss = loss.detach()
+        for hook in self.hooks:
+            hook.on_step(self, name, loss)
+        return loss
+
+    def hypergradient(self, name: str) -> list[Tensor]:
+        """Level ``name``'s hypergradient at the current state, one tensor per parameter of its
+        module (``module.parameters()`` order, trainable ones), as the configured estimators
+        compute it. Steps nothing and leaves every parameter and buffer as it was; a level that
+        has drawn no batch yet draws its first."""
+        if name not in self.program.problems:
+            raise KeyError(f"unknown level {name!r}; levels: {list(self.program.problems)}")
+        for level in (name, *self.graph.descendants(name)):
+            if self._streams[level].drawn == 0:
+                self._draw(level)
+        with frozen_buffers(self.program.buffers()):
+            grads, _ = self._total(name, self.program.params, create_graph=False)
+        return [g.detach() for g in grads]
+
+    # ------------------------------------------------------------------ the per-hop rule
+
+    def _total(self, name: str, point: Mapping[str, Tensors], create_graph: bool) -> tuple[Tensors, Tensor]:
+        """``(dL_name/dtheta_name, L_name)`` at ``point``, through every level below ``name``."""
+        lowers = self.graph.lowers_of[name]
+        batch = self._streams[name].batch
+        if not lowers:
+            loss = self.program.loss(name, batch, point)
+            self._check(loss, name, "loss")
+            return autodiff.grad(loss, point[name], create_graph=create_graph), loss
+
+        below = self.graph.descendants(name)
+        evaluation = dict(point)
+        lookaheads: dict[str, Tensors] = {}
+        for low in lowers:
+            est = self.estimators[(name, low)]
+            ahead = est.lookahead(self._hop(name, low, point, create_graph))
+            if ahead is not None:
+                lookaheads[low] = ahead
+                evaluation[low] = ahead if est.attached else tuple(t.detach().requires_grad_() for t in ahead)
+        loss = self.program.loss(name, batch, evaluation)
+        self._check(loss, name, "loss")
+        levels = (name, *below)
+        flat = [t for level in levels for t in evaluation[level]]
+        keep = create_graph or any(self.estimators[(name, low)].attached for low in lookaheads)
+        got = autodiff.grad(loss, flat, create_graph=create_graph, retain_graph=keep)
+        partial: dict[str, Tensors] = {}
+        i = 0
+        for level in levels:
+            n = len(evaluation[level])
+            partial[level] = got[i : i + n]
+            i += n
+
+        # Adjoints bottom-up: what arrives at each level from the levels below it.
+        deeper: dict[str, Tensors] = {}
+        for level in below:
+            arrived = None
+            for low in self.graph.lowers_of[level]:
+                adjoint = autodiff.add(partial[low], deeper[low]) if low in deeper else partial[low]
+                part, info = self.estimators[(level, low)].vjp(self._hop(level, low, point, create_graph), adjoint, None)
+                self.diagnostics.by_edge[(level, low)] = info
+                arrived = part if arrived is None else autodiff.add(arrived, part)
+            if arrived is not None:
+                deeper[level] = arrived
+
+        total = partial[name]
+        for low in lowers:
+            est = self.estimators[(name, low)]
+            if est.attached:  # autograd already carried the direct path through the look-ahead
+                adjoint = deeper.get(low)
+                if adjoint is None:
+                    continue
+            else:
+                adjoint = autodiff.add(partial[low], deeper[low]) if low in deeper else partial[low]
+            part, info = est.vjp(self._hop(name, low, point, create_graph), adjoint, lookaheads.get(low))
+            self.diagnostics.by_edge[(name, low)] = info
+            total = autodiff.add(total, part)
+        return total, loss
+
+    def _hop(self, upper: str, lower: str, point: Mapping[str, Tensors], create_graph: bool) -> Hop:
+        batch = self._streams[lower].batch
+
+        def lower_loss(overrides: Mapping[str, Tensors]) -> Tensor:
+            return self.program.loss(lower, batch, {**point, **overrides})
+
+        def direction(values: Tensors, differentiable: bool) -> Tensors:
+            grads, _ = self._total(lower, {**point, lower: values}, create_graph=differentiable)
+            return grads
+
+        return Hop(upper, lower, point, lower_loss, direction, self.program.problems[lower], create_graph)
+
+    # ------------------------------------------------------------------ helpers
+
+    def _draw(self, name: str) -> None:
+        stream = self._streams[name]
+        stream.batch = next(stream.iterator)
+        stream.drawn += 1
+
+    def _check(self, values: Tensor | Tensors, name: str, what: str) -> None:
+        if not self.check_finite:
+            return
+        tensors = [values] if isinstance(values, Tensor) else list(values)
+        finite = all(bool(torch.isfinite(t).all()) for t in tensors)
+        if not finite:
+            shown = f" = {float(values):.4g}" if isinstance(values, Tensor) and values.numel() == 1 else ""
+            raise NonFiniteError(f"level {name!r}: {what} is not finite{shown} at round {self.round}")
+
+    # ------------------------------------------------------------------ state
+
+    def state_dict(self) -> dict[str, Any]:
+        """Everything needed to resume: round counter and, per level, module, optimizer,
+        scheduler and the number of batches drawn."""
+        levels = {}
+        for name, problem in self.program.problems.items():
+            levels[name] = {
+                "module": problem.module.state_dict(),
+                "optimizer": problem.optimizer.state_dict(),
+                "scheduler": problem.scheduler.state_dict() if problem.scheduler is not None else None,
+                "batches_drawn": self._streams[name].drawn,
+            }
+        return {"round": self.round, "levels": levels}
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        """Restore a ``state_dict``; each level's data is replayed to its saved position."""
+        levels = state["levels"]
+        missing = set(self.program.problems) ^ set(levels)
+        if missing:
+            raise ProgramError(f"state does not match the program's levels: {sorted(missing)}")
+        for name, problem in self.program.problems.items():
+            saved = levels[name]
+            problem.module.load_state_dict(saved["module"])
+            problem.optimizer.load_state_dict(saved["optimizer"])
+            if problem.scheduler is not None and saved["scheduler"] is not None:
+                problem.scheduler.load_state_dict(saved["scheduler"])
+            stream = _Stream(problem.batches())
+            self._streams[name] = stream
+            for _ in range(int(saved["batches_drawn"])):
+                self._draw(name)
+        self.round = int(state["round"])

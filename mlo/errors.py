@@ -1,0 +1,27 @@
+"""The exceptions mlo raises. Each message names the level, edge or option at fault."""
+
+from __future__ import annotations
+
+
+class MLOError(Exception):
+    """Base class of every error mlo raises on purpose."""
+
+
+class ProgramError(MLOError, ValueError):
+    """The program (levels, graph, estimators) is malformed; raised when the Engine is built."""
+
+
+class GraphError(ProgramError):
+    """The dependency graph names an unknown level, repeats a level or contains a cycle."""
+
+
+class EstimatorError(ProgramError):
+    """An estimator name or option is invalid, or an estimator cannot serve an edge."""
+
+
+class NonFiniteError(MLOError, FloatingPointError):
+    """A loss or a hypergradient became NaN or infinite during a run."""
+
+
+class DivergenceError(MLOError, ArithmeticError):
+    """An iterative estimator diverged (for example a Neumann series whose terms grow)."""

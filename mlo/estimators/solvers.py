@@ -1,0 +1,70 @@
+"""Linear solvers over a Hessian-vector product: the shared core of the implicit estimators.
+
+Both approximate ``x = H^{-1} b`` given only ``v -> H v``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+from .. import autodiff
+from ..autodiff import Tensors
+from ..errors import DivergenceError
+
+__all__ = ["conjugate_gradient", "neumann_series"]
+
+
+def conjugate_gradient(
+    matvec: Callable[[Tensors], Tensors], b: Tensors, iterations: int, tol: float
+) -> tuple[Tensors, float, int]:
+    """Conjugate gradient for a symmetric positive definite ``matvec`` from ``x0 = 0``.
+
+    Stops after ``iterations`` products or once ``||b - A x|| <= tol * ||b||``.
+    Returns the solution, the final relative residual and the number of iterations done.
+    """
+    b_norm = float(autodiff.norm(b))
+    x = autodiff.zeros_like(b)
+    if b_norm == 0.0:
+        return x, 0.0, 0
+    r = tuple(b)
+    p = r
+    rs = autodiff.dot(r, r)
+    done = 0
+    for done in range(1, iterations + 1):
+        ap = matvec(p)
+        curvature = autodiff.dot(p, ap)
+        alpha = rs / curvature
+        x = autodiff.axpy(alpha, p, x)
+        r = autodiff.axpy(-alpha, ap, r)
+        rs_new = autodiff.dot(r, r)
+        if float(rs_new) ** 0.5 <= tol * b_norm:
+            rs = rs_new
+            break
+        p = autodiff.axpy(rs_new / rs, p, r)
+        rs = rs_new
+    return x, float(rs) ** 0.5 / b_norm, done
+
+
+def neumann_series(
+    matvec: Callable[[Tensors], Tensors], b: Tensors, iterations: int, alpha: float, growth: float, where: str
+) -> Tensors:
+    """``alpha * sum_{i=0..n} (I - alpha A)^i b``, the truncated Neumann series of ``A^{-1} b``.
+
+    The terms shrink when ``0 < alpha < 2 / lambda_max(A)`` and ``A`` is positive definite. A term
+    whose norm exceeds ``growth`` times the first term's norm (or is not finite) means the series
+    diverges: ``DivergenceError`` is raised rather than returning a wrong answer.
+    """
+    first = float(autodiff.norm(b))
+    term = tuple(b)
+    total = tuple(b)
+    for i in range(1, iterations + 1):
+        term = autodiff.axpy(-alpha, matvec(term), term)
+        size = float(autodiff.norm(term))
+        if not size <= growth * first:  # also catches NaN
+            raise DivergenceError(
+                f"neumann on {where}: term {i} has norm {size:.3g}, {size / max(first, 1e-300):.3g} x the "
+                f"first; the series diverges. Use alpha < 2 / (largest eigenvalue of the lower Hessian) "
+                f"(alpha is {alpha}), or an estimator that does not need it (cg)."
+            )
+        total = autodiff.add(total, term)
+    return autodiff.scale(alpha, total)

@@ -1,0 +1,22 @@
+"""Hooks: what the engine calls after each step and each round (progress, logging, checkpoints)."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+from torch import Tensor
+
+if TYPE_CHECKING:
+    from .engine import Engine
+
+__all__ = ["Hook"]
+
+
+class Hook:
+    """Subclass and override what you need; the engine calls every hook in order."""
+
+    def on_step(self, engine: "Engine", level: str, loss: Tensor) -> None:
+        """After an optimizer step of ``level``; ``loss`` is its (detached) loss at that step."""
+
+    def on_round(self, engine: "Engine") -> None:
+        """After every level has stepped; ``engine.round`` is the number of rounds done."""
