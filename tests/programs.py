@@ -1,0 +1,423 @@
+"""Small programs shared by the test modules, and the independent references they are checked against.
+
+Every builder seeds its own randomness, so a test's numbers do not depend on which tests ran
+before it. Builders create tensors in the current default dtype: tests that compare gradients
+request the ``float64`` fixture (tests/conftest.py) before building.
+
+Nothing here imports from mlo beyond its public API: the references (closed forms, finite
+differences written out from their definitions) never reuse mlo's own machinery.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+import mlo
+
+# ---------------------------------------------------------------------------------------------- basics
+
+
+class Fn(mlo.Problem):
+    """A level whose loss is a given function of the batch (closures over other levels' modules)."""
+
+    def __init__(self, name: str, module: nn.Module, optimizer: torch.optim.Optimizer, fn: Callable[[Any], Tensor], **kw: Any) -> None:
+        super().__init__(name, module, optimizer, **kw)
+        self.fn = fn
+        self.calls = 0
+
+    def loss(self, batch: Any) -> Tensor:
+        self.calls += 1
+        return self.fn(batch)
+
+
+class Vector(nn.Module):
+    """One trainable vector ``x`` (several when given several sizes: ``p0``, ``p1``, ...)."""
+
+    def __init__(self, *values: Tensor) -> None:
+        super().__init__()
+        self.parts = nn.ParameterList([nn.Parameter(v.clone()) for v in values])
+
+    @property
+    def x(self) -> Tensor:
+        return self.parts[0] if len(self.parts) == 1 else torch.cat(list(self.parts))
+
+
+def relative_error(got: Tensor | Sequence[Tensor], want: Tensor | Sequence[Tensor]) -> float:
+    got_v = flat(got)
+    want_v = flat(want)
+    return float((got_v - want_v).norm() / want_v.norm())
+
+
+def flat(values: Tensor | Sequence[Tensor]) -> Tensor:
+    if isinstance(values, Tensor):
+        return values.reshape(-1)
+    return torch.cat([v.reshape(-1) for v in values])
+
+
+def snapshot(*problems: mlo.Problem) -> dict[str, Any]:
+    """Every parameter, gradient, buffer and optimizer state tensor of ``problems``, cloned."""
+
+    def clone(value: Any) -> Any:
+        if isinstance(value, Tensor):
+            return value.detach().clone()
+        if isinstance(value, dict):
+            return {k: clone(v) for k, v in value.items()}
+        if isinstance(value, (list, tuple)):
+            return type(value)(clone(v) for v in value)
+        return value
+
+    out: dict[str, Any] = {}
+    for p in problems:
+        for n, t in p.module.named_parameters():
+            out[f"{p.name}.param.{n}"] = t.detach().clone()
+            out[f"{p.name}.grad.{n}"] = None if t.grad is None else t.grad.detach().clone()
+        for n, t in p.module.named_buffers():
+            out[f"{p.name}.buffer.{n}"] = t.detach().clone()
+        out[f"{p.name}.optimizer"] = clone(p.optimizer.state_dict())
+    return out
+
+
+def assert_same(before: dict[str, Any], after: dict[str, Any]) -> None:
+    """Bit-identical: same keys, same tensors (``torch.equal``), same everything else."""
+    assert before.keys() == after.keys()
+
+    def same(a: Any, b: Any, where: str) -> None:
+        if isinstance(a, Tensor) or isinstance(b, Tensor):
+            assert isinstance(a, Tensor) and isinstance(b, Tensor), where
+            assert a.dtype == b.dtype and a.shape == b.shape and torch.equal(a, b), f"{where} changed"
+        elif isinstance(a, dict):
+            assert isinstance(b, dict) and a.keys() == b.keys(), f"{where} changed"
+            for k in a:
+                same(a[k], b[k], f"{where}.{k}")
+        elif isinstance(a, (list, tuple)):
+            assert isinstance(b, (list, tuple)) and len(a) == len(b), f"{where} changed"
+            for i, (x, y) in enumerate(zip(a, b)):
+                same(x, y, f"{where}[{i}]")
+        else:
+            assert a == b, f"{where} changed: {a!r} -> {b!r}"
+
+    for key in before:
+        same(before[key], after[key], key)
+
+
+# ---------------------------------------------------------------------------------------------- ridge HPO
+
+
+@dataclass
+class Ridge:
+    """Ridge regression with one log-regularization strength per coordinate.
+
+    inner(w, h) = mean((X w - y)^2) / 2 + 1/2 sum(exp(h) w^2) + quartic/4 sum(exp(h) w^4)
+    outer(w, h) = mean((Xv w - yv)^2) / 2 + direct/2 sum(h^2)
+
+    ``inner_fn`` / ``outer_fn`` are the same losses as plain functions of tensors, for references.
+    """
+
+    X: Tensor
+    y: Tensor
+    Xv: Tensor
+    yv: Tensor
+    direct: float
+    quartic: float
+    inner: Fn
+    outer: Fn
+    sizes: tuple[int, ...]
+
+    @property
+    def d(self) -> int:
+        return self.X.shape[1]
+
+    def w(self) -> Tensor:
+        return self.inner.module.x.detach().clone()
+
+    def h(self) -> Tensor:
+        return self.outer.module.x.detach().clone()
+
+    def inner_fn(self, w: Tensor, h: Tensor) -> Tensor:
+        lam = h.exp()
+        fit = ((self.X @ w - self.y) ** 2).mean() / 2
+        return fit + 0.5 * (lam * w * w).sum() + self.quartic / 4 * (lam * w**4).sum()
+
+    def outer_fn(self, w: Tensor, h: Tensor) -> Tensor:
+        return ((self.Xv @ w - self.yv) ** 2).mean() / 2 + self.direct / 2 * (h * h).sum()
+
+    def hessian(self) -> Tensor:
+        """Hessian of the inner loss in w (quartic = 0): A = X^T X / n + diag(lambda)."""
+        assert self.quartic == 0
+        return self.X.T @ self.X / self.X.shape[0] + torch.diag(self.h().exp())
+
+    def optimum(self) -> Tensor:
+        assert self.quartic == 0
+        return torch.linalg.solve(self.hessian(), self.X.T @ self.y / self.X.shape[0])
+
+    def set_w(self, w: Tensor) -> None:
+        with torch.no_grad():
+            for part, chunk in zip(self.inner.module.parts, w.split(list(self.sizes))):
+                part.copy_(chunk)
+
+    def validation_gradient(self, w: Tensor) -> Tensor:
+        return self.Xv.T @ (self.Xv @ w - self.yv) / self.Xv.shape[0]
+
+    def exact_hypergradient(self) -> Tensor:
+        """d outer(w*(h), h) / dh at the inner optimum w*, from A w* = X^T y / n:
+        dw*/dh_i = -A^{-1} e_i lambda_i w*_i."""
+        w, h = self.optimum(), self.h()
+        return self.direct * h - h.exp() * w * torch.linalg.solve(self.hessian(), self.validation_gradient(w))
+
+    def engine(self, estimator: Any) -> mlo.Engine:
+        return mlo.Engine([self.inner, self.outer], {"h": ["w"]}, estimator)
+
+
+def ridge(
+    n: int = 40,
+    d: int = 5,
+    seed: int = 0,
+    lr: float | Sequence[float] = 0.1,
+    direct: float = 0.0,
+    quartic: float = 0.0,
+    sizes: Sequence[int] | None = None,
+) -> Ridge:
+    """A ridge HPO program at a random point (not the optimum: call ``set_w(optimum())``).
+
+    ``sizes`` splits w into several parameters, one SGD param group each with the learning
+    rates ``lr`` (a sequence, one per part).
+    """
+    g = torch.Generator().manual_seed(seed)
+    dtype = torch.get_default_dtype()
+
+    def randn(*shape: int) -> Tensor:
+        return torch.randn(*shape, generator=g, dtype=dtype)
+
+    truth = randn(d)
+    X, Xv = randn(n, d), randn(n, d)
+    y, yv = X @ truth + randn(n), Xv @ truth + randn(n)
+    h0 = -torch.rand(d, generator=g, dtype=dtype)  # lambda in (e^-1, 1]
+    w0 = randn(d)
+    sizes = tuple(sizes or (d,))
+    assert sum(sizes) == d
+    lrs = [lr] * len(sizes) if isinstance(lr, (int, float)) else list(lr)
+    assert len(lrs) == len(sizes)
+
+    wm = Vector(*w0.split(list(sizes)))
+    hm = Vector(h0)
+    w_opt = torch.optim.SGD([{"params": [p], "lr": r} for p, r in zip(wm.parts, lrs)])
+    h_opt = torch.optim.SGD(hm.parameters(), lr=0.1)
+    box: dict[str, Ridge] = {}
+    inner = Fn("w", wm, w_opt, lambda batch: box["r"].inner_fn(wm.x, hm.x))
+    outer = Fn("h", hm, h_opt, lambda batch: box["r"].outer_fn(wm.x, hm.x))
+    box["r"] = Ridge(X, y, Xv, yv, direct, quartic, inner, outer, sizes)
+    return box["r"]
+
+
+def finite_difference_reference(
+    inner_fn: Callable[[Tensor, Tensor], Tensor],
+    outer_fn: Callable[[Tensor, Tensor], Tensor],
+    w: Tensor,
+    h: Tensor,
+    lrs: Tensor,
+    radius: float,
+) -> Tensor:
+    """DARTS's second-order hypergradient written out from its definition, for one vector w.
+
+    ``lrs`` holds the inner learning rate of every coordinate of w. Look-ahead
+    ``w' = w - xi * grad_w inner(w, h)``; adjoint ``a = grad_w outer(w', h)``; ``v = xi * a``;
+    ``eps = radius / ||v||``; result ``grad_h outer(w', h)
+    - (grad_h inner(w + eps v, h) - grad_h inner(w - eps v, h)) / (2 eps)``.
+    """
+    w = w.detach().requires_grad_()
+    h = h.detach().requires_grad_()
+    (g,) = torch.autograd.grad(inner_fn(w, h), w)
+    ahead = (w - lrs * g).detach().requires_grad_()
+    a, direct = torch.autograd.grad(outer_fn(ahead, h), (ahead, h))
+    v = lrs * a
+    eps = radius / v.norm()
+    (plus,) = torch.autograd.grad(inner_fn(w.detach() + eps * v, h), h)
+    (minus,) = torch.autograd.grad(inner_fn(w.detach() - eps * v, h), h)
+    return direct - (plus - minus) / (2 * eps)
+
+
+def one_step_unrolled_reference(
+    inner_fn: Callable[[Tensor, Tensor], Tensor],
+    outer_fn: Callable[[Tensor, Tensor], Tensor],
+    w: Tensor,
+    h: Tensor,
+    lrs: Tensor,
+) -> Tensor:
+    """The exact derivative d outer(w - xi grad_w inner(w, h), h) / dh."""
+    w = w.detach().requires_grad_()
+    h = h.detach().requires_grad_()
+    (g,) = torch.autograd.grad(inner_fn(w, h), w, create_graph=True)
+    (total,) = torch.autograd.grad(outer_fn(w - lrs * g, h), h)
+    return total
+
+
+# ---------------------------------------------------------------------------------------------- quadratic DAGs
+
+
+@dataclass
+class Quadratic:
+    """Levels that are vectors; each level's loss a quadratic over the levels it couples:
+
+        L_v(z) = 1/2 z^T Q_v z + c_v^T z,   z = concatenation of the coupled levels' vectors.
+
+    ``block(v, x, y)`` is the (x, y) block of level v's Hessian (zero when v does not couple
+    both), ``grad(v, x)`` the partial derivative of L_v in level x at the current point.
+    """
+
+    dims: dict[str, int]
+    couples: dict[str, tuple[str, ...]]
+    Q: dict[str, Tensor]
+    c: dict[str, Tensor]
+    problems: dict[str, Fn]
+    graph: dict[str, list[str]]
+
+    def value(self, name: str) -> Tensor:
+        return self.problems[name].module.x.detach()
+
+    def _slice(self, v: str, x: str) -> slice | None:
+        if x not in self.couples[v]:
+            return None
+        start = 0
+        for level in self.couples[v]:
+            if level == x:
+                return slice(start, start + self.dims[x])
+            start += self.dims[level]
+        raise AssertionError
+
+    def block(self, v: str, x: str, y: str) -> Tensor:
+        sx, sy = self._slice(v, x), self._slice(v, y)
+        if sx is None or sy is None:
+            return torch.zeros(self.dims[x], self.dims[y])
+        return self.Q[v][sx, sy]
+
+    def grad(self, v: str, x: str) -> Tensor:
+        sx = self._slice(v, x)
+        if sx is None:
+            return torch.zeros(self.dims[x])
+        z = torch.cat([self.value(level) for level in self.couples[v]])
+        return (self.Q[v] @ z + self.c[v])[sx]
+
+    def engine(self, estimator: Any = "cg") -> mlo.Engine:
+        return mlo.Engine(list(self.problems.values()), self.graph, estimator)
+
+
+def quadratic(
+    dims: dict[str, int], couples: dict[str, Sequence[str]], graph: dict[str, list[str]], seed: int = 0
+) -> Quadratic:
+    """Random positive definite couplings (``Q_v = G^T G / m + I/2``) at a random point."""
+    g = torch.Generator().manual_seed(seed)
+    dtype = torch.get_default_dtype()
+    Q: dict[str, Tensor] = {}
+    c: dict[str, Tensor] = {}
+    problems: dict[str, Fn] = {}
+    modules = {name: Vector(torch.randn(k, generator=g, dtype=dtype)) for name, k in dims.items()}
+    for name in dims:
+        m = sum(dims[x] for x in couples[name])
+        G = torch.randn(m, m, generator=g, dtype=dtype)
+        Q[name] = G.T @ G / m + 0.5 * torch.eye(m, dtype=dtype)
+        c[name] = torch.randn(m, generator=g, dtype=dtype)
+
+    def make_loss(name: str) -> Callable[[Any], Tensor]:
+        def loss(batch: Any) -> Tensor:
+            z = torch.cat([modules[x].x for x in couples[name]])
+            return 0.5 * z @ Q[name] @ z + c[name] @ z
+
+        return loss
+
+    for name in dims:
+        opt = torch.optim.SGD(modules[name].parameters(), lr=0.05)
+        problems[name] = Fn(name, modules[name], opt, make_loss(name))
+    return Quadratic(dict(dims), {k: tuple(v) for k, v in couples.items()}, Q, c, problems, graph)
+
+
+# ---------------------------------------------------------------------------------------------- MLP bilevel
+
+
+class MLP(nn.Module):
+    def __init__(self, d_in: int, hidden: int, batchnorm: bool, unused: bool) -> None:
+        super().__init__()
+        self.fc1 = nn.Linear(d_in, hidden)
+        self.norm = nn.BatchNorm1d(hidden) if batchnorm else nn.Identity()
+        self.fc2 = nn.Linear(hidden, 1)
+        if unused:
+            self.unused = nn.Parameter(torch.randn(2))
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.fc2(torch.tanh(self.norm(self.fc1(x)))).squeeze(-1)
+
+
+class Hyper(nn.Module):
+    """Per-feature input scales and a log weight decay; optionally a parameter no loss uses."""
+
+    def __init__(self, d_in: int, unused: bool) -> None:
+        super().__init__()
+        self.scale = nn.Parameter(1.0 + 0.1 * torch.randn(d_in))
+        self.log_decay = nn.Parameter(torch.tensor(-2.0))
+        if unused:
+            self.unused = nn.Parameter(torch.randn(3))
+
+
+def mlp_lower_loss(model: nn.Module, hyper: Hyper, batch: tuple[Tensor, Tensor]) -> Tensor:
+    x, y = batch
+    fit = ((model(x * hyper.scale) - y) ** 2).mean()
+    return fit + 0.5 * hyper.log_decay.exp() * (model.fc1.weight.pow(2).sum() + model.fc2.weight.pow(2).sum())
+
+
+def mlp_upper_loss(model: nn.Module, hyper: Hyper, batch: tuple[Tensor, Tensor]) -> Tensor:
+    x, y = batch
+    return ((model(x * hyper.scale) - y) ** 2).mean()
+
+
+@dataclass
+class MLPProgram:
+    lower: Fn
+    upper: Fn
+    train: list[tuple[Tensor, Tensor]]
+    val: list[tuple[Tensor, Tensor]]
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def engine(self, estimator: Any) -> mlo.Engine:
+        return mlo.Engine([self.lower, self.upper], {"upper": ["lower"]}, estimator)
+
+
+def mlp_program(
+    optimizer: Callable[[Iterable[Any]], torch.optim.Optimizer] | None = None,
+    batchnorm: bool = True,
+    unused: bool = True,
+    seed: int = 0,
+    n: int = 12,
+    d_in: int = 3,
+    hidden: int = 6,
+    batches: int = 1,
+) -> MLPProgram:
+    """Lower: an MLP (optionally with BatchNorm, in train mode) fit to random data, its inputs
+    scaled by the upper's ``scale`` and its weights decayed by ``exp(log_decay)``. Upper: the
+    MLP's validation error. ``optimizer`` builds the lower optimizer from param groups."""
+    torch.manual_seed(seed)
+    model = MLP(d_in, hidden, batchnorm, unused)
+    hyper = Hyper(d_in, unused)
+    train = [(torch.randn(n, d_in), torch.randn(n)) for _ in range(batches)]
+    val = [(torch.randn(n, d_in), torch.randn(n)) for _ in range(batches)]
+    groups = [
+        {"params": list(model.fc1.parameters()) + ([model.unused] if unused else [])},
+        {"params": list(model.fc2.parameters()) + list(model.norm.parameters()), "lr": 0.05},
+    ]
+    if optimizer is None:
+        lower_opt = torch.optim.SGD(groups, lr=0.1, momentum=0.9, weight_decay=1e-2)
+    else:
+        lower_opt = optimizer(groups)
+    upper_opt = torch.optim.Adam(hyper.parameters(), lr=0.01)
+    lower = Fn("lower", model, lower_opt, lambda b: mlp_lower_loss(model, hyper, b), data=train)
+    upper = Fn("upper", hyper, upper_opt, lambda b: mlp_upper_loss(model, hyper, b), data=val)
+    return MLPProgram(lower, upper, train, val)
+
+
+def conditioned_iterations(rate: float, target: float) -> int:
+    """The smallest n with rate**n <= target (0 < rate < 1)."""
+    return max(1, math.ceil(math.log(target) / math.log(rate)))
