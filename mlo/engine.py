@@ -284,7 +284,7 @@ class Engine:
         tensors = [values] if isinstance(values, Tensor) else list(values)
         finite = all(bool(torch.isfinite(t).all()) for t in tensors)
         if not finite:
-            shown = f" = {float(values):.4g}" if isinstance(values, Tensor) and values.numel() == 1 else ""
+            shown = f" = {float(values.detach()):.4g}" if isinstance(values, Tensor) and values.numel() == 1 else ""
             raise NonFiniteError(f"level {name!r}: {what} is not finite{shown} at round {self.round}")
 
     # ------------------------------------------------------------------ state

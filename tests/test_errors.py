@@ -1,0 +1,252 @@
+"""Bad inputs get a clear error naming the culprit, raised when the Engine is built, before any
+step; failures during a run name the level and the round."""
+
+from __future__ import annotations
+
+import warnings
+
+import pytest
+import torch
+from torch import nn
+
+import mlo
+from programs import Fn, Vector, assert_same, ridge, snapshot
+
+
+def _level(name, dim=2, fn=None, optimizer=None, **kw):
+    module = Vector(torch.ones(dim))
+    opt = optimizer(module) if optimizer else torch.optim.SGD(module.parameters(), lr=0.1)
+    return Fn(name, module, opt, fn or (lambda batch: (module.x**2).sum()), **kw)
+
+
+def _refused(problems, graph, estimator="cg", error=mlo.ProgramError, match=""):
+    """Building the engine raises ``error`` matching ``match``; no loss was evaluated and no
+    parameter moved."""
+    before = snapshot(*problems)
+    with pytest.raises(error, match=match) as info:
+        mlo.Engine(problems, graph, estimator)
+    assert all(p.calls == 0 for p in problems)
+    assert_same(before, snapshot(*problems))
+    return info
+
+
+# ---------------------------------------------------------------------------------------------- the graph
+
+
+def test_unknown_upper_level():
+    a, b = _level("a"), _level("b")
+    _refused([a, b], {"c": ["b"]}, error=mlo.GraphError, match=r"unknown level 'c'.*known levels: \['a', 'b'\]")
+
+
+def test_unknown_lower_level():
+    a, b = _level("a"), _level("b")
+    _refused([a, b], {"a": ["b", "x"]}, error=mlo.GraphError, match=r"graph\['a'\] names unknown level 'x'")
+
+
+@pytest.mark.parametrize(
+    "graph,cycle",
+    [
+        ({"a": ["b"], "b": ["a"]}, "a -> b -> a"),
+        ({"a": ["a"]}, "a -> a"),
+        ({"a": ["b"], "b": ["c"], "c": ["a"]}, "a -> b -> c -> a"),
+        ({"c": ["a"], "a": ["b"], "b": ["c"]}, "a -> b -> c -> a"),
+    ],
+)
+def test_cycle_is_printed(graph, cycle):
+    levels = [_level(n) for n in "abc"]
+    _refused(levels, graph, error=mlo.GraphError, match="cycle: " + cycle.replace(" ", r"\s"))
+
+
+def test_cycle_below_an_acyclic_part():
+    levels = [_level(n) for n in "abcd"]
+    _refused(levels, {"a": ["b"], "b": ["c"], "c": ["d"], "d": ["b"]}, error=mlo.GraphError, match="cycle: b -> c -> d -> b")
+
+
+def test_same_name_twice():
+    a1, a2, b = _level("a"), _level("a"), _level("b")
+    _refused([a1, b, a2], {"b": ["a"]}, error=mlo.GraphError, match="level 'a' is listed twice")
+
+
+def test_same_object_twice():
+    a, b = _level("a"), _level("b")
+    _refused([a, b, a], {"b": ["a"]}, error=mlo.ProgramError, match="level 'a' is listed twice")
+
+
+def test_lower_listed_twice_under_one_upper():
+    a, b = _level("a"), _level("b")
+    _refused([a, b], {"a": ["b", "b"]}, error=mlo.GraphError, match=r"graph\['a'\] lists a lower level twice")
+
+
+def test_graph_entry_that_is_a_string():
+    a, b = _level("a"), _level("b")
+    _refused([a, b], {"a": "b"}, error=mlo.GraphError, match=r"graph\['a'\] must be a list")
+
+
+# ---------------------------------------------------------------------------------------------- the levels
+
+
+def test_upper_level_without_trainable_parameters():
+    frozen = nn.Linear(2, 1)
+    frozen.requires_grad_(False)
+    upper = Fn("hyper", frozen, torch.optim.SGD(frozen.parameters(), lr=0.1), lambda batch: frozen.weight.sum())
+    lower = _level("weights")
+    _refused([lower, upper], {"hyper": ["weights"]}, match="level 'hyper' is an upper level with no trainable parameters")
+
+
+def test_problem_without_loss_is_rejected_at_class_definition():
+    with pytest.raises(TypeError, match=r"NoLoss does not define `loss"):
+
+        class NoLoss(mlo.Problem):
+            pass
+
+    class Base(mlo.Problem, abstract=True):
+        pass
+
+    with pytest.raises(TypeError, match="Base is abstract"):
+        m = nn.Linear(1, 1)
+        Base("b", m, torch.optim.SGD(m.parameters(), lr=0.1))
+
+
+def test_optimizer_that_does_not_own_the_parameters():
+    other = nn.Linear(2, 2)
+    lower = _level("weights", optimizer=lambda module: torch.optim.SGD(other.parameters(), lr=0.1))
+    upper = _level("hyper")
+    _refused(
+        [lower, upper], {"hyper": ["weights"]}, match=r"level 'weights': its optimizer does not own parameter\(s\) \['parts.0'\]"
+    )
+
+
+def test_optimizer_that_owns_only_some_parameters():
+    module = nn.Linear(2, 2)
+    lower = Fn("weights", module, torch.optim.SGD([module.weight], lr=0.1), lambda batch: module.weight.sum())
+    upper = _level("hyper")
+    _refused([lower, upper], {"hyper": ["weights"]}, match=r"level 'weights'.*does not own parameter\(s\) \['bias'\]")
+
+
+def test_parameter_shared_by_two_levels():
+    shared = Vector(torch.ones(2))
+    a = Fn("a", shared, torch.optim.SGD(shared.parameters(), lr=0.1), lambda batch: shared.x.sum())
+    b = Fn("b", shared, torch.optim.SGD(shared.parameters(), lr=0.1), lambda batch: shared.x.sum())
+    _refused([a, b], {"a": ["b"]}, match="level 'b' also belongs to level 'a'")
+
+
+# ---------------------------------------------------------------------------------------------- estimators
+
+
+def test_unknown_estimator_lists_the_known_ones():
+    lower, upper = _level("w"), _level("h")
+    info = _refused([lower, upper], {"h": ["w"]}, estimator="conjugate", error=mlo.EstimatorError, match="'conjugate'")
+    for name in mlo.estimators.names():
+        assert name in str(info.value)
+
+
+@pytest.mark.parametrize(
+    "spec,match",
+    [
+        ("cg:iterations=abc", "option 'iterations' must be int"),
+        ("cg:iterations=2.5", "option 'iterations' must be int"),
+        ("cg:iterations=0", "option 'iterations' must be >= 1"),
+        ("neumann:alpha=-0.1", "option 'alpha' must be > 0"),
+        ("finite_difference:radius=0", "option 'radius' must be > 0"),
+        ("unroll:steps=0", "option 'steps' must be >= 1"),
+        ("cg:iterations", "bad option 'iterations'"),
+    ],
+)
+def test_estimator_option_of_wrong_type_or_range(spec, match):
+    lower, upper = _level("w"), _level("h")
+    _refused([lower, upper], {"h": ["w"]}, estimator=spec, error=mlo.EstimatorError, match=match)
+
+
+def test_estimator_that_is_neither_name_nor_estimator():
+    lower, upper = _level("w"), _level("h")
+    _refused([lower, upper], {"h": ["w"]}, estimator=3, error=mlo.EstimatorError, match="must be a name or an Estimator")
+
+
+def test_estimator_mapping_missing_an_edge():
+    w1, w2, upper = _level("w1"), _level("w2"), _level("h")
+    _refused(
+        [w1, w2, upper], {"h": ["w1", "w2"]}, estimator={("h", "w1"): "cg"}, error=mlo.EstimatorError,
+        match=r"no estimator for edge\(s\) \[\('h', 'w2'\)\]",
+    )
+
+
+def test_estimator_mapping_naming_an_unknown_edge():
+    lower, upper = _level("w"), _level("h")
+    _refused(
+        [lower, upper], {"h": ["w"]}, estimator={("h", "w"): "cg", ("w", "h"): "cg"}, error=mlo.EstimatorError,
+        match=r"edge\(s\) \[\('w', 'h'\)\] not in the graph",
+    )
+
+
+@pytest.mark.parametrize(
+    "make,match",
+    [
+        (lambda p: torch.optim.RMSprop(p, lr=0.1), "RMSprop has no differentiable update rule"),
+        (lambda p: torch.optim.Adagrad(p, lr=0.1), "Adagrad has no differentiable update rule"),
+        (lambda p: torch.optim.Adam(p, lr=0.1, amsgrad=True), "Adam with amsgrad=True"),
+    ],
+)
+def test_unroll_on_an_unsupported_optimizer(make, match):
+    lower = _level("weights", optimizer=lambda module: make(module.parameters()))
+    upper = _level("hyper")
+    _refused(
+        [lower, upper], {"hyper": ["weights"]}, estimator="unroll:steps=2", error=mlo.EstimatorError,
+        match=f"estimator 'unroll' cannot serve level 'weights': {match}",
+    )
+    # the same program is fine with an estimator that does not unroll
+    mlo.Engine([lower, upper], {"hyper": ["weights"]}, "cg")
+
+
+# ---------------------------------------------------------------------------------------------- during a run
+
+
+def test_non_finite_loss_names_level_and_round():
+    batches = [torch.tensor(1.0), torch.tensor(2.0), torch.tensor(float("nan"))]
+    lower = _level("weights", data=batches)
+    lower.fn = lambda batch, m=lower.module: batch * (m.x**2).sum()
+    upper = _level("hyper")
+    engine = mlo.Engine([lower, upper], {"hyper": ["weights"]}, "cg")
+    engine.run(2)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # the report itself raises no warning
+        with pytest.raises(mlo.NonFiniteError, match=r"level 'weights': loss is not finite = nan at round 2"):
+            engine.run(1)
+
+
+def test_non_finite_hypergradient_names_level_and_round():
+    # Round 1's batch makes the upper loss |0 * h|^(1/2): finite, with a NaN gradient.
+    r = ridge()
+    r.outer.data = [torch.tensor(1.0), torch.tensor(0.0)]
+    hm = r.outer.module
+    r.outer.fn = lambda batch: r.outer_fn(r.inner.module.x, hm.x) + (batch * hm.x).abs().sqrt().sum()
+    engine = mlo.Engine([r.inner, r.outer], {"h": ["w"]}, "cg")
+    engine.run(1)
+    before = snapshot(r.inner, r.outer)
+    with pytest.raises(mlo.NonFiniteError, match=r"level 'h': hypergradient is not finite at round 1"):
+        engine.run(1)
+    # the lower level stepped this round, the upper level did not take the bad step
+    after = snapshot(r.inner, r.outer)
+    assert torch.equal(before["h.param.parts.0"], after["h.param.parts.0"])
+
+
+def test_non_finite_checks_can_be_turned_off():
+    batches = [torch.tensor(float("nan"))]
+    lower = _level("weights", data=batches)
+    lower.fn = lambda batch, m=lower.module: batch * (m.x**2).sum()
+    engine = mlo.Engine([lower, _level("hyper")], {"hyper": ["weights"]}, "cg", check_finite=False)
+    engine.run(1)
+    assert torch.isnan(lower.module.x).all()
+
+
+def test_neumann_with_too_large_alpha_diverges(float64):
+    r = ridge()
+    r.set_w(r.optimum())
+    top = float(torch.linalg.eigvalsh(r.hessian())[-1])
+    engine = r.engine(mlo.estimators.Neumann(iterations=50, alpha=3.0 / top))
+    with pytest.raises(mlo.DivergenceError, match=r"neumann on edge 'h' -> 'w': term \d+ .* diverges.*alpha"):
+        engine.hypergradient("h")
+    with pytest.raises(mlo.DivergenceError):
+        engine.run(1)
+    # just below the bound it converges
+    ok = r.engine(mlo.estimators.Neumann(iterations=50, alpha=1.9 / top)).hypergradient("h")[0]
+    assert torch.isfinite(ok).all()
