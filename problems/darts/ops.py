@@ -1,0 +1,170 @@
+"""The DARTS candidate operations: the eight primitives of the search space and their parts.
+
+Every operation maps ``(B, C, H, W)`` to ``(B, C_out, H', W')`` with ``H' = H`` at stride 1 and
+``H' = ceil(H / 2)`` at stride 2, for any ``H >= 1`` (so an 8x8 input survives two or three
+reductions). ``affine=False`` is the search setting (DARTS keeps BatchNorm without learnable
+scale in the supernet); the discrete evaluation network uses ``affine=True``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+__all__ = [
+    "PRIMITIVES",
+    "OPS",
+    "make_op",
+    "ReLUConvBN",
+    "DilConv",
+    "SepConv",
+    "Identity",
+    "Zero",
+    "FactorizedReduce",
+]
+
+# The DARTS order. Architecture weights index their last dimension by this list.
+PRIMITIVES: tuple[str, ...] = (
+    "none",
+    "max_pool_3x3",
+    "avg_pool_3x3",
+    "skip_connect",
+    "sep_conv_3x3",
+    "sep_conv_5x5",
+    "dil_conv_3x3",
+    "dil_conv_5x5",
+)
+
+
+class ReLUConvBN(nn.Module):
+    """ReLU, then a (strided) convolution, then BatchNorm."""
+
+    def __init__(
+        self, C_in: int, C_out: int, kernel_size: int, stride: int, padding: int, affine: bool = True
+    ) -> None:
+        super().__init__()
+        self.op = nn.Sequential(
+            nn.ReLU(inplace=False),
+            nn.Conv2d(C_in, C_out, kernel_size, stride=stride, padding=padding, bias=False),
+            nn.BatchNorm2d(C_out, affine=affine),
+        )
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.op(x)
+
+
+class DilConv(nn.Module):
+    """ReLU, depthwise (dilated) convolution, pointwise convolution, BatchNorm."""
+
+    def __init__(
+        self,
+        C_in: int,
+        C_out: int,
+        kernel_size: int,
+        stride: int,
+        padding: int,
+        dilation: int,
+        affine: bool = True,
+    ) -> None:
+        super().__init__()
+        self.op = nn.Sequential(
+            nn.ReLU(inplace=False),
+            nn.Conv2d(
+                C_in, C_in, kernel_size, stride=stride, padding=padding,
+                dilation=dilation, groups=C_in, bias=False,
+            ),
+            nn.Conv2d(C_in, C_out, 1, bias=False),
+            nn.BatchNorm2d(C_out, affine=affine),
+        )
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.op(x)
+
+
+class SepConv(nn.Module):
+    """Separable convolution applied twice (the first one carries the stride), as in DARTS."""
+
+    def __init__(
+        self, C_in: int, C_out: int, kernel_size: int, stride: int, padding: int, affine: bool = True
+    ) -> None:
+        super().__init__()
+        self.op = nn.Sequential(
+            DilConv(C_in, C_in, kernel_size, stride, padding, 1, affine),
+            DilConv(C_in, C_out, kernel_size, 1, padding, 1, affine),
+        )
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.op(x)
+
+
+class Identity(nn.Module):
+    """The identity (skip connection at stride 1)."""
+
+    def forward(self, x: Tensor) -> Tensor:
+        return x
+
+
+class Zero(nn.Module):
+    """The `none` operation: zeros of the output shape (strided like the other ops)."""
+
+    def __init__(self, stride: int) -> None:
+        super().__init__()
+        self.stride = stride
+
+    def forward(self, x: Tensor) -> Tensor:
+        if self.stride == 1:
+            return x.mul(0.0)
+        return x[:, :, :: self.stride, :: self.stride].mul(0.0)
+
+
+class FactorizedReduce(nn.Module):
+    """Halve the resolution with two 1x1 stride-2 convolutions on offset grids, concatenated.
+
+    The second path sees the input shifted by one pixel; it is padded back on the bottom/right
+    so both paths give ``ceil(H / 2)`` for odd sizes too (DARTS assumed even sizes).
+    """
+
+    def __init__(self, C_in: int, C_out: int, affine: bool = True) -> None:
+        super().__init__()
+        if C_out % 2:
+            raise ValueError(f"FactorizedReduce needs an even number of output channels, got {C_out}")
+        self.relu = nn.ReLU(inplace=False)
+        self.conv_1 = nn.Conv2d(C_in, C_out // 2, 1, stride=2, bias=False)
+        self.conv_2 = nn.Conv2d(C_in, C_out // 2, 1, stride=2, bias=False)
+        self.bn = nn.BatchNorm2d(C_out, affine=affine)
+
+    def forward(self, x: Tensor) -> Tensor:
+        x = self.relu(x)
+        shifted = F.pad(x[:, :, 1:, 1:], (0, 1, 0, 1))  # same size as x, offset by one pixel
+        return self.bn(torch.cat([self.conv_1(x), self.conv_2(shifted)], dim=1))
+
+
+OpFactory = Callable[[int, int, bool], nn.Module]
+
+# name -> factory(C, stride, affine). Input and output channels are both C.
+OPS: dict[str, OpFactory] = {
+    "none": lambda C, stride, affine: Zero(stride),
+    "avg_pool_3x3": lambda C, stride, affine: nn.AvgPool2d(
+        3, stride=stride, padding=1, count_include_pad=False
+    ),
+    "max_pool_3x3": lambda C, stride, affine: nn.MaxPool2d(3, stride=stride, padding=1),
+    "skip_connect": lambda C, stride, affine: (
+        Identity() if stride == 1 else FactorizedReduce(C, C, affine=affine)
+    ),
+    "sep_conv_3x3": lambda C, stride, affine: SepConv(C, C, 3, stride, 1, affine=affine),
+    "sep_conv_5x5": lambda C, stride, affine: SepConv(C, C, 5, stride, 2, affine=affine),
+    "dil_conv_3x3": lambda C, stride, affine: DilConv(C, C, 3, stride, 2, 2, affine=affine),
+    "dil_conv_5x5": lambda C, stride, affine: DilConv(C, C, 5, stride, 4, 2, affine=affine),
+}
+
+
+def make_op(name: str, C: int, stride: int, affine: bool) -> nn.Module:
+    """Build the primitive ``name`` on ``C`` channels; raises ValueError for an unknown name."""
+    try:
+        factory = OPS[name]
+    except KeyError:
+        raise ValueError(f"unknown DARTS operation {name!r}; known: {', '.join(PRIMITIVES)}") from None
+    return factory(C, stride, affine)
