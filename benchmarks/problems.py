@@ -1,0 +1,311 @@
+"""The benchmark programs: each built once, then copied for every implementation that runs it.
+
+A `Bilevel` program holds the prototype modules (lower level: trained weights; upper level:
+what the hypergradient trains), the two losses as functions of ``(lower, upper, batch)`` that
+only call the modules or read their attributes, the batches, and the optimizers' settings.
+`Bilevel.instantiate` gives an implementation its own deep copy (same initial values, same
+batch order), so implementations never share state and all start from the same point.
+`as_mlo` turns a copy into mlo Problems; the hand-written loops and the peers use the copy
+directly.
+
+Programs (sizes are arguments; the speed suite records the ones it uses):
+
+- `ridge`: ridge regression with one learned log-penalty per feature (float32 Gaussian data).
+- `reweighting`: Meta-Weight-Net data reweighting on sklearn digits: an MLP classifier trained
+  on labels with symmetric noise, each sample's loss weighted by a small weight net of that
+  loss; the weight net minimises the classifier's loss on clean validation data.
+- `darts`: one DARTS search round: SuperNet weights (lower, training loss) and architecture
+  logits (upper, validation loss) on digits at 8x8, or digits resized to 3x32x32.
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+import mlo
+
+__all__ = [
+    "Bilevel",
+    "Copy",
+    "ridge",
+    "reweighting",
+    "darts",
+    "digits",
+    "as_mlo",
+    "GRAPH",
+]
+
+Loss = Callable[[nn.Module, nn.Module, Any], Tensor]
+OptimizerFactory = Callable[[list[nn.Parameter]], torch.optim.Optimizer]
+
+#: The graph of every bilevel benchmark program, in mlo's form.
+GRAPH = {"upper": ["lower"]}
+
+
+class Copy:
+    """One implementation's own copy of a program: modules, optimizers and the batches.
+
+    ``at(fn, batch, lower=..., upper=...)`` evaluates ``fn(batch)`` (``lower_loss`` or
+    ``upper_loss``) with either level's trainable parameters replaced by other tensors
+    (``torch.func.functional_call`` over both modules; nothing is copied or left changed).
+    """
+
+    def __init__(self, program: "Bilevel") -> None:
+        self.lower, self.upper = copy.deepcopy(program.lower), copy.deepcopy(program.upper)
+        self.lower_optimizer = program.lower_optimizer(self.lower_params())
+        self.upper_optimizer = program.upper_optimizer(self.upper_params())
+        self.lower_batches, self.upper_batches = program.lower_batches, program.upper_batches
+        self.lower_steps = program.lower_steps
+        self._lower_fn, self._upper_fn = program.lower_loss, program.upper_loss
+        self._both = _Both(self.lower, self.upper)
+        self._names = {
+            "lower": [n for n, p in self.lower.named_parameters() if p.requires_grad],
+            "upper": [n for n, p in self.upper.named_parameters() if p.requires_grad],
+        }
+
+    def lower_params(self) -> list[nn.Parameter]:
+        return [p for p in self.lower.parameters() if p.requires_grad]
+
+    def upper_params(self) -> list[nn.Parameter]:
+        return [p for p in self.upper.parameters() if p.requires_grad]
+
+    def lower_loss(self, batch: Any, lower: nn.Module | None = None) -> Tensor:
+        """The lower loss; ``lower`` replaces the lower module (e.g. a functional copy)."""
+        return self._lower_fn(self.lower if lower is None else lower, self.upper, batch)
+
+    def upper_loss(self, batch: Any, lower: nn.Module | None = None) -> Tensor:
+        """The upper loss; ``lower`` replaces the lower module (e.g. a functional copy)."""
+        return self._upper_fn(self.lower if lower is None else lower, self.upper, batch)
+
+    def at(self, fn: Callable[[Any], Tensor], batch: Any, lower: Sequence[Tensor] | None = None,
+           upper: Sequence[Tensor] | None = None) -> Tensor:
+        """``fn(batch)`` with the levels' trainable parameters set to ``lower`` / ``upper``."""
+        values: dict[str, Tensor] = {}
+        for level, given in (("lower", lower), ("upper", upper)):
+            if given is not None:
+                values.update({f"{level}.{n}": v for n, v in zip(self._names[level], given)})
+        return torch.func.functional_call(self._both, values, (fn, batch))
+
+
+class _Both(nn.Module):
+    """Both levels' modules in one container, so a swap reaches losses that read either."""
+
+    def __init__(self, lower: nn.Module, upper: nn.Module) -> None:
+        super().__init__()
+        self.lower, self.upper = lower, upper
+
+    def forward(self, fn: Callable[[Any], Tensor], batch: Any) -> Tensor:
+        return fn(batch)
+
+
+@dataclass
+class Bilevel:
+    """A bilevel program: ``upper`` is trained through the best response of ``lower``."""
+
+    name: str
+    lower: nn.Module
+    upper: nn.Module
+    lower_loss: Loss
+    upper_loss: Loss
+    lower_batches: list[Any]
+    upper_batches: list[Any]
+    lower_optimizer: OptimizerFactory
+    upper_optimizer: OptimizerFactory
+    lower_steps: int = 1
+    config: dict[str, Any] = field(default_factory=dict)
+
+    def instantiate(self) -> Copy:
+        """A fresh copy: modules deep-copied from the prototypes, new optimizers, same batches."""
+        return Copy(self)
+
+
+class _Level(mlo.Problem):
+    """An mlo level whose loss is a closure over a program copy's modules."""
+
+    def __init__(self, name: str, module: nn.Module, optimizer: torch.optim.Optimizer, data: Sequence[Any],
+                 fn: Callable[[Any], Tensor], steps: int = 1) -> None:
+        super().__init__(name, module, optimizer, data, steps)
+        self.fn = fn
+
+    def loss(self, batch: Any) -> Tensor:
+        return self.fn(batch)
+
+
+def as_mlo(c: Copy) -> list[mlo.Problem]:
+    """The copy as two mlo levels, ``lower`` and ``upper``, wired by `GRAPH`."""
+    return [
+        _Level("lower", c.lower, c.lower_optimizer, c.lower_batches, lambda b: c.lower_loss(b), c.lower_steps),
+        _Level("upper", c.upper, c.upper_optimizer, c.upper_batches, lambda b: c.upper_loss(b)),
+    ]
+
+
+def cycle(batches: Sequence[Any]) -> Iterator[Any]:
+    """The batches in order, endlessly (as an mlo Problem draws them)."""
+    while True:
+        yield from batches
+
+
+# ---------------------------------------------------------------------------------------------- ridge
+
+
+class Vector(nn.Module):
+    """A single trainable vector, ``self.value``."""
+
+    def __init__(self, value: Tensor) -> None:
+        super().__init__()
+        self.value = nn.Parameter(value.clone())
+
+
+def _ridge_lower(lower: nn.Module, upper: nn.Module, batch: tuple[Tensor, Tensor]) -> Tensor:
+    x, y = batch
+    w = lower.value
+    return 0.5 * ((x @ w - y) ** 2).mean() + 0.5 * (upper.value.exp() * w * w).sum()
+
+
+def _ridge_upper(lower: nn.Module, upper: nn.Module, batch: tuple[Tensor, Tensor]) -> Tensor:
+    x, y = batch
+    return 0.5 * ((x @ lower.value - y) ** 2).mean()
+
+
+def ridge(n: int = 1000, dim: int = 100, seed: int = 0, lower_lr: float = 0.1, upper_lr: float = 0.05,
+          dtype: torch.dtype = torch.float32) -> Bilevel:
+    """Ridge HPO: ``w`` minimises 0.5 mean (Xw - y)^2 + 0.5 sum_i exp(h_i) w_i^2 (full batch,
+    SGD); ``h`` (one log-penalty per feature, Adam) minimises the validation error of ``w``."""
+    g = torch.Generator().manual_seed(seed)
+    truth = torch.randn(dim, generator=g, dtype=dtype)
+    x, xv = (torch.randn(n, dim, generator=g, dtype=dtype) for _ in range(2))
+    y = x @ truth + 0.5 * torch.randn(n, generator=g, dtype=dtype)
+    yv = xv @ truth + 0.5 * torch.randn(n, generator=g, dtype=dtype)
+    return Bilevel(
+        "ridge",
+        Vector(torch.zeros(dim, dtype=dtype)),
+        Vector(torch.full((dim,), -2.0, dtype=dtype)),
+        _ridge_lower,
+        _ridge_upper,
+        [(x, y)],
+        [(xv, yv)],
+        lambda ps: torch.optim.SGD(ps, lr=lower_lr),
+        lambda ps: torch.optim.Adam(ps, lr=upper_lr),
+        config={"n": n, "dim": dim, "lower": f"SGD(lr={lower_lr})", "upper": f"Adam(lr={upper_lr})",
+                "dtype": str(dtype)},
+    )
+
+
+# ---------------------------------------------------------------------------------------------- digits
+
+
+def digits(size: int = 8, channels: int = 1, seed: int = 0) -> tuple[Tensor, Tensor]:
+    """sklearn's 8x8 digits as float images (N, channels, size, size) in [0, 1] and labels,
+    shuffled with ``seed``. Sizes other than 8 are bilinear resizes. No download."""
+    from sklearn.datasets import load_digits
+
+    data = load_digits()
+    x = torch.tensor(data.images, dtype=torch.float32).unsqueeze(1) / 16.0
+    y = torch.tensor(data.target, dtype=torch.long)
+    if size != 8:
+        x = F.interpolate(x, size=(size, size), mode="bilinear", align_corners=False)
+    if channels != 1:
+        x = x.expand(-1, channels, -1, -1).contiguous()
+    order = torch.randperm(len(y), generator=torch.Generator().manual_seed(seed))
+    return x[order], y[order]
+
+
+def _batches(x: Tensor, y: Tensor, batch: int) -> list[tuple[Tensor, Tensor]]:
+    return [(x[i : i + batch], y[i : i + batch]) for i in range(0, len(y) - batch + 1, batch)]
+
+
+# ---------------------------------------------------------------------------------------------- reweighting
+
+
+class WeightNet(nn.Module):
+    """Meta-Weight-Net: a per-sample loss (B, 1) -> a weight in (0, 1) (B, 1)."""
+
+    def __init__(self, hidden: int = 100) -> None:
+        super().__init__()
+        self.net = nn.Sequential(nn.Linear(1, hidden), nn.ReLU(), nn.Linear(hidden, 1), nn.Sigmoid())
+
+    def forward(self, losses: Tensor) -> Tensor:
+        return self.net(losses)
+
+
+def _weighted_loss(lower: nn.Module, upper: nn.Module, batch: tuple[Tensor, Tensor]) -> Tensor:
+    x, y = batch
+    losses = F.cross_entropy(lower(x), y, reduction="none")  # (B,)
+    weights = upper(losses.detach().unsqueeze(1)).squeeze(1)  # (B,)
+    return (weights * losses).mean()
+
+
+def _clean_loss(lower: nn.Module, upper: nn.Module, batch: tuple[Tensor, Tensor]) -> Tensor:
+    x, y = batch
+    return F.cross_entropy(lower(x), y)
+
+
+def reweighting(hidden: int = 100, batch: int = 100, noise: float = 0.4, seed: int = 0,
+                lower_lr: float = 0.1, upper_lr: float = 1e-3) -> Bilevel:
+    """Meta-Weight-Net on digits: MLP 64-hidden-10 on noisy labels, weight net 1-100-1 on
+    clean validation batches (300 images)."""
+    x, y = digits(seed=seed)
+    x = x.flatten(1)  # (N, 64)
+    g = torch.Generator().manual_seed(seed + 1)
+    val, train = slice(0, 300), slice(300, None)
+    noisy = y[train].clone()
+    flip = torch.rand(len(noisy), generator=g) < noise
+    noisy[flip] = torch.randint(0, 10, (int(flip.sum()),), generator=g)
+    torch.manual_seed(seed)
+    classifier = nn.Sequential(nn.Linear(64, hidden), nn.ReLU(), nn.Linear(hidden, 10))
+    return Bilevel(
+        "reweighting",
+        classifier,
+        WeightNet(),
+        _weighted_loss,
+        _clean_loss,
+        _batches(x[train], noisy, batch),
+        _batches(x[val], y[val], batch),
+        lambda ps: torch.optim.SGD(ps, lr=lower_lr),
+        lambda ps: torch.optim.Adam(ps, lr=upper_lr),
+        config={"classifier": f"MLP 64-{hidden}-10", "weight_net": "1-100-1 sigmoid", "batch": batch,
+                "label_noise": noise, "lower": f"SGD(lr={lower_lr})", "upper": f"Adam(lr={upper_lr})"},
+    )
+
+
+# ---------------------------------------------------------------------------------------------- darts
+
+
+def _supernet_loss(lower: nn.Module, upper: nn.Module, batch: tuple[Tensor, Tensor]) -> Tensor:
+    x, y = batch
+    return F.cross_entropy(lower(x, upper()), y)
+
+
+def darts(size: int = 8, C: int = 8, layers: int = 5, batch: int = 32, seed: int = 0,
+          lower_lr: float = 0.025, upper_lr: float = 3e-4) -> Bilevel:
+    """One DARTS search program on digits at ``size`` x ``size`` (1 channel at 8, 3 otherwise):
+    SuperNet weights on training batches (SGD), architecture logits on validation batches
+    (Adam, DARTS's betas and weight decay)."""
+    from mlo.problems.darts import Architecture, SuperNet  # noqa: F401  (Architecture: see new_architecture)
+
+    channels = 1 if size == 8 else 3
+    x, y = digits(size, channels, seed)
+    half = len(y) // 2
+    torch.manual_seed(seed)
+    net = SuperNet(C=C, num_classes=10, layers=layers, in_channels=channels)
+    arch = net.new_architecture(torch.Generator().manual_seed(seed))
+    return Bilevel(
+        f"darts{size}x{size}",
+        net,
+        arch,
+        _supernet_loss,
+        _supernet_loss,
+        _batches(x[:half], y[:half], batch),
+        _batches(x[half:], y[half:], batch),
+        lambda ps: torch.optim.SGD(ps, lr=lower_lr),
+        lambda ps: torch.optim.Adam(ps, lr=upper_lr, betas=(0.5, 0.999), weight_decay=1e-3),
+        config={"input": f"{channels}x{size}x{size}", "C": C, "layers": layers, "batch": batch,
+                "weights": f"SGD(lr={lower_lr})", "architecture": f"Adam(lr={upper_lr}, betas=(0.5, 0.999), wd=1e-3)"},
+    )
