@@ -12,6 +12,8 @@ from torch import nn
 import mlo
 from programs import Fn, Vector, assert_same, ridge, snapshot
 
+pytestmark = pytest.mark.usefixtures("one_thread")
+
 
 def _level(name, dim=2, fn=None, optimizer=None, **kw):
     module = Vector(torch.ones(dim))

@@ -18,7 +18,7 @@ import mlo
 from mlo import estimators
 from programs import assert_same, mlp_program, snapshot
 
-pytestmark = pytest.mark.usefixtures("float64")
+pytestmark = pytest.mark.usefixtures("float64", "one_thread")
 
 NAMES = estimators.names()
 

@@ -26,7 +26,7 @@ from programs import (
     ridge,
 )
 
-pytestmark = pytest.mark.usefixtures("float64")
+pytestmark = pytest.mark.usefixtures("float64", "one_thread")
 
 
 def _at_optimum(**kw):
@@ -48,6 +48,17 @@ def test_cg_matches_closed_form_at_the_optimum(direct):
     r = _at_optimum(direct=direct)
     got = r.engine(CG(iterations=r.d, tol=0.0)).hypergradient("h")[0]
     assert relative_error(got, r.exact_hypergradient()) < 1e-8
+
+
+def test_cg_damping_solves_the_damped_system():
+    r = _at_optimum()
+    damping = 0.5
+    w, h = r.optimum(), r.h()
+    damped = r.hessian() + damping * torch.eye(r.d)
+    want = -h.exp() * w * torch.linalg.solve(damped, r.validation_gradient(w))
+    got = r.engine(CG(iterations=r.d, tol=0.0, damping=damping)).hypergradient("h")[0]
+    assert relative_error(got, want) < 1e-8
+    assert relative_error(want, r.exact_hypergradient()) > 1e-2
 
 
 def test_cg_with_too_few_iterations_is_not_exact():
