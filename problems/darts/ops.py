@@ -4,6 +4,12 @@ Every operation maps ``(B, C, H, W)`` to ``(B, C_out, H', W')`` with ``H' = H`` 
 ``H' = ceil(H / 2)`` at stride 2, for any ``H >= 1`` (so an 8x8 input survives two or three
 reductions). ``affine=False`` is the search setting (DARTS keeps BatchNorm without learnable
 scale in the supernet); the discrete evaluation network uses ``affine=True``.
+
+``copies=m`` builds m independent copies of an op that run side by side on a stacked input
+``(B, m * C, H, W)`` (grouped convolutions; copy ``e`` owns channels ``e*C .. (e+1)*C - 1`` of
+input, output and every weight's first dimension). The supernet uses it to run one op on all the
+edges leaving a state with a few large kernels instead of many small ones; the maths is that
+of m separate ops.
 """
 
 from __future__ import annotations
@@ -68,16 +74,18 @@ class DilConv(nn.Module):
         padding: int,
         dilation: int,
         affine: bool = True,
+        copies: int = 1,
     ) -> None:
         super().__init__()
+        m = copies
         self.op = nn.Sequential(
             nn.ReLU(inplace=False),
             nn.Conv2d(
-                C_in, C_in, kernel_size, stride=stride, padding=padding,
-                dilation=dilation, groups=C_in, bias=False,
+                m * C_in, m * C_in, kernel_size, stride=stride, padding=padding,
+                dilation=dilation, groups=m * C_in, bias=False,
             ),
-            nn.Conv2d(C_in, C_out, 1, bias=False),
-            nn.BatchNorm2d(C_out, affine=affine),
+            nn.Conv2d(m * C_in, m * C_out, 1, groups=m, bias=False),
+            nn.BatchNorm2d(m * C_out, affine=affine),
         )
 
     def forward(self, x: Tensor) -> Tensor:
@@ -88,12 +96,19 @@ class SepConv(nn.Module):
     """Separable convolution applied twice (the first one carries the stride), as in DARTS."""
 
     def __init__(
-        self, C_in: int, C_out: int, kernel_size: int, stride: int, padding: int, affine: bool = True
+        self,
+        C_in: int,
+        C_out: int,
+        kernel_size: int,
+        stride: int,
+        padding: int,
+        affine: bool = True,
+        copies: int = 1,
     ) -> None:
         super().__init__()
         self.op = nn.Sequential(
-            DilConv(C_in, C_in, kernel_size, stride, padding, 1, affine),
-            DilConv(C_in, C_out, kernel_size, 1, padding, 1, affine),
+            DilConv(C_in, C_in, kernel_size, stride, padding, 1, affine, copies),
+            DilConv(C_in, C_out, kernel_size, 1, padding, 1, affine, copies),
         )
 
     def forward(self, x: Tensor) -> Tensor:
@@ -127,44 +142,56 @@ class FactorizedReduce(nn.Module):
     so both paths give ``ceil(H / 2)`` for odd sizes too (DARTS assumed even sizes).
     """
 
-    def __init__(self, C_in: int, C_out: int, affine: bool = True) -> None:
+    def __init__(self, C_in: int, C_out: int, affine: bool = True, copies: int = 1) -> None:
         super().__init__()
         if C_out % 2:
             raise ValueError(f"FactorizedReduce needs an even number of output channels, got {C_out}")
+        m = self.copies = copies
         self.relu = nn.ReLU(inplace=False)
-        self.conv_1 = nn.Conv2d(C_in, C_out // 2, 1, stride=2, bias=False)
-        self.conv_2 = nn.Conv2d(C_in, C_out // 2, 1, stride=2, bias=False)
-        self.bn = nn.BatchNorm2d(C_out, affine=affine)
+        self.conv_1 = nn.Conv2d(m * C_in, m * C_out // 2, 1, stride=2, groups=m, bias=False)
+        self.conv_2 = nn.Conv2d(m * C_in, m * C_out // 2, 1, stride=2, groups=m, bias=False)
+        self.bn = nn.BatchNorm2d(m * C_out, affine=affine)
 
     def forward(self, x: Tensor) -> Tensor:
         x = self.relu(x)
         shifted = F.pad(x[:, :, 1:, 1:], (0, 1, 0, 1))  # same size as x, offset by one pixel
-        return self.bn(torch.cat([self.conv_1(x), self.conv_2(shifted)], dim=1))
+        a, b = self.conv_1(x), self.conv_2(shifted)  # (B, m * C_out / 2, H', W') each
+        if self.copies == 1:
+            return self.bn(torch.cat([a, b], dim=1))
+        # Per copy: its half from conv_1, then its half from conv_2.
+        B, _, H, W = a.shape
+        out = torch.stack([a.view(B, self.copies, -1, H, W), b.view(B, self.copies, -1, H, W)], dim=2)
+        return self.bn(out.view(B, -1, H, W))
 
 
-OpFactory = Callable[[int, int, bool], nn.Module]
+OpFactory = Callable[[int, int, bool, int], nn.Module]
 
-# name -> factory(C, stride, affine). Input and output channels are both C.
+# name -> factory(C, stride, affine, copies). Input and output channels are both copies * C.
+# Parameter-free ops act channel by channel, so copies of them need nothing special.
 OPS: dict[str, OpFactory] = {
-    "none": lambda C, stride, affine: Zero(stride),
-    "avg_pool_3x3": lambda C, stride, affine: nn.AvgPool2d(
+    "none": lambda C, stride, affine, m: Zero(stride),
+    "avg_pool_3x3": lambda C, stride, affine, m: nn.AvgPool2d(
         3, stride=stride, padding=1, count_include_pad=False
     ),
-    "max_pool_3x3": lambda C, stride, affine: nn.MaxPool2d(3, stride=stride, padding=1),
-    "skip_connect": lambda C, stride, affine: (
-        Identity() if stride == 1 else FactorizedReduce(C, C, affine=affine)
+    "max_pool_3x3": lambda C, stride, affine, m: nn.MaxPool2d(3, stride=stride, padding=1),
+    "skip_connect": lambda C, stride, affine, m: (
+        Identity() if stride == 1 else FactorizedReduce(C, C, affine, m)
     ),
-    "sep_conv_3x3": lambda C, stride, affine: SepConv(C, C, 3, stride, 1, affine=affine),
-    "sep_conv_5x5": lambda C, stride, affine: SepConv(C, C, 5, stride, 2, affine=affine),
-    "dil_conv_3x3": lambda C, stride, affine: DilConv(C, C, 3, stride, 2, 2, affine=affine),
-    "dil_conv_5x5": lambda C, stride, affine: DilConv(C, C, 5, stride, 4, 2, affine=affine),
+    "sep_conv_3x3": lambda C, stride, affine, m: SepConv(C, C, 3, stride, 1, affine, m),
+    "sep_conv_5x5": lambda C, stride, affine, m: SepConv(C, C, 5, stride, 2, affine, m),
+    "dil_conv_3x3": lambda C, stride, affine, m: DilConv(C, C, 3, stride, 2, 2, affine, m),
+    "dil_conv_5x5": lambda C, stride, affine, m: DilConv(C, C, 5, stride, 4, 2, affine, m),
 }
 
 
-def make_op(name: str, C: int, stride: int, affine: bool) -> nn.Module:
-    """Build the primitive ``name`` on ``C`` channels; raises ValueError for an unknown name."""
+def make_op(name: str, C: int, stride: int, affine: bool, copies: int = 1) -> nn.Module:
+    """Build the primitive ``name`` on ``C`` channels (``copies`` stacked independent copies).
+
+    Raises ValueError for an unknown name."""
     try:
         factory = OPS[name]
     except KeyError:
         raise ValueError(f"unknown DARTS operation {name!r}; known: {', '.join(PRIMITIVES)}") from None
-    return factory(C, stride, affine)
+    if copies < 1:
+        raise ValueError(f"copies must be at least 1, got {copies}")
+    return factory(C, stride, affine, copies)

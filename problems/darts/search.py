@@ -11,7 +11,8 @@ optimization levels. Options of the same classes give the DARTS variants:
 - P-DARTS pruning (``op_mask``): only the ops that remain are built and run.
 
 The `none` op is never computed: its output is zero whatever its weight, so skipping it changes
-neither the value nor any gradient.
+neither the value nor any gradient. For speed, the edges leaving one state are computed together
+(see `MixedOp`); the function is that of DARTS's per-edge mixed ops.
 """
 
 from __future__ import annotations
@@ -37,51 +38,114 @@ def channel_shuffle(x: Tensor, groups: int) -> Tensor:
 
 
 class MixedOp(nn.Module):
-    """Weighted sum of candidate ops on one edge: ``sum_k w[k] * op_k(x)``.
+    """The mixed operations on the ``n_edges`` edges that leave one state, computed together.
 
-    ``kept``: indices into PRIMITIVES of the ops that remain on this edge (default: all).
+    Edge ``e`` computes ``sum_k w[e, k] * op_{e,k}(x)`` over the candidate ops ``k`` it keeps,
+    each edge with its own op weights (DARTS's MixedOp is the case ``n_edges=1``). All edges
+    read the same input at the same stride, so each parametric op runs once as ``n_edges``
+    grouped copies (`make_op(copies=...)`), and the parameter-free ops (pooling with its
+    non-affine BatchNorm, identity) run once and are shared: their outputs are the same on
+    every edge. The result equals that of separate per-edge ops, with far fewer kernels.
+
+    ``kept``: per edge, indices into PRIMITIVES of the ops that remain (default: all).
     ``pc_k``: PC-DARTS channel proportion 1/K (1: plain DARTS).
     """
 
-    def __init__(self, C: int, stride: int, pc_k: int = 1, kept: Sequence[int] | None = None) -> None:
+    def __init__(
+        self,
+        C: int,
+        stride: int,
+        n_edges: int = 1,
+        pc_k: int = 1,
+        kept: Sequence[Sequence[int]] | None = None,
+    ) -> None:
         super().__init__()
         if C % pc_k:
             raise ValueError(f"pc_k={pc_k} must divide the channel count C={C}")
+        if kept is not None and len(kept) != n_edges:
+            raise ValueError(f"kept lists {len(kept)} edges, expected {n_edges}")
+        self.C = C
         self.stride = stride
+        self.n_edges = n_edges
         self.pc_k = pc_k
         self.C_op = C // pc_k
-        indices = list(range(len(PRIMITIVES))) if kept is None else sorted(int(k) for k in kept)
-        self.op_indices = [k for k in indices if k != _NONE]
+        all_ops = list(range(len(PRIMITIVES)))
+        keep_sets = [set(all_ops) if kept is None else {int(k) for k in kept[e]} for e in range(n_edges)]
+        self.op_indices: list[int] = []  # primitive index of each entry of self.ops
+        self.shared: list[bool] = []  # computed once for all edges (parameter-free)
         self.ops = nn.ModuleList()
-        for k in self.op_indices:
+        for k in all_ops:
+            edges = [e for e in range(n_edges) if k in keep_sets[e]]
             name = PRIMITIVES[k]
-            op = make_op(name, self.C_op, stride, affine=False)
+            if k == _NONE or not edges:
+                continue
             if "pool" in name:
-                op = nn.Sequential(op, nn.BatchNorm2d(self.C_op, affine=False))
+                op: nn.Module = nn.Sequential(
+                    make_op(name, self.C_op, stride, affine=False), nn.BatchNorm2d(self.C_op, affine=False)
+                )
+                shared = True
+            elif name == "skip_connect" and stride == 1:
+                op, shared = make_op(name, self.C_op, stride, affine=False), True
+            else:
+                op, shared = make_op(name, self.C_op, stride, affine=False, copies=len(edges)), False
+            self.op_indices.append(k)
+            self.shared.append(shared)
             self.ops.append(op)
-        self.zero = Zero(stride)
+            self.register_buffer(f"edges_{k}", torch.tensor(edges, dtype=torch.long), persistent=False)
+        self.all_edges = [bool(len(getattr(self, f"edges_{k}")) == n_edges) for k in self.op_indices]
         # PC-DARTS: channels that bypass the ops still need the reduction's resolution.
         self.bypass_pool = nn.MaxPool2d(2, 2, ceil_mode=True) if pc_k > 1 and stride == 2 else None
 
     def forward(self, x: Tensor, weights: Tensor) -> Tensor:
-        """x: (B, C, H, W); weights: (len(PRIMITIVES),). Returns (B, C, H/stride, W/stride)."""
+        """x: (B, C, H, W); weights: (n_edges, len(PRIMITIVES)). Returns (B, n_edges, C, H', W')."""
+        B = x.shape[0]
+        n = self.n_edges
         if self.pc_k > 1:
             x, bypass = x[:, : self.C_op], x[:, self.C_op :]
+        stacked: dict[int, Tensor] = {}  # copies -> x repeated that many times along channels
         out: Tensor | None = None
-        for k, op in zip(self.op_indices, self.ops):
-            y = weights[k] * op(x)
-            out = y if out is None else out + y
-        if out is None:  # only `none` remains on this edge
-            out = self.zero(x)
+        for k, op, shared, full in zip(self.op_indices, self.ops, self.shared, self.all_edges):
+            edges: Tensor = getattr(self, f"edges_{k}")
+            m = len(edges)
+            if shared:
+                y = op(x).unsqueeze(1)  # (B, 1, C_op, H', W'), the same on every edge
+            else:
+                if m not in stacked:
+                    stacked[m] = x if m == 1 else x.repeat(1, m, 1, 1)
+                y = op(stacked[m])
+                y = y.view(B, m, self.C_op, y.shape[-2], y.shape[-1])  # (B, m, C_op, H', W')
+            if full:
+                w = weights[:, k].reshape(1, n, 1, 1, 1)
+                if out is None:
+                    out = y * w
+                else:
+                    out = torch.addcmul(out, y, w)
+            else:
+                w = weights[edges, k].reshape(1, m, 1, 1, 1)
+                y = (y * w).expand(B, m, *y.shape[2:])
+                if out is None:
+                    out = y.new_zeros(B, n, *y.shape[2:])
+                out = out.index_add(1, edges, y)
+        if out is None:  # only `none` remains on these edges
+            z = Zero(self.stride)(x)
+            out = z.unsqueeze(1).expand(B, n, *z.shape[1:])
         if self.pc_k > 1:
             if self.bypass_pool is not None:
                 bypass = self.bypass_pool(bypass)
-            out = channel_shuffle(torch.cat([out, bypass], dim=1), self.pc_k)
+            bypass = bypass.unsqueeze(1).expand(B, n, *bypass.shape[1:])
+            out = torch.cat([out, bypass], dim=2)  # (B, n, C, H', W')
+            H, W = out.shape[-2:]
+            out = channel_shuffle(out.reshape(B * n, self.C, H, W), self.pc_k).view(B, n, self.C, H, W)
         return out
 
 
 class SearchCell(nn.Module):
-    """A DARTS search cell: two inputs, ``steps`` nodes, each summing mixed ops over all earlier states."""
+    """A DARTS search cell: two inputs, ``steps`` nodes, each summing mixed ops over all earlier states.
+
+    Edge numbering as `Architecture`: node ``i`` reads states ``0 .. i + 1`` through edges
+    ``offset_i + j``. The edges leaving state ``j`` (to nodes ``max(0, j - 1) .. steps - 1``)
+    form one `MixedOp`, run as soon as state ``j`` exists.
+    """
 
     def __init__(
         self,
@@ -104,14 +168,17 @@ class SearchCell(nn.Module):
         else:
             self.preprocess0 = ReLUConvBN(C_prev_prev, C, 1, 1, 0, affine=False)
         self.preprocess1 = ReLUConvBN(C_prev, C, 1, 1, 0, affine=False)
-        self.edges = nn.ModuleList()
-        e = 0
-        for i in range(steps):
-            for j in range(2 + i):
-                stride = 2 if reduction and j < 2 else 1
-                kept = None if op_mask is None else op_mask[e].nonzero().flatten().tolist()
-                self.edges.append(MixedOp(C, stride, pc_k, kept))
-                e += 1
+        offsets = [sum(2 + t for t in range(i)) for i in range(steps)]
+        self.groups = nn.ModuleList()
+        self.targets: list[list[int]] = []  # per source state: the nodes it feeds
+        for j in range(steps + 1):
+            nodes = list(range(max(0, j - 1), steps))
+            edge_ids = [offsets[i] + j for i in nodes]
+            kept = None if op_mask is None else [op_mask[e].nonzero().flatten().tolist() for e in edge_ids]
+            stride = 2 if reduction and j < 2 else 1
+            self.groups.append(MixedOp(C, stride, len(nodes), pc_k, kept))
+            self.targets.append(nodes)
+            self.register_buffer(f"edge_ids_{j}", torch.tensor(edge_ids, dtype=torch.long), persistent=False)
 
     def forward(
         self, s0: Tensor, s1: Tensor, weights: Tensor, edge_weights: Tensor | None = None
@@ -119,18 +186,26 @@ class SearchCell(nn.Module):
         """weights: (edges, len(PRIMITIVES)); edge_weights: (edges,) or None.
 
         Returns (B, multiplier * C, H', W')."""
+        if edge_weights is not None:
+            weights = weights * edge_weights[:, None]  # beta_j * alpha_jk, as PC-DARTS
         states = [self.preprocess0(s0), self.preprocess1(s1)]
-        e = 0
-        for _ in range(self.steps):
-            s: Tensor | None = None
-            for h in states:
-                y = self.edges[e](h, weights[e])
-                if edge_weights is not None:
-                    y = edge_weights[e] * y
-                s = y if s is None else s + y
-                e += 1
-            assert s is not None
-            states.append(s)
+        incoming: list[list[Tensor]] = [[] for _ in range(self.steps)]
+
+        def run_group(j: int) -> None:  # all edges leaving state j
+            rows = weights.index_select(0, getattr(self, f"edge_ids_{j}"))
+            out = self.groups[j](states[j], rows)  # (B, n_j, C, H', W')
+            for t, node in enumerate(self.targets[j]):
+                incoming[node].append(out[:, t])
+
+        run_group(0)
+        run_group(1)
+        for i in range(self.steps):
+            node_out = incoming[i][0]
+            for y in incoming[i][1:]:
+                node_out = node_out + y
+            states.append(node_out)  # state i + 2
+            if i + 2 <= self.steps:
+                run_group(i + 2)
         return torch.cat(states[-self.multiplier :], dim=1)
 
 
