@@ -1,0 +1,61 @@
+"""Class weights of LFM-CW: ``c = K * softmax(phi + beta * m(W1))``.
+
+``phi`` (one logit per class) is the parameter of the ``class_weights`` level. ``m_k(W1)`` measures
+the mistakes of the first model on class k of the validation data: its mean cross-entropy on
+that class (``kind="ce"``) or its error rate (``kind="error"``). ``m`` is a buffer refreshed after
+every step of ``w1`` on that step's validation batch and smoothed by an exponential moving
+average (``momentum``); it carries no gradient into W1. A class W1 gets wrong has a larger
+``m_k``, hence a larger weight ``c_k``, hence more weight on its synthetic images in ``w2``.
+The weights sum to K, so uniform weights are all ones.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+__all__ = ["ClassWeights", "class_mistakes"]
+
+
+class ClassWeights(nn.Module):
+    """``phi`` (K logits) and the mistakes buffer ``m`` (K); calling it gives ``c`` (K,)."""
+
+    def __init__(self, num_classes: int, beta: float = 1.0, momentum: float = 0.9) -> None:
+        super().__init__()
+        if num_classes < 2:
+            raise ValueError(f"class weights need at least 2 classes, got {num_classes}")
+        if not 0.0 <= momentum < 1.0:
+            raise ValueError(f"mistakes momentum must be in [0, 1), got {momentum}")
+        self.num_classes, self.beta, self.momentum = num_classes, float(beta), float(momentum)
+        self.phi = nn.Parameter(torch.zeros(num_classes))
+        self.register_buffer("mistakes", torch.zeros(num_classes))
+        self.register_buffer("measured", torch.zeros((), dtype=torch.bool))
+
+    def forward(self) -> Tensor:
+        return self.num_classes * torch.softmax(self.phi + self.beta * self.mistakes, dim=0)  # (K,)
+
+    @torch.no_grad()
+    def observe(self, logits: Tensor, labels: Tensor, kind: str = "ce") -> None:
+        """Fold one batch of W1's validation predictions into the mistakes ``m``."""
+        batch = class_mistakes(logits, labels, self.num_classes, kind)
+        seen = torch.bincount(labels, minlength=self.num_classes) > 0
+        fresh = torch.where(seen, batch, self.mistakes)
+        if not bool(self.measured):
+            self.mistakes.copy_(fresh)
+            self.measured.fill_(True)
+        else:
+            self.mistakes.mul_(self.momentum).add_((1 - self.momentum) * fresh)
+
+
+def class_mistakes(logits: Tensor, labels: Tensor, num_classes: int, kind: str = "ce") -> Tensor:
+    """Per-class mean cross-entropy (``"ce"``) or error rate (``"error"``); 0 for absent classes."""
+    if kind == "ce":
+        per_sample = F.cross_entropy(logits, labels, reduction="none")
+    elif kind == "error":
+        per_sample = (logits.argmax(dim=1) != labels).to(logits.dtype)
+    else:
+        raise ValueError(f"mistakes kind must be 'ce' or 'error', got {kind!r}")
+    total = torch.zeros(num_classes, dtype=per_sample.dtype, device=per_sample.device).index_add_(0, labels, per_sample)
+    count = torch.bincount(labels, minlength=num_classes).to(per_sample.dtype)
+    return total / count.clamp(min=1)

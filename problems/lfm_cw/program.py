@@ -1,0 +1,342 @@
+"""LFM-CW as one multi-level program: its levels, their graph and the estimator of each edge.
+
+=================  ==========  ==========================================================  ===========
+level              optimizes   objective                                                   reads
+=================  ==========  ==========================================================  ===========
+``w1``             W1          L(A, W1; D_tr)                                              A
+``discriminator``  D           BCE(D(x, y), 1) + BCE(D(G(z, k), k), 0)                     G
+``generator``      G           -log D(G(z, k), k)                                          D
+``w2``             W2          L(A, W2; D_tr) + lam * mean_i c_{k_i} l(A, W2; G(z_i, k_i), k_i)   A, c, G
+``class_weights``  phi         L(A, W2; D_val)                                             W2, m(W1)
+``architecture``   A           L(A, W1; D_val) + gamma * L(A, W2; D_val)                   W1, W2
+=================  ==========  ==========================================================  ===========
+
+Graph: ``architecture -> [w1, w2]`` and ``class_weights -> [w2]``: the architecture's
+hypergradient flows through both supernets' best responses, the class weights' through W2's.
+The generator and discriminator are plain levels with no edge: they supply data, and no
+hypergradient flows into them. Class weights ``c = K softmax(phi + beta m(W1))``
+(`class_weights.ClassWeights`). Synthetic labels ``k_i`` are drawn uniformly over the classes,
+so ``lam * mean_i c_{k_i} l_i`` estimates ``lam / K * sum_k c_k E_z l(G(z, k), k)``.
+
+Variants (`Variant`) switch parts off on the same code path: DARTS (w1 and architecture only),
+no generator (W2 then weights its real data by c), uniform class weights (c = 1), and class
+weights from mistakes only (phi frozen). `build` returns the Problems, the graph, the default
+estimator of each edge and the hooks the program needs; any of them can be swapped.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torch.utils.data import DataLoader, Dataset
+
+import mlo
+
+from ..darts.architecture import Architecture
+from ..darts.search import SuperNet
+from .class_weights import ClassWeights
+from .generator import ConditionalDiscriminator, ConditionalGenerator, discriminator_loss, generator_loss
+
+__all__ = ["Constants", "Optimizers", "Variant", "LFMCW", "build", "batches"]
+
+
+@dataclass(frozen=True)
+class Constants:
+    """LFM-CW's constants, with their defaults.
+
+    lam: weight of the synthetic-data loss in ``w2`` (1.0).
+    gamma: weight of W2's validation loss in the architecture objective (1.0).
+    beta: how strongly W1's mistakes tilt the class weights (1.0).
+    synthetic_per_step: generated images per step of ``w2`` (32).
+    mistakes: ``"ce"`` (per-class validation cross-entropy of W1) or ``"error"`` (error rate).
+    mistakes_momentum: moving-average momentum of the mistakes ``m`` (0.9).
+    noise_dim: generator noise size (32).
+    """
+
+    lam: float = 1.0
+    gamma: float = 1.0
+    beta: float = 1.0
+    synthetic_per_step: int = 32
+    mistakes: str = "ce"
+    mistakes_momentum: float = 0.9
+    noise_dim: int = 32
+
+    def __post_init__(self) -> None:
+        for name in ("lam", "gamma", "beta"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"LFM-CW constant {name} must be >= 0, got {getattr(self, name)}")
+        if self.synthetic_per_step < 1:
+            raise ValueError(f"synthetic_per_step must be >= 1, got {self.synthetic_per_step}")
+        if self.mistakes not in ("ce", "error"):
+            raise ValueError(f"mistakes must be 'ce' or 'error', got {self.mistakes!r}")
+
+
+@dataclass(frozen=True)
+class Optimizers:
+    """Optimizer settings; defaults are DARTS's search settings (weights SGD, architecture Adam)."""
+
+    w_lr: float = 0.025
+    w_lr_min: float = 0.001
+    w_momentum: float = 0.9
+    w_weight_decay: float = 3e-4
+    arch_lr: float = 3e-4
+    arch_betas: tuple[float, float] = (0.5, 0.999)
+    arch_weight_decay: float = 1e-3
+    phi_lr: float = 1e-2
+    gan_lr: float = 2e-4
+    gan_betas: tuple[float, float] = (0.5, 0.999)
+
+
+@dataclass(frozen=True)
+class Variant:
+    """Which parts of LFM-CW a method uses; every baseline and ablation is one of these."""
+
+    second_model: bool = True  # w2 and the gamma term
+    generator: bool = True  # synthetic data in w2 (else W2 reweights real data by c)
+    learn_phi: bool = True  # the class_weights level (else phi stays 0)
+    use_mistakes: bool = True  # beta * m(W1) in the class weights (else c = K softmax(phi))
+
+
+@dataclass
+class LFMCW:
+    """A built program: hand ``problems``, ``graph`` and ``estimators`` to ``mlo.Engine``."""
+
+    problems: list[mlo.Problem]
+    graph: dict[str, list[str]]
+    estimators: dict[tuple[str, str], str]
+    hooks: list[mlo.Hook]
+    architecture: Architecture
+    w1: SuperNet
+    w2: SuperNet | None = None
+    class_weights: ClassWeights | None = None
+    generator: nn.Module | None = None
+    modules: dict[str, nn.Module] = field(default_factory=dict)
+
+
+def batches(dataset: Dataset, batch_size: int, seed: int, device: torch.device) -> Iterable[tuple[Tensor, Tensor]]:
+    """An iterable of shuffled (images, labels) batches on ``device``; each pass reshuffles."""
+    gen = torch.Generator().manual_seed(seed)
+    loader = DataLoader(dataset, batch_size=min(batch_size, len(dataset)), shuffle=True, drop_last=True, generator=gen)
+
+    class _OnDevice:
+        def __iter__(self) -> Iterator[tuple[Tensor, Tensor]]:
+            for x, y in loader:
+                yield x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+
+    return _OnDevice()
+
+
+class _WithNoise:
+    """Each batch of ``base`` (or ``None`` forever) with fresh noise and uniform synthetic labels."""
+
+    def __init__(self, base: Iterable[Any] | None, n: int, noise_dim: int, classes: int, seed: int, device: torch.device):
+        self.base, self.n, self.noise_dim, self.classes, self.device = base, n, noise_dim, classes, device
+        self.gen = torch.Generator().manual_seed(seed)
+
+    def _noise(self) -> tuple[Tensor, Tensor]:
+        z = torch.randn(self.n, self.noise_dim, generator=self.gen).to(self.device)
+        k = torch.randint(self.classes, (self.n,), generator=self.gen).to(self.device)
+        return z, k
+
+    def __iter__(self) -> Iterator[Any]:
+        if self.base is None:
+            while True:
+                yield self._noise()
+        for real in self.base:
+            yield (*real, *self._noise())
+
+
+class SupernetLoss(mlo.Problem):
+    """Cross-entropy of a supernet under the shared architecture: ``w1`` (and DARTS's weights)."""
+
+    def __init__(self, name: str, net: SuperNet, arch: Architecture, **kw: Any) -> None:
+        super().__init__(name, net, **kw)
+        self.arch = arch
+
+    def loss(self, batch: tuple[Tensor, Tensor]) -> Tensor:
+        x, y = batch
+        return F.cross_entropy(self.module(x, self.arch), y)
+
+
+class RetrainLoss(mlo.Problem):
+    """``w2``: real data plus class-weighted synthetic data (or class-weighted real data)."""
+
+    def __init__(
+        self, net: SuperNet, arch: Architecture, weights: Callable[[], Tensor], generator: nn.Module | None, lam: float, **kw: Any
+    ) -> None:
+        super().__init__("w2", net, **kw)
+        self.arch, self.weights, self.generator, self.lam = arch, weights, generator, lam
+
+    def loss(self, batch: tuple[Tensor, ...]) -> Tensor:
+        c = self.weights()  # (K,)
+        if self.generator is None:
+            x, y = batch
+            per_sample = F.cross_entropy(self.module(x, self.arch), y, reduction="none")
+            return (c[y] * per_sample).mean()
+        x, y, z, k = batch
+        real = F.cross_entropy(self.module(x, self.arch), y)
+        with torch.no_grad():  # no hypergradient flows into the generator
+            fake = self.generator(z, k)  # (n, C, H, W)
+        synthetic = F.cross_entropy(self.module(fake, self.arch), k, reduction="none")
+        return real + self.lam * (c[k] * synthetic).mean()
+
+
+class ValidationLoss(mlo.Problem):
+    """Validation cross-entropy of supernets: ``class_weights`` (W2) and ``architecture`` (W1 + gamma W2)."""
+
+    def __init__(self, name: str, module: nn.Module, terms: list[tuple[float, SuperNet]], arch: Architecture, **kw: Any):
+        super().__init__(name, module, **kw)
+        self.terms, self.arch = terms, arch
+
+    def loss(self, batch: tuple[Tensor, Tensor]) -> Tensor:
+        x, y = batch
+        return sum(w * F.cross_entropy(net(x, self.arch), y) for w, net in self.terms)  # type: ignore[return-value]
+
+
+class DiscriminatorLoss(mlo.Problem):
+    def __init__(self, module: nn.Module, generator: nn.Module, **kw: Any) -> None:
+        super().__init__("discriminator", module, **kw)
+        self.generator = generator
+
+    def loss(self, batch: tuple[Tensor, ...]) -> Tensor:
+        x, y, z, k = batch
+        return discriminator_loss(self.generator, self.module, x, y, z, k)
+
+
+class GeneratorLoss(mlo.Problem):
+    def __init__(self, module: nn.Module, discriminator: nn.Module, **kw: Any) -> None:
+        super().__init__("generator", module, **kw)
+        self.discriminator = discriminator
+
+    def loss(self, batch: tuple[Tensor, Tensor]) -> Tensor:
+        z, k = batch
+        return generator_loss(self.module, self.discriminator, z, k)
+
+
+class MistakesHook(mlo.Hook):
+    """After each step of ``w1``: fold W1's predictions on a validation batch into ``m(W1)``."""
+
+    def __init__(self, w1: SuperNet, arch: Architecture, weights: ClassWeights, val: Iterable[Any], kind: str):
+        self.w1, self.arch, self.weights, self.kind = w1, arch, weights, kind
+        self.stream = _forever(val)
+
+    def on_step(self, engine: mlo.Engine, level: str, loss: Tensor) -> None:
+        if level != "w1":
+            return
+        x, y = next(self.stream)
+        with torch.no_grad():
+            self.weights.observe(self.w1(x, self.arch), y, self.kind)
+
+
+def _forever(data: Iterable[Any]) -> Iterator[Any]:
+    while True:
+        yield from data
+
+
+def build(
+    train: Dataset,
+    val: Dataset,
+    num_classes: int,
+    shape: tuple[int, int, int],
+    supernet: Callable[[], SuperNet],
+    variant: Variant = Variant(),
+    constants: Constants = Constants(),
+    optim: Optimizers = Optimizers(),
+    rounds: int = 100,
+    batch_size: int = 64,
+    estimator: str = "finite_difference",
+    generator: nn.Module | None = None,
+    device: torch.device | str = "cpu",
+    seed: int = 0,
+) -> LFMCW:
+    """Build the LFM-CW program (or one of its variants) on ``train``/``val``.
+
+    ``supernet()`` makes a fresh supernet (called once per weight copy); ``rounds`` sets the
+    weights' cosine schedule length. ``generator``: a module ``(noise, labels) -> images`` used as
+    a fixed data source; by default a `ConditionalGenerator` is trained as two levels.
+    ``estimator`` is used on every edge (``result.estimators`` can be edited before the engine).
+    """
+    device = torch.device(device)
+    torch.manual_seed(seed)
+    w1 = supernet().to(device)
+    arch = w1.new_architecture(torch.Generator().manual_seed(seed)).to(device)
+
+    def sgd(net: nn.Module) -> tuple[torch.optim.Optimizer, Any]:
+        opt = torch.optim.SGD(net.parameters(), optim.w_lr, momentum=optim.w_momentum, weight_decay=optim.w_weight_decay)
+        return opt, torch.optim.lr_scheduler.CosineAnnealingLR(opt, max(rounds, 1), eta_min=optim.w_lr_min)
+
+    def stream(dataset: Dataset, offset: int) -> Iterable[Any]:
+        return batches(dataset, batch_size, seed * 1000 + offset, device)
+
+    opt, sched = sgd(w1)
+    problems: list[mlo.Problem] = [SupernetLoss("w1", w1, arch, optimizer=opt, data=stream(train, 1), scheduler=sched)]
+    hooks: list[mlo.Hook] = []
+    arch_terms: list[tuple[float, SuperNet]] = [(1.0, w1)]
+    result = LFMCW(problems, {"architecture": ["w1"]}, {}, hooks, arch, w1)
+
+    if variant.second_model:
+        weights = ClassWeights(num_classes, constants.beta if variant.use_mistakes else 0.0, constants.mistakes_momentum).to(device)
+        weights.phi.requires_grad_(variant.learn_phi)
+        result.class_weights = weights
+        if variant.use_mistakes:
+            hooks.append(MistakesHook(w1, arch, weights, stream(val, 2), constants.mistakes))
+        gen = generator
+        if variant.generator and gen is None:
+            gen = ConditionalGenerator(num_classes, shape, constants.noise_dim).to(device)
+            disc = ConditionalDiscriminator(num_classes, shape).to(device)
+
+            def adam(m: nn.Module) -> torch.optim.Optimizer:
+                return torch.optim.Adam(m.parameters(), optim.gan_lr, betas=optim.gan_betas)
+
+            n = constants.synthetic_per_step
+            problems.append(
+                DiscriminatorLoss(disc, gen, optimizer=adam(disc), data=_WithNoise(stream(train, 3), batch_size, constants.noise_dim, num_classes, seed + 3, device))
+            )
+            problems.append(
+                GeneratorLoss(gen, disc, optimizer=adam(gen), data=_WithNoise(None, n, constants.noise_dim, num_classes, seed + 4, device))
+            )
+            result.modules.update(discriminator=disc)
+        if gen is not None:
+            gen = gen.to(device)
+            if gen is generator:
+                gen.requires_grad_(False)
+        result.generator = gen if variant.generator else None
+        w2 = supernet().to(device)
+        result.w2 = w2
+        opt, sched = sgd(w2)
+        data2: Iterable[Any] = stream(train, 5)
+        if result.generator is not None:
+            data2 = _WithNoise(data2, constants.synthetic_per_step, constants.noise_dim, num_classes, seed + 5, device)
+        problems.append(RetrainLoss(w2, arch, weights, result.generator, constants.lam, optimizer=opt, data=data2, scheduler=sched))
+        if variant.learn_phi:
+            problems.append(
+                ValidationLoss(
+                    "class_weights", weights, [(1.0, w2)], arch,
+                    optimizer=torch.optim.Adam(weights.parameters(), optim.phi_lr), data=stream(val, 6),
+                )
+            )
+            result.graph["class_weights"] = ["w2"]
+        arch_terms.append((constants.gamma, w2))
+        result.graph["architecture"].append("w2")
+
+    problems.append(
+        ValidationLoss(
+            "architecture", arch, arch_terms, arch,
+            optimizer=torch.optim.Adam(arch.parameters(), optim.arch_lr, betas=optim.arch_betas, weight_decay=optim.arch_weight_decay),
+            data=stream(val, 7),
+        )
+    )
+    result.estimators = {(u, low): estimator for u, lows in result.graph.items() for low in lows}
+    result.modules.update(w1=w1, architecture=arch)
+    if result.w2 is not None:
+        result.modules["w2"] = result.w2
+    if result.class_weights is not None:
+        result.modules["class_weights"] = result.class_weights
+    if result.generator is not None:
+        result.modules["generator"] = result.generator
+    return result
