@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import math
-from collections.abc import Iterator
 
 import pytest
 import torch
@@ -16,6 +15,7 @@ from mlo.problems.darts import (
     PRIMITIVES,
     Architecture,
     ArchWeights,
+    DepthwiseConv2d,
     Genotype,
     GenotypeError,
     MixedOp,
@@ -37,15 +37,8 @@ P = {name: k for k, name in enumerate(PRIMITIVES)}
 E = num_edges(4)
 
 
-@pytest.fixture(autouse=True)
-def one_thread() -> Iterator[None]:
-    """These tensors are tiny: intra-op threads only add overhead (10x on a busy 2-core machine)."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(previous)
+# Tiny tensors: one intra-op thread (conftest's fixture) is ~10x faster on a busy 2-core machine.
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 # -- supernet ---------------------------------------------------------------------------------
@@ -86,6 +79,24 @@ def test_supernet_accepts_weights_and_rejects_mismatched_architecture() -> None:
 def test_supernet_imagenet_stem_224() -> None:
     net = SuperNet(C=4, num_classes=5, layers=2, in_channels=3, stem="imagenet")
     assert net(torch.randn(1, 3, 224, 224), net.new_architecture()).shape == (1, 5)
+
+
+@pytest.mark.parametrize(
+    "size, k, stride, padding, dilation",
+    [(8, 5, 1, 2, 1), (8, 3, 2, 1, 1), (5, 5, 2, 4, 2), (2, 3, 1, 2, 2), (1, 5, 2, 2, 1), (8, 3, 1, 1, 1), (12, 5, 1, 2, 1)],
+)
+def test_depthwise_conv_matches_conv2d(size: int, k: int, stride: int, padding: int, dilation: int) -> None:
+    # Small maps take the matrix path, larger ones F.conv2d: both must be the same function.
+    torch.manual_seed(6)
+    conv = DepthwiseConv2d(6, k, stride, padding, dilation).double()
+    x = torch.randn(3, 6, size, size, dtype=torch.float64, requires_grad=True)
+    out = conv(x)
+    ref = F.conv2d(x, conv.weight, None, stride, padding, dilation, groups=6)
+    torch.testing.assert_close(out, ref)
+    g = torch.randn_like(ref)
+    torch.testing.assert_close(
+        torch.autograd.grad(out, (x, conv.weight), g), torch.autograd.grad(ref, (x, conv.weight), g)
+    )
 
 
 def _single_edge_copy(group: MixedOp, e: int) -> MixedOp:

@@ -15,7 +15,7 @@ from .architecture import (
 )
 from .genotype import DARTS_V2, Genotype, GenotypeError
 from .network import AuxiliaryHead, NetworkFromGenotype, drop_path
-from .ops import OPS, PRIMITIVES, make_op
+from .ops import OPS, PRIMITIVES, DepthwiseConv2d, make_op
 from .pdarts import PDARTS_STAGES, Stage, pdarts_next_stage, pdarts_supernet, prune_mask
 from .search import MixedOp, SearchCell, SuperNet, channel_shuffle
 from .stem import build_stem, reduction_indices, stem_for
@@ -25,6 +25,7 @@ __all__ = [
     "PRIMITIVES",
     "OPS",
     "make_op",
+    "DepthwiseConv2d",
     "Architecture",
     "ArchWeights",
     "OpMask",
