@@ -160,8 +160,10 @@ def torchopt_round(c: Copy, estimator: Estimator) -> tuple[Round, str]:
             xb = _lower_step(c, lower_it)
         batch = next(upper_it)
         lower = tuple(p.detach() for p in c.lower_params())
-        star = best_response(lower, tuple(up), xb)
-        grads = torch.autograd.grad(c.at(c.upper_loss, batch, star, up), up, allow_unused=True)
+        with warnings.catch_warnings():  # TorchOpt 0.7.3 calls the deprecated functorch.vjp every time
+            warnings.simplefilter("ignore", FutureWarning)
+            star = best_response(lower, tuple(up), xb)
+            grads = torch.autograd.grad(c.at(c.upper_loss, batch, star, up), up, allow_unused=True)
         _upper_step(c, [torch.zeros_like(p) if g is None else g for p, g in zip(up, grads)])
 
     return implicit, ""

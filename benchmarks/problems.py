@@ -39,6 +39,7 @@ __all__ = [
     "darts",
     "digits",
     "as_mlo",
+    "FnProblem",
     "GRAPH",
 ]
 
@@ -126,8 +127,8 @@ class Bilevel:
         return Copy(self)
 
 
-class _Level(mlo.Problem):
-    """An mlo level whose loss is a closure over a program copy's modules."""
+class FnProblem(mlo.Problem):
+    """An mlo level whose loss is a given function of the batch (a closure over modules)."""
 
     def __init__(self, name: str, module: nn.Module, optimizer: torch.optim.Optimizer, data: Sequence[Any],
                  fn: Callable[[Any], Tensor], steps: int = 1) -> None:
@@ -141,8 +142,8 @@ class _Level(mlo.Problem):
 def as_mlo(c: Copy) -> list[mlo.Problem]:
     """The copy as two mlo levels, ``lower`` and ``upper``, wired by `GRAPH`."""
     return [
-        _Level("lower", c.lower, c.lower_optimizer, c.lower_batches, lambda b: c.lower_loss(b), c.lower_steps),
-        _Level("upper", c.upper, c.upper_optimizer, c.upper_batches, lambda b: c.upper_loss(b)),
+        FnProblem("lower", c.lower, c.lower_optimizer, c.lower_batches, lambda b: c.lower_loss(b), c.lower_steps),
+        FnProblem("upper", c.upper, c.upper_optimizer, c.upper_batches, lambda b: c.upper_loss(b)),
     ]
 
 

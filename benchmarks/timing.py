@@ -5,7 +5,8 @@ Timing. Each contender is a built implementation with a ``step()`` that runs one
 in an order rotated by ``r`` so no implementation always runs first or last. Slow drifts of a
 noisy machine (other processes, thermal state) then hit every implementation alike, and ratios
 taken repetition by repetition (`paired_ratio`) cancel them. ``time.perf_counter`` around each
-round; the garbage collector runs between rounds, never inside one.
+round. The garbage collector is run once before the timed rounds and then left to run as it
+normally would (an implementation that creates reference cycles pays for collecting them).
 
 Peak memory, measured in a separate, untimed round per contender (the tracking slows the round):
 
@@ -22,6 +23,7 @@ from __future__ import annotations
 
 import gc
 import json
+import math
 import os
 import platform
 import statistics
@@ -162,10 +164,10 @@ def measure(
     _sync(device)
     samples: list[list[float]] = [[] for _ in contenders]
     n = len(contenders)
+    gc.collect()
     for r in range(repeats):
         for k in range(n):
             i = (k + r) % n
-            gc.collect()
             _sync(device)
             t0 = time.perf_counter()
             contenders[i].step()
@@ -232,8 +234,19 @@ def write_json(path: str | Path, suite: str, config: dict[str, Any], results: Se
         "results": [asdict(r) for r in results],
         **extra,
     }
-    path.write_text(json.dumps(doc, indent=2, default=_jsonable))
+    path.write_text(json.dumps(_finite(doc), indent=2, default=_jsonable, allow_nan=False))
     return path
+
+
+def _finite(value: Any) -> Any:
+    """NaN and infinities (a measurement that did not happen) become ``null``: strict JSON."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {k: _finite(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_finite(v) for v in value]
+    return value
 
 
 def _jsonable(value: Any) -> Any:

@@ -1,0 +1,87 @@
+"""``mlo bench SUITE``: the command-line entry of the benchmark suites.
+
+``mlo/cli.py`` registers it with `add_parser` and runs `main`; ``python -m mlo.benchmarks.cli``
+runs it alone. Every suite prints rich tables and writes JSON (``--json PATH``, by default
+``OUT/SUITE.json``); ``estimators`` also writes ``OUT/estimators.png``. ``--quick`` runs a
+seconds-sized version (used in the tests).
+
+Threads: the suites run torch single-threaded by default (``--threads 1``): on a small shared
+machine, intra-op threads of several processes contend and make timings of small operations
+erratic. ``--threads 0`` keeps torch's default.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+
+__all__ = ["SUITES", "add_parser", "main"]
+
+SUITES = ("estimators", "speed", "lfm-cw")
+
+
+def _configure(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    parser.add_argument("suite", choices=SUITES, help="which suite to run")
+    parser.add_argument("--quick", action="store_true", help="a small, seconds-sized version of the suite")
+    parser.add_argument("--json", metavar="PATH", help="where to write the results (default OUT/SUITE.json)")
+    parser.add_argument("--out", metavar="DIR", default="runs/bench", help="output folder (default runs/bench)")
+    parser.add_argument("--repeats", type=int, metavar="N", help="speed: interleaved repetitions per program")
+    parser.add_argument("--threads", type=int, default=1, metavar="N",
+                        help="torch intra-op threads (default 1; 0 keeps torch's default)")
+    return parser
+
+
+def add_parser(subparsers: Any) -> argparse.ArgumentParser:
+    """Add the ``bench`` command to ``subparsers`` (from ``ArgumentParser.add_subparsers()``)."""
+    parser = subparsers.add_parser(
+        "bench",
+        help="run a benchmark suite (estimators, speed, lfm-cw)",
+        description="Run a benchmark suite: estimator accuracy against cost, speed and memory against "
+        "a hand-written loop and other libraries, or LFM-CW against its baselines.",
+    )
+    _configure(parser)
+    parser.set_defaults(func=main)
+    return parser
+
+
+def main(args: argparse.Namespace) -> int:
+    """Run the suite ``args`` names; returns the process exit status."""
+    from .report import make_console
+
+    console = make_console()
+    if args.threads and args.threads > 0:
+        torch.set_num_threads(args.threads)
+    out = Path(args.out)
+    json_path = Path(args.json) if args.json else out / f"{args.suite.replace('-', '_')}.json"
+    if args.suite == "speed":
+        from . import speed
+
+        speed.run(quick=args.quick, json_path=json_path, repeats=args.repeats, console=console)
+    elif args.suite == "estimators":
+        from . import estimators
+
+        estimators.run(quick=args.quick, json_path=json_path, png_path=out / "estimators.png", console=console)
+    else:
+        from . import lfm_cw
+
+        try:
+            lfm_cw.run(quick=args.quick, json_path=json_path, out=out, console=console)
+        except lfm_cw.SuiteUnavailable as why:
+            console.print(f"[red]mlo bench lfm-cw:[/] {why}")
+            return 2
+    console.print(f"results written to {json_path}")
+    return 0
+
+
+def _standalone(argv: Sequence[str] | None = None) -> int:
+    parser = _configure(argparse.ArgumentParser(prog="python -m mlo.benchmarks.cli", description=__doc__.split("\n")[0]))
+    return main(parser.parse_args(argv))
+
+
+if __name__ == "__main__":
+    sys.exit(_standalone())

@@ -1,0 +1,146 @@
+"""The ``speed`` suite: time per round and peak memory of mlo beside a hand-written loop and its peers.
+
+Programs (`benchmarks.problems`): (a) ridge HPO, (b) Meta-Weight-Net reweighting on digits,
+(c) one DARTS supernet round at 8x8 and at 32x32. Each program is built once; each
+implementation runs its own copy of it. For every program and algorithm, the implementations
+that can run it are timed interleaved in one run (`benchmarks.timing`), then compared:
+
+- mlo / hand-written: target <= 1.10 everywhere (the hand-written loop does the same passes and
+  gives the same numbers: see tests/test_benchmarks.py).
+- mlo / Betty: time <= 0.8 on ridge (framework overhead dominates there), < 1.0 on the others;
+  peak memory <= 1.0. Where Betty's method is not mlo's (its CG, its "darts" finite
+  difference), the row says so: the times are still those of one round of each library's method.
+
+Algorithms: ridge with Neumann (10 terms), CG (10 iterations) and unroll (5 steps);
+reweighting with Neumann (5 terms) and unroll (1 step, the original Meta-Weight-Net update);
+DARTS with finite differences (second order) and first order.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from rich.console import Console
+
+from mlo import estimators
+
+from . import problems
+from .implementations import NotApplicable, build_round
+from .report import Ratio, make_console, print_tables, ratio, ratios_table, results_table
+from .timing import MEMORY_METHOD, Contender, Result, measure, write_json
+
+__all__ = ["Case", "cases", "run", "TARGETS"]
+
+IMPLS = ("mlo", "hand", "betty", "higher", "torchopt")
+
+#: problem kind -> (mlo/Betty time target, strict "<" comparison)
+TARGETS: dict[str, tuple[float, bool]] = {"ridge": (0.8, False), "reweighting": (1.0, True), "darts": (1.0, True)}
+HAND_TARGET = 1.10
+MEMORY_TARGET = 1.0
+
+
+@dataclass(frozen=True)
+class Case:
+    """One program, the algorithms to run on it, and how many interleaved repetitions."""
+
+    kind: str
+    build: Callable[[], problems.Bilevel]
+    algorithms: tuple[str, ...]
+    repeats: int
+    warmup: int = 2
+
+
+def cases(quick: bool = False) -> list[Case]:
+    """The suite's programs; ``quick`` shrinks every size for a run of seconds (used in tests)."""
+    if quick:
+        return [
+            Case("ridge", lambda: problems.ridge(n=100, dim=10), ("neumann:iterations=5,alpha=0.1", "unroll:steps=2"), 5, 1),
+            Case("reweighting", lambda: problems.reweighting(hidden=16, batch=50), ("neumann:iterations=2,alpha=0.1",), 3, 1),
+            Case("darts", lambda: problems.darts(size=8, C=4, layers=1, batch=2), ("finite_difference",), 2, 1),
+        ]
+    return [
+        Case("ridge", lambda: problems.ridge(n=1000, dim=100),
+             ("neumann:iterations=10,alpha=0.1", "cg:iterations=10", "unroll:steps=5"), 40),
+        Case("reweighting", lambda: problems.reweighting(hidden=100, batch=100),
+             ("neumann:iterations=5,alpha=0.1", "unroll:steps=1"), 25),
+        Case("darts", lambda: problems.darts(size=8, C=8, layers=3, batch=32), ("finite_difference", "first_order"), 6, 1),
+        Case("darts", lambda: problems.darts(size=32, C=8, layers=3, batch=16), ("finite_difference", "first_order"), 4, 1),
+    ]
+
+
+def _contenders(program: problems.Bilevel, spec: str, impls: Sequence[str]) -> tuple[list[Contender], dict[str, str]]:
+    est = estimators.parse(spec)
+    label = _label(spec)
+    built, skipped = [], {}
+    for impl in impls:
+        try:
+            step, note = build_round(impl, program.instantiate(), est)
+        except NotApplicable as why:
+            skipped[impl] = str(why)
+            continue
+        built.append(Contender(program.name, impl, step, label, note))
+    return built, skipped
+
+
+def _label(spec: str) -> str:
+    name, _, opts = spec.partition(":")
+    return name if not opts else f"{name}({opts})"
+
+
+def _ratios(kind: str, results: Sequence[Result]) -> list[Ratio]:
+    by_impl = {r.impl: r for r in results}
+    mine = by_impl.get("mlo")
+    if mine is None:
+        return []
+    out = []
+    if "hand" in by_impl:
+        out.append(ratio(mine, by_impl["hand"], HAND_TARGET))
+    if "betty" in by_impl:
+        target, strict = TARGETS[kind]
+        betty = by_impl["betty"]
+        note = "Betty runs a different method (see its note)" if betty.note else ""
+        out.append(ratio(mine, betty, target, strict, MEMORY_TARGET, note))
+    for peer in ("higher", "torchopt"):
+        if peer in by_impl:
+            out.append(ratio(mine, by_impl[peer]))
+    return out
+
+
+def run(quick: bool = False, json_path: str | Path | None = None, repeats: int | None = None,
+        console: Console | None = None, impls: Sequence[str] = IMPLS) -> tuple[list[Result], list[Ratio]]:
+    """Run the suite, print its tables, write JSON to ``json_path`` if given."""
+    console = console or make_console()
+    results: list[Result] = []
+    ratios: list[Ratio] = []
+    skipped: dict[str, dict[str, str]] = {}
+    programs_config: dict[str, Any] = {}
+    for case in cases(quick):
+        program = case.build()
+        programs_config[program.name] = program.config
+        for spec in case.algorithms:
+            contenders, missing = _contenders(program, spec, impls)
+            if missing:
+                skipped[f"{program.name} {_label(spec)}"] = missing
+            console.log(f"speed: {program.name} {_label(spec)}: {', '.join(c.impl for c in contenders)}")
+            measured = measure(contenders, repeats or case.repeats, case.warmup)
+            results.extend(measured)
+            ratios.extend(_ratios(case.kind, measured))
+    print_tables(results_table(results, "speed: time per round (interleaved) and peak memory"),
+                 ratios_table(ratios, "speed: ratios (time: median of per-repetition ratios)"), console=console)
+    if json_path is not None:
+        config = {
+            "quick": quick,
+            "repeats": repeats,
+            "programs": programs_config,
+            "cases": [{"kind": c.kind, "algorithms": list(c.algorithms), "repeats": repeats or c.repeats,
+                       "warmup": c.warmup} for c in cases(quick)],
+            "timing": "interleaved round-robin, order rotated per repetition, after warm-up; perf_counter",
+            "memory": MEMORY_METHOD,
+            "torch_threads": torch.get_num_threads(),
+        }
+        write_json(json_path, "speed", config, results, ratios=[q.as_dict() for q in ratios], skipped=skipped)
+    return results, ratios
