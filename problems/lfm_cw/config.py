@@ -1,0 +1,163 @@
+"""The configuration of `mlo run`: one typed dataclass, filled from defaults, a TOML file and flags.
+
+Every field is checked (`RunConfig.validate`) before any data is loaded or any training starts.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import tomllib
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from mlo import EstimatorError, estimators
+
+from .methods import METHODS
+
+__all__ = ["RunConfig", "ConfigError", "SPACES"]
+
+SPACES = ("darts", "pc-darts", "p-darts")
+
+
+class ConfigError(ValueError):
+    """A configuration value is invalid; the message names the option."""
+
+
+@dataclass
+class RunConfig:
+    """Everything `mlo run` needs. Defaults are sized for digits on a 2-core CPU (a few minutes)."""
+
+    # what to run
+    methods: list[str] = field(default_factory=lambda: ["lfm-cw"])
+    seeds: int = 1
+    # data
+    dataset: str = "digits"
+    data_root: str | None = None
+    imbalance: float | None = None
+    # search
+    space: str = "darts"  # darts | pc-darts | p-darts
+    search_rounds: int = 60
+    batch_size: int = 64
+    channels: int = 4
+    layers: int = 3
+    pc_k: int = 2  # PC-DARTS channel proportion 1/K
+    estimator: str | None = None  # overrides the method's estimator on every edge
+    edge_estimators: dict[str, str] = field(default_factory=dict)  # {"upper->lower": "cg:iterations=5"}
+    # LFM-CW constants (see mlo.problems.lfm_cw.program.Constants)
+    lam: float = 1.0
+    gamma: float = 1.0
+    beta: float = 1.0
+    synthetic_per_step: int = 32
+    mistakes: str = "ce"
+    generator: str = "cgan"  # "cgan" or a checkpoint path
+    # optimizers
+    w_lr: float = 0.025
+    arch_lr: float = 3e-3
+    phi_lr: float = 1e-2
+    # evaluation of the derived genotype, trained from scratch
+    eval_epochs: int = 15
+    eval_channels: int = 8
+    eval_layers: int = 3
+    eval_batch_size: int = 64
+    eval_lr: float = 0.05
+    drop_path: float = 0.0
+    auxiliary_weight: float = 0.4
+    cutout: int = 16  # CIFAR/ImageNet only
+    # runtime
+    device: str = "cpu"
+    out: str | None = None
+    engine: str = "mlo"  # mlo | betty
+    threads: int = 0  # torch threads; 0 = torch's default
+
+    @classmethod
+    def from_toml(cls, path: str | Path) -> "RunConfig":
+        path = Path(path)
+        if not path.is_file():
+            raise ConfigError(f"config file {str(path)!r} does not exist")
+        try:
+            data = tomllib.loads(path.read_text())
+        except tomllib.TOMLDecodeError as err:
+            raise ConfigError(f"config file {str(path)!r} is not valid TOML: {err}") from None
+        return cls().updated(data, source=str(path))
+
+    def updated(self, values: dict[str, Any], source: str = "flags") -> "RunConfig":
+        """A copy with ``values`` applied; unknown keys and wrong types are errors naming the key."""
+        hints = typing.get_type_hints(RunConfig)
+        known = {f.name for f in dataclasses.fields(self)}
+        changes = {}
+        for key, value in values.items():
+            key = key.replace("-", "_")
+            if key not in known:
+                raise ConfigError(f"{source}: unknown option {key!r}; options: {', '.join(sorted(known))}")
+            changes[key] = _coerce(key, value, hints[key], source)
+        return dataclasses.replace(self, **changes)
+
+    def validate(self) -> None:
+        unknown = [m for m in self.methods if m not in METHODS]
+        if not self.methods or unknown:
+            raise ConfigError(f"unknown method(s) {unknown or self.methods}; known methods: {', '.join(METHODS)}")
+        if self.space not in SPACES:
+            raise ConfigError(f"space must be one of {', '.join(SPACES)}, got {self.space!r}")
+        if self.engine not in ("mlo", "betty"):
+            raise ConfigError(f"engine must be 'mlo' or 'betty', got {self.engine!r}")
+        if self.mistakes not in ("ce", "error"):
+            raise ConfigError(f"mistakes must be 'ce' or 'error', got {self.mistakes!r}")
+        for name in ("seeds", "search_rounds", "batch_size", "channels", "layers", "pc_k", "synthetic_per_step",
+                     "eval_epochs", "eval_channels", "eval_layers", "eval_batch_size"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"{name} must be >= 1, got {getattr(self, name)}")
+        for name in ("lam", "gamma", "beta", "w_lr", "arch_lr", "phi_lr", "drop_path", "auxiliary_weight", "cutout", "threads"):
+            if getattr(self, name) < 0:
+                raise ConfigError(f"{name} must be >= 0, got {getattr(self, name)}")
+        if self.imbalance is not None and self.imbalance < 1:
+            raise ConfigError(f"imbalance (rho) must be >= 1, got {self.imbalance}")
+        if self.space == "pc-darts" and self.channels % self.pc_k:
+            raise ConfigError(f"pc_k={self.pc_k} must divide channels={self.channels} for pc-darts")
+        specs = ([self.estimator] if self.estimator else []) + list(self.edge_estimators.values())
+        for spec in specs:
+            try:
+                estimators.parse(spec)
+            except EstimatorError as err:
+                raise ConfigError(f"estimator {spec!r}: {err}") from None
+        for edge in self.edge_estimators:
+            if "->" not in edge:
+                raise ConfigError(f"edge_estimators key {edge!r} must look like 'upper->lower'")
+        if self.generator != "cgan" and not Path(self.generator).is_file():
+            raise ConfigError(f"generator must be 'cgan' or an existing checkpoint file, got {self.generator!r}")
+        if self.device.startswith("cuda"):
+            import torch
+
+            if not torch.cuda.is_available():
+                raise ConfigError(f"device {self.device!r} requested but CUDA is not available on this machine")
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+def _coerce(key: str, value: Any, kind: Any, source: str) -> Any:
+    """``value`` as the field's declared type (list of str, optional float, dict, ...)."""
+    origin, args = typing.get_origin(kind), typing.get_args(kind)
+    if origin in (typing.Union, getattr(__import__("types"), "UnionType", None)) and type(None) in args:
+        if value is None or (isinstance(value, str) and value.lower() in ("", "none")):
+            return None
+        kind = next(a for a in args if a is not type(None))
+        origin, args = typing.get_origin(kind), typing.get_args(kind)
+    try:
+        if origin is list:
+            items = value.split(",") if isinstance(value, str) else list(value)
+            return [str(v).strip() for v in items if str(v).strip()]
+        if origin is dict:
+            if not isinstance(value, dict):
+                raise TypeError
+            return {str(k): str(v) for k, v in value.items()}
+        if kind is bool:
+            return value if isinstance(value, bool) else str(value).lower() in ("1", "true", "yes")
+        if kind in (int, float) and isinstance(value, bool):
+            raise TypeError
+        if kind is int and isinstance(value, float) and not value.is_integer():
+            raise TypeError
+        return kind(value)
+    except (TypeError, ValueError):
+        raise ConfigError(f"{source}: option {key!r} must be {getattr(kind, '__name__', kind)}, got {value!r}") from None

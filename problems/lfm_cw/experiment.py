@@ -1,0 +1,275 @@
+"""`mlo run`: search, derive the genotype, evaluate it, for each method and seed; then report.
+
+Everything lands in the output directory as it is produced (results.json is rewritten after
+every run, atomically), so an interrupted command keeps what it finished:
+
+    results.json                      the config, and ``runs``: method, seed, test_error, ...
+    genotype-<method>-seed<k>.json    the derived genotype
+    class-weights-<method>-seed<k>.json   the class weights c after every search round
+    *.png                             class weights, architecture weights, training curves
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import statistics
+import time
+from collections import defaultdict
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+import torch
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.table import Table
+from torch import Tensor
+
+import mlo
+
+from .. import data as datasets
+from ..darts import PDARTS_STAGES, PRIMITIVES, Stage, SuperNet, pdarts_next_stage, train_from_scratch
+from ..darts.stem import stem_for
+from . import plots
+from .config import ConfigError, RunConfig
+from .generator import load_generator
+from .methods import METHODS
+from .program import LFMCW, Constants, Optimizers, build
+
+__all__ = ["run", "prepare_output"]
+
+
+class _Recorder(mlo.Hook):
+    """Per round: each level's mean loss, and the class weights c."""
+
+    def __init__(self, program: LFMCW) -> None:
+        self.program = program
+        self.losses: dict[str, list[float]] = defaultdict(list)
+        self.class_weights: list[list[float]] = []
+        self._round: dict[str, list[Tensor]] = defaultdict(list)
+
+    def on_step(self, engine: mlo.Engine, level: str, loss: Tensor) -> None:
+        self._round[level].append(loss)
+
+    def on_round(self, engine: mlo.Engine) -> None:
+        for level, values in self._round.items():
+            self.losses[level].append(float(torch.stack(values).mean()))
+        self._round.clear()
+        if self.program.class_weights is not None:
+            with torch.no_grad():
+                self.class_weights.append([float(v) for v in self.program.class_weights().cpu()])
+
+
+class _ProgressHook(mlo.Hook):
+    def __init__(self, progress: Progress, task: Any, recorder: _Recorder) -> None:
+        self.progress, self.task, self.recorder = progress, task, recorder
+
+    def on_round(self, engine: mlo.Engine) -> None:
+        shown = "  ".join(f"{k} {v[-1]:.3f}" for k, v in self.recorder.losses.items() if v)
+        self.progress.update(self.task, advance=1, losses=shown)
+
+
+def prepare_output(out: str | None, methods: list[str]) -> Path:
+    """The output directory: a new timestamped folder under runs/ by default. An existing folder
+    that already holds results is refused, so earlier results are never overwritten."""
+    if out is None:
+        stamp = datetime.now().strftime("%Y%m%d-%H%M%S")
+        path = Path("runs") / f"{'+'.join(methods)}-{stamp}"
+    else:
+        path = Path(out)
+    if (path / "results.json").exists():
+        raise ConfigError(f"output directory {str(path)!r} already holds results.json; choose another --out")
+    path.mkdir(parents=True, exist_ok=True)
+    return path
+
+
+def _write_json(path: Path, data: Any) -> None:
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    tmp.write_text(json.dumps(data, indent=2))
+    os.replace(tmp, path)
+
+
+def _supernet_factory(config: RunConfig, splits: datasets.DataSplits, stage: Stage | None, mask: Any) -> Any:
+    kwargs = dict(
+        C=config.channels,
+        num_classes=splits.num_classes,
+        in_channels=splits.input_shape[0],
+        stem=stem_for(splits.input_shape),
+        pc_k=config.pc_k if config.space == "pc-darts" else 1,
+        edge_norm=config.space == "pc-darts",
+    )
+    layers = stage.layers if stage is not None else config.layers
+    return lambda: SuperNet(layers=layers, op_mask=mask, **kwargs)
+
+
+def _stages(config: RunConfig) -> list[tuple[Stage | None, int]]:
+    """(stage, rounds) pairs: one stage for DARTS/PC-DARTS; P-DARTS deepens by 2 cells per stage
+    from ``layers`` while keeping 8, 5, then 3 ops per edge, the rounds split evenly."""
+    if config.space != "p-darts":
+        return [(None, config.search_rounds)]
+    n = len(PDARTS_STAGES)
+    rounds = [config.search_rounds // n + (1 if i < config.search_rounds % n else 0) for i in range(n)]
+    return [(Stage(config.layers + 2 * i, s.ops_per_edge), r) for i, (s, r) in enumerate(zip(PDARTS_STAGES, rounds))]
+
+
+def _search(
+    config: RunConfig, method: str, seed: int, splits: datasets.DataSplits, generator: Any, progress: Progress
+) -> tuple[LFMCW, _Recorder, float]:
+    spec = METHODS[method]
+    constants = Constants(config.lam, config.gamma, config.beta, config.synthetic_per_step, config.mistakes)
+    optim = Optimizers(w_lr=config.w_lr, arch_lr=config.arch_lr, phi_lr=config.phi_lr)
+    mask = None
+    recorder: _Recorder | None = None
+    start = time.perf_counter()
+    arch_prev = None
+    for index, (stage, rounds) in enumerate(_stages(config)):
+        if stage is not None and arch_prev is not None:  # P-DARTS: prune before deepening
+            _, mask = pdarts_next_stage(arch_prev, stage)
+        program = build(
+            splits.train, splits.val, splits.num_classes, splits.input_shape,
+            _supernet_factory(config, splits, stage, mask), spec.variant, constants, optim,
+            rounds=rounds, batch_size=config.batch_size, estimator=config.estimator or spec.estimator,
+            generator=generator, device=config.device, seed=seed,
+        )
+        for edge, est in config.edge_estimators.items():
+            upper, _, lower = (s.strip() for s in edge.partition("->"))
+            if (upper, lower) not in program.estimators:
+                raise ConfigError(
+                    f"edge_estimators: {edge!r} is not an edge of {method}; edges: "
+                    + ", ".join(f"{u}->{low}" for u, low in program.estimators)
+                )
+            program.estimators[(upper, lower)] = est
+        new_recorder = _Recorder(program)
+        if recorder is not None:  # keep one history across P-DARTS stages
+            new_recorder.losses, new_recorder.class_weights = recorder.losses, recorder.class_weights
+        recorder = new_recorder
+        label = f"search {method} seed {seed}" + (f" stage {index + 1}" if stage is not None else "")
+        task = progress.add_task(label, total=rounds, losses="")
+        hooks = [*program.hooks, recorder, _ProgressHook(progress, task, recorder)]
+        if config.engine == "betty":
+            from mlo.engines.betty import run_on_betty
+
+            run_on_betty(program.problems, program.graph, program.estimators, rounds)
+        else:
+            engine = mlo.Engine(program.problems, program.graph, program.estimators, hooks=hooks)
+            engine.run(rounds)
+        arch_prev = program.architecture
+    assert recorder is not None
+    return program, recorder, time.perf_counter() - start
+
+
+def _run_one(
+    config: RunConfig, method: str, seed: int, splits: datasets.DataSplits, generator: Any, out: Path, progress: Progress
+) -> dict[str, Any]:
+    torch.manual_seed(seed)
+    program, recorder, search_seconds = _search(config, method, seed, splits, generator, progress)
+    arch = program.architecture
+    genotype = arch.genotype(max_skip=2 if config.space == "p-darts" else None)
+    tag = f"{method}-seed{seed}"
+    genotype.save(out / f"genotype-{tag}.json")
+
+    task = progress.add_task(f"evaluate {method} seed {seed}", total=config.eval_epochs, losses="")
+    result = train_from_scratch(
+        genotype, splits, epochs=config.eval_epochs, batch_size=config.eval_batch_size, lr=config.eval_lr,
+        C=config.eval_channels, layers=config.eval_layers, auxiliary=config.auxiliary_weight > 0,
+        auxiliary_weight=config.auxiliary_weight, drop_path_prob=config.drop_path, device=config.device, seed=seed,
+        progress_callback=lambda r: progress.update(
+            task, advance=1, losses=f"train loss {r.train_loss:.3f}  test error {r.test_error:.2f}%"
+        ),
+    )
+
+    with torch.no_grad():
+        weights = arch()
+    edge_names = [f"{j}->{i + 2}" for i in range(arch.steps) for j in range(i + 2)]
+    plots.architecture(
+        {"normal": weights.normal.cpu().numpy(), "reduction": weights.reduce.cpu().numpy()},
+        PRIMITIVES, edge_names, out / f"architecture-{tag}.png", f"{method} (seed {seed}): architecture weights per edge",
+    )
+    evaluation = {
+        "train loss": [r.train_loss for r in result.history],
+        "test error (%) / 100": [r.test_error / 100 for r in result.history],
+    }
+    plots.curves(dict(recorder.losses), evaluation, out / f"curves-{tag}.png", f"{method} (seed {seed})")
+    if recorder.class_weights:
+        _write_json(out / f"class-weights-{tag}.json", recorder.class_weights)
+        plots.class_weights(
+            recorder.class_weights, [str(k) for k in range(splits.num_classes)],
+            out / f"class-weights-{tag}.png", f"{method} (seed {seed}): class weights over the search",
+        )
+    return {
+        "method": method,
+        "seed": seed,
+        "test_error": result.test_error,
+        "balanced_error": result.balanced_error,
+        "search_seconds": search_seconds,
+        "params": result.params,
+        "genotype": f"genotype-{tag}.json",
+        "final_class_weights": recorder.class_weights[-1] if recorder.class_weights else None,
+        "history": [vars(r) for r in result.history],
+    }
+
+
+def _summary(runs: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    rows = []
+    for method in dict.fromkeys(r["method"] for r in runs):
+        mine = [r for r in runs if r["method"] == method]
+
+        def stats(key: str) -> tuple[float, float]:
+            values = [float(r[key]) for r in mine]
+            return statistics.fmean(values), statistics.stdev(values) if len(values) > 1 else 0.0
+
+        row: dict[str, Any] = {"method": method, "seeds": len(mine)}
+        for key in ("test_error", "balanced_error", "search_seconds", "params"):
+            row[key], row[key + "_std"] = stats(key)
+        rows.append(row)
+    return rows
+
+
+def _table(summary: list[dict[str, Any]], imbalanced: bool) -> Table:
+    table = Table(title="mlo run: searched architectures, trained from scratch")
+    for col in ("method", "seeds", "search time (s)", "params", "test error (%)") + (("balanced error (%)",) if imbalanced else ()):
+        table.add_column(col, justify="left" if col == "method" else "right")
+    for row in summary:
+        cells = [
+            row["method"], str(row["seeds"]), f"{row['search_seconds']:.1f}", f"{row['params'] / 1e3:.1f}k",
+            f"{row['test_error']:.2f} ± {row['test_error_std']:.2f}",
+        ]
+        if imbalanced:
+            cells.append(f"{row['balanced_error']:.2f} ± {row['balanced_error_std']:.2f}")
+        table.add_row(*cells)
+    return table
+
+
+def run(config: RunConfig, console: Console | None = None) -> dict[str, Any]:
+    """Run every method and seed of ``config``; returns (and writes) the results."""
+    console = console or Console()
+    config.validate()  # every option checked before any data is read
+    if config.threads:
+        torch.set_num_threads(config.threads)
+    kw: dict[str, Any] = {"cutout": config.cutout} if config.dataset.startswith("cifar") else {}
+    splits = datasets.load(config.dataset, config.data_root, config.imbalance, seed=0, **kw)
+    generator = None
+    if config.generator != "cgan":
+        generator = load_generator(config.generator, splits.num_classes, splits.input_shape)
+    out = prepare_output(config.out, config.methods)
+    console.print(f"[bold]mlo run[/] {', '.join(config.methods)} on {splits} -> {out}")
+    results: dict[str, Any] = {
+        "config": config.to_dict(),
+        "data": {"name": splits.name, "num_classes": splits.num_classes, "input_shape": list(splits.input_shape),
+                 "sizes": {k: len(getattr(splits, k)) for k in ("train", "val", "test")}},
+        "machine": {"python": platform.python_version(), "torch": torch.__version__, "mlo": mlo.__version__,
+                    "platform": platform.platform()},
+        "runs": [],
+    }
+    columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(), TextColumn("{task.fields[losses]}"))
+    with Progress(*columns, console=console, transient=False) as progress:
+        for method in config.methods:
+            for seed in range(config.seeds):
+                results["runs"].append(_run_one(config, method, seed, splits, generator, out, progress))
+                results["summary"] = _summary(results["runs"])
+                _write_json(out / "results.json", results)
+    console.print(_table(results["summary"], imbalanced=config.imbalance is not None))
+    console.print(f"results: {out / 'results.json'}")
+    return results
