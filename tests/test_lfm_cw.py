@@ -1,0 +1,147 @@
+"""LFM-CW: the class-weight formula, the program's graph, its variants, the config checks, and
+an end-to-end `mlo run` through the CLI on digits with a tiny budget."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+import mlo
+from mlo.cli import main
+from mlo.problems import data
+from mlo.problems.darts import SuperNet
+from mlo.problems.lfm_cw.class_weights import ClassWeights, class_mistakes
+from mlo.problems.lfm_cw.config import ConfigError, RunConfig
+from mlo.problems.lfm_cw.methods import METHODS
+from mlo.problems.lfm_cw.program import Variant, build
+
+
+def test_class_weights_formula_and_a_mistaken_class_gets_more_weight() -> None:
+    cw = ClassWeights(3, beta=2.0, momentum=0.0)
+    with torch.no_grad():
+        cw.phi.copy_(torch.tensor([0.1, -0.2, 0.3]))
+    # class 1 is always predicted wrong, classes 0 and 2 right
+    logits = torch.tensor([[5.0, 0, 0], [5.0, 0, 0], [0, 0, 5.0], [0, 0, 5.0]])
+    labels = torch.tensor([0, 1, 2, 2])
+    cw.observe(logits, labels, "error")
+    assert torch.equal(cw.mistakes, torch.tensor([0.0, 1.0, 0.0]))
+    expected = 3 * torch.softmax(torch.tensor([0.1, -0.2 + 2.0, 0.3]), 0)
+    assert torch.allclose(cw(), expected)
+    assert float(cw().detach().sum()) == pytest.approx(3.0)
+    assert int(cw().detach().argmax()) == 1
+
+
+def test_class_mistakes_cross_entropy_per_class() -> None:
+    logits = torch.randn(6, 4, generator=torch.Generator().manual_seed(0))
+    labels = torch.tensor([0, 0, 1, 3, 3, 3])
+    m = class_mistakes(logits, labels, 4, "ce")
+    ce = torch.nn.functional.cross_entropy(logits, labels, reduction="none")
+    assert m[0] == pytest.approx(float(ce[:2].mean()))
+    assert m[1] == pytest.approx(float(ce[2]))
+    assert m[2] == 0.0  # absent class
+    assert m[3] == pytest.approx(float(ce[3:].mean()))
+
+
+def _small_program(variant: Variant, estimator: str = "finite_difference"):
+    splits = data.digits(seed=0)
+    return build(
+        splits.train, splits.val, splits.num_classes, splits.input_shape,
+        lambda: SuperNet(C=4, num_classes=10, layers=1, in_channels=1), variant,
+        rounds=2, batch_size=16, estimator=estimator,
+    )
+
+
+@pytest.mark.parametrize("method", list(METHODS))
+def test_every_method_builds_the_expected_graph_and_steps(method: str, one_thread: None) -> None:
+    spec = METHODS[method]
+    program = _small_program(spec.variant, spec.estimator)
+    names = {p.name for p in program.problems}
+    if spec.variant.second_model:
+        assert program.graph["architecture"] == ["w1", "w2"]
+        assert ("class_weights" in names) == spec.variant.learn_phi
+        assert ("generator" in names) == spec.variant.generator
+    else:
+        assert names == {"w1", "architecture"} and program.graph == {"architecture": ["w1"]}
+    engine = mlo.Engine(program.problems, program.graph, program.estimators, hooks=program.hooks)
+    before = [p.detach().clone() for p in program.architecture.parameters()]
+    engine.run(1)
+    after = list(program.architecture.parameters())
+    assert any(not torch.equal(a, b) for a, b in zip(after, before))
+    if program.class_weights is not None and spec.variant.use_mistakes:
+        assert float(program.class_weights.mistakes.sum()) > 0  # W1's mistakes were measured
+
+
+def test_class_weights_receive_a_hypergradient_through_w2(one_thread: None) -> None:
+    program = _small_program(Variant())
+    engine = mlo.Engine(program.problems, program.graph, program.estimators, hooks=program.hooks)
+    engine.run(1)
+    (g,) = engine.hypergradient("class_weights")
+    assert g.shape == (10,) and torch.isfinite(g).all() and float(g.abs().sum()) > 0
+
+
+def test_config_errors_name_the_option(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="unknown method"):
+        RunConfig(methods=["lfm-xx"]).validate()
+    with pytest.raises(ConfigError, match="search_rounds"):
+        RunConfig(search_rounds=0).validate()
+    with pytest.raises(ConfigError, match="known estimators"):
+        RunConfig(estimator="newton").validate()
+    with pytest.raises(ConfigError, match="option 'lam' must be float"):
+        RunConfig().updated({"lam": "big"})
+    with pytest.raises(ConfigError, match="unknown option 'lamda'"):
+        RunConfig().updated({"lamda": 1})
+    bad = tmp_path / "bad.toml"
+    bad.write_text("lam = [")
+    with pytest.raises(ConfigError, match="not valid TOML"):
+        RunConfig.from_toml(bad)
+
+
+def test_cli_bad_data_root_is_a_clear_error_before_training(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    missing = tmp_path / "nowhere"
+    code = main(["run", "lfm-cw", "--dataset", "cifar10", "--data-root", str(missing), "--out", str(tmp_path / "o")])
+    err = capsys.readouterr().err
+    assert code == 2
+    assert str(missing) in err and "cifar-10-batches-py" in err
+    assert not (tmp_path / "o").exists()  # nothing started
+
+
+def test_cli_refuses_to_overwrite_results(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    out = tmp_path / "o"
+    out.mkdir()
+    (out / "results.json").write_text("{}")
+    assert main(["run", "--out", str(out), "--rounds", "1"]) == 2
+    assert "already holds results.json" in capsys.readouterr().err
+    assert (out / "results.json").read_text() == "{}"
+
+
+@pytest.mark.slow
+def test_mlo_run_end_to_end_on_digits(tmp_path: Path, one_thread: None) -> None:
+    out = tmp_path / "run"
+    config = tmp_path / "tiny.toml"
+    config.write_text(
+        'methods = ["lfm-cw", "darts-1st"]\nseeds = 2\nsearch_rounds = 2\nbatch_size = 16\nlayers = 1\n'
+        "eval_epochs = 1\neval_layers = 1\neval_channels = 4\nsynthetic_per_step = 8\n"
+    )
+    code = main(["run", "--config", str(config), "--imbalance", "5", "--out", str(out)])
+    assert code == 0
+    results = json.loads((out / "results.json").read_text())
+    assert results["config"]["methods"] == ["lfm-cw", "darts-1st"]
+    runs = results["runs"]
+    assert [(r["method"], r["seed"]) for r in runs] == [("lfm-cw", 0), ("lfm-cw", 1), ("darts-1st", 0), ("darts-1st", 1)]
+    for r in runs:
+        assert 0.0 <= r["test_error"] <= 100.0 and 0.0 <= r["balanced_error"] <= 100.0
+        assert r["search_seconds"] > 0 and r["params"] > 0
+        assert (out / r["genotype"]).is_file()
+    weights = json.loads((out / "class-weights-lfm-cw-seed0.json").read_text())
+    assert len(weights) == 2 and all(len(w) == 10 and sum(w) == pytest.approx(10.0) for w in weights)
+    pngs = sorted(p.name for p in out.glob("*.png"))
+    assert "class-weights-lfm-cw-seed0.png" in pngs and "architecture-darts-1st-seed1.png" in pngs
+    assert "curves-lfm-cw-seed1.png" in pngs
+    for name in pngs:
+        image = np.asarray(__import__("matplotlib.image", fromlist=["imread"]).imread(out / name))
+        assert image.shape[0] > 300 and image.shape[1] > 500
+        assert float(image[..., :3].std()) > 0.05  # not a blank canvas
