@@ -128,8 +128,8 @@ class _StorageTracker(TorchDispatchMode):
 def peak_memory_mb(step: Callable[[], Any], device: torch.device | str = "cpu") -> float:
     """Peak MiB of tensor memory one call of ``step`` allocates (see the module docstring)."""
     device = torch.device(device)
-    gc.collect()
     if device.type == "cuda":
+        gc.collect()  # so that garbage from earlier rounds does not count in the baseline
         torch.cuda.synchronize(device)
         start = torch.cuda.memory_allocated(device)
         torch.cuda.reset_peak_memory_stats(device)

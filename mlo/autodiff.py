@@ -7,14 +7,14 @@ Forward-over-reverse (``jvp(grad(f))``) is avoided on purpose: on torch 2.14 it 
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 
 import torch
 from torch import Tensor
 
 Tensors = tuple[Tensor, ...]
 
-__all__ = ["Tensors", "grad", "axpy", "dot", "norm", "scale", "add", "sub", "zeros_like"]
+__all__ = ["Tensors", "grad", "axpy", "dot", "norm", "scale", "add", "sub", "zeros_like", "alias", "computed"]
 
 
 def grad(
@@ -77,3 +77,14 @@ def axpy(c: float | Tensor, x: Sequence[Tensor], y: Sequence[Tensor]) -> Tensors
 
 def zeros_like(a: Sequence[Tensor]) -> Tensors:
     return tuple(torch.zeros_like(x) for x in a)
+
+
+def alias(values: Sequence[Tensor]) -> Tensors:
+    """The same tensors as new autograd nodes (views, no copy). A derivative taken in an alias
+    follows only the computations that use the alias, not others that use the original."""
+    return tuple(t.view_as(t) for t in values)
+
+
+def computed(values: Iterable[Sequence[Tensor]]) -> bool:
+    """Whether any of the tensors was computed from others (is not a leaf of the graph)."""
+    return any(not t.is_leaf for group in values for t in group)

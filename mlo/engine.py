@@ -204,6 +204,11 @@ class Engine:
 
     def _total(self, name: str, point: Mapping[str, Tensors], create_graph: bool) -> tuple[Tensors, Tensor]:
         """``(dL_name/dtheta_name, L_name)`` at ``point``, through every level below ``name``."""
+        if autodiff.computed(point.values()):
+            # Inside a look-ahead, some values were computed from others (the iterate from the
+            # rest of the point): aliases keep every derivative taken below to the computations
+            # of this evaluation, as the per-hop rule's partial derivatives require.
+            point = {level: autodiff.alias(values) for level, values in point.items()}
         lowers = self.graph.lowers_of[name]
         batch = self._streams[name].batch
         if not lowers:
@@ -220,6 +225,13 @@ class Engine:
             if ahead is not None:
                 lookaheads[low] = ahead
                 evaluation[low] = ahead if est.attached else tuple(t.detach().requires_grad_() for t in ahead)
+        if autodiff.computed(evaluation[level] for level in (name, *below)):
+            # Some values were computed from others (an attached look-ahead, or the iterate of an
+            # outer look-ahead): each level below gets an alias, so that its adjoint is the partial
+            # derivative of this loss, not a total through a look-ahead's dependence on it.
+            for level in below:
+                if level not in lookaheads:
+                    evaluation[level] = autodiff.alias(evaluation[level])
         loss = self.program.loss(name, batch, evaluation)
         self._check(loss, name, "loss")
         levels = (name, *below)

@@ -303,6 +303,11 @@ class Quadratic:
         z = torch.cat([self.value(level) for level in self.couples[v]])
         return (self.Q[v] @ z + self.c[v])[sx]
 
+    def loss(self, v: str, values: dict[str, Tensor]) -> Tensor:
+        """L_v with the levels in ``values`` at the given vectors, the others at their current ones."""
+        z = torch.cat([values[x] if x in values else self.value(x) for x in self.couples[v]])
+        return 0.5 * z @ self.Q[v] @ z + self.c[v] @ z
+
     def engine(self, estimator: Any = "cg") -> mlo.Engine:
         return mlo.Engine(list(self.problems.values()), self.graph, estimator)
 

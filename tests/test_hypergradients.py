@@ -8,6 +8,8 @@ hand-written Adam) for unrolled optimizers with state.
 
 from __future__ import annotations
 
+import warnings
+
 import higher
 import pytest
 import torch
@@ -254,6 +256,82 @@ def test_per_edge_estimators_on_a_chain():
     a_B = q.grad("A", "B") - q.block("C", "B", "C") @ _solve(q, "C", q.grad("A", "C"))
     want = q.grad("A", "A") - q.block("B", "A", "B") @ _solve(q, "B", a_B)
     assert relative_error(engine.hypergradient("A")[0], want) < 1e-8
+
+
+def _grad(f, x, create_graph=True):
+    """df/dx at x, in a fresh alias of x: the partial derivative, differentiable in what x and f
+    depend on."""
+    x = x.view_as(x) if x.requires_grad else x.detach().requires_grad_()
+    return torch.autograd.grad(f(x), x, create_graph=create_graph)[0]
+
+
+@pytest.mark.parametrize("middle", ["cg", "unroll", "finite_difference"])
+def test_unroll_through_a_middle_level_follows_the_per_hop_rule(middle):
+    """A -> B -> C with unroll on the top edge: each look-ahead step of B follows B's own
+    hypergradient through C (by ``middle``), and the top hypergradient follows the per-hop rule
+    with a_C the *partial* derivative of L_A in C at the look-ahead point. The reference is
+    written from the definitions with explicit matrices and plain autograd."""
+    q = quadratic(
+        {"A": 2, "B": 3, "C": 4},
+        {"A": ("A", "B", "C"), "B": ("A", "B", "C"), "C": ("B", "C")},
+        {"A": ["B"], "B": ["C"]},
+    )
+    K, J, lr, radius = 3, 2, 0.05, 0.01  # lr: the quadratic programs' SGD learning rate
+    below = {
+        # tol = 0 and 100 iterations on 4 unknowns: CG meets roundoff inside a differentiated look-ahead
+        "cg": CG(iterations=100, tol=0.0),
+        "unroll": Unroll(steps=J),
+        "finite_difference": FiniteDifference(radius=radius),
+    }[middle]
+    engine = q.engine({("A", "B"): Unroll(steps=K), ("B", "C"): below})
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        got = engine.hypergradient("A")[0]
+
+    c0 = q.value("C")
+    P_C, M = q.block("C", "C", "C"), q.block("C", "B", "C")
+
+    def c_ahead(b):  # J differentiable SGD steps of C, with B at b
+        c = c0
+        for _ in range(J):
+            c = c - lr * _grad(lambda x: q.loss("C", {"B": b, "C": x}), c)
+        return c
+
+    def fd_vjp(b, adjoint):  # DARTS's central difference along v = lr * adjoint, at b
+        v = lr * adjoint
+        eps = radius / float(v.detach().norm())
+        plus = _grad(lambda x: q.loss("C", {"B": x, "C": c0 + eps * v}), b)
+        minus = _grad(lambda x: q.loss("C", {"B": x, "C": c0 - eps * v}), b)
+        return -(plus - minus) / (2 * eps)
+
+    def direction(a, b):  # B's hypergradient at b, differentiable in a and b
+        if middle == "unroll":
+            return _grad(lambda x: q.loss("B", {"A": a, "B": x, "C": c_ahead(x)}), b)
+        c = c0
+        if middle == "finite_difference":  # L_B evaluated at C's (detached) look-ahead
+            c = (c0 - lr * _grad(lambda x: q.loss("C", {"B": b.detach(), "C": x}), c0, False)).detach()
+        g_b = _grad(lambda x: q.loss("B", {"A": a, "B": x, "C": c}), b)
+        g_c = _grad(lambda x: q.loss("B", {"A": a, "B": b, "C": x}), c)
+        if middle == "cg":
+            return g_b - M @ torch.linalg.solve(P_C, g_c)
+        return g_b + fd_vjp(b, g_c)
+
+    def vjp_BC(adjoint):  # at the current point
+        b = q.value("B").clone().requires_grad_()
+        if middle == "cg":
+            return -M @ torch.linalg.solve(P_C, adjoint)
+        if middle == "unroll":
+            return torch.autograd.grad(c_ahead(b), b, adjoint)[0]
+        return fd_vjp(b, adjoint).detach()
+
+    a = q.value("A").clone().requires_grad_()
+    b_K = q.value("B")  # the look-ahead starts at the current B, which does not depend on A
+    for _ in range(K):
+        b_K = b_K - lr * direction(a, b_K)
+    a_C = _grad(lambda x: q.loss("A", {"A": a, "B": b_K, "C": x}), c0, False)
+    (through_B,) = torch.autograd.grad(b_K, a, vjp_BC(a_C), retain_graph=True)
+    (direct,) = torch.autograd.grad(q.loss("A", {"A": a, "B": b_K}), a)
+    assert relative_error(got, direct + through_B) < 1e-10
 
 
 # ---------------------------------------------------------------------------------------------- unroll vs higher

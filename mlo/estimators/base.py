@@ -94,9 +94,15 @@ class Hop:
         return Linearization(self.lower_loss({}), self.lower_params, self.upper_params, self.create_graph)
 
     def upper_gradient(self, lower_values: Tensors) -> Tensors:
-        """``dL_l/dtheta_u`` with the lower parameters set to ``lower_values``."""
-        loss = self.lower_loss({self.lower: lower_values})
-        return autodiff.grad(loss, self.upper_params, create_graph=self.create_graph)
+        """``dL_l/dtheta_u`` (partial) with the lower parameters set to ``lower_values``."""
+        if not self.create_graph:
+            loss = self.lower_loss({self.lower: lower_values})
+            return autodiff.grad(loss, self.upper_params)
+        # differentiable: lower_values may depend on the upper level (through the adjoint); the
+        # partial derivative is taken in an alias that only this loss uses
+        upper = autodiff.alias(self.upper_params)
+        loss = self.lower_loss({self.lower: lower_values, self.upper: upper})
+        return autodiff.grad(loss, upper, create_graph=self.create_graph)
 
     def where(self) -> str:
         return f"edge {self.upper!r} -> {self.lower!r}"

@@ -20,7 +20,8 @@ from .solvers import conjugate_gradient
 @register
 @dataclass(frozen=True)
 class CG(Estimator):
-    """Implicit hypergradient with ``iterations`` CG steps, stopping early at relative residual ``tol``."""
+    """Implicit hypergradient with ``iterations`` CG steps, stopping early at relative residual ``tol``
+    (or machine epsilon, whichever is larger)."""
 
     name: ClassVar[str] = "cg"
     iterations: int = 10

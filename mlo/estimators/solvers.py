@@ -7,6 +7,8 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
+import torch
+
 from .. import autodiff
 from ..autodiff import Tensors
 from ..errors import DivergenceError
@@ -19,13 +21,18 @@ def conjugate_gradient(
 ) -> tuple[Tensors, float, int]:
     """Conjugate gradient for a symmetric positive definite ``matvec`` from ``x0 = 0``.
 
-    Stops after ``iterations`` products or once ``||b - A x|| <= tol * ||b||``.
+    Stops after ``iterations`` products or once ``||b - A x|| <= max(tol, eps) * ||b||``, ``eps`` the
+    machine epsilon of ``b``'s dtype.
     Returns the solution, the final relative residual and the number of iterations done.
     """
-    b_norm = float(autodiff.norm(b))
+    b_norm = float(autodiff.norm(b).detach())
     x = autodiff.zeros_like(b)
     if b_norm == 0.0:
         return x, 0.0, 0
+    # Below relative roundoff the residual is noise; iterating on it divides tiny numbers by tiny
+    # numbers, which differentiating through the solve (a look-ahead through a middle level)
+    # turns into inf and NaN. So tol is floored at the dtype's machine epsilon.
+    stop = max(tol, torch.finfo(b[0].dtype).eps) * b_norm
     r = tuple(b)
     p = r
     rs = autodiff.dot(r, r)
@@ -37,12 +44,12 @@ def conjugate_gradient(
         x = autodiff.axpy(alpha, p, x)
         r = autodiff.axpy(-alpha, ap, r)
         rs_new = autodiff.dot(r, r)
-        if float(rs_new) ** 0.5 <= tol * b_norm:
+        if float(rs_new.detach()) ** 0.5 <= stop:
             rs = rs_new
             break
         p = autodiff.axpy(rs_new / rs, p, r)
         rs = rs_new
-    return x, float(rs) ** 0.5 / b_norm, done
+    return x, float(rs.detach()) ** 0.5 / b_norm, done
 
 
 def neumann_series(
@@ -54,12 +61,12 @@ def neumann_series(
     whose norm exceeds ``growth`` times the first term's norm (or is not finite) means the series
     diverges: ``DivergenceError`` is raised rather than returning a wrong answer.
     """
-    first = float(autodiff.norm(b))
+    first = float(autodiff.norm(b).detach())
     term = tuple(b)
     total = tuple(b)
     for i in range(1, iterations + 1):
         term = autodiff.axpy(-alpha, matvec(term), term)
-        size = float(autodiff.norm(term))
+        size = float(autodiff.norm(term).detach())
         if not size <= growth * first:  # also catches NaN
             raise DivergenceError(
                 f"neumann on {where}: term {i} has norm {size:.3g}, {size / max(first, 1e-300):.3g} x the "

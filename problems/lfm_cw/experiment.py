@@ -187,11 +187,10 @@ def _run_one(
         {"normal": weights.normal.cpu().numpy(), "reduction": weights.reduce.cpu().numpy()},
         PRIMITIVES, edge_names, out / f"architecture-{tag}.png", f"{method} (seed {seed}): architecture weights per edge",
     )
-    evaluation = {
-        "train loss": [r.train_loss for r in result.history],
-        "test error (%) / 100": [r.test_error / 100 for r in result.history],
-    }
-    plots.curves(dict(recorder.losses), evaluation, out / f"curves-{tag}.png", f"{method} (seed {seed})")
+    plots.curves(
+        dict(recorder.losses), [r.train_loss for r in result.history], [r.test_error for r in result.history],
+        out / f"curves-{tag}.png", f"{method} (seed {seed})",
+    )
     if recorder.class_weights:
         _write_json(out / f"class-weights-{tag}.json", recorder.class_weights)
         plots.class_weights(

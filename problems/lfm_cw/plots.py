@@ -44,13 +44,14 @@ def architecture(
     axes = np.atleast_1d(axes)
     for ax, cell in zip(axes, cells):
         w = np.asarray(weights[cell])  # (edges, ops)
-        im = ax.imshow(w, cmap="viridis", aspect="auto", vmin=0.0, vmax=max(float(w.max()), 1e-6))
+        # colour scale spans this cell's weights, so small departures from uniform stay visible
+        im = ax.imshow(w, cmap="viridis", aspect="auto", vmin=float(w.min()), vmax=max(float(w.max()), float(w.min()) + 1e-6))
         ax.set_xticks(range(len(ops)), ops, rotation=45, ha="right", fontsize=8)
         ax.set_yticks(range(len(edge_names)), edge_names, fontsize=8)
         ax.set_title(f"{cell} cell")
         for i in range(w.shape[0]):
             j = int(w[i].argmax())
-            ax.text(j, i, f"{w[i, j]:.2f}", ha="center", va="center", fontsize=6, color="white")
+            ax.text(j, i, f"{w[i, j]:.3f}", ha="center", va="center", fontsize=6, color="black")
         fig.colorbar(im, ax=ax, fraction=0.04, label="softmax weight")
     fig.suptitle(title)
     fig.tight_layout()
@@ -59,23 +60,28 @@ def architecture(
     return path
 
 
-def curves(search: Mapping[str, Sequence[float]], evaluation: Mapping[str, Sequence[float]], path: Path, title: str) -> Path:
-    """Left: each level's loss over the search rounds; right: the evaluation training curves."""
+def curves(
+    search: Mapping[str, Sequence[float]], train_loss: Sequence[float], test_error: Sequence[float], path: Path, title: str
+) -> Path:
+    """Left: each level's loss over the search rounds; right: training loss and test error (%)
+    of the derived genotype trained from scratch, per epoch."""
     fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4.2), dpi=120)
     for name, values in search.items():
         if len(values):
             left.plot(np.arange(1, len(values) + 1), values, label=name, lw=1.4)
     left.set_xlabel("search round")
-    left.set_ylabel("loss")
+    left.set_ylabel("loss (mean over the round's steps)")
     left.set_title("search: loss per level")
     left.legend(fontsize=8)
     left.grid(alpha=0.3)
-    for name, values in evaluation.items():
-        if len(values):
-            right.plot(np.arange(1, len(values) + 1), values, label=name, marker="o", ms=3, lw=1.4)
+    epochs = np.arange(1, len(train_loss) + 1)
+    right.plot(epochs, train_loss, color="tab:blue", marker="o", ms=3, lw=1.4, label="train loss")
     right.set_xlabel("epoch")
+    right.set_ylabel("train loss", color="tab:blue")
+    twin = right.twinx()
+    twin.plot(epochs, test_error, color="tab:red", marker="s", ms=3, lw=1.4, label="test error")
+    twin.set_ylabel("test error (%)", color="tab:red")
     right.set_title("evaluation: genotype trained from scratch")
-    right.legend(fontsize=8)
     right.grid(alpha=0.3)
     fig.suptitle(title)
     fig.tight_layout()
