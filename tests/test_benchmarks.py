@@ -1,0 +1,219 @@
+"""The benchmark suites: the quick versions run and report sane, self-consistent numbers; the
+hand-written loops and the peers compute what mlo computes; the harness measures what it says."""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import statistics
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+
+import mlo
+from mlo.benchmarks import cli, estimators, problems, speed
+from mlo.benchmarks.implementations import NotApplicable, build_round
+from mlo.benchmarks.timing import Contender, measure, paired_ratio, peak_memory_mb
+
+REQUIRED = ("problem", "impl", "median_s", "peak_mb", "samples_s")
+
+
+@contextlib.contextmanager
+def single_threaded() -> Iterator[None]:
+    """As ``mlo bench`` runs by default (--threads 1); restores torch's setting."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
+
+
+# ---------------------------------------------------------------------------------------------- harness
+
+
+def test_rounds_are_interleaved_and_rotated() -> None:
+    calls: list[str] = []
+    contenders = [Contender("p", name, (lambda name=name: calls.append(name))) for name in "abc"]
+    results = measure(contenders, repeats=3, warmup=1, memory=False)
+    assert calls[:3] == ["a", "b", "c"]  # warm-up
+    assert calls[3:12] == ["a", "b", "c", "b", "c", "a", "c", "a", "b"]
+    assert [len(r.samples_s) for r in results] == [3, 3, 3]
+
+
+def test_peak_memory_counts_what_a_round_allocates() -> None:
+    def round_() -> None:
+        a = torch.ones(1 << 20)  # 4 MiB
+        b = torch.ones(1 << 20)  # 4 MiB, both alive
+        del a, b
+        torch.ones(1 << 19)  # 2 MiB after they are freed
+
+    assert peak_memory_mb(round_) == pytest.approx(8.0, abs=0.01)
+
+
+def test_paired_ratio_is_the_median_of_per_repetition_ratios() -> None:
+    res = measure([Contender("p", "x", lambda: None), Contender("p", "y", lambda: None)], repeats=5, warmup=0, memory=False)
+    x, y = res
+    assert paired_ratio(x, y) == pytest.approx(statistics.median(a / b for a, b in zip(x.samples_s, y.samples_s)))
+
+
+# ---------------------------------------------------------------------------------------------- same computation
+
+
+@pytest.mark.parametrize("spec", ["first_order", "neumann:iterations=4,alpha=0.1", "cg:iterations=4",
+                                  "finite_difference", "unroll:steps=2"])
+def test_every_implementation_computes_what_mlo_computes(spec: str, float64: None) -> None:
+    """The timed rounds are the same computation: after three rounds every implementation of an
+    algorithm holds mlo's parameters (Betty's CG and finite difference are other methods)."""
+    program = problems.ridge(n=60, dim=6, dtype=torch.float64)
+    est = mlo.estimators.parse(spec)
+    reference = None
+    compared = 0
+    for impl in ("mlo", "hand", "betty", "higher", "torchopt"):
+        c = program.instantiate()
+        try:
+            step, note = build_round(impl, c, est)
+        except NotApplicable:
+            continue
+        for _ in range(3):
+            step()
+        values = torch.cat([p.detach().reshape(-1) for p in c.upper_params() + c.lower_params()])
+        if reference is None:
+            reference = values
+        elif not note:
+            assert torch.allclose(values, reference, rtol=1e-10, atol=1e-12), impl
+            compared += 1
+    assert compared >= 1
+
+
+# ---------------------------------------------------------------------------------------------- speed
+
+
+@pytest.fixture(scope="module")
+def speed_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[dict[str, Any], list[Any], list[Any]]:
+    path = tmp_path_factory.mktemp("speed") / "speed.json"
+    with single_threaded():
+        results, ratios = speed.run(quick=True, json_path=path)
+    return json.loads(path.read_text()), results, ratios
+
+
+def test_speed_json_has_the_required_fields(speed_run: tuple[dict[str, Any], list[Any], list[Any]]) -> None:
+    doc, _, _ = speed_run
+    assert doc["suite"] == "speed"
+    assert {"torch", "mlo", "betty", "higher", "torchopt"} <= set(doc["versions"])
+    assert doc["versions"]["torch"] == torch.__version__
+    assert doc["machine"]["cpu_count"] >= 1
+    assert doc["config"]["memory"] and doc["config"]["programs"]
+    assert doc["results"]
+    for entry in doc["results"]:
+        assert all(key in entry for key in REQUIRED)
+        assert entry["median_s"] > 0 and len(entry["samples_s"]) >= 2
+        assert entry["peak_mb"] is not None and entry["peak_mb"] > 0
+
+
+def test_speed_covers_each_program_with_mlo_and_the_hand_written_loop(speed_run: Any) -> None:
+    doc, _, _ = speed_run
+    problems_run = {r["problem"] for r in doc["results"]}
+    assert {"ridge", "reweighting", "darts8x8"} <= problems_run
+    for name in problems_run:
+        impls = {r["impl"] for r in doc["results"] if r["problem"] == name}
+        assert {"mlo", "hand"} <= impls
+    flagged = [r for r in doc["results"] if r["impl"] == "betty" and r["problem"] == "darts8x8"]
+    if flagged:  # Betty's "darts" is another method than mlo's finite differences: the row says so
+        assert "look-ahead" in flagged[0]["note"]
+
+
+def test_speed_ratios_come_from_the_measured_samples(speed_run: Any) -> None:
+    doc, _, _ = speed_run
+    by_key = {(r["problem"], r["algorithm"], r["impl"]): r for r in doc["results"]}
+    assert any(q["den"] == "hand" for q in doc["ratios"])
+    for q in doc["ratios"]:
+        num = by_key[(q["problem"], q["algorithm"], q["num"])]
+        den = by_key[(q["problem"], q["algorithm"], q["den"])]
+        per_rep = [a / b for a, b in zip(num["samples_s"], den["samples_s"])]
+        assert q["time_ratio"] == pytest.approx(statistics.median(per_rep))
+        assert q["ratio_of_medians"] == pytest.approx(num["median_s"] / den["median_s"])
+        assert q["memory_ratio"] == pytest.approx(num["peak_mb"] / den["peak_mb"])
+        if q["time_target"] is not None:
+            met = q["time_ratio"] < q["time_target"] if q["strict"] else q["time_ratio"] <= q["time_target"]
+            assert q["time_met"] == met
+        assert 0.05 < q["time_ratio"] < 20  # same work on the same machine: sane, whatever the load
+
+
+# ---------------------------------------------------------------------------------------------- estimators
+
+
+@pytest.fixture(scope="module")
+def estimators_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[dict[str, Any], Path]:
+    out = tmp_path_factory.mktemp("estimators")
+    with single_threaded():
+        estimators.run(quick=True, json_path=out / "estimators.json", png_path=out / "estimators.png")
+    return json.loads((out / "estimators.json").read_text()), out / "estimators.png"
+
+
+def _rows(doc: dict[str, Any], problem_prefix: str, estimator: str) -> list[dict[str, Any]]:
+    rows = [r for r in doc["results"] if r["problem"].startswith(problem_prefix) and r["extra"]["estimator"] == estimator]
+    assert rows, (problem_prefix, estimator)
+    return rows
+
+
+def test_every_registered_estimator_is_measured(estimators_run: Any) -> None:
+    doc, _ = estimators_run
+    assert {r["extra"]["estimator"] for r in doc["results"]} == set(mlo.estimators.names())
+    for r in doc["results"]:
+        assert all(key in r for key in REQUIRED)
+        assert -1.0 - 1e-9 <= r["extra"]["cosine"] <= 1.0 + 1e-9
+
+
+def test_exact_estimators_are_exact(estimators_run: Any) -> None:
+    doc, _ = estimators_run
+    for prefix in ("ridge", "chain"):
+        for r in _rows(doc, prefix, "cg"):
+            dim = r["extra"]["dim"]
+            levels = 2 if prefix == "chain" else 1  # the chain solves one system per edge
+            assert r["extra"]["hvps"] <= r["extra"]["options"]["iterations"] * levels
+            if r["extra"]["options"]["iterations"] >= dim:
+                assert r["extra"]["relative_error"] < 1e-6
+                assert r["extra"]["cosine"] > 1 - 1e-9
+    ridge_first = _rows(doc, "ridge", "first_order")[0]
+    assert ridge_first["extra"]["relative_error"] == pytest.approx(1.0)  # the upper loss does not read h
+
+
+@pytest.mark.parametrize("name", ["neumann", "unroll"])
+def test_truncated_estimators_improve_with_cost(estimators_run: Any, name: str) -> None:
+    doc, _ = estimators_run
+    for prefix in ("ridge", "chain"):
+        rows = sorted(_rows(doc, prefix, name), key=lambda r: next(iter(r["extra"]["options"].values())))
+        errors = [r["extra"]["relative_error"] for r in rows]
+        assert all(b <= a * (1 + 1e-9) for a, b in zip(errors, errors[1:])), errors
+        assert errors[-1] < errors[0]
+
+
+def test_the_plot_is_written(estimators_run: Any) -> None:
+    _, png = estimators_run
+    data = png.read_bytes()
+    assert data[:8] == b"\x89PNG\r\n\x1a\n"
+    assert len(data) > 20_000
+    import matplotlib.image
+
+    image = matplotlib.image.imread(png)
+    assert image.shape[0] > 400 and image.shape[1] > 800
+    assert len(torch.unique(torch.from_numpy(image[..., :3].copy()).reshape(-1, 3), dim=0)) > 50
+
+
+# ---------------------------------------------------------------------------------------------- command line
+
+
+def test_cli_parses_and_the_unlanded_suite_says_so(capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:
+    parser = argparse.ArgumentParser(prog="mlo")
+    cli.add_parser(parser.add_subparsers(dest="command"))
+    args = parser.parse_args(["bench", "lfm-cw", "--quick", "--json", str(tmp_path / "x.json"), "--out", str(tmp_path)])
+    assert args.suite == "lfm-cw" and args.quick and args.func is cli.main
+    assert cli.main(args) == 2
+    assert "mlo.problems.lfm_cw" in capsys.readouterr().out
+    with pytest.raises(SystemExit):
+        parser.parse_args(["bench", "nonsense"])
