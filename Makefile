@@ -5,6 +5,14 @@ PY ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
+# Betty, the peer library mlo is measured against and whose engine runs mlo programs
+# (mlo.engines.betty). betty-ml 0.2.1 declares Requires-Python <3.11 in its metadata although its
+# code runs on 3.11, so pip on 3.11 would silently pick the old 0.1.1 instead. Install the release
+# we compare against while ignoring that marker; --no-deps because its only dependencies, torch
+# and numpy, are already installed by the project and must not be re-resolved (pip could
+# otherwise replace the torch build).
+BETTY := betty-ml==0.2.1
+BETTY_INSTALL := $(BIN)/pip install --quiet --ignore-requires-python --no-deps $(BETTY)
 
 .PHONY: demo test install peers clean
 
@@ -12,6 +20,7 @@ $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade "pip>=23" "setuptools>=68" wheel
 	$(BIN)/pip install --quiet -e ".[test]"
+	$(BETTY_INSTALL)
 	touch $(STAMP)
 
 install: $(STAMP)
@@ -21,6 +30,11 @@ demo: $(STAMP)
 
 test: $(STAMP)
 	$(BIN)/python -m pytest
+
+# The peers of the speed benchmarks: higher and TorchOpt (the "bench" extra) and Betty.
+peers: $(STAMP)
+	$(BIN)/pip install --quiet -e ".[bench]"
+	$(BETTY_INSTALL)
 
 clean:
 	rm -rf $(VENV) build dist *.egg-info
