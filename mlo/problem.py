@@ -93,6 +93,11 @@ class Problem:
             for batch in self.data:
                 empty = False
                 yield batch
+            if empty and isinstance(self.data, Iterator):
+                raise ValueError(
+                    f"level {self.name!r}: its data is an exhausted iterator, which cannot be restarted; "
+                    "pass a re-iterable (a list, a DataLoader) or an endless iterator"
+                )
             if empty:
                 raise ValueError(f"level {self.name!r}: its data yielded no batch")
 

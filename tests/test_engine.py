@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import itertools
 
 import pytest
 import torch
@@ -144,6 +145,19 @@ def test_empty_data_is_reported():
     engine = mlo.Engine([_recording_level("x", [], [])])
     with pytest.raises(ValueError, match="level 'x': its data yielded no batch"):
         engine.run(1)
+
+
+def test_an_exhausted_iterator_is_reported_as_such():
+    seen = []
+    engine = mlo.Engine([_recording_level("x", iter(["a", "b"]), seen)])
+    engine.run(2)
+    with pytest.raises(ValueError, match="level 'x': its data is an exhausted iterator, which cannot be restarted"):
+        engine.run(1)
+    assert seen == ["a", "b"]
+    # an endless iterator is fine
+    endless = mlo.Engine([_recording_level("y", itertools.cycle([1, 2]), seen)])
+    endless.run(5)
+    assert seen[2:] == [1, 2, 1, 2, 1]
 
 
 def test_each_level_draws_its_own_data_and_lowers_see_their_current_batch():

@@ -17,6 +17,7 @@ import torch
 import mlo
 from mlo.estimators import CG, FiniteDifference, FirstOrder, Neumann, Unroll
 from programs import (
+    assert_same,
     conditioned_iterations,
     finite_difference_reference,
     mlp_lower_loss,
@@ -26,6 +27,7 @@ from programs import (
     quadratic,
     relative_error,
     ridge,
+    snapshot,
 )
 
 pytestmark = pytest.mark.usefixtures("float64", "one_thread")
@@ -446,3 +448,45 @@ def test_unroll_matches_higher_adam_without_eps():
             diffopt.step(mlp_lower_loss(fmodel, hyper, prog.train[0]))
         want = torch.autograd.grad(mlp_upper_loss(fmodel, hyper, prog.val[0]), list(hyper.parameters()))
     assert relative_error(got, want) < 1e-10
+
+
+OPTIMIZERS = {
+    "sgd": lambda g: torch.optim.SGD(g, lr=0.1),
+    "sgd-momentum-dampening": lambda g: torch.optim.SGD(g, lr=0.1, momentum=0.9, dampening=0.2, weight_decay=0.01),
+    "sgd-nesterov-maximize": lambda g: torch.optim.SGD(g, lr=0.1, momentum=0.9, nesterov=True, maximize=True),
+    "adam": lambda g: torch.optim.Adam(g, lr=0.01, betas=(0.8, 0.95), eps=1e-3, weight_decay=0.1),
+    "adam-maximize": lambda g: torch.optim.Adam(g, lr=0.01, maximize=True),
+    "adam-decoupled": lambda g: torch.optim.Adam(g, lr=0.01, weight_decay=0.1, decoupled_weight_decay=True),
+    "adamw": lambda g: torch.optim.AdamW(g, lr=0.01, weight_decay=0.1),
+}
+
+
+@pytest.mark.parametrize("kind", list(OPTIMIZERS))
+def test_update_rules_take_the_real_optimizers_steps(kind):
+    """The differentiable copy of each supported optimizer, from the real one's state after a
+    step, takes the same next two steps as ``optimizer.step()``, and leaves that state alone."""
+    from mlo.estimators.update_rules import rule_for
+
+    prog = mlp_program(optimizer=OPTIMIZERS[kind], batchnorm=False, unused=False)
+    model, hyper, opt = prog.lower.module, prog.upper.module, prog.lower.optimizer
+    batch = prog.train[0]
+
+    def real_step():
+        opt.zero_grad()
+        mlp_lower_loss(model, hyper, batch).backward()
+        opt.step()
+
+    real_step()
+    state = snapshot(prog.lower)
+    names = [n for n, _ in model.named_parameters()]
+    rule = rule_for(opt, tuple(model.parameters()))
+    current = tuple(p.detach().clone() for p in model.parameters())
+    for _ in range(2):
+        point = {n: t.requires_grad_() for n, t in zip(names, current)}
+        grads = torch.autograd.grad(_mlp_lower(point, hyper, batch), list(point.values()))
+        current = tuple(t.detach() for t in rule.step(tuple(point.values()), grads))
+    assert_same(state, snapshot(prog.lower))
+    real_step()
+    real_step()
+    for got, want in zip(current, model.parameters()):
+        torch.testing.assert_close(got, want.detach(), rtol=1e-12, atol=1e-14)
