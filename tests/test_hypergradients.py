@@ -336,6 +336,44 @@ def test_unroll_through_a_middle_level_follows_the_per_hop_rule(middle):
     assert relative_error(got, direct + through_B) < 1e-10
 
 
+def test_diamond_with_an_attached_and_an_implicit_edge_on_one_upper():
+    """U -> L1 by unroll, U -> L2 by CG, both -> M by CG: the look-ahead of L1 and the implicit
+    term of L2 add up, each with the partial adjoints at the look-ahead point."""
+    q = quadratic(
+        {"U": 2, "L1": 3, "L2": 2, "M": 3},
+        {"U": ("U", "L1", "L2", "M"), "L1": ("U", "L1", "M"), "L2": ("U", "L2", "M"), "M": ("L1", "L2", "M")},
+        {"U": ["L1", "L2"], "L1": ["M"], "L2": ["M"]},
+        seed=3,
+    )
+    K, lr = 2, 0.05
+    cg = CG(iterations=10, tol=0.0)
+    engine = q.engine({("U", "L1"): Unroll(steps=K), ("U", "L2"): cg, ("L1", "M"): cg, ("L2", "M"): cg})
+    got = engine.hypergradient("U")[0]
+
+    m0 = q.value("M")
+    P_M = q.block("M", "M", "M")
+
+    def vjp_M(level, adjoint):
+        return -q.block("M", level, "M") @ torch.linalg.solve(P_M, adjoint)
+
+    def direction_L1(u, l1):
+        g_l1 = _grad(lambda x: q.loss("L1", {"U": u, "L1": x}), l1)
+        g_m = _grad(lambda x: q.loss("L1", {"U": u, "L1": l1, "M": x}), m0)
+        return g_l1 + vjp_M("L1", g_m)
+
+    u = q.value("U").clone().requires_grad_()
+    l1_K = q.value("L1")
+    for _ in range(K):
+        l1_K = l1_K - lr * direction_L1(u, l1_K)
+    at = {"U": u, "L1": l1_K}
+    a_M = _grad(lambda x: q.loss("U", {**at, "M": x}), m0, False)
+    a_L2 = _grad(lambda x: q.loss("U", {**at, "L2": x}), q.value("L2"), False) + vjp_M("L2", a_M)
+    (through_L1,) = torch.autograd.grad(l1_K, u, vjp_M("L1", a_M), retain_graph=True)
+    (direct,) = torch.autograd.grad(q.loss("U", at), u)
+    through_L2 = -q.block("L2", "U", "L2") @ torch.linalg.solve(q.block("L2", "L2", "L2"), a_L2)
+    assert relative_error(got, direct + through_L1 + through_L2) < 1e-10
+
+
 # ---------------------------------------------------------------------------------------------- unroll vs higher
 
 
