@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import json
 import math
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -16,9 +19,12 @@ from mlo.problems.darts import (
     Architecture,
     ArchWeights,
     DepthwiseConv2d,
+    EpochRecord,
     Genotype,
     GenotypeError,
     MixedOp,
+    PRESETS,
+    NetSize,
     NetworkFromGenotype,
     OpMask,
     SearchCell,
@@ -318,7 +324,7 @@ def test_pdarts_supernet_builds_only_kept_ops() -> None:
 # -- genotype files ------------------------------------------------------------------------------
 
 
-def test_genotype_json_round_trip(tmp_path) -> None:
+def test_genotype_json_round_trip(tmp_path: Path) -> None:
     text = DARTS_V2.to_json()
     assert Genotype.from_json(text) == DARTS_V2
     path = DARTS_V2.save(tmp_path / "sub" / "g.json")
@@ -340,7 +346,7 @@ def test_genotype_json_round_trip(tmp_path) -> None:
         (lambda d: d["normal"].__setitem__(0, ["sep_conv_3x3", "0"]), "must be an integer"),
     ],
 )
-def test_malformed_genotype_files(tmp_path, edit, message: str) -> None:
+def test_malformed_genotype_files(tmp_path: Path, edit: Callable[[dict[str, Any]], object], message: str) -> None:
     d = DARTS_V2.to_dict()
     edit(d)
     path = tmp_path / "bad.json"
@@ -350,7 +356,7 @@ def test_malformed_genotype_files(tmp_path, edit, message: str) -> None:
     assert str(path) in str(info.value)
 
 
-def test_genotype_file_not_json_or_missing(tmp_path) -> None:
+def test_genotype_file_not_json_or_missing(tmp_path: Path) -> None:
     bad = tmp_path / "g.json"
     bad.write_text("{normal: oops")
     with pytest.raises(GenotypeError, match="not valid JSON"):
@@ -395,7 +401,7 @@ def test_drop_path_only_in_training() -> None:
 
 def test_train_from_scratch_on_digits() -> None:
     splits = data.digits(seed=0)
-    seen = []
+    seen: list[EpochRecord] = []
     result = train_from_scratch(
         DARTS_V2, splits, epochs=1, batch_size=64, lr=0.05, C=4, layers=3, seed=0,
         progress_callback=seen.append,
@@ -418,3 +424,8 @@ def test_num_edges_and_mask_shape() -> None:
         bad = full_mask()
         bad.normal[3] = False
         Architecture(op_mask=bad)
+
+
+def test_presets_cover_every_dataset() -> None:
+    assert set(PRESETS) == set(data.DATASETS)
+    assert PRESETS["cifar10"].evaluation == NetSize(36, 20, 96)  # the DARTS protocol

@@ -17,6 +17,7 @@ from .genotype import DARTS_V2, Genotype, GenotypeError
 from .network import AuxiliaryHead, NetworkFromGenotype, drop_path
 from .ops import OPS, PRIMITIVES, DepthwiseConv2d, make_op
 from .pdarts import PDARTS_STAGES, Stage, pdarts_next_stage, pdarts_supernet, prune_mask
+from .presets import PRESETS, NetSize, Preset
 from .search import MixedOp, SearchCell, SuperNet, channel_shuffle
 from .stem import build_stem, reduction_indices, stem_for
 from .train import EpochRecord, EvalResult, count_parameters, evaluate, train_from_scratch
@@ -43,6 +44,9 @@ __all__ = [
     "NetworkFromGenotype",
     "AuxiliaryHead",
     "drop_path",
+    "PRESETS",
+    "NetSize",
+    "Preset",
     "Stage",
     "PDARTS_STAGES",
     "prune_mask",

@@ -169,6 +169,13 @@ class Architecture(nn.Module):
     ``mask_reduce`` (bool) hold the ops that remain on each edge (all of them unless given).
     """
 
+    mask_normal: Tensor
+    mask_reduce: Tensor
+    alphas_normal: nn.Parameter
+    alphas_reduce: nn.Parameter
+    betas_normal: nn.Parameter | None
+    betas_reduce: nn.Parameter | None
+
     def __init__(
         self,
         steps: int = 4,

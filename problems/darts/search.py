@@ -93,6 +93,7 @@ class MixedOp(nn.Module):
             self.ops.append(op)
             self.register_buffer(f"edges_{k}", torch.tensor(edges, dtype=torch.long), persistent=False)
         self.all_edges = [bool(len(getattr(self, f"edges_{k}")) == n_edges) for k in self.op_indices]
+        self.zero = Zero(stride)  # for edges where only `none` remains
         # PC-DARTS: channels that bypass the ops still need the reduction's resolution.
         self.bypass_pool = nn.MaxPool2d(2, 2, ceil_mode=True) if pc_k > 1 and stride == 2 else None
 
@@ -127,7 +128,7 @@ class MixedOp(nn.Module):
                     out = y.new_zeros(B, n, *y.shape[2:])
                 out = out.index_add(1, edges, y)
         if out is None:  # only `none` remains on these edges
-            z = Zero(self.stride)(x)
+            z = self.zero(x)
             out = z.unsqueeze(1).expand(B, n, *z.shape[1:])
         if self.pc_k > 1:
             if self.bypass_pool is not None:
@@ -220,6 +221,9 @@ class SuperNet(nn.Module):
     edge logits); ``op_mask`` (P-DARTS) builds only the ops that remain, and the architecture
     must not give weight to any other.
     """
+
+    mask_normal: Tensor
+    mask_reduce: Tensor
 
     def __init__(
         self,
