@@ -14,7 +14,6 @@ import higher
 import pytest
 import torch
 
-import mlo
 from mlo.estimators import CG, FiniteDifference, FirstOrder, Neumann, Unroll
 from programs import (
     assert_same,
