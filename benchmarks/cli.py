@@ -31,6 +31,7 @@ def _configure(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     parser.add_argument("--json", metavar="PATH", help="where to write the results (default OUT/SUITE.json)")
     parser.add_argument("--out", metavar="DIR", default="runs/bench", help="output folder (default runs/bench)")
     parser.add_argument("--repeats", type=int, metavar="N", help="speed: interleaved repetitions per program")
+    parser.add_argument("--profile", action="store_true", help="speed: also print a cProfile of mlo's rounds")
     parser.add_argument("--threads", type=int, default=1, metavar="N",
                         help="torch intra-op threads (default 1; 0 keeps torch's default)")
     return parser
@@ -61,7 +62,8 @@ def main(args: argparse.Namespace) -> int:
     if args.suite == "speed":
         from . import speed
 
-        speed.run(quick=args.quick, json_path=json_path, repeats=args.repeats, console=console)
+        speed.run(quick=args.quick, json_path=json_path, repeats=args.repeats, console=console,
+                  profile=args.profile)
     elif args.suite == "estimators":
         from . import estimators
 

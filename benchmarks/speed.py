@@ -18,6 +18,9 @@ DARTS with finite differences (second order) and first order.
 
 from __future__ import annotations
 
+import cProfile
+import io
+import pstats
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -68,7 +71,7 @@ def cases(quick: bool = False) -> list[Case]:
         Case("reweighting", lambda: problems.reweighting(hidden=100, batch=100),
              ("neumann:iterations=5,alpha=0.1", "unroll:steps=1"), 25),
         Case("darts", lambda: problems.darts(size=8, C=8, layers=3, batch=32), ("finite_difference", "first_order"), 6, 1),
-        Case("darts", lambda: problems.darts(size=32, C=8, layers=3, batch=16), ("finite_difference", "first_order"), 4, 1),
+        Case("darts", lambda: problems.darts(size=32, C=8, layers=2, batch=16), ("finite_difference", "first_order"), 4, 1),
     ]
 
 
@@ -110,14 +113,29 @@ def _ratios(kind: str, results: Sequence[Result]) -> list[Ratio]:
     return out
 
 
+def profile_rounds(contender: Contender, rounds: int, top: int = 15) -> str:
+    """cProfile of ``rounds`` untimed rounds of ``contender``: the ``top`` functions by own time."""
+    profiler = cProfile.Profile()
+    profiler.enable()
+    for _ in range(rounds):
+        contender.step()
+    profiler.disable()
+    out = io.StringIO()
+    pstats.Stats(profiler, stream=out).sort_stats("tottime").print_stats(top)
+    return out.getvalue()
+
+
 def run(quick: bool = False, json_path: str | Path | None = None, repeats: int | None = None,
-        console: Console | None = None, impls: Sequence[str] = IMPLS) -> tuple[list[Result], list[Ratio]]:
-    """Run the suite, print its tables, write JSON to ``json_path`` if given."""
+        console: Console | None = None, impls: Sequence[str] = IMPLS,
+        profile: bool = False) -> tuple[list[Result], list[Ratio]]:
+    """Run the suite, print its tables, write JSON to ``json_path`` if given. ``profile``: also
+    print (and keep in the JSON) a cProfile of mlo's rounds for every program and algorithm."""
     console = console or make_console()
     results: list[Result] = []
     ratios: list[Ratio] = []
     skipped: dict[str, dict[str, str]] = {}
     programs_config: dict[str, Any] = {}
+    profiles: dict[str, str] = {}
     for case in cases(quick):
         program = case.build()
         programs_config[program.name] = program.config
@@ -129,6 +147,13 @@ def run(quick: bool = False, json_path: str | Path | None = None, repeats: int |
             measured = measure(contenders, repeats or case.repeats, case.warmup)
             results.extend(measured)
             ratios.extend(_ratios(case.kind, measured))
+            if profile:
+                for c in contenders:
+                    if c.impl == "mlo":
+                        key = f"{program.name} {_label(spec)}"
+                        profiles[key] = profile_rounds(c, max(2, (repeats or case.repeats) // 2))
+                        console.rule(f"cProfile of mlo: {key}")
+                        console.print(profiles[key], markup=False, highlight=False)
     print_tables(results_table(results, "speed: time per round (interleaved) and peak memory"),
                  ratios_table(ratios, "speed: ratios (time: median of per-repetition ratios)"), console=console)
     if json_path is not None:
@@ -142,5 +167,6 @@ def run(quick: bool = False, json_path: str | Path | None = None, repeats: int |
             "memory": MEMORY_METHOD,
             "torch_threads": torch.get_num_threads(),
         }
-        write_json(json_path, "speed", config, results, ratios=[q.as_dict() for q in ratios], skipped=skipped)
+        write_json(json_path, "speed", config, results, ratios=[q.as_dict() for q in ratios], skipped=skipped,
+                   profiles=profiles)
     return results, ratios
