@@ -124,7 +124,7 @@ def test_mlo_run_end_to_end_on_digits(tmp_path: Path, one_thread: None) -> None:
     config = tmp_path / "tiny.toml"
     config.write_text(
         'methods = ["lfm-cw", "darts-1st"]\nseeds = 2\nsearch_rounds = 2\nbatch_size = 16\nlayers = 1\n'
-        "eval_epochs = 1\neval_layers = 1\neval_channels = 4\nsynthetic_per_step = 8\n"
+        "eval_epochs = 1\neval_layers = 1\neval_channels = 4\nsynthetic_per_step = 8\ngenerator_warmup = 2\n"
     )
     code = main(["run", "--config", str(config), "--imbalance", "5", "--out", str(out)])
     assert code == 0

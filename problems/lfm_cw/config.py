@@ -38,7 +38,7 @@ class RunConfig:
     imbalance: float | None = None
     # search
     space: str = "darts"  # darts | pc-darts | p-darts
-    search_rounds: int = 60
+    search_rounds: int = 30
     batch_size: int = 64
     channels: int = 4
     layers: int = 3
@@ -52,12 +52,13 @@ class RunConfig:
     synthetic_per_step: int = 32
     mistakes: str = "ce"
     generator: str = "cgan"  # "cgan" or a checkpoint path
+    generator_warmup: int = 300  # GAN steps before the search, so synthetic images look like data
     # optimizers
     w_lr: float = 0.025
     arch_lr: float = 3e-3
     phi_lr: float = 1e-2
     # evaluation of the derived genotype, trained from scratch
-    eval_epochs: int = 15
+    eval_epochs: int = 10
     eval_channels: int = 8
     eval_layers: int = 3
     eval_batch_size: int = 64
@@ -69,7 +70,8 @@ class RunConfig:
     device: str = "cpu"
     out: str | None = None
     engine: str = "mlo"  # mlo | betty
-    threads: int = 0  # torch threads; 0 = torch's default
+    threads: int = 1  # torch intra-op threads; 0 = torch's default. Small CPU models run
+    # fastest on one: on a busy 2-core machine two threads were 3-10x slower (OpenMP barriers)
 
     @classmethod
     def from_toml(cls, path: str | Path) -> "RunConfig":
@@ -108,7 +110,8 @@ class RunConfig:
                      "eval_epochs", "eval_channels", "eval_layers", "eval_batch_size"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"{name} must be >= 1, got {getattr(self, name)}")
-        for name in ("lam", "gamma", "beta", "w_lr", "arch_lr", "phi_lr", "drop_path", "auxiliary_weight", "cutout", "threads"):
+        for name in ("lam", "gamma", "beta", "w_lr", "arch_lr", "phi_lr", "drop_path", "auxiliary_weight", "cutout", "threads",
+                     "generator_warmup"):
             if getattr(self, name) < 0:
                 raise ConfigError(f"{name} must be >= 0, got {getattr(self, name)}")
         if self.imbalance is not None and self.imbalance < 1:

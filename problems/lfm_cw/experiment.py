@@ -145,6 +145,11 @@ def _search(
         if recorder is not None:  # keep one history across P-DARTS stages
             new_recorder.losses, new_recorder.class_weights = recorder.losses, recorder.class_weights
         recorder = new_recorder
+        if index == 0 and config.generator_warmup and any(p.name == "generator" for p in program.problems):
+            gan = [p for p in program.problems if p.name in ("discriminator", "generator")]
+            task = progress.add_task(f"generator warm-up seed {seed}", total=config.generator_warmup, losses="")
+            warm = _Recorder(program)
+            mlo.Engine(gan, {}, hooks=[warm, _ProgressHook(progress, task, warm)]).run(config.generator_warmup)
         label = f"search {method} seed {seed}" + (f" stage {index + 1}" if stage is not None else "")
         task = progress.add_task(label, total=rounds, losses="")
         hooks = [*program.hooks, recorder, _ProgressHook(progress, task, recorder)]
@@ -191,6 +196,14 @@ def _run_one(
         dict(recorder.losses), [r.train_loss for r in result.history], [r.test_error for r in result.history],
         out / f"curves-{tag}.png", f"{method} (seed {seed})",
     )
+    if program.generator is not None:
+        gen = torch.Generator().manual_seed(seed)
+        k = splits.num_classes
+        z = torch.randn(k * 8, getattr(program.generator, "noise_dim", Constants().noise_dim), generator=gen)
+        labels = torch.arange(k).repeat_interleave(8)
+        with torch.no_grad():
+            fake = program.generator(z.to(config.device), labels.to(config.device)).cpu().numpy()
+        plots.samples(fake.reshape(k, 8, *fake.shape[1:]), out / f"synthetic-{tag}.png", f"{method} (seed {seed}): generated images per class")
     if recorder.class_weights:
         _write_json(out / f"class-weights-{tag}.json", recorder.class_weights)
         plots.class_weights(

@@ -88,3 +88,23 @@ def curves(
     fig.savefig(path)
     plt.close(fig)
     return path
+
+
+def samples(images: np.ndarray, path: Path, title: str) -> Path:
+    """A grid of generated images, one row per class: images (K, n, C, H, W)."""
+    k, n = images.shape[:2]
+    fig, axes = plt.subplots(k, n, figsize=(0.6 * n + 0.8, 0.6 * k + 0.6), dpi=120, squeeze=False)
+    for i in range(k):
+        for j in range(n):
+            img = images[i, j]
+            img = img[0] if img.shape[0] == 1 else np.transpose(img, (1, 2, 0))
+            lo, hi = float(img.min()), float(img.max())
+            axes[i, j].imshow((img - lo) / max(hi - lo, 1e-8), cmap="gray" if img.ndim == 2 else None)
+            axes[i, j].set_xticks([])
+            axes[i, j].set_yticks([])
+        axes[i, 0].set_ylabel(str(i), rotation=0, ha="right", va="center", fontsize=8)
+    fig.suptitle(title, fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+    return path
