@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import warnings
 from collections.abc import Callable, Sequence
-from typing import Any
+from typing import Any, cast
 
 import torch
 from torch import Tensor
@@ -162,7 +162,7 @@ def torchopt_round(c: Copy, estimator: Estimator) -> tuple[Round, str]:
         lower = tuple(p.detach() for p in c.lower_params())
         with warnings.catch_warnings():  # TorchOpt 0.7.3 calls the deprecated functorch.vjp every time
             warnings.simplefilter("ignore", FutureWarning)
-            star = best_response(lower, tuple(up), xb)
+            star = cast(tuple[Tensor, ...], best_response(lower, tuple(up), xb))
             grads = torch.autograd.grad(c.at(c.upper_loss, batch, star, up), up, allow_unused=True)
         _upper_step(c, [torch.zeros_like(p) if g is None else g for p, g in zip(up, grads)])
 

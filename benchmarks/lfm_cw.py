@@ -2,7 +2,8 @@
 
 Planned: on digits and on long-tailed digits, at least 3 seeds, mean +- std of test error and
 balanced error, through the shared harness (`benchmarks.timing`). It runs the LFM-CW program,
-``mlo.problems.lfm_cw``; until that program lands, `run` raises `SuiteUnavailable` saying so.
+``mlo.problems.lfm_cw``; until the suite is written on top of it, `run` raises
+`SuiteUnavailable` saying so.
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ def run(quick: bool = False, json_path: str | Path | None = None, out: str | Pat
         console: Any = None) -> list[Any]:
     """Not available yet: raises `SuiteUnavailable` until ``mlo.problems.lfm_cw`` provides the program."""
     raise SuiteUnavailable(
-        "the lfm-cw suite is not available yet: it runs the LFM-CW program (mlo.problems.lfm_cw), "
-        "which has not landed. Use `mlo bench estimators` or `mlo bench speed` meanwhile."
+        "the lfm-cw suite is not implemented yet: it will run the LFM-CW program (mlo.problems.lfm_cw) "
+        "against DARTS first/second order and its ablations. Use `mlo bench estimators` or "
+        "`mlo bench speed` meanwhile."
     )

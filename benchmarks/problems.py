@@ -130,7 +130,7 @@ class Bilevel:
 class FnProblem(mlo.Problem):
     """An mlo level whose loss is a given function of the batch (a closure over modules)."""
 
-    def __init__(self, name: str, module: nn.Module, optimizer: torch.optim.Optimizer, data: Sequence[Any],
+    def __init__(self, name: str, module: nn.Module, optimizer: torch.optim.Optimizer, data: Sequence[Any] | None,
                  fn: Callable[[Any], Tensor], steps: int = 1) -> None:
         super().__init__(name, module, optimizer, data, steps)
         self.fn = fn
@@ -164,15 +164,21 @@ class Vector(nn.Module):
         self.value = nn.Parameter(value.clone())
 
 
+def _value(module: nn.Module) -> Tensor:
+    value = module.value
+    assert isinstance(value, Tensor)
+    return value
+
+
 def _ridge_lower(lower: nn.Module, upper: nn.Module, batch: tuple[Tensor, Tensor]) -> Tensor:
     x, y = batch
-    w = lower.value
-    return 0.5 * ((x @ w - y) ** 2).mean() + 0.5 * (upper.value.exp() * w * w).sum()
+    w = _value(lower)
+    return 0.5 * ((x @ w - y) ** 2).mean() + 0.5 * (_value(upper).exp() * w * w).sum()
 
 
 def _ridge_upper(lower: nn.Module, upper: nn.Module, batch: tuple[Tensor, Tensor]) -> Tensor:
     x, y = batch
-    return 0.5 * ((x @ lower.value - y) ** 2).mean()
+    return 0.5 * ((x @ _value(lower) - y) ** 2).mean()
 
 
 def ridge(n: int = 1000, dim: int = 100, seed: int = 0, lower_lr: float = 0.1, upper_lr: float = 0.05,
