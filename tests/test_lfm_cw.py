@@ -145,3 +145,10 @@ def test_mlo_run_end_to_end_on_digits(tmp_path: Path, one_thread: None) -> None:
         image = np.asarray(__import__("matplotlib.image", fromlist=["imread"]).imread(out / name))
         assert image.shape[0] > 300 and image.shape[1] > 500
         assert float(image[..., :3].std()) > 0.05  # not a blank canvas
+
+
+def test_betty_engine_refuses_an_estimator_betty_computes_differently() -> None:
+    pytest.importorskip("betty")
+    with pytest.raises(ConfigError, match="cannot run method 'lfm-cw'.*look-ahead"):
+        RunConfig(engine="betty").validate()  # finite_difference: Betty's 'darts' differs
+    RunConfig(engine="betty", methods=["darts-1st"]).validate()  # first order is the same on both

@@ -127,6 +127,8 @@ class RunConfig:
         for edge in self.edge_estimators:
             if "->" not in edge:
                 raise ConfigError(f"edge_estimators key {edge!r} must look like 'upper->lower'")
+        if self.engine == "betty":
+            self._check_betty()
         if self.generator != "cgan" and not Path(self.generator).is_file():
             raise ConfigError(f"generator must be 'cgan' or an existing checkpoint file, got {self.generator!r}")
         if self.device.startswith("cuda"):
@@ -134,6 +136,19 @@ class RunConfig:
 
             if not torch.cuda.is_available():
                 raise ConfigError(f"device {self.device!r} requested but CUDA is not available on this machine")
+
+    def _check_betty(self) -> None:
+        """Every estimator the run would use must have a Betty method that computes the same thing."""
+        from mlo.engines.betty import BettyUnsupported, betty_available, betty_method
+
+        if not betty_available():
+            raise ConfigError("engine 'betty' needs betty-ml: `make peers` (or see the Makefile) installs it")
+        for method in self.methods:
+            for spec in [self.estimator or METHODS[method].estimator, *self.edge_estimators.values()]:
+                try:
+                    betty_method(spec)
+                except BettyUnsupported as err:
+                    raise ConfigError(f"engine 'betty' cannot run method {method!r}: {err}") from None
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

@@ -157,6 +157,7 @@ def _search(
             from mlo.engines.betty import run_on_betty
 
             run_on_betty(program.problems, program.graph, program.estimators, rounds)
+            progress.update(task, completed=rounds, losses="(on Betty's engine: no per-level losses)")
         else:
             engine = mlo.Engine(program.problems, program.graph, program.estimators, hooks=hooks)
             engine.run(rounds)

@@ -72,7 +72,10 @@ def curves(
     left.set_xlabel("search round")
     left.set_ylabel("loss (mean over the round's steps)")
     left.set_title("search: loss per level")
-    left.legend(fontsize=8)
+    if any(len(v) for v in search.values()):
+        left.legend(fontsize=8)
+    else:
+        left.text(0.5, 0.5, "no per-level losses recorded", ha="center", va="center", transform=left.transAxes)
     left.grid(alpha=0.3)
     epochs = np.arange(1, len(train_loss) + 1)
     right.plot(epochs, train_loss, color="tab:blue", marker="o", ms=3, lw=1.4, label="train loss")
