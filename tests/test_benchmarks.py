@@ -208,12 +208,26 @@ def test_the_plot_is_written(estimators_run: Any) -> None:
 # ---------------------------------------------------------------------------------------------- command line
 
 
-def test_cli_parses_and_the_unlanded_suite_says_so(capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:
+def test_cli_parses_and_rejects_an_unknown_suite() -> None:
     parser = argparse.ArgumentParser(prog="mlo")
     cli.add_parser(parser.add_subparsers(dest="command"))
-    args = parser.parse_args(["bench", "lfm-cw", "--quick", "--json", str(tmp_path / "x.json"), "--out", str(tmp_path)])
+    args = parser.parse_args(["bench", "lfm-cw", "--quick", "--json", "x.json", "--out", "o"])
     assert args.suite == "lfm-cw" and args.quick and args.func is cli.main
-    assert cli.main(args) == 2
-    assert "mlo.problems.lfm_cw" in capsys.readouterr().out
     with pytest.raises(SystemExit):
         parser.parse_args(["bench", "nonsense"])
+
+
+@pytest.mark.slow
+def test_lfm_cw_suite_quick_through_the_mlo_command(tmp_path: Path) -> None:
+    from mlo.cli import main as mlo_main
+
+    path = tmp_path / "lfm.json"
+    assert mlo_main(["bench", "lfm-cw", "--quick", "--json", str(path), "--out", str(tmp_path)]) == 0
+    doc = json.loads(path.read_text())
+    assert doc["suite"] == "lfm-cw" and doc["versions"]["torch"]
+    rows = {(r["problem"], r["impl"]): r for r in doc["results"]}
+    assert set(rows) == {(d, m) for d in ("digits", "digits-lt10") for m in ("lfm-cw", "darts-1st")}
+    for r in rows.values():
+        assert r["median_s"] > 0 and r["samples_s"] and "peak_mb" in r
+        assert 0 <= r["extra"]["test_error_mean"] <= 100 and len(r["extra"]["test_errors"]) == 1
+    assert (tmp_path / "lfm-cw" / "digits-lt10" / "results.json").is_file()
