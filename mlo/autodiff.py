@@ -14,7 +14,7 @@ from torch import Tensor
 
 Tensors = tuple[Tensor, ...]
 
-__all__ = ["Tensors", "grad", "axpy", "dot", "norm", "scale", "add", "sub", "zeros_like", "alias", "computed"]
+__all__ = ["Tensors", "grad", "all_finite", "norm_value", "axpy", "dot", "norm", "scale", "add", "sub", "zeros_like", "alias", "computed"]
 
 
 def grad(
@@ -29,12 +29,18 @@ def grad(
     Outputs that do not require grad (a gradient that is constant in ``inputs``) contribute zero.
     """
     outs = [outputs] if isinstance(outputs, Tensor) else list(outputs)
+    inputs = tuple(inputs)
+    if all(o.requires_grad for o in outs) and all(x.requires_grad for x in inputs):  # the usual case
+        got = torch.autograd.grad(
+            outs, inputs, grad_outputs=grad_outputs, create_graph=create_graph, retain_graph=retain_graph,
+            allow_unused=True, materialize_grads=True,
+        )
+        return tuple(got)
     gos = [None] * len(outs) if grad_outputs is None else list(grad_outputs)
     pairs = [(o, g) for o, g in zip(outs, gos) if o.requires_grad]
-    inputs = tuple(inputs)
-    if not pairs or not any(x.requires_grad for x in inputs):
-        return tuple(torch.zeros_like(x) for x in inputs)
     live = [i for i, x in enumerate(inputs) if x.requires_grad]
+    if not pairs or not live:
+        return tuple(torch.zeros_like(x) for x in inputs)
     got = torch.autograd.grad(
         [o for o, _ in pairs],
         [inputs[i] for i in live],
@@ -42,12 +48,19 @@ def grad(
         create_graph=create_graph,
         retain_graph=retain_graph,
         allow_unused=True,
+        materialize_grads=True,
     )
-    result: list[Tensor] = [torch.zeros_like(x) for x in inputs]
+    result: list[Tensor | None] = [None] * len(inputs)
     for i, g in zip(live, got):
-        if g is not None:
-            result[i] = g
-    return tuple(result)
+        result[i] = g
+    return tuple(torch.zeros_like(x) if r is None else r for x, r in zip(inputs, result))
+
+
+def all_finite(tensors: Sequence[Tensor]) -> bool:
+    """Whether every element of every tensor is finite: one fused reduction, one host sync."""
+    if not tensors:
+        return True
+    return bool(torch.isfinite(torch.stack(torch._foreach_norm(list(tensors), float("inf")))).all())
 
 
 def dot(a: Sequence[Tensor], b: Sequence[Tensor]) -> Tensor:
@@ -56,6 +69,12 @@ def dot(a: Sequence[Tensor], b: Sequence[Tensor]) -> Tensor:
 
 def norm(a: Sequence[Tensor]) -> Tensor:
     return torch.sqrt(dot(a, a))
+
+
+def norm_value(a: Sequence[Tensor]) -> float:
+    """The Euclidean norm of a parameter list as a float (no graph; one fused reduction)."""
+    with torch.no_grad():
+        return float(torch.linalg.vector_norm(torch.stack(torch._foreach_norm([t.detach() for t in a]))))
 
 
 def add(a: Sequence[Tensor], b: Sequence[Tensor]) -> Tensors:

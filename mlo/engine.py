@@ -171,6 +171,7 @@ class Engine:
         if self.graph.lowers_of[name]:
             with frozen_buffers(self.program.buffers()):
                 grads, loss = self._total(name, self.program.params, create_graph=False)
+            self._check(loss, name, "loss")
         else:
             loss = self.program.loss(name, self._streams[name].batch)
             self._check(loss, name, "loss")
@@ -197,7 +198,9 @@ class Engine:
             if self._streams[level].drawn == 0:
                 self._draw(level)
         with frozen_buffers(self.program.buffers()):
-            grads, _ = self._total(name, self.program.params, create_graph=False)
+            grads, loss = self._total(name, self.program.params, create_graph=False)
+        self._check(loss, name, "loss")
+        self._check(grads, name, "hypergradient")
         return [g.detach() for g in grads]
 
     # ------------------------------------------------------------------ the per-hop rule
@@ -213,10 +216,13 @@ class Engine:
         batch = self._streams[name].batch
         if not lowers:
             loss = self.program.loss(name, batch, point)
-            self._check(loss, name, "loss")
             return autodiff.grad(loss, point[name], create_graph=create_graph), loss
 
         below = self.graph.descendants(name)
+        # Edges whose estimator reads its adjoint, and the levels whose partials they read: the
+        # others (first order) contribute zero, so their partials are never computed.
+        live = {(v, low) for v in (name, *below) for low in self.graph.lowers_of[v] if self.estimators[(v, low)].uses_adjoint}
+        needed = tuple(level for level in below if any((v, level) in live for v in self.graph.uppers_of[level]))
         evaluation = dict(point)
         lookaheads: dict[str, Tensors] = {}
         for low in lowers:
@@ -233,8 +239,7 @@ class Engine:
                 if level not in lookaheads:
                     evaluation[level] = autodiff.alias(evaluation[level])
         loss = self.program.loss(name, batch, evaluation)
-        self._check(loss, name, "loss")
-        levels = (name, *below)
+        levels = (name, *needed)
         flat = [t for level in levels for t in evaluation[level]]
         keep = create_graph or any(self.estimators[(name, low)].attached for low in lookaheads)
         got = autodiff.grad(loss, flat, create_graph=create_graph, retain_graph=keep)
@@ -250,6 +255,8 @@ class Engine:
         for level in below:
             arrived = None
             for low in self.graph.lowers_of[level]:
+                if (level, low) not in live:
+                    continue
                 adjoint = autodiff.add(partial[low], deeper[low]) if low in deeper else partial[low]
                 part, info = self.estimators[(level, low)].vjp(self._hop(level, low, point, create_graph), adjoint, None)
                 self.diagnostics.by_edge[(level, low)] = info
@@ -260,6 +267,8 @@ class Engine:
         total = partial[name]
         for low in lowers:
             est = self.estimators[(name, low)]
+            if (name, low) not in live:
+                continue
             if est.attached:  # autograd already carried the direct path through the look-ahead
                 adjoint = deeper.get(low)
                 if adjoint is None:
@@ -294,8 +303,7 @@ class Engine:
         if not self.check_finite:
             return
         tensors = [values] if isinstance(values, Tensor) else list(values)
-        finite = all(bool(torch.isfinite(t).all()) for t in tensors)
-        if not finite:
+        if not autodiff.all_finite(tensors):
             shown = f" = {float(values.detach()):.4g}" if isinstance(values, Tensor) and values.numel() == 1 else ""
             raise NonFiniteError(f"level {name!r}: {what} is not finite{shown} at round {self.round}")
 

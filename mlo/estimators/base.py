@@ -115,6 +115,9 @@ class Estimator(ABC):
 
     name: ClassVar[str]
     attached: ClassVar[bool] = False
+    #: False when ``vjp`` is zero whatever the adjoint (first order): the engine then skips the
+    #: edge and does not compute the partial derivatives only that edge would read
+    uses_adjoint: ClassVar[bool] = True
 
     def __post_init__(self) -> None:
         hints = typing.get_type_hints(type(self))

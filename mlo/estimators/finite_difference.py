@@ -41,7 +41,7 @@ class FiniteDifference(Estimator):
 
     def vjp(self, hop: Hop, adjoint: Tensors, lookahead: Tensors | None) -> tuple[Tensors, Info]:
         v = tuple(lr * a for lr, a in zip(hop.learning_rates(), adjoint))
-        size = float(autodiff.norm(v).detach())
+        size = autodiff.norm_value(v)
         if size == 0.0:
             return zero_result(hop)
         eps = self.radius / size

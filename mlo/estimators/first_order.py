@@ -16,6 +16,7 @@ class FirstOrder(Estimator):
     """``d theta_l*/d theta_u`` taken as zero (DARTS first order): no second-order term."""
 
     name: ClassVar[str] = "first_order"
+    uses_adjoint: ClassVar[bool] = False
 
     def vjp(self, hop: Hop, adjoint: Tensors, lookahead: Tensors | None) -> tuple[Tensors, Info]:
         return zero_result(hop)
