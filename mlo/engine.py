@@ -171,12 +171,10 @@ class Engine:
         if self.graph.lowers_of[name]:
             with frozen_buffers(self.program.buffers()):
                 grads, loss = self._total(name, self.program.params, create_graph=False)
-            self._check(loss, name, "loss")
         else:
             loss = self.program.loss(name, self._streams[name].batch)
-            self._check(loss, name, "loss")
             grads = autodiff.grad(loss, self.program.params[name])
-        self._check(grads, name, "hypergradient")
+        self._check(loss, grads, name)
         for p, g in zip(self.program.params[name], grads):
             p.grad = g.detach()
         problem.optimizer.step()
@@ -199,8 +197,7 @@ class Engine:
                 self._draw(level)
         with frozen_buffers(self.program.buffers()):
             grads, loss = self._total(name, self.program.params, create_graph=False)
-        self._check(loss, name, "loss")
-        self._check(grads, name, "hypergradient")
+        self._check(loss, grads, name)
         return [g.detach() for g in grads]
 
     # ------------------------------------------------------------------ the per-hop rule
@@ -299,13 +296,15 @@ class Engine:
         stream.batch = next(stream.iterator)
         stream.drawn += 1
 
-    def _check(self, values: Tensor | Tensors, name: str, what: str) -> None:
-        if not self.check_finite:
+    def _check(self, loss: Tensor, grads: Tensors, name: str) -> None:
+        """Raise `NonFiniteError` naming the level and round if the loss or a gradient is not
+        finite: one fused check on the common path, the details only when it fails."""
+        if not self.check_finite or autodiff.all_finite((loss.detach(), *grads)):
             return
-        tensors = [values] if isinstance(values, Tensor) else list(values)
-        if not autodiff.all_finite(tensors):
-            shown = f" = {float(values.detach()):.4g}" if isinstance(values, Tensor) and values.numel() == 1 else ""
-            raise NonFiniteError(f"level {name!r}: {what} is not finite{shown} at round {self.round}")
+        if not autodiff.all_finite((loss.detach(),)):
+            shown = f" = {float(loss.detach()):.4g}" if loss.numel() == 1 else ""
+            raise NonFiniteError(f"level {name!r}: loss is not finite{shown} at round {self.round}")
+        raise NonFiniteError(f"level {name!r}: hypergradient is not finite at round {self.round}")
 
     # ------------------------------------------------------------------ state
 
