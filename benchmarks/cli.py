@@ -32,6 +32,8 @@ def _configure(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     parser.add_argument("--out", metavar="DIR", default="runs/bench", help="output folder (default runs/bench)")
     parser.add_argument("--repeats", type=int, metavar="N", help="speed: interleaved repetitions per program")
     parser.add_argument("--profile", action="store_true", help="speed: also print a cProfile of mlo's rounds")
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                        help="lfm-cw: an option of the runs' config (as `mlo run --set`), e.g. search_rounds=15")
     parser.add_argument("--threads", type=int, default=1, metavar="N",
                         help="torch intra-op threads (default 1; 0 keeps torch's default)")
     return parser
@@ -71,7 +73,12 @@ def main(args: argparse.Namespace) -> int:
     else:
         from . import lfm_cw
 
-        lfm_cw.run(quick=args.quick, json_path=json_path, out=out, console=console)
+        overrides = dict(item.split("=", 1) for item in args.set if "=" in item)
+        bad = [item for item in args.set if "=" not in item]
+        if bad:
+            console.print(f"[red]mlo bench lfm-cw:[/] --set expects KEY=VALUE, got {bad}")
+            return 2
+        lfm_cw.run(quick=args.quick, json_path=json_path, out=out, console=console, overrides=overrides)
     console.print(f"results written to {json_path}")
     return 0
 

@@ -36,10 +36,11 @@ QUICK = dict(
 )
 
 
-def _config(quick: bool, imbalance: float | None, out: Path) -> RunConfig:
+def _config(quick: bool, imbalance: float | None, out: Path, overrides: dict[str, Any]) -> RunConfig:
     methods = ["lfm-cw", "darts-1st"] if quick else list(METHODS)
     base = RunConfig(methods=methods, seeds=1 if quick else 3, imbalance=imbalance, out=str(out))
-    return dataclasses.replace(base, **QUICK) if quick else base
+    base = dataclasses.replace(base, **QUICK) if quick else base
+    return base.updated(overrides, source="--set")
 
 
 def _stats(values: list[float]) -> tuple[float, float]:
@@ -47,14 +48,15 @@ def _stats(values: list[float]) -> tuple[float, float]:
 
 
 def run(quick: bool = False, json_path: str | Path | None = None, out: str | Path | None = None,
-        console: Console | None = None) -> list[Result]:
-    """Run the suite; print a table; write ``json_path``. Each data set's runs go to ``out/lfm-cw/<name>``."""
+        console: Console | None = None, overrides: dict[str, Any] | None = None) -> list[Result]:
+    """Run the suite; print a table; write ``json_path``. Each data set's runs go to ``out/lfm-cw/<name>``.
+    ``overrides``: options of every run's `RunConfig` (budget, seeds, methods, ...)."""
     console = console or Console()
     root = Path(out or "runs/bench") / "lfm-cw"
     results: list[Result] = []
     configs: dict[str, Any] = {}
     for name, rho in DATASETS:
-        config = _config(quick, 5.0 if (quick and rho) else rho, root / name)
+        config = _config(quick, 5.0 if (quick and rho) else rho, root / name, overrides or {})
         configs[name] = config.to_dict()
         runs = run_experiment(config, console)["runs"]
         for method in config.methods:

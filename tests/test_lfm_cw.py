@@ -152,3 +152,20 @@ def test_betty_engine_refuses_an_estimator_betty_computes_differently() -> None:
     with pytest.raises(ConfigError, match="cannot run method 'lfm-cw'.*look-ahead"):
         RunConfig(engine="betty").validate()  # finite_difference: Betty's 'darts' differs
     RunConfig(engine="betty", methods=["darts-1st"]).validate()  # first order is the same on both
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("space", ["pc-darts", "p-darts"])
+def test_lfm_cw_runs_on_pc_darts_and_p_darts(space: str, tmp_path: Path, one_thread: None) -> None:
+    from mlo.problems.darts import Genotype
+    from mlo.problems.lfm_cw.experiment import run
+
+    config = RunConfig(
+        space=space, search_rounds=3, batch_size=16, layers=1, eval_epochs=1, eval_layers=1, eval_channels=4,
+        synthetic_per_step=8, generator_warmup=1, out=str(tmp_path),
+    )
+    (record,) = run(config)["runs"]
+    genotype = Genotype.load(tmp_path / record["genotype"])
+    assert len(genotype.normal) == 8 and 0 <= record["test_error"] <= 100
+    if space == "p-darts":  # P-DARTS caps skip connections at 2
+        assert sum(op == "skip_connect" for op, _ in genotype.normal) <= 2
