@@ -97,6 +97,7 @@ class Engine:
         self.program = Program(problems)
         self._check_parameters()
         self.estimators = self._resolve_estimators(estimator)
+        self._plans = {name: self._plan(name) for name in self.graph.levels}
         self.hooks = list(hooks)
         self.check_finite = check_finite
         self.round = 0
@@ -176,7 +177,7 @@ class Engine:
             grads = autodiff.grad(loss, self.program.params[name])
         self._check(loss, grads, name)
         for p, g in zip(self.program.params[name], grads):
-            p.grad = g.detach()
+            p.grad = g.detach() if g.requires_grad else g
         problem.optimizer.step()
         if problem.scheduler is not None:
             problem.scheduler.step()
@@ -215,11 +216,7 @@ class Engine:
             loss = self.program.loss(name, batch, point)
             return autodiff.grad(loss, point[name], create_graph=create_graph), loss
 
-        below = self.graph.descendants(name)
-        # Edges whose estimator reads its adjoint, and the levels whose partials they read: the
-        # others (first order) contribute zero, so their partials are never computed.
-        live = {(v, low) for v in (name, *below) for low in self.graph.lowers_of[v] if self.estimators[(v, low)].uses_adjoint}
-        needed = tuple(level for level in below if any((v, level) in live for v in self.graph.uppers_of[level]))
+        below, live, needed = self._plans[name]
         evaluation = dict(point)
         lookaheads: dict[str, Tensors] = {}
         for low in lowers:
@@ -276,6 +273,17 @@ class Engine:
             self.diagnostics.by_edge[(name, low)] = info
             total = autodiff.add(total, part)
         return total, loss
+
+    def _plan(self, name: str) -> tuple[tuple[str, ...], frozenset[Edge], tuple[str, ...]]:
+        """For level ``name``: the levels below it; the edges whose estimator reads its adjoint;
+        and the levels whose partials those edges read. Other edges (first order) contribute
+        zero, so their partials are never computed."""
+        below = self.graph.descendants(name)
+        live = frozenset(
+            (v, low) for v in (name, *below) for low in self.graph.lowers_of[v] if self.estimators[(v, low)].uses_adjoint
+        )
+        needed = tuple(level for level in below if any((v, level) in live for v in self.graph.uppers_of[level]))
+        return below, live, needed
 
     def _hop(self, upper: str, lower: str, point: Mapping[str, Tensors], create_graph: bool) -> Hop:
         batch = self._streams[lower].batch
