@@ -27,15 +27,9 @@ def float64() -> Iterator[None]:
 
 @pytest.fixture
 def one_thread() -> Iterator[None]:
-    """Run the test on one intra-op thread. The core's tests use tiny tensors: on a busy two-core
-    machine, OpenMP's barrier between two threads costs ~100 ms per BatchNorm call, far more
-    than the arithmetic. Restores the previous thread count."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
+    """Run the test on one intra-op thread (see `programs.single_threaded`)."""
+    with programs.single_threaded():
         yield
-    finally:
-        torch.set_num_threads(previous)
 
 
 @pytest.fixture

@@ -10,8 +10,9 @@ differences written out from their definitions) never reuse mlo's own machinery.
 
 from __future__ import annotations
 
+import contextlib
 import math
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -19,6 +20,19 @@ import torch
 from torch import Tensor, nn
 
 import mlo
+
+
+@contextlib.contextmanager
+def single_threaded() -> Iterator[None]:
+    """One torch intra-op thread inside the block (as `mlo bench` and `mlo run` use on a CPU);
+    restores the previous count. On a busy two-core machine, OpenMP's barrier between two threads
+    costs far more than the arithmetic of the small tensors the tests use."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(previous)
 
 # ---------------------------------------------------------------------------------------------- basics
 

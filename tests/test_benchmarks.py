@@ -4,10 +4,8 @@ hand-written loops and the peers compute what mlo computes; the harness measures
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
 import statistics
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -19,18 +17,11 @@ from mlo.benchmarks import cli, estimators, problems, speed
 from mlo.benchmarks.implementations import NotApplicable, build_round
 from mlo.benchmarks.timing import Contender, measure, paired_ratio, peak_memory_mb
 
+from programs import single_threaded  # noqa: E402  (tests/ is on sys.path via conftest)
+
 REQUIRED = ("problem", "impl", "median_s", "peak_mb", "samples_s")
 
 
-@contextlib.contextmanager
-def single_threaded() -> Iterator[None]:
-    """As ``mlo bench`` runs by default (--threads 1); restores torch's setting."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(threads)
 
 
 # ---------------------------------------------------------------------------------------------- harness
