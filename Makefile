@@ -29,6 +29,7 @@ demo: $(STAMP)
 	$(BIN)/mlo run lfm-cw
 
 test: $(STAMP)
+	$(BIN)/mypy
 	$(BIN)/python -m pytest
 
 # The peers of the speed benchmarks: higher and TorchOpt (the "bench" extra) and Betty.

@@ -264,9 +264,9 @@ class Engine:
             if (name, low) not in live:
                 continue
             if est.attached:  # autograd already carried the direct path through the look-ahead
-                adjoint = deeper.get(low)
-                if adjoint is None:
+                if low not in deeper:
                     continue
+                adjoint = deeper[low]
             else:
                 adjoint = autodiff.add(partial[low], deeper[low]) if low in deeper else partial[low]
             part, info = est.vjp(self._hop(name, low, point, create_graph), adjoint, lookaheads.get(low))

@@ -21,6 +21,9 @@ __all__ = ["ClassWeights", "class_mistakes"]
 class ClassWeights(nn.Module):
     """``phi`` (K logits) and the mistakes buffer ``m`` (K); calling it gives ``c`` (K,)."""
 
+    mistakes: Tensor
+    measured: Tensor
+
     def __init__(self, num_classes: int, beta: float = 1.0, momentum: float = 0.9) -> None:
         super().__init__()
         if num_classes < 2:

@@ -92,16 +92,12 @@ def _write_json(path: Path, data: Any) -> None:
 
 
 def _supernet_factory(config: RunConfig, splits: datasets.DataSplits, stage: Stage | None, mask: Any) -> Any:
-    kwargs = dict(
-        C=config.channels,
-        num_classes=splits.num_classes,
-        in_channels=splits.input_shape[0],
-        stem=stem_for(splits.input_shape),
-        pc_k=config.pc_k if config.space == "pc-darts" else 1,
-        edge_norm=config.space == "pc-darts",
-    )
     layers = stage.layers if stage is not None else config.layers
-    return lambda: SuperNet(layers=layers, op_mask=mask, **kwargs)
+    pc = config.space == "pc-darts"
+    return lambda: SuperNet(
+        C=config.channels, num_classes=splits.num_classes, layers=layers, in_channels=splits.input_shape[0],
+        pc_k=config.pc_k if pc else 1, edge_norm=pc, op_mask=mask, stem=stem_for(splits.input_shape),
+    )
 
 
 def _stages(config: RunConfig) -> list[tuple[Stage | None, int]]:

@@ -121,7 +121,8 @@ class LFMCW:
 def batches(dataset: Dataset, batch_size: int, seed: int, device: torch.device) -> Iterable[tuple[Tensor, Tensor]]:
     """An iterable of shuffled (images, labels) batches on ``device``; each pass reshuffles."""
     gen = torch.Generator().manual_seed(seed)
-    loader = DataLoader(dataset, batch_size=min(batch_size, len(dataset)), shuffle=True, drop_last=True, generator=gen)
+    size = len(dataset)  # type: ignore[arg-type]  # map-style data sets have a length
+    loader = DataLoader(dataset, batch_size=min(batch_size, size), shuffle=True, drop_last=True, generator=gen)
 
     class _OnDevice:
         def __iter__(self) -> Iterator[tuple[Tensor, Tensor]]:
