@@ -71,6 +71,7 @@ from torch import Tensor
 
 import mlo
 from mlo.errors import ProgramError
+from mlo.functional import frozen_buffers
 from mlo.estimators import CG, Estimator, FiniteDifference, FirstOrder, Neumann, Unroll
 
 __all__ = [
@@ -233,22 +234,10 @@ def _level_class() -> type:
         def one_step_descent(self, batch: Any = None) -> Any:
             if not self.frozen:
                 return super().one_step_descent(batch)
-            with _restored(self.frozen):
+            with frozen_buffers(self.frozen):
                 return super().one_step_descent(batch)
 
     return Level
-
-
-@contextlib.contextmanager
-def _restored(tensors: Sequence[Tensor]) -> Iterator[None]:
-    """Put ``tensors`` back to their values on exit."""
-    saved = [t.detach().clone() for t in tensors]
-    try:
-        yield
-    finally:
-        with torch.no_grad():
-            for t, s in zip(tensors, saved):
-                t.copy_(s)
 
 
 @contextlib.contextmanager
@@ -432,7 +421,7 @@ class BettyProgram:
         buffers = [b for problem in self.problems.values() for b in problem.module.buffers()]
         grads = [p.grad for p in params]
         try:
-            with _quiet(), _restored(params + buffers):
+            with _quiet(), frozen_buffers(params + buffers):
                 for p in params:
                     p.grad = None
                 loss, _ = level.get_loss(level.cur_batch)
