@@ -169,3 +169,12 @@ def test_lfm_cw_runs_on_pc_darts_and_p_darts(space: str, tmp_path: Path, one_thr
     assert len(genotype.normal) == 8 and 0 <= record["test_error"] <= 100
     if space == "p-darts":  # P-DARTS caps skip connections at 2
         assert sum(op == "skip_connect" for op, _ in genotype.normal) <= 2
+
+
+def test_variant_edges_match_the_built_graph_and_bad_edges_are_refused_up_front() -> None:
+    for method in METHODS.values():
+        program = _small_program(method.variant, method.estimator)
+        assert sorted(program.estimators) == sorted(method.variant.edges())
+    RunConfig(methods=["lfm-cw", "darts-1st"], edge_estimators={"class_weights->w2": "cg"}).validate()
+    with pytest.raises(ConfigError, match="'class_weights->w2' is not an edge of darts-1st"):
+        RunConfig(methods=["darts-1st"], edge_estimators={"class_weights->w2": "cg"}).validate()

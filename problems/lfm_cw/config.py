@@ -124,9 +124,12 @@ class RunConfig:
                 estimators.parse(spec)
             except EstimatorError as err:
                 raise ConfigError(f"estimator {spec!r}: {err}") from None
+        edges = {f"{u}->{low}" for m in self.methods for u, low in METHODS[m].variant.edges()}
         for edge in self.edge_estimators:
-            if "->" not in edge:
-                raise ConfigError(f"edge_estimators key {edge!r} must look like 'upper->lower'")
+            if edge.replace(" ", "") not in edges:
+                raise ConfigError(
+                    f"edge_estimators: {edge!r} is not an edge of {', '.join(self.methods)}; edges: {', '.join(sorted(edges))}"
+                )
         if self.engine == "betty":
             self._check_betty()
         if self.generator != "cgan" and not Path(self.generator).is_file():

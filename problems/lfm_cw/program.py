@@ -101,6 +101,15 @@ class Variant:
     learn_phi: bool = True  # the class_weights level (else phi stays 0)
     use_mistakes: bool = True  # beta * m(W1) in the class weights (else c = K softmax(phi))
 
+    def edges(self) -> list[tuple[str, str]]:
+        """The (upper, lower) edges of the program this variant builds."""
+        edges = [("architecture", "w1")]
+        if self.second_model:
+            edges.append(("architecture", "w2"))
+            if self.learn_phi:
+                edges.append(("class_weights", "w2"))
+        return edges
+
 
 @dataclass
 class LFMCW:
