@@ -15,7 +15,7 @@ from torch import Tensor
 
 Tensors = tuple[Tensor, ...]
 
-__all__ = ["Tensors", "grad", "all_finite", "norm_value", "axpy", "dot", "norm", "scale", "add", "sub", "zeros_like", "alias", "computed"]
+__all__ = ["Tensors", "grad", "all_finite", "norm_value", "norm_values", "axpy", "dot", "norm", "scale", "add", "sub", "zeros_like", "alias", "computed"]
 
 
 def grad(
@@ -79,8 +79,14 @@ def norm(a: Sequence[Tensor]) -> Tensor:
 
 def norm_value(a: Sequence[Tensor]) -> float:
     """The Euclidean norm of a parameter list as a float (no graph; one fused reduction)."""
+    return norm_values(a)[0]
+
+
+def norm_values(*lists: Sequence[Tensor]) -> list[float]:
+    """The Euclidean norms of several parameter lists of equal length, read in one go."""
     with torch.no_grad():
-        return float(torch.linalg.vector_norm(torch.stack(torch._foreach_norm(list(a)))))
+        per_tensor = torch.stack(torch._foreach_norm([t for a in lists for t in a]))  # (lists * n,)
+        return torch.linalg.vector_norm(per_tensor.view(len(lists), -1), dim=1).tolist()
 
 
 def add(a: Sequence[Tensor], b: Sequence[Tensor]) -> Tensors:

@@ -63,7 +63,6 @@ def neumann_series(
     the last term (one norm, not one per term): a divergent series grows geometrically, so its
     last term is the largest, or not finite.
     """
-    first = autodiff.norm_value(b)
     term = tuple(b)
     total = tuple(b)
     for i in range(1, iterations + 1):
@@ -71,7 +70,7 @@ def neumann_series(
         if i != iterations:
             total = autodiff.add(total, term)
             continue
-        size = autodiff.norm_value(term)
+        first, size = autodiff.norm_values(b, term)
         if not size <= growth * first:  # also catches NaN
             raise DivergenceError(
                 f"neumann on {where}: term {i} has norm {size:.3g}, {size / max(first, 1e-300):.3g} x the "
