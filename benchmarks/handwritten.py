@@ -20,14 +20,14 @@ estimator's options are read.
 
 from __future__ import annotations
 
-import contextlib
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
 from torch import Tensor
 
 from mlo.estimators import CG, Estimator, FiniteDifference, FirstOrder, Neumann, Unroll
+from mlo.functional import frozen_buffers
 
 from .problems import Copy, cycle
 
@@ -57,17 +57,6 @@ def _grad(out: Tensor, inputs: Sequence[Tensor], v: Sequence[Tensor] | None = No
 
 def _dot(a: Sequence[Tensor], b: Sequence[Tensor]) -> Tensor:
     return sum(torch.sum(x * y) for x, y in zip(a, b))  # type: ignore[return-value]
-
-
-@contextlib.contextmanager
-def _restored(buffers: Sequence[Tensor]) -> Iterator[None]:
-    saved = [b.clone() for b in buffers]
-    try:
-        yield
-    finally:
-        with torch.no_grad():
-            for b, s in zip(buffers, saved):
-                b.copy_(s)
 
 
 def handwritten_round(c: Copy, estimator: Estimator) -> Callable[[], None]:
@@ -149,7 +138,7 @@ def handwritten_round(c: Copy, estimator: Estimator) -> Callable[[], None]:
 
     def upper_step() -> None:
         batch = next(upper_it)
-        with _restored(buffers):
+        with frozen_buffers(buffers):
             grads = hypergradient(batch)
         for p, g in zip(up, grads):
             p.grad = g.detach()

@@ -161,6 +161,3 @@ class Estimator(ABC):
 def zero_result(hop: Hop) -> tuple[Tensors, Info]:
     return autodiff.zeros_like(hop.upper_params), {}
 
-
-def check_finite_vector(values: Tensors) -> bool:
-    return bool(torch.stack([torch.isfinite(v).all() for v in values]).all()) if values else True
