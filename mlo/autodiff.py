@@ -8,14 +8,48 @@ Forward-over-reverse (``jvp(grad(f))``) is avoided on purpose: on torch 2.14 it 
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 
 import torch
 from torch import Tensor
 
 Tensors = tuple[Tensor, ...]
 
+#: autograd's engine entry point, where this torch has it (see `_engine`)
+_RUN_BACKWARD: Callable[..., tuple[Tensor | None, ...]] | None = getattr(
+    torch.autograd.graph, "_engine_run_backward", None
+)
+
 __all__ = ["Tensors", "grad", "all_finite", "norm_value", "norm_values", "axpy", "dot", "norm", "scale", "add", "sub", "zeros_like", "alias", "computed"]
+
+
+def _engine(
+    outs: tuple[Tensor, ...],
+    inputs: tuple[Tensor, ...],
+    grad_outputs: Sequence[Tensor] | None,
+    create_graph: bool,
+    retain_graph: bool | None,
+) -> tuple[Tensor | None, ...]:
+    """Autograd's engine on ``outs``, ``None`` for inputs they do not reach.
+
+    ``torch.autograd.grad`` spends tens of microseconds per call normalizing and re-checking its
+    arguments in Python (about a third of a small Hessian-vector product on a CPU); the
+    estimators call it many times per round with arguments that are already in the engine's
+    form. So, where torch exposes its engine entry point (``torch.autograd.graph.
+    _engine_run_backward``, present since torch 2.3) and no tensor subclass is involved, it is
+    called directly; otherwise, and for implicit non-scalar seeds (to get torch's own error),
+    the public function is used. The engine validates the seeds' shapes itself.
+    """
+    retain = create_graph if retain_graph is None else retain_graph
+    direct = _RUN_BACKWARD is not None and not torch.overrides.has_torch_function(outs + inputs)
+    if direct and grad_outputs is None and all(o.numel() == 1 for o in outs):
+        grad_outputs = tuple(torch.ones_like(o, memory_format=torch.preserve_format) for o in outs)
+    if not direct or grad_outputs is None:
+        return torch.autograd.grad(
+            outs, inputs, grad_outputs=grad_outputs, retain_graph=retain, create_graph=create_graph, allow_unused=True
+        )
+    assert _RUN_BACKWARD is not None
+    return _RUN_BACKWARD(outs, tuple(grad_outputs), retain, create_graph, inputs, True, accumulate_grad=False)
 
 
 def grad(
@@ -29,28 +63,17 @@ def grad(
 
     Outputs that do not require grad (a gradient that is constant in ``inputs``) contribute zero.
     """
-    outs = [outputs] if isinstance(outputs, Tensor) else list(outputs)
+    outs = (outputs,) if isinstance(outputs, Tensor) else tuple(outputs)
     inputs = tuple(inputs)
     if all(o.requires_grad for o in outs) and all(x.requires_grad for x in inputs):  # the usual case
-        got = torch.autograd.grad(
-            outs, inputs, grad_outputs=grad_outputs, create_graph=create_graph, retain_graph=retain_graph,
-            allow_unused=True, materialize_grads=True,
-        )
-        return tuple(got)
-    gos = [None] * len(outs) if grad_outputs is None else list(grad_outputs)
-    pairs = [(o, g) for o, g in zip(outs, gos) if o.requires_grad]
+        got = _engine(outs, inputs, grad_outputs, create_graph, retain_graph)
+        return tuple(torch.zeros_like(x) if g is None else g for x, g in zip(inputs, got))
+    kept = [i for i, o in enumerate(outs) if o.requires_grad]
     live = [i for i, x in enumerate(inputs) if x.requires_grad]
-    if not pairs or not live:
+    if not kept or not live:
         return tuple(torch.zeros_like(x) for x in inputs)
-    got = torch.autograd.grad(
-        [o for o, _ in pairs],
-        [inputs[i] for i in live],
-        grad_outputs=None if grad_outputs is None else [g for _, g in pairs],
-        create_graph=create_graph,
-        retain_graph=retain_graph,
-        allow_unused=True,
-        materialize_grads=True,
-    )
+    seeds = None if grad_outputs is None else [grad_outputs[i] for i in kept]
+    got = _engine(tuple(outs[i] for i in kept), tuple(inputs[i] for i in live), seeds, create_graph, retain_graph)
     result: list[Tensor | None] = [None] * len(inputs)
     for i, g in zip(live, got):
         result[i] = g
@@ -62,7 +85,7 @@ def all_finite(tensors: Sequence[Tensor]) -> bool:
     propagates through it), then one host read per tensor for a few tensors, or one in all."""
     if not tensors:
         return True
-    with torch.no_grad():
+    with torch.no_grad():  # no graph is recorded, so tensors that require grad need no detach
         peaks = torch._foreach_norm(list(tensors), float("inf"))
         if len(peaks) <= 4:
             return all(math.isfinite(float(p)) for p in peaks)
@@ -70,7 +93,9 @@ def all_finite(tensors: Sequence[Tensor]) -> bool:
 
 
 def dot(a: Sequence[Tensor], b: Sequence[Tensor]) -> Tensor:
-    return sum((torch.sum(x * y) for x, y in zip(a, b)), torch.zeros((), dtype=a[0].dtype, device=a[0].device))
+    """The inner product of two parameter lists, as a 0-d tensor (differentiable)."""
+    products = [torch.sum(x * y) for x, y in zip(a, b)]
+    return products[0] if len(products) == 1 else torch.stack(products).sum()
 
 
 def norm(a: Sequence[Tensor]) -> Tensor:
@@ -83,27 +108,41 @@ def norm_value(a: Sequence[Tensor]) -> float:
 
 
 def norm_values(*lists: Sequence[Tensor]) -> list[float]:
-    """The Euclidean norms of several parameter lists of equal length, read in one go."""
+    """The Euclidean norms of several parameter lists, read in one go: one fused norm per tensor
+    and one host read for all of them."""
     with torch.no_grad():
-        per_tensor = torch.stack(torch._foreach_norm([t for a in lists for t in a]))  # (lists * n,)
-        return torch.linalg.vector_norm(per_tensor.view(len(lists), -1), dim=1).tolist()
+        flat = [t for a in lists for t in a]
+        per_tensor = torch.stack(torch._foreach_norm(flat)).tolist() if len(flat) > 1 else [float(flat[0].norm())]
+    out, i = [], 0
+    for a in lists:
+        out.append(math.hypot(*per_tensor[i : i + len(a)]))  # no overflow in the squares
+        i += len(a)
+    return out
+
+
+# Elementwise arithmetic on parameter lists. Each is one fused ``torch._foreach_*`` call over the
+# whole list (the form torch.optim uses): on a CPU that is several times cheaper than one op per
+# tensor for a list of a few tensors, and these run in every solver iteration. The foreach ops
+# are differentiable, so the results can stay in a graph (look-aheads through middle levels).
 
 
 def add(a: Sequence[Tensor], b: Sequence[Tensor]) -> Tensors:
-    return tuple(x + y for x, y in zip(a, b))
+    return tuple(torch._foreach_add(list(a), list(b)))
 
 
 def sub(a: Sequence[Tensor], b: Sequence[Tensor]) -> Tensors:
-    return tuple(x - y for x, y in zip(a, b))
+    return tuple(torch._foreach_sub(list(a), list(b)))
 
 
 def scale(c: float | Tensor, a: Sequence[Tensor]) -> Tensors:
-    return tuple(c * x for x in a)
+    return tuple(torch._foreach_mul(list(a), c))
 
 
 def axpy(c: float | Tensor, x: Sequence[Tensor], y: Sequence[Tensor]) -> Tensors:
     """``y + c * x`` elementwise over parameter lists."""
-    return tuple(yi + c * xi for xi, yi in zip(x, y))
+    if isinstance(c, Tensor):
+        return tuple(torch._foreach_add(list(y), torch._foreach_mul(list(x), c)))
+    return tuple(torch._foreach_add(list(y), list(x), alpha=c))
 
 
 def zeros_like(a: Sequence[Tensor]) -> Tensors:

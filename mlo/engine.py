@@ -219,9 +219,10 @@ class Engine:
         below, live, needed = self._plans[name]
         evaluation = dict(point)
         lookaheads: dict[str, Tensors] = {}
+        hops = {low: self._hop(name, low, point, create_graph) for low in lowers}
         for low in lowers:
             est = self.estimators[(name, low)]
-            ahead = est.lookahead(self._hop(name, low, point, create_graph))
+            ahead = est.lookahead(hops[low])
             if ahead is not None:
                 lookaheads[low] = ahead
                 evaluation[low] = ahead if est.attached else tuple(t.detach().requires_grad_() for t in ahead)
@@ -269,7 +270,7 @@ class Engine:
                 adjoint = deeper[low]
             else:
                 adjoint = autodiff.add(partial[low], deeper[low]) if low in deeper else partial[low]
-            part, info = est.vjp(self._hop(name, low, point, create_graph), adjoint, lookaheads.get(low))
+            part, info = est.vjp(hops[low], adjoint, lookaheads.get(low))
             self.diagnostics.by_edge[(name, low)] = info
             total = autodiff.add(total, part)
         return total, loss
@@ -307,9 +308,9 @@ class Engine:
     def _check(self, loss: Tensor, grads: Tensors, name: str) -> None:
         """Raise `NonFiniteError` naming the level and round if the loss or a gradient is not
         finite: one fused check on the common path, the details only when it fails."""
-        if not self.check_finite or autodiff.all_finite((loss.detach(), *grads)):
+        if not self.check_finite or autodiff.all_finite((loss, *grads)):
             return
-        if not autodiff.all_finite((loss.detach(),)):
+        if not autodiff.all_finite((loss,)):
             shown = f" = {float(loss.detach()):.4g}" if loss.numel() == 1 else ""
             raise NonFiniteError(f"level {name!r}: loss is not finite{shown} at round {self.round}")
         raise NonFiniteError(f"level {name!r}: hypergradient is not finite at round {self.round}")

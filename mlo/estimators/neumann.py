@@ -9,7 +9,6 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import ClassVar
 
-from .. import autodiff
 from ..autodiff import Tensors
 from .base import Estimator, Hop, Info
 from .registry import register
@@ -33,5 +32,5 @@ class Neumann(Estimator):
 
     def vjp(self, hop: Hop, adjoint: Tensors, lookahead: Tensors | None) -> tuple[Tensors, Info]:
         lin = hop.linearize()
-        x = neumann_series(lin.hvp, adjoint, self.iterations, self.alpha, self.growth, hop.where())
-        return autodiff.scale(-1.0, lin.mixed(x)), {"hvps": float(lin.hvps)}
+        minus_x = neumann_series(lin.hvp, adjoint, self.iterations, self.alpha, self.growth, hop.where(), scale=-1.0)
+        return lin.mixed(minus_x), {"hvps": float(lin.hvps)}

@@ -53,9 +53,11 @@ def conjugate_gradient(
 
 
 def neumann_series(
-    matvec: Callable[[Tensors], Tensors], b: Tensors, iterations: int, alpha: float, growth: float, where: str
+    matvec: Callable[[Tensors], Tensors], b: Tensors, iterations: int, alpha: float, growth: float, where: str,
+    scale: float = 1.0,
 ) -> Tensors:
-    """``alpha * sum_{i=0..n} (I - alpha A)^i b``, the truncated Neumann series of ``A^{-1} b``.
+    """``alpha * sum_{i=0..n} (I - alpha A)^i b``, the truncated Neumann series of ``A^{-1} b``,
+    times ``scale`` (a factor the caller needs anyway, folded into the series' one multiplication).
 
     The terms shrink when ``0 < alpha < 2 / lambda_max(A)`` and ``A`` is positive definite. A term
     whose norm exceeds ``growth`` times the first term's norm (or is not finite) means the series
@@ -78,4 +80,4 @@ def neumann_series(
                 f"(alpha is {alpha}), or an estimator that does not need it (cg)."
             )
         total = autodiff.add(total, term)
-    return autodiff.scale(alpha, total)
+    return autodiff.scale(scale * alpha, total)

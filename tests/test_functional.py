@@ -1,0 +1,140 @@
+"""The two primitives every estimator stands on: evaluating a loss at other parameter values
+(`mlo.functional.Program`) and taking gradients (`mlo.autodiff.grad`), each against torch's own
+public function as the reference."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+import torch
+from torch import Tensor, nn
+
+import mlo
+from mlo import autodiff
+from mlo.functional import Program
+
+
+class _Fn(mlo.Problem):
+    def __init__(self, name: str, module: nn.Module, fn: Any) -> None:
+        super().__init__(name, module, torch.optim.SGD(module.parameters(), lr=0.1), data=None)
+        self.fn = fn
+
+    def loss(self, batch: Any) -> Tensor:
+        return self.fn()
+
+
+class _Tied(nn.Module):
+    """An encoder and a decoder that share one weight (registered under two names)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.enc = nn.Linear(4, 3, bias=False)
+        self.dec = nn.Linear(3, 4, bias=False)
+        self.dec.weight = self.enc.weight  # the same Parameter object in two modules
+        self.scale = nn.Parameter(torch.tensor(1.5, dtype=torch.float64))
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.scale * (self.dec.weight.t() @ (self.enc.weight @ x.t())).t()
+
+
+def _programs(float64: None) -> tuple[Program, _Tied, nn.Linear, Tensor]:
+    torch.manual_seed(0)
+    tied, other = _Tied().double(), nn.Linear(4, 1).double()
+    x = torch.randn(5, 4, dtype=torch.float64)
+    lower = _Fn("lower", tied, lambda: (tied(x) ** 2).sum() + other(x).sum())  # closes over `other`
+    upper = _Fn("upper", other, lambda: (other(tied(x)) ** 2).sum())
+    return Program([lower, upper]), tied, other, x
+
+
+def test_swap_reaches_closures_and_tied_names_and_matches_functional_call(float64: None) -> None:
+    program, tied, other, x = _programs(float64)
+    values = {level: tuple(torch.randn_like(p) for p in program.params[level]) for level in ("lower", "upper")}
+    before = {n: p.detach().clone() for n, p in [*tied.named_parameters(), *other.named_parameters()]}
+
+    got = program.loss("lower", None, values)
+
+    reference = _Call(nn.ModuleDict({"t": tied, "o": other}), lambda: (tied(x) ** 2).sum() + other(x).sum())
+    named = {f"m.t.{n}": v for (n, _), v in zip(tied.named_parameters(), values["lower"])}
+    named.update({f"m.o.{n}": v for (n, _), v in zip(other.named_parameters(), values["upper"])})
+    want = torch.func.functional_call(reference, named, (), tie_weights=True)
+    assert torch.equal(got, want)
+    assert len(program.params["lower"]) == 2  # the tied weight is one parameter
+    for n, p in [*tied.named_parameters(), *other.named_parameters()]:
+        assert torch.equal(p, before[n]) and isinstance(p, nn.Parameter)
+    assert tied.dec.weight is tied.enc.weight
+
+
+class _Call(nn.Module):
+    def __init__(self, m: nn.Module, fn: Any) -> None:
+        super().__init__()
+        self.m, self.fn = m, fn
+
+    def forward(self) -> Tensor:
+        return self.fn()
+
+
+def test_swap_gradient_flows_to_substituted_values(float64: None) -> None:
+    program, tied, _, x = _programs(float64)
+    w = tuple(p.detach().clone().requires_grad_() for p in program.params["lower"])
+    (gw, gs) = torch.autograd.grad(program.loss("lower", None, {"lower": w}), w)
+    want = torch.autograd.grad(program.loss("lower", None), program.params["lower"])
+    assert torch.allclose(gw, want[0]) and torch.allclose(gs, want[1])
+    assert all(p.grad is None for p in tied.parameters())
+
+
+def test_parameters_come_back_when_the_loss_raises(float64: None) -> None:
+    module = nn.Linear(2, 1).double()
+    own = tuple(module.parameters())
+
+    def boom() -> Tensor:
+        raise RuntimeError("inside the loss")
+
+    program = Program([_Fn("only", module, boom)])
+    with pytest.raises(RuntimeError, match="inside the loss"):
+        program.loss("only", None, {"only": tuple(torch.zeros_like(p) for p in own)})
+    assert tuple(module.parameters()) == own
+    assert all(isinstance(p, nn.Parameter) for p in module.parameters())
+
+
+def test_buffers_are_listed_once_each() -> None:
+    shared = nn.BatchNorm1d(3)
+    a, b = nn.Sequential(nn.Linear(3, 3), shared), nn.Sequential(nn.Linear(3, 3), shared)
+    program = Program([_Fn("a", a, lambda: torch.zeros(())), _Fn("b", b, lambda: torch.zeros(()))])
+    assert len(program.buffers()) == len(list(shared.buffers()))
+
+
+@pytest.mark.parametrize("create_graph", [False, True])
+def test_grad_direct_engine_equals_public_autograd(float64: None, monkeypatch: pytest.MonkeyPatch,
+                                                   create_graph: bool) -> None:
+    torch.manual_seed(1)
+    w, h, unused = (torch.randn(4, dtype=torch.float64, requires_grad=True) for _ in range(3))
+    x = torch.randn(6, 4, dtype=torch.float64)
+
+    def run() -> tuple[Tensor, ...]:
+        loss = ((x @ w).tanh() ** 2).sum() + (h.exp() * w * w).sum()
+        g = autodiff.grad(loss, (w, h, unused), create_graph=True)
+        v = (torch.randn(4, dtype=torch.float64, generator=torch.Generator().manual_seed(2)),) * 3
+        hv = autodiff.grad(g, (w, h, unused), v, create_graph=create_graph)
+        return (*g, *hv)
+
+    direct = run()
+    assert autodiff._RUN_BACKWARD is not None  # this torch exposes the engine entry point
+    monkeypatch.setattr(autodiff, "_RUN_BACKWARD", None)
+    public = run()
+    for a, b in zip(direct, public):
+        assert torch.equal(a, b)
+    assert torch.count_nonzero(direct[2]) == 0 and torch.count_nonzero(direct[5]) == 0
+    assert all(t.requires_grad == create_graph for t in direct[3:5])
+
+
+def test_grad_rejects_an_implicit_seed_for_a_non_scalar() -> None:
+    w = torch.randn(3, requires_grad=True)
+    with pytest.raises(RuntimeError, match="scalar outputs"):
+        autodiff.grad(w * 2, (w,))
+
+
+def test_grad_seed_of_the_wrong_shape_is_an_error() -> None:
+    w = torch.randn(3, requires_grad=True)
+    with pytest.raises(RuntimeError):
+        autodiff.grad(w * 2, (w,), (torch.ones(5),))
