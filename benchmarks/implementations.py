@@ -63,7 +63,7 @@ def betty_round(c: Copy, estimator: Estimator) -> tuple[Round, str]:
         except BettyUnsupported as err:
             raise NotApplicable(str(err)) from err
     note = "; ".join(str(w.message) for w in caught if issubclass(w.category, BettyMismatchWarning))
-    return (lambda: program.run(1)), note
+    return (lambda: program.iterate(1)), note
 
 
 def _lower_step(c: Copy, lower_it: Any) -> Any:

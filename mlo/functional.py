@@ -48,6 +48,17 @@ def _slots(modules: Sequence[nn.Module]) -> dict[int, list[Slot]]:
     return found
 
 
+def _buffer_slots(modules: Sequence[nn.Module]) -> list[Slot]:
+    """``(module, key)`` of every buffer under ``modules``; a buffer registered twice, once."""
+    found: dict[int, Slot] = {}
+    for root in modules:
+        for sub in root.modules():
+            for key, b in sub._buffers.items():
+                if b is not None:
+                    found.setdefault(id(b), (sub, key))
+    return list(found.values())
+
+
 class Program:
     """The levels of a program, indexed by name, and the means to evaluate them at any point."""
 
@@ -57,6 +68,7 @@ class Program:
         for problem in problems:
             self.params[problem.name] = tuple(p for p in problem.module.parameters() if p.requires_grad)
         slots = _slots([p.module for p in problems])
+        self._buffer_slots = _buffer_slots([p.module for p in problems])
         self._slots: dict[str, tuple[tuple[Slot, ...], ...]] = {
             name: tuple(tuple(slots[id(p)]) for p in params) for name, params in self.params.items()
         }
@@ -85,12 +97,11 @@ class Program:
                 module._parameters[key] = old
 
     def buffers(self) -> list[Tensor]:
-        """Every buffer of every level's module (BatchNorm statistics and the like), once each."""
-        found: dict[int, Tensor] = {}
-        for problem in self.problems.values():
-            for b in problem.module.buffers():
-                found.setdefault(id(b), b)
-        return list(found.values())
+        """Every buffer of every level's module (BatchNorm statistics and the like), once each.
+
+        The buffers' places are found when the program is built; the tensors are read from
+        those places on every call, so a module that assigns a new tensor to a buffer is seen."""
+        return [b for module, key in self._buffer_slots if (b := module._buffers.get(key)) is not None]
 
 
 @contextmanager

@@ -138,3 +138,11 @@ def test_grad_seed_of_the_wrong_shape_is_an_error() -> None:
     w = torch.randn(3, requires_grad=True)
     with pytest.raises(RuntimeError):
         autodiff.grad(w * 2, (w,), (torch.ones(5),))
+
+
+def test_buffers_follow_a_reassigned_buffer() -> None:
+    norm = nn.BatchNorm1d(2)
+    program = Program([_Fn("only", norm, lambda: norm.weight.sum())])
+    norm.running_mean = torch.full((2,), 3.0)  # a new tensor in the same place
+    assert any(b is norm.running_mean for b in program.buffers())
+    assert len(program.buffers()) == len(list(norm.buffers()))

@@ -489,7 +489,8 @@ def test_unroll_matches_higher_adam_without_eps():
 
 
 OPTIMIZERS = {
-    "sgd": lambda g: torch.optim.SGD(g, lr=0.1),
+    "sgd": lambda g: torch.optim.SGD(g, lr=0.1),  # two groups, two learning rates
+    "sgd-one-lr": lambda g: torch.optim.SGD([p for group in g for p in group["params"]], lr=0.1),  # the fused step
     "sgd-momentum-dampening": lambda g: torch.optim.SGD(g, lr=0.1, momentum=0.9, dampening=0.2, weight_decay=0.01),
     "sgd-nesterov-maximize": lambda g: torch.optim.SGD(g, lr=0.1, momentum=0.9, nesterov=True, maximize=True),
     "adam": lambda g: torch.optim.Adam(g, lr=0.01, betas=(0.8, 0.95), eps=1e-3, weight_decay=0.1),

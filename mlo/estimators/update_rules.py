@@ -100,7 +100,22 @@ class UpdateRule:
     states: list[dict[str, Any]]
 
     def step(self, params: Tensors, grads: Tensors) -> Tensors:
+        lr = self._plain_sgd_lr()
+        if lr is not None:  # p - lr g for every parameter: one fused op
+            return tuple(torch._foreach_add(list(params), list(grads), alpha=-lr))
         return tuple(self.step_fn(p, g, grp, st) for p, g, grp, st in zip(params, grads, self.groups, self.states))
+
+    def _plain_sgd_lr(self) -> float | None:
+        """The learning rate when this is SGD without momentum, weight decay or maximize and one
+        learning rate for every parameter; otherwise ``None``."""
+        if self.step_fn is not _sgd:
+            return None
+        lrs = set()
+        for group in self.groups:
+            if _hyper(group, "momentum", 0.0) or _hyper(group, "weight_decay", 0.0) or _hyper(group, "maximize", False):
+                return None
+            lrs.add(_hyper(group, "lr"))
+        return lrs.pop() if len(lrs) == 1 else None
 
 
 def rule_for(optimizer: torch.optim.Optimizer, params: Tensors) -> UpdateRule:
