@@ -15,7 +15,8 @@ upper level's step on its next batch, its hypergradient taken at the lower level
 
 Module buffers are restored after the upper step, as mlo does (its estimator evaluations never
 move BatchNorm statistics). Nothing here imports mlo's engine or estimators: only the
-estimator's options are read.
+estimator's options are read. Gradients come from ``torch.autograd.grad``, as a user writes
+them; the ``hand-engine`` variant takes them from `mlo.autodiff.grad` instead.
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from mlo import autodiff
 from mlo.estimators import CG, Estimator, FiniteDifference, FirstOrder, Neumann, Unroll
 from mlo.functional import frozen_buffers
 
@@ -50,20 +52,31 @@ def supports(estimator: Estimator, c: Copy) -> str | None:
     return None
 
 
-def _grad(out: Tensor, inputs: Sequence[Tensor], v: Sequence[Tensor] | None = None, **kw: Any) -> Tensors:
+def _autograd_grad(out: Tensor, inputs: Sequence[Tensor], v: Sequence[Tensor] | None = None, **kw: Any) -> Tensors:
     got = torch.autograd.grad(out, inputs, grad_outputs=v, allow_unused=True, **kw)
     return [torch.zeros_like(x) if g is None else g for x, g in zip(inputs, got)]
+
+
+def _engine_grad(out: Tensor, inputs: Sequence[Tensor], v: Sequence[Tensor] | None = None,
+                 create_graph: bool = False, retain_graph: bool | None = None) -> Tensors:
+    """As `_autograd_grad`, through `mlo.autodiff.grad`: autograd's engine called directly."""
+    return list(autodiff.grad(out, inputs, v, create_graph=create_graph, retain_graph=retain_graph))
 
 
 def _dot(a: Sequence[Tensor], b: Sequence[Tensor]) -> Tensor:
     return sum(torch.sum(x * y) for x, y in zip(a, b))  # type: ignore[return-value]
 
 
-def handwritten_round(c: Copy, estimator: Estimator) -> Callable[[], None]:
-    """A function that runs one round of ``c`` with ``estimator``'s algorithm, written by hand."""
+def handwritten_round(c: Copy, estimator: Estimator, direct_engine: bool = False) -> Callable[[], None]:
+    """A function that runs one round of ``c`` with ``estimator``'s algorithm, written by hand.
+
+    ``direct_engine``: take every gradient with `mlo.autodiff.grad` (autograd's engine called
+    directly, as mlo does) instead of ``torch.autograd.grad``: the same passes with the least
+    Python around them, the floor for any framework that runs them."""
     reason = supports(estimator, c)
     if reason:
         raise ValueError(reason)
+    grad = _engine_grad if direct_engine else _autograd_grad
     lp, up = c.lower_params(), c.upper_params()
     buffers = [*c.lower.buffers(), *c.upper.buffers()]
     lower_it, upper_it = cycle(c.lower_batches), cycle(c.upper_batches)
@@ -75,41 +88,41 @@ def handwritten_round(c: Copy, estimator: Estimator) -> Callable[[], None]:
 
     def lower_step() -> None:
         lower_batch[0] = batch = next(lower_it)
-        for p, g in zip(lp, _grad(c.lower_loss(batch), lp)):
+        for p, g in zip(lp, grad(c.lower_loss(batch), lp)):
             p.grad = g
         c.lower_optimizer.step()
 
     def hypergradient(batch: Any) -> Tensors:
         xb = lower_batch[0]
         if isinstance(estimator, FirstOrder):
-            return _grad(c.upper_loss(batch), up)
+            return grad(c.upper_loss(batch), up)
         if isinstance(estimator, Unroll):
             values: Sequence[Tensor] = lp
             for _ in range(estimator.steps):
-                g = _grad(at(c.lower_loss, xb, values) if values is not lp else c.lower_loss(xb), values,
+                g = grad(at(c.lower_loss, xb, values) if values is not lp else c.lower_loss(xb), values,
                           create_graph=True)
                 values = [w - lr * gi for w, gi, lr in zip(values, g, lrs)]
-            return _grad(at(c.upper_loss, batch, values), up)
+            return grad(at(c.upper_loss, batch, values), up)
         if isinstance(estimator, FiniteDifference):
-            g = _grad(c.lower_loss(xb), lp)
+            g = grad(c.lower_loss(xb), lp)
             ahead = [(w - lr * gi).detach().requires_grad_() for w, gi, lr in zip(lp, g, lrs)]
-            both = _grad(at(c.upper_loss, batch, ahead), up + ahead)
+            both = grad(at(c.upper_loss, batch, ahead), up + ahead)
             direct, adjoint = both[: len(up)], both[len(up):]
             v = [lr * a for lr, a in zip(lrs, adjoint)]
             size = float(torch.sqrt(_dot(v, v)))
             if size == 0.0:
                 return direct
             eps = estimator.radius / size
-            plus = _grad(at(c.lower_loss, xb, [w + eps * vi for w, vi in zip(lp, v)]), up)
-            minus = _grad(at(c.lower_loss, xb, [w - eps * vi for w, vi in zip(lp, v)]), up)
+            plus = grad(at(c.lower_loss, xb, [w + eps * vi for w, vi in zip(lp, v)]), up)
+            minus = grad(at(c.lower_loss, xb, [w - eps * vi for w, vi in zip(lp, v)]), up)
             return [d - (a - b) / (2 * eps) for d, a, b in zip(direct, plus, minus)]
         # implicit: Neumann series or conjugate gradient on the lower Hessian
-        both = _grad(c.upper_loss(batch), up + lp)
+        both = grad(c.upper_loss(batch), up + lp)
         direct, adjoint = both[: len(up)], both[len(up):]
-        gl = _grad(c.lower_loss(xb), lp, create_graph=True)
+        gl = grad(c.lower_loss(xb), lp, create_graph=True)
 
         def hvp(v: Sequence[Tensor]) -> Tensors:
-            return _grad(gl, lp, v, retain_graph=True)  # type: ignore[arg-type]
+            return grad(gl, lp, v, retain_graph=True)  # type: ignore[arg-type]
 
         if isinstance(estimator, Neumann):
             term, total = list(adjoint), list(adjoint)
@@ -133,7 +146,7 @@ def handwritten_round(c: Copy, estimator: Estimator) -> Callable[[], None]:
                     break
                 p = [ri + (rs_new / rs) * pi for ri, pi in zip(r, p)]
                 rs = rs_new
-        mixed = _grad(gl, up, x, retain_graph=True)  # type: ignore[arg-type]
+        mixed = grad(gl, up, x, retain_graph=True)  # type: ignore[arg-type]
         return [d - m for d, m in zip(direct, mixed)]
 
     def upper_step() -> None:

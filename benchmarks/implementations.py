@@ -6,6 +6,8 @@ runs one round (the lower level's ``steps`` steps, then one upper step), or rais
 
 - ``mlo``: ``mlo.Engine`` with the estimator.
 - ``hand``: the hand-written loop (`benchmarks.handwritten`).
+- ``hand-engine``: the same loop taking its gradients through autograd's engine directly
+  (`mlo.autodiff.grad`, as mlo does): the floor for any framework running these passes.
 - ``betty``: the same mlo Problems on Betty's engine through `mlo.engines.betty` (Betty's
   methods that differ from mlo's run, flagged in the note).
 - ``higher``: ``higher.innerloop_ctx`` for ``unroll``.
@@ -47,6 +49,13 @@ def hand_round(c: Copy, estimator: Estimator) -> tuple[Round, str]:
     if reason:
         raise NotApplicable(reason)
     return handwritten_round(c, estimator), ""
+
+
+def hand_engine_round(c: Copy, estimator: Estimator) -> tuple[Round, str]:
+    reason = supports(estimator, c)
+    if reason:
+        raise NotApplicable(reason)
+    return handwritten_round(c, estimator, direct_engine=True), ""
 
 
 def betty_round(c: Copy, estimator: Estimator) -> tuple[Round, str]:
@@ -172,6 +181,7 @@ def torchopt_round(c: Copy, estimator: Estimator) -> tuple[Round, str]:
 IMPLEMENTATIONS: dict[str, Callable[[Copy, Estimator], tuple[Round, str]]] = {
     "mlo": mlo_round,
     "hand": hand_round,
+    "hand-engine": hand_engine_round,
     "betty": betty_round,
     "higher": higher_round,
     "torchopt": torchopt_round,

@@ -236,7 +236,10 @@ class Engine:
         loss = self.program.loss(name, batch, evaluation)
         levels = (name, *needed)
         flat = [t for level in levels for t in evaluation[level]]
-        keep = create_graph or any(self.estimators[(name, low)].attached for low in lookaheads)
+        # an attached look-ahead's graph is read again only to carry adjoints from below it
+        keep = create_graph or any(
+            self.estimators[(name, low)].attached and self.graph.lowers_of[low] for low in lookaheads
+        )
         got = autodiff.grad(loss, flat, create_graph=create_graph, retain_graph=keep)
         partial: dict[str, Tensors] = {}
         i = 0

@@ -64,7 +64,7 @@ def test_every_implementation_computes_what_mlo_computes(spec: str, float64: Non
     est = mlo.estimators.parse(spec)
     reference = None
     compared = 0
-    for impl in ("mlo", "hand", "betty", "higher", "torchopt"):
+    for impl in ("mlo", "hand", "hand-engine", "betty", "higher", "torchopt"):
         c = program.instantiate()
         try:
             step, note = build_round(impl, c, est)
