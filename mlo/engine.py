@@ -166,7 +166,10 @@ class Engine:
                 hook.on_round(self)
 
     def step(self, name: str) -> Tensor:
-        """One optimizer step of level ``name`` on its next batch; returns its loss (detached)."""
+        """One optimizer step of level ``name`` on its next batch; returns its loss (detached).
+
+        The gradients are handed to the optimizer in ``.grad`` and released after its step (as
+        ``zero_grad()`` does), so no level holds a parameter-sized gradient while others step."""
         problem = self.program.problems[name]
         self._draw(name)
         if self.graph.lowers_of[name]:
@@ -176,9 +179,12 @@ class Engine:
             loss = self.program.loss(name, self._streams[name].batch)
             grads = autodiff.grad(loss, self.program.params[name])
         self._check(loss, grads, name)
-        for p, g in zip(self.program.params[name], grads):
+        params = self.program.params[name]
+        for p, g in zip(params, grads):
             p.grad = g.detach() if g.requires_grad else g
         problem.optimizer.step()
+        for p in params:
+            p.grad = None
         if problem.scheduler is not None:
             problem.scheduler.step()
         loss = loss.detach()

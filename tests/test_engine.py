@@ -342,3 +342,19 @@ def test_closures_over_other_levels_work_with_finite_differences(float64):
     # and a real round with it moves the upper level, and only through its step
     engine.run(1)
     assert not torch.equal(before["features.param.weight"], features.weight.detach())
+
+
+def test_gradients_are_released_after_each_step(float64):
+    prog = mlp_program()
+    seen = []
+
+    class Watch(mlo.hooks.Hook):
+        def on_step(self, engine, name, loss):
+            seen.append((name, [p.grad for p in engine.program.params[name]]))
+
+    engine = mlo.Engine([prog.lower, prog.upper], {"upper": ["lower"]}, "cg", hooks=[Watch()])
+    before = [p.detach().clone() for p in prog.lower.module.parameters()]
+    engine.run(2)
+    assert [name for name, _ in seen] == ["lower", "upper"] * 2
+    assert all(g is None for _, grads in seen for g in grads)
+    assert any(not torch.equal(a, b) for a, b in zip(before, prog.lower.module.parameters()))  # it did step
