@@ -75,8 +75,8 @@ def cases(quick: bool = False) -> list[Case]:
              ("neumann:iterations=10,alpha=0.1", "cg:iterations=10", "unroll:steps=5"), 40),
         Case("reweighting", lambda: problems.reweighting(hidden=100, batch=100),
              ("neumann:iterations=5,alpha=0.1", "unroll:steps=1"), 25),
-        Case("darts", lambda: problems.darts(size=8, C=8, layers=3, batch=32), ("finite_difference", "first_order"), 6, 1),
-        Case("darts", lambda: problems.darts(size=32, C=8, layers=2, batch=16), ("finite_difference", "first_order"), 4, 1),
+        Case("darts", lambda: problems.darts(size=8, C=8, layers=3, batch=32), ("finite_difference", "first_order"), 12, 1),
+        Case("darts", lambda: problems.darts(size=32, C=8, layers=2, batch=16), ("finite_difference", "first_order"), 6, 1),
     ]
 
 
