@@ -146,3 +146,18 @@ def test_buffers_follow_a_reassigned_buffer() -> None:
     norm.running_mean = torch.full((2,), 3.0)  # a new tensor in the same place
     assert any(b is norm.running_mean for b in program.buffers())
     assert len(program.buffers()) == len(list(norm.buffers()))
+
+
+def test_swap_reaches_parametrized_weights(float64: None) -> None:
+    """A weight computed by a parametrization (here weight norm) is recomputed from the swapped
+    values, as ``functional_call`` does."""
+    torch.manual_seed(3)
+    layer = torch.nn.utils.parametrizations.weight_norm(nn.Linear(3, 2).double())
+    x = torch.randn(4, 3, dtype=torch.float64)
+    program = Program([_Fn("only", layer, lambda: (layer(x) ** 2).sum())])
+    values = tuple(torch.randn_like(p) for p in program.params["only"])
+    got = program.loss("only", None, {"only": values})
+    names = [n for n, p in layer.named_parameters() if p.requires_grad]
+    want = torch.func.functional_call(layer, dict(zip(names, values)), (x,))
+    assert torch.equal(got, (want**2).sum())
+    assert not torch.equal(got, program.loss("only", None))
