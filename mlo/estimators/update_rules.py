@@ -98,24 +98,26 @@ class UpdateRule:
     step_fn: Step
     groups: list[dict[str, Any]]
     states: list[dict[str, Any]]
+    #: the one learning rate of plain SGD (no momentum, weight decay or maximize); else None
+    plain_sgd_lr: float | None = None
 
     def step(self, params: Tensors, grads: Tensors) -> Tensors:
-        lr = self._plain_sgd_lr()
-        if lr is not None:  # p - lr g for every parameter: one fused op
-            return tuple(torch._foreach_add(list(params), list(grads), alpha=-lr))
+        if self.plain_sgd_lr is not None:  # p - lr g for every parameter: one fused op
+            return tuple(torch._foreach_add(list(params), list(grads), alpha=-self.plain_sgd_lr))
         return tuple(self.step_fn(p, g, grp, st) for p, g, grp, st in zip(params, grads, self.groups, self.states))
 
-    def _plain_sgd_lr(self) -> float | None:
-        """The learning rate when this is SGD without momentum, weight decay or maximize and one
-        learning rate for every parameter; otherwise ``None``."""
-        if self.step_fn is not _sgd:
+
+def _plain_sgd_lr(step_fn: Step, groups: list[dict[str, Any]]) -> float | None:
+    """The learning rate when this is SGD without momentum, weight decay or maximize and one
+    learning rate for every parameter; otherwise ``None``."""
+    if step_fn is not _sgd:
+        return None
+    lrs = set()
+    for group in groups:
+        if _hyper(group, "momentum", 0.0) or _hyper(group, "weight_decay", 0.0) or _hyper(group, "maximize", False):
             return None
-        lrs = set()
-        for group in self.groups:
-            if _hyper(group, "momentum", 0.0) or _hyper(group, "weight_decay", 0.0) or _hyper(group, "maximize", False):
-                return None
-            lrs.add(_hyper(group, "lr"))
-        return lrs.pop() if len(lrs) == 1 else None
+        lrs.add(_hyper(group, "lr"))
+    return lrs.pop() if len(lrs) == 1 else None
 
 
 def rule_for(optimizer: torch.optim.Optimizer, params: Tensors) -> UpdateRule:
@@ -131,4 +133,4 @@ def rule_for(optimizer: torch.optim.Optimizer, params: Tensors) -> UpdateRule:
         groups.append(group_of[id(p)])
         state = optimizer.state.get(p, {})
         states.append({k: (v.detach() if isinstance(v, Tensor) and k != "step" else v) for k, v in state.items()})
-    return UpdateRule(step_fn, groups, states)
+    return UpdateRule(step_fn, groups, states, _plain_sgd_lr(step_fn, groups))
