@@ -37,12 +37,12 @@ def _engine(
     estimators call it many times per round with arguments that are already in the engine's
     form. So, where torch exposes its engine entry point (``torch.autograd.graph.
     _engine_run_backward``, present since torch 2.3) and no tensor subclass is involved, it is
-    called directly; otherwise, and for implicit non-scalar seeds (to get torch's own error),
-    the public function is used. The engine validates the seeds' shapes itself.
+    called directly; otherwise, and for implicit seeds of non-scalar or complex outputs (to get
+    torch's own error), the public function is used. The engine validates the seeds' shapes itself.
     """
     retain = create_graph if retain_graph is None else retain_graph
     direct = _RUN_BACKWARD is not None and not torch.overrides.has_torch_function(outs + inputs)
-    if direct and grad_outputs is None and all(o.numel() == 1 for o in outs):
+    if direct and grad_outputs is None and all(o.numel() == 1 and not o.is_complex() for o in outs):
         grad_outputs = tuple(torch.ones_like(o, memory_format=torch.preserve_format) for o in outs)
     if not direct or grad_outputs is None:
         return torch.autograd.grad(

@@ -161,3 +161,9 @@ def test_swap_reaches_parametrized_weights(float64: None) -> None:
     want = torch.func.functional_call(layer, dict(zip(names, values)), (x,))
     assert torch.equal(got, (want**2).sum())
     assert not torch.equal(got, program.loss("only", None))
+
+
+def test_grad_rejects_an_implicit_seed_for_a_complex_output() -> None:
+    w = torch.randn(3, dtype=torch.complex128, requires_grad=True)
+    with pytest.raises(RuntimeError, match="real scalar outputs"):
+        autodiff.grad((w * w).sum(), (w,))
