@@ -44,18 +44,15 @@ def mlo_round(c: Copy, estimator: Estimator) -> tuple[Round, str]:
     return (lambda: engine.run(1)), ""
 
 
-def hand_round(c: Copy, estimator: Estimator) -> tuple[Round, str]:
+def hand_round(c: Copy, estimator: Estimator, direct_engine: bool = False) -> tuple[Round, str]:
     reason = supports(estimator, c)
     if reason:
         raise NotApplicable(reason)
-    return handwritten_round(c, estimator), ""
+    return handwritten_round(c, estimator, direct_engine), ""
 
 
 def hand_engine_round(c: Copy, estimator: Estimator) -> tuple[Round, str]:
-    reason = supports(estimator, c)
-    if reason:
-        raise NotApplicable(reason)
-    return handwritten_round(c, estimator, direct_engine=True), ""
+    return hand_round(c, estimator, direct_engine=True)
 
 
 def betty_round(c: Copy, estimator: Estimator) -> tuple[Round, str]:

@@ -9,12 +9,13 @@ that can run it are timed interleaved in one run (`benchmarks.timing`), then com
   gives the same numbers: see tests/test_benchmarks.py).
 - mlo / Betty: time <= 0.8 on ridge (framework overhead dominates there), < 1.0 on the others;
   peak memory <= 1.0. Betty's rounds are timed as the body of its own training loop
-  (`BettyProgram.iterate`), so it is not charged for being called one round at a time.
+  (`BettyProgram.iterate`), so it is not charged for being called one round at a time. Where
+  Betty's method is not mlo's (its CG, its "darts" finite difference), the row says so: the
+  times are still those of one round of each library's method.
 - mlo / hand-engine (no target): the hand-written loop taking its gradients through autograd's
   engine directly, as mlo does. It is the floor for any framework running the same passes, so
   this ratio is what is left of mlo's own overhead, and hand-engine / hand bounds what any
-  framework can gain over the hand-written loop. Where Betty's method is not mlo's (its CG, its "darts" finite
-  difference), the row says so: the times are still those of one round of each library's method.
+  framework can gain over the hand-written loop.
 
 Algorithms: ridge with Neumann (10 terms), CG (10 iterations) and unroll (5 steps);
 reweighting with Neumann (5 terms) and unroll (1 step, the original Meta-Weight-Net update);

@@ -33,8 +33,9 @@ Point = Mapping[str, Sequence[Tensor]]
 Slot = tuple[nn.Module, str]
 
 
-def _slots(modules: Sequence[nn.Module]) -> dict[int, list[Slot]]:
-    """Every ``(module, key)`` at which each parameter is registered, by parameter id."""
+def _slots(modules: Sequence[nn.Module], table: str) -> dict[int, list[Slot]]:
+    """Every ``(module, key)`` at which each tensor of ``table`` (``"_parameters"`` or
+    ``"_buffers"``) is registered under ``modules``, by tensor id; each module read once."""
     found: dict[int, list[Slot]] = {}
     seen: set[int] = set()
     for root in modules:
@@ -42,21 +43,10 @@ def _slots(modules: Sequence[nn.Module]) -> dict[int, list[Slot]]:
             if id(sub) in seen:
                 continue
             seen.add(id(sub))
-            for key, p in sub._parameters.items():
-                if p is not None:
-                    found.setdefault(id(p), []).append((sub, key))
+            for key, t in getattr(sub, table).items():
+                if t is not None:
+                    found.setdefault(id(t), []).append((sub, key))
     return found
-
-
-def _buffer_slots(modules: Sequence[nn.Module]) -> list[Slot]:
-    """``(module, key)`` of every buffer under ``modules``; a buffer registered twice, once."""
-    found: dict[int, Slot] = {}
-    for root in modules:
-        for sub in root.modules():
-            for key, b in sub._buffers.items():
-                if b is not None:
-                    found.setdefault(id(b), (sub, key))
-    return list(found.values())
 
 
 class Program:
@@ -67,8 +57,9 @@ class Program:
         self.params: dict[str, tuple[nn.Parameter, ...]] = {}
         for problem in problems:
             self.params[problem.name] = tuple(p for p in problem.module.parameters() if p.requires_grad)
-        slots = _slots([p.module for p in problems])
-        self._buffer_slots = _buffer_slots([p.module for p in problems])
+        modules = [p.module for p in problems]
+        slots = _slots(modules, "_parameters")
+        self._buffer_slots = [places[0] for places in _slots(modules, "_buffers").values()]
         self._slots: dict[str, tuple[tuple[Slot, ...], ...]] = {
             name: tuple(tuple(slots[id(p)]) for p in params) for name, params in self.params.items()
         }
