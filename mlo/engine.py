@@ -103,6 +103,11 @@ class Engine:
         self.round = 0
         self.diagnostics = Diagnostics()
         self._streams = {name: _Stream(p.batches()) for name, p in self.program.problems.items()}
+        self._transform_states: dict[str, Any] = {
+            name: p.transform.init(self.program.params[name])
+            for name, p in self.program.problems.items()
+            if p.transform is not None
+        }
 
     # ------------------------------------------------------------------ building
 
@@ -180,6 +185,9 @@ class Engine:
             grads = autodiff.grad(loss, self.program.params[name])
         self._check(loss, grads, name)
         params = self.program.params[name]
+        if problem.transform is not None:
+            grads = tuple(g.detach() for g in grads)
+            grads, self._transform_states[name] = problem.transform.update(grads, self._transform_states[name], params)
         for p, g in zip(params, grads):
             p.grad = g.detach() if g.requires_grad else g
         problem.optimizer.step()
@@ -336,6 +344,7 @@ class Engine:
                 "optimizer": problem.optimizer.state_dict(),
                 "scheduler": problem.scheduler.state_dict() if problem.scheduler is not None else None,
                 "batches_drawn": self._streams[name].drawn,
+                "transform": self._transform_states.get(name),
             }
         return {"round": self.round, "levels": levels}
 
@@ -351,6 +360,8 @@ class Engine:
             problem.optimizer.load_state_dict(saved["optimizer"])
             if problem.scheduler is not None and saved["scheduler"] is not None:
                 problem.scheduler.load_state_dict(saved["scheduler"])
+            if problem.transform is not None and saved.get("transform") is not None:
+                self._transform_states[name] = saved["transform"]
             stream = _Stream(problem.batches())
             self._streams[name] = stream
             for _ in range(int(saved["batches_drawn"])):

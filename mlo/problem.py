@@ -12,6 +12,8 @@ from typing import Any, ClassVar
 import torch
 from torch import Tensor, nn
 
+from .transforms import GradientTransform
+
 __all__ = ["Problem"]
 
 
@@ -29,6 +31,8 @@ class Problem:
             no batch (it is then called with ``batch=None``).
         steps: optimizer steps of this level per round (default 1).
         scheduler: optional learning-rate scheduler, stepped after every optimizer step.
+        transform: optional ``mlo.transforms.GradientTransform`` applied to this level's
+            (hyper)gradient before every optimizer step, e.g. ``clip_by_global_norm(5.0)``.
 
     Subclasses must define ``loss``; a subclass that does not is rejected when it is defined.
     Pass ``abstract=True`` in the class statement for an intermediate base class.
@@ -53,6 +57,7 @@ class Problem:
         data: Iterable[Any] | None = None,
         steps: int = 1,
         scheduler: Any | None = None,
+        transform: GradientTransform | None = None,
     ) -> None:
         if type(self)._abstract:
             raise TypeError(f"{type(self).__qualname__} is abstract: subclass it and define `loss`.")
@@ -68,12 +73,18 @@ class Problem:
             raise ValueError(f"level {name!r}: steps must be an int >= 1, got {steps!r}")
         if data is not None and not isinstance(data, Iterable):
             raise TypeError(f"level {name!r}: data must be an iterable of batches or None, got {type(data).__name__}")
+        if transform is not None and not isinstance(transform, GradientTransform):
+            raise TypeError(
+                f"level {name!r}: transform must be an mlo.transforms.GradientTransform "
+                f"(e.g. mlo.transforms.clip_by_global_norm(5.0)), got {type(transform).__name__}"
+            )
         self.name = name
         self.module = module
         self.optimizer = optimizer
         self.data = data
         self.steps = steps
         self.scheduler = scheduler
+        self.transform = transform
 
     def loss(self, batch: Any) -> Tensor:
         """This level's objective on one batch (``None`` when the level has no data)."""
