@@ -4,9 +4,9 @@ Declare each level as a ``Problem``, wire the levels into a dependency graph, an
 ``Engine`` with a hypergradient estimator from ``mlo.estimators``.
 """
 
-from . import estimators, transforms
+from . import checkpoint, distributed, estimators, loader, transforms
 from .engine import Engine
-from .errors import DivergenceError, EstimatorError, GraphError, MLOError, NonFiniteError, ProgramError
+from .errors import CheckpointError, DivergenceError, EstimatorError, GraphError, MLOError, NonFiniteError, ProgramError
 from .hooks import Hook
 from .problem import Problem
 
@@ -16,11 +16,15 @@ __all__ = [
     "Hook",
     "estimators",
     "transforms",
+    "checkpoint",
+    "loader",
+    "distributed",
     "MLOError",
     "ProgramError",
     "GraphError",
     "EstimatorError",
     "NonFiniteError",
     "DivergenceError",
+    "CheckpointError",
 ]
 __version__ = "0.1.0"

@@ -25,3 +25,7 @@ class NonFiniteError(MLOError, FloatingPointError):
 
 class DivergenceError(MLOError, ArithmeticError):
     """An iterative estimator diverged (for example a Neumann series whose terms grow)."""
+
+
+class CheckpointError(MLOError, OSError):
+    """A checkpoint file is missing, truncated, corrupt, or holds something other than plain values."""

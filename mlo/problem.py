@@ -6,7 +6,7 @@ the Engine does. Subclass it and define ``loss(self, batch) -> Tensor``.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from typing import Any, ClassVar
 
 import torch
@@ -94,12 +94,15 @@ class Problem:
         """The parameters this level optimizes: ``module``'s trainable parameters, in order."""
         return [p for p in self.module.parameters() if p.requires_grad]
 
-    def batches(self) -> Iterator[Any]:
-        """An endless stream of batches: ``data`` restarted whenever it is exhausted."""
+    def batches(self, on_pass: Callable[[], None] | None = None) -> Iterator[Any]:
+        """An endless stream of batches: ``data`` restarted whenever it is exhausted.
+        ``on_pass`` is called just before each pass over ``data`` begins."""
         if self.data is None:
             while True:
                 yield None
         while True:
+            if on_pass is not None:
+                on_pass()
             empty = True
             for batch in self.data:
                 empty = False
