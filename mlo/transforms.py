@@ -72,9 +72,11 @@ def accumulate(micro_batches: int) -> GradientTransform:
 
     Give the level ``steps`` a multiple of ``micro_batches`` and batches of ``1/micro_batches`` of
     the size: with a loss that is a mean over its batch, the level then steps exactly as it
-    would on the whole batch, with a fraction of the activation memory (a level with lowers
-    gets the mean of its hypergradients over the micro-batches). Put it first in a `chain`, so
-    that clipping acts on the mean."""
+    would on the whole batch, with a fraction of the activation memory. A level with lowers gets
+    the mean of its hypergradients over its micro-batches, each taken with its lowers' batches
+    in use; it is the whole batch's hypergradient (the hypergradient is linear in the level's
+    own loss) when the lowers' batches are whole. Put it first in a `chain`, so that clipping
+    acts on the mean."""
     if isinstance(micro_batches, bool) or not isinstance(micro_batches, int) or micro_batches < 1:
         raise ValueError(f"accumulate: micro_batches must be an int >= 1, got {micro_batches!r}")
 
