@@ -4,7 +4,7 @@ Declare each level as a ``Problem``, wire the levels into a dependency graph, an
 ``Engine`` with a hypergradient estimator from ``mlo.estimators``.
 """
 
-from . import checkpoint, distributed, estimators, loader, transforms
+from . import checkpoint, distributed, estimators, loader, logs, transforms
 from .engine import Engine
 from .errors import CheckpointError, DivergenceError, EstimatorError, GraphError, MLOError, NonFiniteError, ProgramError
 from .hooks import Hook
@@ -18,6 +18,7 @@ __all__ = [
     "transforms",
     "checkpoint",
     "loader",
+    "logs",
     "distributed",
     "MLOError",
     "ProgramError",
