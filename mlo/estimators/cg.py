@@ -1,20 +1,23 @@
 """``cg``: implicit differentiation, ``H x = a`` solved by conjugate gradient.
 
-At a stationary point of the lower loss, the implicit function theorem gives
-``vjp(a) = -(d^2 L_l / dtheta_u dtheta_l) (H + damping I)^{-1} a``, ``H`` the Hessian of the lower
-loss in its own parameters (other levels held fixed). Reports the final relative residual.
+At a stationary point of the lower level's objective, the implicit function theorem gives
+``vjp(a) = -(d^2 / dtheta_u dtheta_l) (H + damping I)^{-1} a``. ``hessian="total"`` (default) takes
+``H`` and the mixed derivative of the lower level's reduced objective (the levels below it at
+their best responses: exact at any depth); ``"partial"`` those of its own loss, the levels below
+it held fixed (cheaper; the same when the lower level has no lowers). See `mlo.hypergradient`.
+Reports the final relative residual.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import ClassVar
+from typing import ClassVar, Literal
 
 from .. import autodiff
 from ..autodiff import Tensors
 from .base import Estimator, Hop, Info
 from .registry import register
-from .solvers import conjugate_gradient
+from .solvers import attach, conjugate_gradient
 
 
 @register
@@ -27,6 +30,7 @@ class CG(Estimator):
     iterations: int = 10
     tol: float = 1e-10
     damping: float = 0.0
+    hessian: Literal["total", "partial"] = "total"
 
     def validate(self) -> None:
         self._require(self.iterations >= 1, "iterations", ">= 1")
@@ -34,12 +38,18 @@ class CG(Estimator):
         self._require(self.damping >= 0, "damping", ">= 0")
 
     def vjp(self, hop: Hop, adjoint: Tensors, lookahead: Tensors | None) -> tuple[Tensors, Info]:
-        lin = hop.linearize()
+        curvature = hop.curvature(self.hessian)
 
-        def matvec(v: Tensors) -> Tensors:
-            hv = lin.hvp(v)
+        def matvec(v: Tensors, create_graph: bool = False) -> Tensors:
+            hv = curvature.hvp(v, create_graph)
             return autodiff.axpy(self.damping, v, hv) if self.damping else hv
 
-        x, residual, done = conjugate_gradient(matvec, adjoint, self.iterations, self.tol)
-        info = {"residual": residual, "iterations": float(done), "hvps": float(lin.hvps)}
-        return autodiff.scale(-1.0, lin.mixed(x)), info
+        def solve(b: Tensors) -> Tensors:
+            return conjugate_gradient(matvec, b, self.iterations, self.tol)[0]
+
+        b = tuple(a.detach() for a in adjoint) if hop.create_graph else adjoint
+        x, residual, done = conjugate_gradient(matvec, b, self.iterations, self.tol)
+        info = {"residual": residual, "iterations": float(done), "hvps": float(curvature.hvps)}
+        if hop.create_graph:
+            x = attach(x, adjoint, matvec, solve)
+        return autodiff.scale(-1.0, curvature.mixed(x, hop.create_graph)), info

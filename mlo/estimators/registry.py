@@ -7,7 +7,7 @@ import typing
 from typing import Any, TypeVar
 
 from ..errors import EstimatorError
-from .base import Estimator
+from .base import Estimator, choices_of
 
 __all__ = ["register", "names", "get", "parse", "resolve"]
 
@@ -59,6 +59,9 @@ def parse(spec: str) -> Estimator:
         if not eq or key not in hints or key in ("name", "attached"):
             raise EstimatorError(f"bad option {item!r} in estimator spec {spec!r}; expected NAME=VALUE for an option of {name!r}")
         kind = hints[key]
+        if choices_of(kind):  # a str option with named values: checked when the estimator is built
+            options[key] = text.strip()
+            continue
         try:
             options[key] = (text.strip().lower() in ("1", "true", "yes")) if kind is bool else kind(text.strip())
         except ValueError:
