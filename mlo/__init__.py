@@ -6,7 +6,18 @@ Declare each level as a ``Problem``, wire the levels into a dependency graph, an
 
 from . import checkpoint, distributed, estimators, loader, logs, transforms
 from .engine import Engine
-from .errors import CheckpointError, DivergenceError, EstimatorError, GraphError, MLOError, NonFiniteError, ProgramError
+from .errors import (
+    CheckpointError,
+    ConvergenceWarning,
+    DivergenceError,
+    EstimatorError,
+    GraphError,
+    LossError,
+    MLOError,
+    NonFiniteError,
+    ProgramError,
+    UnknownLevelError,
+)
 from .hooks import Hook
 from .problem import Problem
 
@@ -27,5 +38,8 @@ __all__ = [
     "NonFiniteError",
     "DivergenceError",
     "CheckpointError",
+    "LossError",
+    "UnknownLevelError",
+    "ConvergenceWarning",
 ]
 __version__ = "0.1.0"

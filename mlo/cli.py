@@ -6,7 +6,11 @@ from __future__ import annotations
 
 import argparse
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from typing import TYPE_CHECKING, NoReturn
+
+if TYPE_CHECKING:
+    from mlo.problems.lfm_cw.config import RunConfig
 
 __all__ = ["main"]
 
@@ -39,43 +43,64 @@ def _run_parser(sub: argparse._SubParsersAction) -> None:
                    help="any other option of the run config, e.g. --set lam=0.5 (repeatable)")
 
 
-def _run(args: argparse.Namespace) -> int:
-    from mlo.problems.data import DataError
+def _config(args: argparse.Namespace) -> "RunConfig":
+    """The run config from defaults, ``--config`` and the flags present on ``args``."""
     from mlo.problems.lfm_cw.config import ConfigError, RunConfig
+
+    config = RunConfig.from_toml(args.config) if args.config else RunConfig()
+    values: dict[str, object] = {}
+    if getattr(args, "methods", None) is None and (args.config is None or args.program != "lfm-cw"):
+        values["methods"] = ["darts-2nd" if args.program == "darts" else args.program]
+    for key in ("methods", "dataset", "data_root", "imbalance", "space", "search_rounds", "eval_epochs",
+                "estimator", "seeds", "device", "out", "engine"):
+        if getattr(args, key, None) is not None:
+            values[key] = getattr(args, key)
+    for item in args.set:
+        key, eq, value = item.partition("=")
+        if not eq:
+            raise ConfigError(f"--set expects KEY=VALUE, got {item!r}")
+        values[key.strip()] = value.strip()
+    if args.edge_estimator:
+        edges = dict(config.edge_estimators)
+        for item in args.edge_estimator:
+            edge, eq, spec = item.partition("=")
+            if not eq:
+                raise ConfigError(f"--edge-estimator expects UPPER->LOWER=SPEC, got {item!r}")
+            edges[edge.strip()] = spec.strip()
+        values["edge_estimators"] = edges
+    return config.updated(values)
+
+
+def _run(args: argparse.Namespace) -> int:
     from mlo.problems.lfm_cw.experiment import run
 
+    return _exit_status("mlo run", lambda: run(_config(args)))
+
+
+def _exit_status(command: str, work: Callable[[], object]) -> int:
+    """Run ``work``; a configuration or data error (raised before any training) becomes one line
+    on stderr and exit status 2."""
+    from mlo import ProgramError
+    from mlo.problems.data import DataError
+    from mlo.problems.lfm_cw.config import ConfigError
+
     try:
-        config = RunConfig.from_toml(args.config) if args.config else RunConfig()
-        values: dict[str, object] = {}
-        if args.methods is None and (args.config is None or args.program != "lfm-cw"):
-            values["methods"] = ["darts-2nd" if args.program == "darts" else args.program]
-        for key in ("methods", "dataset", "data_root", "imbalance", "space", "search_rounds", "eval_epochs",
-                    "estimator", "seeds", "device", "out", "engine"):
-            if getattr(args, key) is not None:
-                values[key] = getattr(args, key)
-        for item in args.set:
-            key, eq, value = item.partition("=")
-            if not eq:
-                raise ConfigError(f"--set expects KEY=VALUE, got {item!r}")
-            values[key.strip()] = value.strip()
-        if args.edge_estimator:
-            edges = dict(config.edge_estimators)
-            for item in args.edge_estimator:
-                edge, eq, spec = item.partition("=")
-                if not eq:
-                    raise ConfigError(f"--edge-estimator expects UPPER->LOWER=SPEC, got {item!r}")
-                edges[edge.strip()] = spec.strip()
-            values["edge_estimators"] = edges
-        config = config.updated(values)
-        run(config)
-    except (ConfigError, DataError) as err:
-        print(f"mlo run: error: {err}", file=sys.stderr)
+        work()
+    except (ConfigError, DataError, ProgramError) as err:
+        print(f"{command}: error: {' '.join(str(err).split())}", file=sys.stderr)
         return 2
     return 0
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse, with a usage error reported as one line (``mlo run: error: ...``), exit status 2."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="mlo", description="mlo: multi-level optimization for PyTorch")
+    parser = _Parser(prog="mlo", description="mlo: multi-level optimization for PyTorch")
     sub = parser.add_subparsers(dest="command", required=True)
     _run_parser(sub)
     try:

@@ -21,6 +21,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from .errors import LossError
 from .problem import Problem
 
 __all__ = ["Point", "Program", "frozen_buffers"]
@@ -77,12 +78,12 @@ class Program:
                     if value is not p:
                         swaps.extend((slot, value) for slot in slots)
         if not swaps:
-            return problem.loss(batch)
+            return _checked(name, problem.loss(batch))
         saved = [module._parameters[key] for (module, key), _ in swaps]
         try:
             for (module, key), value in swaps:
                 module._parameters[key] = value  # type: ignore[assignment]
-            return problem.loss(batch)
+            return _checked(name, problem.loss(batch))
         finally:
             for ((module, key), _), old in zip(swaps, saved):
                 module._parameters[key] = old
@@ -93,6 +94,23 @@ class Program:
         The buffers' places are found when the program is built; the tensors are read from
         those places on every call, so a module that assigns a new tensor to a buffer is seen."""
         return [b for module, key in self._buffer_slots if (b := module._buffers.get(key)) is not None]
+
+
+def _checked(name: str, loss: Any) -> Tensor:
+    """``loss`` if it is a one-element floating-point tensor; else `LossError` naming the level."""
+    if isinstance(loss, Tensor) and loss.numel() == 1 and loss.is_floating_point():
+        return loss
+    if loss is None:
+        got = "None (does `loss` end with `return`?)"
+    elif isinstance(loss, (int, float)):
+        got = f"a Python {type(loss).__name__} ({loss!r}), which carries no gradient: compute it with torch operations"
+    elif isinstance(loss, Tensor) and loss.numel() != 1:
+        got = f"a tensor of shape {tuple(loss.shape)}: reduce it to a scalar (e.g. `.mean()`)"
+    elif isinstance(loss, Tensor):
+        got = f"a tensor of dtype {loss.dtype}: a loss must be real and floating-point"
+    else:
+        got = f"{type(loss).__name__}: {loss!r:.80}"
+    raise LossError(f"level {name!r}: loss must return a scalar floating-point tensor, got {got}")
 
 
 @contextmanager

@@ -17,7 +17,7 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 
 def _program(hooks: list[mlo.Hook]) -> mlo.Engine:
     prog = mlp_program(batchnorm=False, unused=False)
-    return mlo.Engine([prog.lower, prog.upper], {"upper": ["lower"]}, "cg:iterations=4", hooks=hooks)
+    return mlo.Engine([prog.lower, prog.upper], {"upper": ["lower"]}, "cg:iterations=4,damping=1.0", hooks=hooks)
 
 
 def test_jsonl_records_losses_gradient_norms_and_estimator_diagnostics(tmp_path: Path, float64: None) -> None:
