@@ -8,10 +8,11 @@ from . import estimators, transforms
 from .engine import Engine
 from .errors import DivergenceError, EstimatorError, GraphError, MLOError, NonFiniteError, ProgramError
 from .hooks import Hook
-from .problem import Problem
+from .problem import Problem, cycle
 
 __all__ = [
     "Problem",
+    "cycle",
     "Engine",
     "Hook",
     "estimators",
