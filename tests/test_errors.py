@@ -10,24 +10,35 @@ import torch
 from torch import nn
 
 import mlo
-from programs import Fn, Vector, assert_same, ridge, snapshot
+from programs import Vector, assert_same, ridge, snapshot
 
 pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+#: losses evaluated by levels made with `_level`
+LOSS_CALLS: list[str] = []
 
 
 def _level(name, dim=2, fn=None, optimizer=None, **kw):
     module = Vector(torch.ones(dim))
     opt = optimizer(module) if optimizer else torch.optim.SGD(module.parameters(), lr=0.1)
-    return Fn(name, module, opt, fn or (lambda batch: (module.x**2).sum()), **kw)
+    fn = fn or (lambda batch: (module.x**2).sum())
+
+    def loss(batch):
+        LOSS_CALLS.append(name)
+        return fn(batch)
+
+    return mlo.Problem(name, module, opt, loss=loss, **kw)
 
 
 def _refused(problems, graph, estimator="cg", error=mlo.ProgramError, match=""):
     """Building the engine raises ``error`` matching ``match``; no loss was evaluated and no
     parameter moved."""
     before = snapshot(*problems)
+    LOSS_CALLS.clear()
     with pytest.raises(error, match=match) as info:
         mlo.Engine(problems, graph, estimator)
-    assert all(p.calls == 0 for p in problems)
+    assert LOSS_CALLS == []
     assert_same(before, snapshot(*problems))
     return info
 
@@ -90,7 +101,7 @@ def test_graph_entry_that_is_a_string():
 def test_upper_level_without_trainable_parameters():
     frozen = nn.Linear(2, 1)
     frozen.requires_grad_(False)
-    upper = Fn("hyper", frozen, torch.optim.SGD(frozen.parameters(), lr=0.1), lambda batch: frozen.weight.sum())
+    upper = mlo.Problem("hyper", frozen, torch.optim.SGD(frozen.parameters(), lr=0.1), loss=lambda batch: frozen.weight.sum())
     lower = _level("weights")
     _refused([lower, upper], {"hyper": ["weights"]}, match="level 'hyper' is an upper level with no trainable parameters")
 
@@ -120,15 +131,15 @@ def test_optimizer_that_does_not_own_the_parameters():
 
 def test_optimizer_that_owns_only_some_parameters():
     module = nn.Linear(2, 2)
-    lower = Fn("weights", module, torch.optim.SGD([module.weight], lr=0.1), lambda batch: module.weight.sum())
+    lower = mlo.Problem("weights", module, torch.optim.SGD([module.weight], lr=0.1), loss=lambda batch: module.weight.sum())
     upper = _level("hyper")
     _refused([lower, upper], {"hyper": ["weights"]}, match=r"level 'weights'.*does not own parameter\(s\) \['bias'\]")
 
 
 def test_parameter_shared_by_two_levels():
     shared = Vector(torch.ones(2))
-    a = Fn("a", shared, torch.optim.SGD(shared.parameters(), lr=0.1), lambda batch: shared.x.sum())
-    b = Fn("b", shared, torch.optim.SGD(shared.parameters(), lr=0.1), lambda batch: shared.x.sum())
+    a = mlo.Problem("a", shared, torch.optim.SGD(shared.parameters(), lr=0.1), loss=lambda batch: shared.x.sum())
+    b = mlo.Problem("b", shared, torch.optim.SGD(shared.parameters(), lr=0.1), loss=lambda batch: shared.x.sum())
     _refused([a, b], {"a": ["b"]}, match="level 'b' also belongs to level 'a'")
 
 
@@ -204,8 +215,8 @@ def test_unroll_on_an_unsupported_optimizer(make, match):
 
 def test_non_finite_loss_names_level_and_round():
     batches = [torch.tensor(1.0), torch.tensor(2.0), torch.tensor(float("nan"))]
-    lower = _level("weights", data=batches)
-    lower.fn = lambda batch, m=lower.module: batch * (m.x**2).sum()
+    m = Vector(torch.ones(2))
+    lower = mlo.Problem("weights", m, torch.optim.SGD(m.parameters(), lr=0.1), batches, loss=lambda batch: batch * (m.x**2).sum())
     upper = _level("hyper")
     engine = mlo.Engine([lower, upper], {"hyper": ["weights"]}, "cg")
     engine.run(2)
@@ -218,9 +229,11 @@ def test_non_finite_loss_names_level_and_round():
 def test_non_finite_hypergradient_names_level_and_round():
     # Round 1's batch makes the upper loss |0 * h|^(1/2): finite, with a NaN gradient.
     r = ridge()
-    r.outer.data = [torch.tensor(1.0), torch.tensor(0.0)]
     hm = r.outer.module
-    r.outer.fn = lambda batch: r.outer_fn(r.inner.module.x, hm.x) + (batch * hm.x).abs().sqrt().sum()
+    r.outer = mlo.Problem(
+        "h", hm, r.outer.optimizer, [torch.tensor(1.0), torch.tensor(0.0)],
+        loss=lambda batch: r.outer_fn(r.inner.module.x, hm.x) + (batch * hm.x).abs().sqrt().sum(),
+    )
     engine = mlo.Engine([r.inner, r.outer], {"h": ["w"]}, "cg")
     engine.run(1)
     before = snapshot(r.inner, r.outer)
@@ -233,8 +246,8 @@ def test_non_finite_hypergradient_names_level_and_round():
 
 def test_non_finite_checks_can_be_turned_off():
     batches = [torch.tensor(float("nan"))]
-    lower = _level("weights", data=batches)
-    lower.fn = lambda batch, m=lower.module: batch * (m.x**2).sum()
+    m = Vector(torch.ones(2))
+    lower = mlo.Problem("weights", m, torch.optim.SGD(m.parameters(), lr=0.1), batches, loss=lambda batch: batch * (m.x**2).sum())
     engine = mlo.Engine([lower, _level("hyper")], {"hyper": ["weights"]}, "cg", check_finite=False)
     engine.run(1)
     assert torch.isnan(lower.module.x).all()
