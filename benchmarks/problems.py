@@ -30,6 +30,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 import mlo
+from mlo.problems.data import digits_images
 from mlo.problems.ridge import Ridge, Vector
 
 __all__ = [
@@ -168,17 +169,8 @@ def ridge(n: int = 1000, dim: int = 100, seed: int = 0, lower_lr: float = 0.1, u
 
 
 def digits(size: int = 8, channels: int = 1, seed: int = 0) -> tuple[Tensor, Tensor]:
-    """sklearn's 8x8 digits as float images (N, channels, size, size) in [0, 1] and labels,
-    shuffled with ``seed``. Sizes other than 8 are bilinear resizes. No download."""
-    from sklearn.datasets import load_digits
-
-    data = load_digits()
-    x = torch.tensor(data.images, dtype=torch.float32).unsqueeze(1) / 16.0
-    y = torch.tensor(data.target, dtype=torch.long)
-    if size != 8:
-        x = F.interpolate(x, size=(size, size), mode="bilinear", align_corners=False)
-    if channels != 1:
-        x = x.expand(-1, channels, -1, -1).contiguous()
+    """`mlo.problems.data.digits_images` (pixels in [0, 1]) shuffled with ``seed``."""
+    x, y = digits_images(size, channels)
     order = torch.randperm(len(y), generator=torch.Generator().manual_seed(seed))
     return x[order], y[order]
 

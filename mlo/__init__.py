@@ -4,7 +4,7 @@ Declare each level as a ``Problem``, wire the levels into a dependency graph, an
 ``Engine`` with a hypergradient estimator from ``mlo.estimators``.
 """
 
-from . import estimators, transforms
+from . import config, estimators, programs, transforms
 from .engine import Engine
 from .errors import DivergenceError, EstimatorError, GraphError, MLOError, NonFiniteError, ProgramError
 from .hooks import Hook
@@ -16,6 +16,8 @@ __all__ = [
     "Engine",
     "Hook",
     "estimators",
+    "config",
+    "programs",
     "transforms",
     "MLOError",
     "ProgramError",
