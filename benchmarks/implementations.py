@@ -149,6 +149,8 @@ def torchopt_round(c: Copy, estimator: Estimator) -> tuple[Round, str]:
 
         return unrolled, ""
     if isinstance(estimator, Neumann):
+        if not isinstance(estimator.alpha, float):
+            raise NotApplicable("TorchOpt's Neumann solver takes a numeric alpha, not 'auto'")
         solve = torchopt.linear_solve.solve_inv(ns=True, maxiter=estimator.iterations, alpha=estimator.alpha)
     elif isinstance(estimator, CG):
         ridge = estimator.damping or None

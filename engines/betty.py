@@ -164,6 +164,8 @@ def betty_method(estimator: EstimatorSpec, allow_inexact: bool = False) -> Betty
     if isinstance(est, FirstOrder):
         return BettyMethod("first_order")
     if isinstance(est, Neumann):
+        if not isinstance(est.alpha, float):
+            raise BettyUnsupported(f"Betty's Neumann takes a numeric alpha; {est} (alpha='auto') cannot run on Betty")
         return BettyMethod("neumann", (("neumann_iterations", est.iterations), ("neumann_alpha", est.alpha)))
     if isinstance(est, CG):
         if est.damping:

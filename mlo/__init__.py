@@ -6,7 +6,17 @@ Declare each level as a ``Problem``, wire the levels into a dependency graph, an
 
 from . import config, estimators, programs, transforms
 from .engine import Engine
-from .errors import DivergenceError, EstimatorError, GraphError, MLOError, NonFiniteError, ProgramError
+from .errors import (
+    ConvergenceWarning,
+    DivergenceError,
+    EstimatorError,
+    GraphError,
+    LossError,
+    MLOError,
+    NonFiniteError,
+    ProgramError,
+    UnknownLevelError,
+)
 from .hooks import Hook
 from .problem import Problem, cycle
 
@@ -25,5 +35,8 @@ __all__ = [
     "EstimatorError",
     "NonFiniteError",
     "DivergenceError",
+    "LossError",
+    "UnknownLevelError",
+    "ConvergenceWarning",
 ]
 __version__ = "0.1.0"

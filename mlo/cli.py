@@ -38,16 +38,17 @@ def run(argv: Sequence[str]) -> int:
     try:
         entry = programs.get(name)
     except KeyError as err:
-        print(f"mlo run: error: {err.args[0]}", file=sys.stderr)
-        return 2
+        return programs.failed(err.args[0])
     return int(entry.main(name, argv) or 0)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    from .programs import Parser
+
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv and argv[0] == "run":
         return run(argv[1:])
-    parser = argparse.ArgumentParser(prog="mlo", description="mlo: multi-level optimization for PyTorch")
+    parser = Parser(prog="mlo", description="mlo: multi-level optimization for PyTorch")
     sub = parser.add_subparsers(dest="command", required=True)
     sub.add_parser("run", help="run a registered program (`mlo run --help` lists them)", add_help=False)
     try:

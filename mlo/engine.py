@@ -95,6 +95,8 @@ class Engine:
         for p in problems:
             if ids.count(id(p)) > 1:
                 raise ProgramError(f"level {p.name!r} is listed twice in problems")
+        for p in problems:
+            p.check_data()
         self.graph = Graph.build([p.name for p in problems], graph or {})
         self.program = Program(problems)
         self._check_parameters()
@@ -215,7 +217,13 @@ class Engine:
         batch it drew when it restarted); returns its loss (detached).
 
         The gradients are handed to the optimizer in ``.grad`` and released after its step (as
-        ``zero_grad()`` does), so no level holds a parameter-sized gradient while others step."""
+        ``zero_grad()`` does), so no level holds a parameter-sized gradient while others step.
+
+        For a level with lowers, the loss returned (and passed to hooks) is its loss at the point
+        its hypergradient is evaluated: where an edge's estimator has a look-ahead (``unroll``,
+        ``finite_difference``) that lower level is at its look-ahead parameters, not its current
+        ones. Evaluate the loss yourself in a hook for its value at the current state."""
+        self.graph.require(name)
         problem = self.program.problems[name]
         if problem.init is None or self._streams[name].drawn == 0:
             self._draw(name)
@@ -247,8 +255,7 @@ class Engine:
         module (``module.parameters()`` order, trainable ones), as the configured estimators
         compute it. Steps nothing and leaves every parameter and buffer as it was; a level that
         has drawn no batch yet draws its first."""
-        if name not in self.program.problems:
-            raise KeyError(f"unknown level {name!r}; levels: {list(self.program.problems)}")
+        self.graph.require(name)
         for level in (name, *self.graph.descendants(name)):
             if self._streams[level].drawn == 0:
                 self._draw(level)

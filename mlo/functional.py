@@ -21,7 +21,7 @@ from typing import Any, TypeVar
 import torch
 from torch import Tensor, nn
 
-from .errors import ProgramError
+from .errors import LossError, ProgramError
 from .problem import Problem
 
 T = TypeVar("T")
@@ -71,7 +71,7 @@ class Program:
     def loss(self, name: str, batch: Any, point: Point | None = None) -> Tensor:
         """Level ``name``'s loss on ``batch`` with the levels in ``point`` set to the given values."""
         problem = self.problems[name]
-        return self.evaluate(lambda: problem.loss(batch), point)
+        return _checked(name, self.evaluate(lambda: problem.loss(batch), point))
 
     def evaluate(self, fn: Callable[[], T], point: Point | None = None) -> T:
         """``fn()`` (a closure over the levels' modules) with the levels in ``point`` set to the
@@ -128,6 +128,23 @@ class Program:
         The buffers' places are found when the program is built; the tensors are read from
         those places on every call, so a module that assigns a new tensor to a buffer is seen."""
         return [b for module, key in self._buffer_slots if (b := module._buffers.get(key)) is not None]
+
+
+def _checked(name: str, loss: Any) -> Tensor:
+    """``loss`` if it is a one-element floating-point tensor; else `LossError` naming the level."""
+    if isinstance(loss, Tensor) and loss.numel() == 1 and loss.is_floating_point():
+        return loss
+    if loss is None:
+        got = "None (does `loss` end with `return`?)"
+    elif isinstance(loss, (int, float)):
+        got = f"a Python {type(loss).__name__} ({loss!r}), which carries no gradient: compute it with torch operations"
+    elif isinstance(loss, Tensor) and loss.numel() != 1:
+        got = f"a tensor of shape {tuple(loss.shape)}: reduce it to a scalar (e.g. `.mean()`)"
+    elif isinstance(loss, Tensor):
+        got = f"a tensor of dtype {loss.dtype}: a loss must be real and floating-point"
+    else:
+        got = f"{type(loss).__name__}: {loss!r:.80}"
+    raise LossError(f"level {name!r}: loss must return a scalar floating-point tensor, got {got}")
 
 
 @contextmanager

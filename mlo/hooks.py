@@ -20,7 +20,11 @@ class Hook:
         For example: sample this round's tasks, or change a level's data."""
 
     def on_step(self, engine: "Engine", level: str, loss: Tensor) -> None:
-        """After an optimizer step of ``level``; ``loss`` is its (detached) loss at that step."""
+        """After an optimizer step of ``level``; ``loss`` is its (detached) loss at that step.
+
+        For a level with lowers, that is its loss where its hypergradient was evaluated: a lower
+        level served by a look-ahead estimator (``unroll``, ``finite_difference``) is at its
+        look-ahead parameters there, not at its current ones (see ``Engine.step``)."""
 
     def on_round(self, engine: "Engine") -> None:
         """After every level has stepped; ``engine.round`` is the number of rounds done."""

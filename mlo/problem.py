@@ -7,12 +7,13 @@ define ``loss(self, batch) -> Tensor``.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence, Sized
 from typing import Any, ClassVar
 
 import torch
 from torch import Tensor, nn
 
+from .errors import ProgramError
 from .transforms import GradientTransform
 
 __all__ = ["Problem", "cycle"]
@@ -134,6 +135,23 @@ class Problem:
         """This level's objective on one batch (``None`` when the level has no data)."""
         assert self._loss_fn is not None  # enforced in __init__
         return self._loss_fn(batch)
+
+    def check_data(self) -> None:
+        """Reject data that can be seen to yield no batch without drawing one (an empty list, a
+        DataLoader whose ``drop_last`` leaves no batch), or that is a string. Called when the
+        Engine is built; an iterator cannot be checked without consuming it, so it is not."""
+        if isinstance(self.data, (str, bytes)):
+            raise ProgramError(f"level {self.name!r}: data must be an iterable of batches, got a {type(self.data).__name__}")
+        if isinstance(self.data, Sized) and not isinstance(self.data, Iterator):
+            try:
+                size = len(self.data)
+            except TypeError:  # e.g. a DataLoader over an IterableDataset without a length
+                return
+            if size == 0:
+                raise ProgramError(
+                    f"level {self.name!r}: its data ({type(self.data).__name__}) holds no batch; "
+                    "pass at least one batch, or data=None for a loss that needs none"
+                )
 
     def parameters(self) -> list[nn.Parameter]:
         """The parameters this level optimizes: ``module``'s trainable parameters, in order."""

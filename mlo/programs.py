@@ -22,14 +22,19 @@ import argparse
 import dataclasses
 import importlib
 import importlib.metadata
+import sys
 import typing
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import TypeVar
+from typing import NoReturn, TypeVar
 
 from .config import ConfigError, assignments, from_toml, updated
+from .errors import ProgramError
 
-__all__ = ["Entry", "register", "program", "get", "names", "entries", "discover", "config_parser", "ENTRY_POINT_GROUP"]
+__all__ = [
+    "Entry", "register", "program", "get", "names", "entries", "discover", "config_parser", "Parser", "failed",
+    "ENTRY_POINT_GROUP",
+]
 
 ENTRY_POINT_GROUP = "mlo.programs"
 
@@ -72,6 +77,21 @@ def register(name: str, summary: str, aliases: Sequence[str] = ()) -> Callable[[
     return add
 
 
+class Parser(argparse.ArgumentParser):
+    """argparse, with a usage error reported as one line (``mlo run: error: ...``), exit status 2."""
+
+    def error(self, message: str) -> NoReturn:
+        command = " ".join(self.prog.split()[:2])
+        self.exit(2, f"{command}: error: {message} (see {self.prog} --help)\n")
+
+
+def failed(error: object, command: str = "mlo run") -> int:
+    """Report an error raised before any training (a bad option, data or program) as one line on
+    stderr; returns exit status 2."""
+    print(f"{command}: error: {' '.join(str(error).split())}", file=sys.stderr)
+    return 2
+
+
 def program(name: str, summary: str, config: type[C], aliases: Sequence[str] = ()) -> Callable[[Callable[[C], object]], Callable[[C], object]]:
     """Decorator: register ``run(config)`` as the program ``name``, its command line made from
     the dataclass ``config`` (`config_parser`). ``config`` may define ``validate()`` (raising
@@ -91,9 +111,9 @@ def program(name: str, summary: str, config: type[C], aliases: Sequence[str] = (
                 validate = getattr(chosen, "validate", None)
                 if validate is not None:
                     validate()
-            except ConfigError as err:
-                parser.exit(2, f"mlo run {called}: error: {err}\n")
-            run(chosen)
+                run(chosen)
+            except (ConfigError, ProgramError) as err:
+                return failed(err)
             return 0
 
         register(name, summary, aliases)(main)
@@ -106,7 +126,7 @@ def config_parser(config: type, prog: str, description: str = "") -> argparse.Ar
     """A parser with one ``--field-name`` flag per field of the dataclass ``config`` (its default
     in the help), ``--config FILE`` (TOML) and ``--set KEY=VALUE``. Flags are read as text and
     converted by `mlo.config.updated`; an absent flag is ``None``."""
-    parser = argparse.ArgumentParser(prog=prog, description=description)
+    parser = Parser(prog=prog, description=description)
     hints = typing.get_type_hints(config)
     for f in dataclasses.fields(config):
         default = f.default if f.default is not dataclasses.MISSING else (

@@ -141,7 +141,16 @@ def test_no_data_gives_batch_none():
 
 
 def test_empty_data_is_reported():
-    engine = mlo.Engine([_recording_level("x", [], [])])
+    # seen when the Engine is built, when the data has a length
+    with pytest.raises(mlo.ProgramError, match=r"level 'x': its data \(list\) holds no batch"):
+        mlo.Engine([_recording_level("x", [], [])])
+
+    # an iterable without a length can only be found empty by drawing from it
+    class Nothing:
+        def __iter__(self):
+            return iter(())
+
+    engine = mlo.Engine([_recording_level("x", Nothing(), [])])
     with pytest.raises(ValueError, match="level 'x': its data yielded no batch"):
         engine.run(1)
 

@@ -3,6 +3,7 @@ step; failures during a run name the level and the round."""
 
 from __future__ import annotations
 
+import re
 import warnings
 
 import pytest
@@ -19,10 +20,12 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 LOSS_CALLS: list[str] = []
 
 
-def _level(name, dim=2, fn=None, optimizer=None, **kw):
+def _level(name, dim=2, fn=None, optimizer=None, of_module=None, **kw):
+    """A level on a vector of ones; its loss ``fn(batch)``, or ``of_module(module)``, or |x|^2."""
     module = Vector(torch.ones(dim))
     opt = optimizer(module) if optimizer else torch.optim.SGD(module.parameters(), lr=0.1)
-    fn = fn or (lambda batch: (module.x**2).sum())
+    if fn is None:
+        fn = (lambda batch: of_module(module)) if of_module else (lambda batch: (module.x**2).sum())
 
     def loss(batch):
         LOSS_CALLS.append(name)
@@ -265,3 +268,145 @@ def test_neumann_with_too_large_alpha_diverges(float64):
     # just below the bound it converges
     ok = r.engine(mlo.estimators.Neumann(iterations=50, alpha=1.9 / top)).hypergradient("h")[0]
     assert torch.isfinite(ok).all()
+
+
+# ---------------------------------------------------------------------------------------------- losses
+
+
+@pytest.mark.parametrize(
+    "value,match",
+    [
+        (lambda m: m.x * 2, r"got a tensor of shape \(2,\): reduce it to a scalar"),
+        (lambda m: None, r"got None"),
+        (lambda m: 0.5, r"got a Python float \(0.5\), which carries no gradient"),
+        (lambda m: 3, r"got a Python int"),
+        (lambda m: (m.x**2).sum().long(), r"dtype torch.int64"),
+        (lambda m: [(m.x**2).sum()], r"got list"),
+    ],
+    ids=["non-scalar", "None", "float", "int", "integer-tensor", "list"],
+)
+@pytest.mark.parametrize("where", ["lower", "upper"])
+def test_a_loss_that_is_not_a_scalar_tensor_names_the_level(value, match, where):
+    lower = _level("weights", of_module=value if where == "lower" else None)
+    upper = _level("hyper", of_module=value if where == "upper" else None)
+    bad = lower if where == "lower" else upper
+    engine = mlo.Engine([lower, upper], {"hyper": ["weights"]}, "cg")
+    before = snapshot(lower, upper)
+    with pytest.raises(mlo.LossError, match=f"level '{bad.name}': loss must return a scalar floating-point tensor, .*{match}"):
+        engine.run(1)
+    if where == "lower":  # it failed at the first step: nothing moved
+        assert_same(before, snapshot(lower, upper))
+    with pytest.raises(TypeError):  # LossError is a TypeError (and an mlo.ProgramError)
+        engine.hypergradient("hyper")
+
+
+def test_a_one_element_loss_of_shape_1_is_accepted():
+    lower, upper = _level("weights", of_module=lambda m: (m.x**2).sum().reshape(1)), _level("hyper")
+    mlo.Engine([lower, upper], {"hyper": ["weights"]}, "cg").run(1)
+
+
+# ---------------------------------------------------------------------------------------------- data
+
+
+def test_a_data_loader_with_no_batch_is_refused_when_the_engine_is_built():
+    from torch.utils.data import DataLoader, TensorDataset
+
+    loader = DataLoader(TensorDataset(torch.ones(3, 2)), batch_size=4, drop_last=True)  # 3 < 4: no batch
+    lower, upper = _level("weights", data=loader), _level("hyper")
+    _refused([lower, upper], {"hyper": ["weights"]}, match=r"level 'weights': its data \(DataLoader\) holds no batch")
+
+
+def test_a_string_as_data_is_refused():
+    lower, upper = _level("weights", data="train.csv"), _level("hyper")
+    _refused([lower, upper], {"hyper": ["weights"]}, match="level 'weights': data must be an iterable of batches, got a str")
+
+
+# ---------------------------------------------------------------------------------------------- level names
+
+
+@pytest.mark.parametrize(
+    "call",
+    [
+        lambda e: e.step("nope"),
+        lambda e: e.hypergradient("nope"),
+        lambda e: e.graph.descendants("nope"),
+    ],
+    ids=["step", "hypergradient", "descendants"],
+)
+def test_every_method_taking_a_level_name_lists_the_levels(call):
+    lower, upper = _level("weights"), _level("hyper")
+    engine = mlo.Engine([lower, upper], {"hyper": ["weights"]}, "cg")
+    before = snapshot(lower, upper)
+    LOSS_CALLS.clear()
+    with pytest.raises(mlo.UnknownLevelError, match=r"^unknown level 'nope'; levels: \['weights', 'hyper'\]$"):
+        call(engine)
+    with pytest.raises(KeyError):  # and it is a KeyError, as a lookup by name should be
+        call(engine)
+    assert_same(before, snapshot(lower, upper))
+    assert LOSS_CALLS == []
+
+
+# ---------------------------------------------------------------------------------------------- hooks under look-ahead
+
+
+class _Losses(mlo.Hook):
+    def __init__(self):
+        self.seen = {}
+
+    def on_step(self, engine, level, loss):
+        self.seen[level] = float(loss)
+
+
+@pytest.mark.parametrize("estimator", ["unroll:steps=1", "finite_difference", "cg"])
+def test_hooks_see_the_upper_loss_where_its_hypergradient_is_evaluated(float64, estimator):
+    # Documented in Hook.on_step and Engine.step: under a look-ahead estimator the upper loss is
+    # the one at the lower level's look-ahead parameters, not at its current ones.
+    r = ridge()
+    hook = _Losses()
+    engine = mlo.Engine([r.inner, r.outer], {"h": ["w"]}, estimator, hooks=[hook])
+    engine.step("w")
+    w, h = r.w(), r.h()
+    lr = r.inner.optimizer.param_groups[0]["lr"]
+    w_var = w.clone().requires_grad_()
+    (g,) = torch.autograd.grad(r.inner_fn(w_var, h), w_var)
+    ahead = w - lr * g
+    engine.step("h")
+    at_current, at_lookahead = float(r.outer_fn(w, h)), float(r.outer_fn(ahead, h))
+    want = at_current if estimator == "cg" else at_lookahead
+    assert hook.seen["h"] == pytest.approx(want, rel=1e-12)
+    assert abs(at_current - at_lookahead) > 1e-6  # the two differ: the test can tell them apart
+
+
+# ---------------------------------------------------------------------------------------------- the command line
+
+
+@pytest.mark.parametrize(
+    "argv,match",
+    [
+        (["run", "lfm-cw", "--dataset", "mnist"], "unknown dataset 'mnist'; known: digits"),
+        (["run", "--set", "lam=big"], "option 'lam' must be float"),
+        (["run", "--set", "lamda=1"], "unknown option 'lamda'"),
+        (["run", "--estimator", "newton"], "unknown estimator 'newton'"),
+        (["run", "--estimator", "neumann:alpha=fast"], "option 'alpha' must be > 0 or 'auto'"),
+        (["run", "--space", "nas"], "space must be one of"),
+        (["run", "nonesuch"], r"unknown program 'nonesuch'; programs: .*lfm-cw"),
+        (["run", "lfm-cw", "--methods", "nonesuch"], r"unknown method\(s\) \['nonesuch'\]"),
+        (["run", "--config", "/nonexistent.toml"], "does not exist"),
+        (["run", "--rounds", "abc"], "argument --rounds: invalid int value: 'abc'"),
+        (["run", "--rounds", "0"], "search_rounds must be >= 1"),
+    ],
+)
+def test_every_config_error_exits_2_with_one_line(argv, match, capsys, tmp_path):
+    from mlo.cli import main
+
+    try:
+        code = main([*argv, "--out", str(tmp_path / "o")])
+    except SystemExit as exit:  # argparse's own errors
+        code = exit.code
+    captured = capsys.readouterr()
+    assert code == 2
+    lines = captured.err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("mlo run: error: "), captured.err
+    assert re.search(match, lines[0]), lines[0]
+    assert "Traceback" not in captured.err and captured.out == ""
+    assert not (tmp_path / "o").exists()  # nothing started

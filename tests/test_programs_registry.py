@@ -61,9 +61,9 @@ def test_a_program_gets_its_config_from_flags_set_and_toml(tmp_path: Path) -> No
 )
 def test_bad_options_are_refused_before_the_program_runs(argv: list[str], message: str, capsys: pytest.CaptureFixture[str]) -> None:
     RAN.clear()
-    with pytest.raises(SystemExit) as exit_:
-        main(["run", "test-toy", *argv])
-    assert exit_.value.code == 2 and message in capsys.readouterr().err and RAN == []
+    assert main(["run", "test-toy", *argv]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("mlo run: error: ") and message in err and len(err.splitlines()) == 1 and RAN == []
 
 
 def test_unknown_program_and_taken_names(capsys: pytest.CaptureFixture[str]) -> None:

@@ -32,7 +32,7 @@ from ..autodiff import Tensors
 from ..errors import EstimatorError
 from ..problem import Problem
 
-__all__ = ["Estimator", "Hop", "Linearization", "Info"]
+__all__ = ["Estimator", "Hop", "Linearization", "Info", "option_types"]
 
 #: Diagnostics an estimator reports for one evaluation (residuals, Hessian-vector products, ...).
 Info = dict[str, float]
@@ -122,14 +122,14 @@ class Estimator(ABC):
     def __post_init__(self) -> None:
         hints = typing.get_type_hints(type(self))
         for f in dataclasses.fields(self):  # type: ignore[arg-type]
-            value, expected = getattr(self, f.name), hints[f.name]
-            ok = isinstance(value, expected) and not (isinstance(value, bool) and expected is not bool)
-            if expected is float and isinstance(value, int) and not isinstance(value, bool):
+            value, kinds = getattr(self, f.name), option_types(hints[f.name])
+            ok = isinstance(value, kinds) and not (isinstance(value, bool) and bool not in kinds)
+            if float in kinds and isinstance(value, int) and not isinstance(value, bool):
                 object.__setattr__(self, f.name, float(value))
                 ok = True
             if not ok:
                 raise EstimatorError(
-                    f"estimator {self.name!r}: option {f.name!r} must be {expected.__name__}, got {value!r}"
+                    f"estimator {self.name!r}: option {f.name!r} must be {type_name(kinds)}, got {value!r}"
                 )
         self.validate()
 
@@ -156,6 +156,16 @@ class Estimator(ABC):
 
     def options(self) -> dict[str, Any]:
         return dataclasses.asdict(self)  # type: ignore[call-overload]
+
+
+def option_types(annotation: Any) -> tuple[type, ...]:
+    """The types an option's annotation allows: ``(float,)`` for ``float``, ``(float, str)`` for
+    ``float | str``, in the order written."""
+    return tuple(typing.get_args(annotation)) or (annotation,)
+
+
+def type_name(kinds: tuple[type, ...]) -> str:
+    return " or ".join(k.__name__ for k in kinds)
 
 
 def zero_result(hop: Hop) -> tuple[Tensors, Info]:

@@ -2,16 +2,21 @@
 
 At a stationary point of the lower loss, the implicit function theorem gives
 ``vjp(a) = -(d^2 L_l / dtheta_u dtheta_l) (H + damping I)^{-1} a``, ``H`` the Hessian of the lower
-loss in its own parameters (other levels held fixed). Reports the final relative residual.
+loss in its own parameters (other levels held fixed). Reports the final relative residual, and
+warns (``mlo.ConvergenceWarning``) when the solve met negative curvature or ended with a
+relative residual above ``warn_residual``: an indefinite lower Hessian is the usual cause, and
+``damping`` fixes it.
 """
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass
 from typing import ClassVar
 
 from .. import autodiff
 from ..autodiff import Tensors
+from ..errors import ConvergenceWarning
 from .base import Estimator, Hop, Info
 from .registry import register
 from .solvers import conjugate_gradient
@@ -27,11 +32,13 @@ class CG(Estimator):
     iterations: int = 10
     tol: float = 1e-10
     damping: float = 0.0
+    warn_residual: float = 0.1
 
     def validate(self) -> None:
         self._require(self.iterations >= 1, "iterations", ">= 1")
         self._require(self.tol >= 0, "tol", ">= 0")
         self._require(self.damping >= 0, "damping", ">= 0")
+        self._require(self.warn_residual >= 0, "warn_residual", ">= 0")
 
     def vjp(self, hop: Hop, adjoint: Tensors, lookahead: Tensors | None) -> tuple[Tensors, Info]:
         lin = hop.linearize()
@@ -40,6 +47,22 @@ class CG(Estimator):
             hv = lin.hvp(v)
             return autodiff.axpy(self.damping, v, hv) if self.damping else hv
 
-        x, residual, done = conjugate_gradient(matvec, adjoint, self.iterations, self.tol)
-        info = {"residual": residual, "iterations": float(done), "hvps": float(lin.hvps)}
-        return autodiff.scale(-1.0, lin.mixed(x)), info
+        x, info = conjugate_gradient(matvec, adjoint, self.iterations, self.tol)
+        self._warn(hop, info)
+        return autodiff.scale(-1.0, lin.mixed(x)), {**info, "hvps": float(lin.hvps)}
+
+    def _warn(self, hop: Hop, info: Info) -> None:
+        if info["converged"] or not (info["negative_curvature"] or info["residual"] > self.warn_residual):
+            return
+        cause = (
+            "it met negative curvature (p^T H p <= 0): the lower Hessian is indefinite"
+            if info["negative_curvature"]
+            else "an indefinite (or badly conditioned) lower Hessian is the likely cause"
+        )
+        warnings.warn(
+            f"cg on {hop.where()} did not converge: relative residual {info['residual']:.2g} after "
+            f"{info['iterations']:.0f} iterations; {cause}. Option damping adds damping * I to the Hessian "
+            f"and fixes it (e.g. 'cg:damping=0.1'; damping is {self.damping})",
+            ConvergenceWarning,
+            stacklevel=2,
+        )

@@ -6,7 +6,6 @@ every other field)."""
 from __future__ import annotations
 
 import argparse
-import sys
 from collections.abc import Sequence
 
 from mlo import programs
@@ -18,7 +17,7 @@ __all__ = ["main", "parser"]
 
 
 def parser(prog: str = "mlo run lfm-cw") -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
+    p = programs.Parser(
         prog=prog,
         description="Run LFM-CW (or DARTS baselines and ablations): search, derive the genotype, "
         "train it from scratch, report test error. Defaults: digits (no download), a few minutes on a CPU.",
@@ -51,6 +50,7 @@ def parser(prog: str = "mlo run lfm-cw") -> argparse.ArgumentParser:
 def main(name: str, argv: Sequence[str]) -> int:
     """``name`` is the method run when ``--methods`` is not given (``darts`` = ``darts-2nd``);
     with ``--config`` and no name on the command line, the file's methods are run."""
+    from mlo import ProgramError
     from mlo.problems.data import DataError
 
     from .config import RunConfig
@@ -73,7 +73,6 @@ def main(name: str, argv: Sequence[str]) -> int:
             values["edge_estimators"] = edges
         config = config.updated(values)
         run(config)
-    except (ConfigError, DataError) as err:
-        print(f"mlo run: error: {err}", file=sys.stderr)
-        return 2
+    except (ConfigError, DataError, ProgramError) as err:
+        return programs.failed(err)
     return 0

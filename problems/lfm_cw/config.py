@@ -13,6 +13,7 @@ from typing import Any
 from mlo import EstimatorError, config, estimators
 from mlo.config import ConfigError
 
+from ..data import DATASETS
 from .methods import METHODS
 
 __all__ = ["RunConfig", "ConfigError", "SPACES"]
@@ -80,6 +81,8 @@ class RunConfig:
         unknown = [m for m in self.methods if m not in METHODS]
         if not self.methods or unknown:
             raise ConfigError(f"unknown method(s) {unknown or self.methods}; known methods: {', '.join(METHODS)}")
+        if self.dataset.lower().replace("-", "") not in DATASETS:
+            raise ConfigError(f"unknown dataset {self.dataset!r}; known: {', '.join(DATASETS)}")
         if self.space not in SPACES:
             raise ConfigError(f"space must be one of {', '.join(SPACES)}, got {self.space!r}")
         if self.engine not in ("mlo", "betty"):
