@@ -120,7 +120,7 @@ def test_get_builds_the_registered_class_with_defaults(name):
 def test_each_option_round_trips_through_get_and_parse(name, field, kind, default):
     value = _another_valid(kind, default)
     est = estimators.get(name, **{field: value})
-    assert getattr(est, field) == value and type(getattr(est, field)) is kind
+    assert getattr(est, field) == value and type(getattr(est, field)) is type(value)
     assert estimators.parse(f"{name}:{field}={value}") == est
     assert estimators.parse(f" {name} : {field} = {value} ".replace(" : ", ":")) == est
 
@@ -153,6 +153,9 @@ def test_wrong_option_type_names_the_option(name, field, kind, default):
     for wrong in _wrong_types(kind):
         with pytest.raises(mlo.EstimatorError, match=f"option '{field}'"):
             estimators.get(name, **{field: wrong})
+    if typing.get_origin(kind) is typing.Literal:
+        with pytest.raises(mlo.EstimatorError, match=f"option '{field}'"):
+            estimators.parse(f"{name}:{field}=nonesuch")
     if kind in (int, float):
         with pytest.raises(mlo.EstimatorError, match=f"option '{field}'"):
             estimators.parse(f"{name}:{field}=abc")
@@ -192,6 +195,9 @@ def test_registering_a_name_twice_is_refused():
 
 
 def _another_valid(kind, default):
+    choices = typing.get_args(kind) if typing.get_origin(kind) is typing.Literal else ()
+    if choices:  # an option with named values (Literal["a", "b"]): another one of them
+        return next(c for c in choices if c != default)
     if kind is bool:
         return not default
     if kind is int:
@@ -202,6 +208,8 @@ def _another_valid(kind, default):
 
 
 def _wrong_types(kind):
+    if typing.get_origin(kind) is typing.Literal:
+        return ["nonesuch", "", 1, None]
     if kind is int:
         return ["3", 2.5, True, None]
     if kind is float:
