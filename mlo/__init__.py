@@ -4,7 +4,7 @@ Declare each level as a ``Problem``, wire the levels into a dependency graph, an
 ``Engine`` with a hypergradient estimator from ``mlo.estimators``.
 """
 
-from . import checkpoint, distributed, estimators, loader, logs, transforms
+from . import checkpoint, config, distributed, estimators, loader, logs, programs, transforms
 from .engine import Engine
 from .errors import (
     CheckpointError,
@@ -19,13 +19,16 @@ from .errors import (
     UnknownLevelError,
 )
 from .hooks import Hook
-from .problem import Problem
+from .problem import Problem, cycle
 
 __all__ = [
     "Problem",
+    "cycle",
     "Engine",
     "Hook",
     "estimators",
+    "config",
+    "programs",
     "transforms",
     "checkpoint",
     "loader",

@@ -55,6 +55,7 @@ class Stream:
         self._restart()
 
     def _restart(self) -> None:
+        self.problem.batch = None
         self._iterator = self.problem.batches(on_pass=None if self.seekable else self._on_pass)
         self._pass: dict[str, Any] | None = None
         self._in_pass = 0
@@ -70,6 +71,7 @@ class Stream:
         if self.seekable:
             self._before = self.problem.data.state_dict()  # type: ignore[union-attr]
         self.batch = next(self._iterator)
+        self.problem.batch = self.batch
         self._in_pass += 1
         self.drawn += 1
         return self.batch

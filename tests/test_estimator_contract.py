@@ -25,10 +25,17 @@ NAMES = estimators.names()
 
 def _fields(name):
     """(option, type, default) per option; for a union such as ``float | str`` (a number or a
-    keyword like ``"auto"``) the type is its first member, which the generic checks exercise."""
+    keyword like ``"auto"``) the type is its first member, which the generic checks exercise;
+    an option with named values keeps its ``Literal[...]`` annotation."""
     cls = type(estimators.get(name))
     hints = typing.get_type_hints(cls)
-    return [(f.name, (typing.get_args(hints[f.name]) or (hints[f.name],))[0], f.default) for f in dataclasses.fields(cls)]
+    return [(f.name, _kind(hints[f.name]), f.default) for f in dataclasses.fields(cls)]
+
+
+def _kind(annotation):
+    if typing.get_origin(annotation) is typing.Literal:
+        return annotation
+    return (typing.get_args(annotation) or (annotation,))[0]
 
 
 FIELDS = [(name, field, kind, default) for name in NAMES for field, kind, default in _fields(name)]
