@@ -2,19 +2,39 @@
 
 When a process group is initialized (``torchrun`` plus ``torch.distributed.init_process_group``
 in the script), every rank runs the same program on its shard of each level's data, and the
-engine averages across ranks at the few places where derivatives are formed. Without a process
-group (or with one rank) every function here is the identity, and costs nothing.
+Engine averages across ranks every derivative it forms: `mlo.autodiff.grad`, through which every
+gradient, Hessian-vector product, mixed product and hypergradient passes, calls `average`
+inside `data_parallel`. Because a derivative is linear in the loss, and every value it is
+evaluated at (parameters, look-aheads, seeds) is the same on every rank, the average is exactly
+the derivative of the mean loss over the ranks' batches: ``W`` ranks on ``1/W`` of every batch
+compute what one process computes on the whole batch, and hold bit-identical parameters.
+
+A derivative kept in a graph (``create_graph``: look-aheads of ``unroll``, curvature products)
+is averaged with an all-reduce that is itself differentiable, whose backward pass averages
+the adjoints arriving at it: later derivatives through it stay exact.
+
+The documented exception: statistics over the whole batch inside a loss (BatchNorm in train
+mode) are per rank. Modules wrapped in DistributedDataParallel or FSDP are refused
+(`refuse_wrapped`): their hooks never run under ``torch.autograd.grad``, so ranks would drift.
+
+Without a process group (or with one rank) every function here is the identity.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from contextvars import ContextVar
 
 import torch
 import torch.distributed as dist
-from torch import Tensor
+from torch import Tensor, nn
 
-__all__ = ["active", "rank", "world_size", "is_main"]
+from .errors import ProgramError
+
+__all__ = ["active", "rank", "world_size", "is_main", "data_parallel", "average", "broadcast_module", "refuse_wrapped", "barrier"]
+
+_AVERAGING: ContextVar[bool] = ContextVar("mlo_data_parallel", default=False)
 
 
 def active() -> bool:
@@ -35,3 +55,76 @@ def world_size() -> int:
 def is_main() -> bool:
     """Whether this process is rank 0: the one that writes results, logs and plots."""
     return rank() == 0
+
+
+def barrier() -> None:
+    """Wait for every rank (nothing without a process group)."""
+    if active():
+        dist.barrier()
+
+
+@contextmanager
+def data_parallel(enabled: bool = True) -> Iterator[None]:
+    """Inside: `average` averages across ranks (when a process group is active)."""
+    token = _AVERAGING.set(enabled and active())
+    try:
+        yield
+    finally:
+        _AVERAGING.reset(token)
+
+
+def average(tensors: Sequence[Tensor], differentiable: bool = False) -> tuple[Tensor, ...]:
+    """The mean over ranks of each tensor (one all-reduce per dtype and device), inside
+    `data_parallel`; elsewhere the tensors as they are. ``differentiable``: the result stays in
+    the graph, and the backward pass averages the adjoints across ranks the same way."""
+    tensors = tuple(tensors)
+    if not tensors or not _AVERAGING.get():
+        return tensors
+    world = dist.get_world_size()
+    out: list[Tensor | None] = [None] * len(tensors)
+    groups: dict[tuple[torch.dtype, torch.device], list[int]] = {}
+    for i, t in enumerate(tensors):
+        groups.setdefault((t.dtype, t.device), []).append(i)
+    for indices in groups.values():
+        parts = [tensors[i] for i in indices]
+        if differentiable:
+            import torch.distributed.nn.functional as dist_fn
+
+            flat = dist_fn.all_reduce(torch.cat([t.reshape(-1) for t in parts])) / world
+        else:
+            flat = torch.cat([t.detach().reshape(-1) for t in parts])
+            dist.all_reduce(flat)
+            flat /= world
+        start = 0
+        for i, t in zip(indices, parts):
+            out[i] = flat[start : start + t.numel()].view_as(t)
+            start += t.numel()
+    return tuple(t for t in out if t is not None)
+
+
+def broadcast_module(module: nn.Module) -> None:
+    """Copy rank 0's parameters and buffers into every rank's ``module`` (as DDP does when it
+    wraps a module), so that all ranks start from the same state."""
+    if not active():
+        return
+    with torch.no_grad():
+        for t in [*module.parameters(), *module.buffers()]:
+            dist.broadcast(t.data, src=0)
+
+
+def refuse_wrapped(level: str, module: nn.Module) -> None:
+    """Raise `ProgramError` if ``module`` is, or contains, a DistributedDataParallel or FSDP
+    wrapper: mlo takes derivatives with ``torch.autograd.grad``, which never runs their
+    gradient hooks, so they would not synchronize anything."""
+    from torch.nn.parallel import DistributedDataParallel
+
+    for name, sub in module.named_modules():
+        kinds = {c.__name__ for c in type(sub).__mro__}
+        if isinstance(sub, DistributedDataParallel) or kinds & {"FullyShardedDataParallel", "FSDPModule"}:
+            where = f"its module {'.' + name if name else ''}".rstrip()
+            raise ProgramError(
+                f"level {level!r}: {where} is wrapped in {type(sub).__name__}. mlo averages gradients, "
+                "Hessian-vector products and hypergradients across ranks itself, and DDP/FSDP hooks never "
+                "run under torch.autograd.grad (ranks would drift apart). Pass the plain module (ddp.module) "
+                "to the Problem and call it directly in the loss; initialize the process group only."
+            )
