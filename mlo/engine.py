@@ -325,8 +325,8 @@ class Engine:
         prec, device = self.precision[name], self.program.params[name][0].device
         if prec.dtype is None:
 
-            def loss(point: Point) -> Tensor:
-                return problem_loss(name, self._streams[name].batch, point)
+            def loss(point: Point) -> Tensor:  # widened only if a caller's autocast narrowed it
+                return precisions.widen(problem_loss(name, self._streams[name].batch, point))
 
             return loss
 

@@ -67,6 +67,7 @@ from .autodiff import Tensors
 from .estimators.base import Curvature, Estimator, Hop, Info
 from .functional import Point
 from .graph import Graph
+from .precision import full_precision
 from .problem import Problem
 
 __all__ = ["Loss", "Edge", "Result", "Rule", "hypergradient"]
@@ -285,7 +286,9 @@ class _Hop(Hop):
         self.lower_params = tuple(point[lower])
 
     def lower_loss(self, overrides: Mapping[str, Tensors]) -> Tensor:
-        return self.evaluation.rule.losses[self.lower]({**self.point, **overrides})
+        # second derivatives and differences of this loss are taken: never in low precision
+        with full_precision():
+            return self.evaluation.rule.losses[self.lower]({**self.point, **overrides})
 
     def curvature(self, hessian: str = "total") -> Curvature:
         if hessian == "total" and self.evaluation.graph.lowers_of[self.lower]:
