@@ -32,7 +32,10 @@ from torch import Tensor, nn
 
 from .errors import ProgramError
 
-__all__ = ["active", "rank", "world_size", "is_main", "data_parallel", "average", "broadcast_module", "refuse_wrapped", "barrier"]
+__all__ = [
+    "active", "rank", "world_size", "is_main", "data_parallel", "average", "all_sum", "any_rank", "broadcast_module",
+    "refuse_wrapped", "barrier", "init_from_env",
+]
 
 _AVERAGING: ContextVar[bool] = ContextVar("mlo_data_parallel", default=False)
 
@@ -61,6 +64,39 @@ def barrier() -> None:
     """Wait for every rank (nothing without a process group)."""
     if active():
         dist.barrier()
+
+
+def all_sum(*tensors: Tensor) -> None:
+    """Sum each tensor in place over the ranks (under a process group; else nothing). For
+    statistics a program gathers itself, outside derivatives (e.g. per-class counts)."""
+    if active():
+        for t in tensors:
+            dist.all_reduce(t)
+
+
+def any_rank(flag: bool) -> bool:
+    """Whether ``flag`` is true on any rank (so that every rank takes the same branch)."""
+    if not active():
+        return flag
+    t = torch.tensor([1.0 if flag else 0.0], device="cuda" if dist.get_backend() == "nccl" else "cpu")
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return bool(t.item() > 0)
+
+
+def init_from_env(device: str = "cpu") -> str:
+    """Under ``torchrun`` (``WORLD_SIZE`` > 1 in the environment): initialize the default process
+    group from torchrun's variables, gloo on CPU or nccl on CUDA, and return this rank's device
+    (``cuda:LOCAL_RANK`` for a CUDA device). Without torchrun: nothing, and ``device``."""
+    import os
+
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1 or dist.is_initialized():
+        return device
+    cuda = device.startswith("cuda")
+    if cuda:
+        device = f"cuda:{int(os.environ.get('LOCAL_RANK', '0'))}"
+        torch.cuda.set_device(device)
+    dist.init_process_group("nccl" if cuda else "gloo")
+    return device
 
 
 @contextmanager
