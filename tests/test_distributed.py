@@ -74,3 +74,18 @@ def test_without_a_process_group_everything_is_local() -> None:
     t = (torch.ones(2),)
     with mlo.distributed.data_parallel():
         assert mlo.distributed.average(t)[0] is t[0]
+
+
+def test_seekable_loader_shards_are_the_halves_of_the_whole_batches() -> None:
+    """With world_size 2, rank r reads the positions r, r+2, ... of every global batch: the two
+    shards of batch t together are exactly batch t of one process (the same permutation)."""
+    data = torch.utils.data.TensorDataset(torch.arange(23.0))
+    whole = mlo.loader.SeekableLoader(data, batch_size=6, seed=3, world_size=1, rank=0)
+    shards = [mlo.loader.SeekableLoader(data, batch_size=6, seed=3, world_size=2, rank=r) for r in range(2)]
+    for _ in range(2):  # two epochs
+        assert len(whole) == len(shards[0]) == 3
+        for (w,), (a,), (b,) in zip(whole, *shards):
+            assert len(a) == len(b) == 3
+            assert torch.equal(w[0::2], a) and torch.equal(w[1::2], b)
+    with pytest.raises(ValueError, match="not a multiple of the 2 ranks"):
+        mlo.loader.SeekableLoader(data, batch_size=5, world_size=2, rank=0)
