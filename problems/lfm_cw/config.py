@@ -15,10 +15,18 @@ from typing import Any
 from mlo import EstimatorError, estimators
 
 from .methods import METHODS
+from .program import Optimizers
 
-__all__ = ["RunConfig", "ConfigError", "SPACES"]
+__all__ = ["RunConfig", "ConfigError", "SPACES", "DATA_DEFAULTS"]
 
 SPACES = ("darts", "pc-darts", "p-darts")
+
+#: CPU-sized defaults of data sets with size options (``None`` fields of `RunConfig` take these):
+#: Fashion-MNIST at 14x14, a class-balanced 400 training images per class (200 train + 200 val
+#: for the search) and 200 test images per class (2000 test images).
+DATA_DEFAULTS: dict[str, dict[str, int]] = {
+    "fashion-mnist": {"image_size": 14, "train_per_class": 400, "test_per_class": 200},
+}
 
 
 class ConfigError(ValueError):
@@ -36,12 +44,17 @@ class RunConfig:
     dataset: str = "digits"
     data_root: str | None = None
     imbalance: float | None = None
+    # Fashion-MNIST sizing (None: the data set's CPU default, `DATA_DEFAULTS`)
+    image_size: int | None = None
+    train_per_class: int | None = None
+    test_per_class: int | None = None
     # search
     space: str = "darts"  # darts | pc-darts | p-darts
     search_rounds: int = 30
     batch_size: int = 64
     channels: int = 4
     layers: int = 3
+    cell_steps: int = 4  # intermediate nodes per cell (DARTS: 4, i.e. 14 edges; 2 gives 5 edges, ~2.5x faster)
     pc_k: int = 2  # PC-DARTS channel proportion 1/K
     estimator: str | None = None  # overrides the method's estimator on every edge
     edge_estimators: dict[str, str] = field(default_factory=dict)  # {"upper->lower": "cg:iterations=5"}
@@ -51,12 +64,17 @@ class RunConfig:
     beta: float = 1.0
     synthetic_per_step: int = 32
     mistakes: str = "ce"
-    generator: str = "cgan"  # "cgan" or a checkpoint path
-    generator_warmup: int = 300  # GAN steps before the search, so synthetic images look like data
+    generator: str = "cvae"  # "cvae" (pretrained, cached, gated), "cgan" (trained as levels) or a checkpoint
+    generator_warmup: int = 2000  # pretraining batches of the cVAE (GAN steps for "cgan") before the search
+    generator_kl_weight: float | None = None  # cVAE KL weight; None: 0.5 on digits, 1.5 elsewhere
+    finetune_generator: bool = False  # keep training the cVAE as the `generator` level during the search
+    unsafe_pickle: bool = False  # let a generator checkpoint be a pickled module (runs the file's code)
+    learn_total: bool = False  # learn the total weight of the synthetic data, not only its split
+    w1_warmup: int = 50  # steps of W1 alone before the search, so its mistakes mean something
     # optimizers
-    w_lr: float = 0.025
-    arch_lr: float = 3e-3
-    phi_lr: float = 1e-2
+    w_lr: float = Optimizers.w_lr
+    arch_lr: float = Optimizers.arch_lr
+    phi_lr: float = Optimizers.phi_lr
     # evaluation of the derived genotype, trained from scratch
     eval_epochs: int = 10
     eval_channels: int = 8
@@ -96,6 +114,28 @@ class RunConfig:
             changes[key] = _coerce(key, value, hints[key], source)
         return dataclasses.replace(self, **changes)
 
+    def data_options(self) -> dict[str, Any]:
+        """Keyword arguments of `mlo.problems.data.load` for this data set."""
+        key = self.dataset.lower().replace("-", "")
+        if key.startswith("cifar"):
+            return {"cutout": self.cutout}
+        if key == "fashionmnist":
+            defaults = DATA_DEFAULTS["fashion-mnist"]
+            return {
+                "size": self.image_size or defaults["image_size"],
+                "train_per_class": self.train_per_class or defaults["train_per_class"],
+                "test_per_class": self.test_per_class or defaults["test_per_class"],
+            }
+        return {}
+
+    def kl_weight(self) -> float:
+        """The cVAE's KL weight: the option, else 0.5 on digits (8x8 images need more detail kept
+        to pass the diversity gate) and 1.5 elsewhere (Fashion-MNIST needs sharper class
+        identity to pass the agreement gate; chosen on train/val figures only)."""
+        if self.generator_kl_weight is not None:
+            return self.generator_kl_weight
+        return 0.5 if self.dataset == "digits" else 1.5
+
     def validate(self) -> None:
         unknown = [m for m in self.methods if m not in METHODS]
         if not self.methods or unknown:
@@ -106,12 +146,12 @@ class RunConfig:
             raise ConfigError(f"engine must be 'mlo' or 'betty', got {self.engine!r}")
         if self.mistakes not in ("ce", "error"):
             raise ConfigError(f"mistakes must be 'ce' or 'error', got {self.mistakes!r}")
-        for name in ("seeds", "search_rounds", "batch_size", "channels", "layers", "pc_k", "synthetic_per_step",
+        for name in ("seeds", "search_rounds", "batch_size", "channels", "layers", "cell_steps", "pc_k", "synthetic_per_step",
                      "eval_epochs", "eval_channels", "eval_layers", "eval_batch_size"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"{name} must be >= 1, got {getattr(self, name)}")
         for name in ("lam", "gamma", "beta", "w_lr", "arch_lr", "phi_lr", "drop_path", "auxiliary_weight", "cutout", "threads",
-                     "generator_warmup"):
+                     "generator_warmup", "w1_warmup"):
             if getattr(self, name) < 0:
                 raise ConfigError(f"{name} must be >= 0, got {getattr(self, name)}")
         if self.imbalance is not None and self.imbalance < 1:
@@ -132,8 +172,16 @@ class RunConfig:
                 )
         if self.engine == "betty":
             self._check_betty()
-        if self.generator != "cgan" and not Path(self.generator).is_file():
-            raise ConfigError(f"generator must be 'cgan' or an existing checkpoint file, got {self.generator!r}")
+        if self.generator not in ("cgan", "cvae") and not Path(self.generator).is_file():
+            raise ConfigError(f"generator must be 'cvae', 'cgan' or an existing checkpoint file, got {self.generator!r}")
+        for name in ("image_size", "train_per_class", "test_per_class"):
+            value = getattr(self, name)
+            if value is not None and value < (1 if name == "image_size" else 2):
+                raise ConfigError(f"{name} must be {'>= 1' if name == 'image_size' else '>= 2'}, got {value}")
+        if self.image_size is not None and 28 % self.image_size:
+            raise ConfigError(f"image_size must divide 28 (Fashion-MNIST: 28, 14, 7, 4), got {self.image_size}")
+        if self.generator_kl_weight is not None and self.generator_kl_weight <= 0:
+            raise ConfigError(f"generator_kl_weight must be > 0, got {self.generator_kl_weight}")
         if self.device.startswith("cuda"):
             import torch
 
