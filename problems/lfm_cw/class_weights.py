@@ -48,11 +48,10 @@ class ClassWeights(nn.Module):
         batch = class_mistakes(logits, labels, self.num_classes, kind)
         seen = torch.bincount(labels, minlength=self.num_classes) > 0
         fresh = torch.where(seen, batch, self.mistakes)
-        if not bool(self.measured):
-            self.mistakes.copy_(fresh)
-            self.measured.fill_(True)
-        else:
-            self.mistakes.mul_(self.momentum).add_((1 - self.momentum) * fresh)
+        # the first batch sets m, later ones are averaged in; chosen on the device (no host sync)
+        averaged = self.momentum * self.mistakes + (1 - self.momentum) * fresh
+        self.mistakes.copy_(torch.where(self.measured, averaged, fresh))
+        self.measured.fill_(True)
 
 
 def class_mistakes(logits: Tensor, labels: Tensor, num_classes: int, kind: str = "ce") -> Tensor:

@@ -17,7 +17,7 @@ from mlo import EstimatorError, estimators
 from .methods import METHODS
 from .program import Optimizers
 
-__all__ = ["RunConfig", "ConfigError", "SPACES", "DATA_DEFAULTS"]
+__all__ = ["RunConfig", "ConfigError", "SPACES", "DATA_DEFAULTS", "preset_options"]
 
 SPACES = ("darts", "pc-darts", "p-darts")
 
@@ -37,6 +37,8 @@ class ConfigError(ValueError):
 class RunConfig:
     """Everything `mlo run` needs. Defaults are sized for digits on a 2-core CPU (a few minutes)."""
 
+    # a network-size preset of `mlo.problems.darts.presets.PRESETS` (applied before the other options)
+    preset: str | None = None
     # what to run
     methods: list[str] = field(default_factory=lambda: ["lfm-cw"])
     seeds: int = 1
@@ -83,11 +85,13 @@ class RunConfig:
     eval_lr: float = 0.05
     drop_path: float = 0.0
     auxiliary_weight: float = 0.4
-    cutout: int = 16  # CIFAR/ImageNet only
+    cutout: int = 16  # CIFAR only, evaluation only (the search sees no Cutout)
+    subset_fraction: float = 1.0  # ImageNet: share of the training set searched on (PC-DARTS: 0.125)
     # runtime
     device: str = "cpu"
     out: str | None = None
     engine: str = "mlo"  # mlo | betty
+    workers: int = 4  # DataLoader processes on a GPU (pinned memory); 0 on a CPU
     threads: int = 1  # torch intra-op threads; 0 = torch's default. Small CPU models run
     # fastest on one: on a busy 2-core machine two threads were 3-10x slower (OpenMP barriers)
 
@@ -106,7 +110,10 @@ class RunConfig:
         """A copy with ``values`` applied; unknown keys and wrong types are errors naming the key."""
         hints = typing.get_type_hints(RunConfig)
         known = {f.name for f in dataclasses.fields(self)}
-        changes = {}
+        changes: dict[str, Any] = {}
+        preset = values.get("preset")
+        if preset not in (None, "", "none"):
+            changes.update(preset_options(str(preset), source))
         for key, value in values.items():
             key = key.replace("-", "_")
             if key not in known:
@@ -114,11 +121,14 @@ class RunConfig:
             changes[key] = _coerce(key, value, hints[key], source)
         return dataclasses.replace(self, **changes)
 
-    def data_options(self) -> dict[str, Any]:
-        """Keyword arguments of `mlo.problems.data.load` for this data set."""
+    def data_options(self, search: bool = False) -> dict[str, Any]:
+        """Keyword arguments of `mlo.problems.data.load` for this data set; ``search=True``: for
+        the search, which never sees Cutout (as DARTS's search; Cutout is for the evaluation)."""
         key = self.dataset.lower().replace("-", "")
         if key.startswith("cifar"):
-            return {"cutout": self.cutout}
+            return {"cutout": 0 if search else self.cutout}
+        if key == "imagenet":
+            return {"subset_fraction": self.subset_fraction}
         if key == "fashionmnist":
             defaults = DATA_DEFAULTS["fashion-mnist"]
             return {
@@ -150,10 +160,12 @@ class RunConfig:
                      "eval_epochs", "eval_channels", "eval_layers", "eval_batch_size"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"{name} must be >= 1, got {getattr(self, name)}")
-        for name in ("lam", "gamma", "beta", "w_lr", "arch_lr", "phi_lr", "drop_path", "auxiliary_weight", "cutout", "threads",
+        for name in ("lam", "gamma", "beta", "w_lr", "arch_lr", "phi_lr", "drop_path", "auxiliary_weight", "cutout", "threads", "workers",
                      "generator_warmup", "w1_warmup"):
             if getattr(self, name) < 0:
                 raise ConfigError(f"{name} must be >= 0, got {getattr(self, name)}")
+        if not 0 < self.subset_fraction <= 1:
+            raise ConfigError(f"subset_fraction must be in (0, 1], got {self.subset_fraction}")
         if self.imbalance is not None and self.imbalance < 1:
             raise ConfigError(f"imbalance (rho) must be >= 1, got {self.imbalance}")
         if self.space == "pc-darts" and self.channels % self.pc_k:
@@ -203,6 +215,20 @@ class RunConfig:
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
+
+
+def preset_options(name: str, source: str = "preset") -> dict[str, Any]:
+    """The options a preset of `PRESETS` sets: search and evaluation network sizes and budget."""
+    from ..darts.presets import PRESETS
+
+    if name not in PRESETS:
+        raise ConfigError(f"{source}: unknown preset {name!r}; presets: {', '.join(PRESETS)}")
+    p = PRESETS[name]
+    return {
+        "channels": p.search.C, "layers": p.search.layers, "batch_size": p.search.batch_size,
+        "eval_channels": p.evaluation.C, "eval_layers": p.evaluation.layers, "eval_batch_size": p.evaluation.batch_size,
+        "eval_epochs": p.eval_epochs, "eval_lr": p.eval_lr,
+    }
 
 
 def _coerce(key: str, value: Any, kind: Any, source: str) -> Any:

@@ -46,7 +46,7 @@ from .cvae import ConditionalVAE, pretrain_cvae
 from .gate import GateReport, quality_gate
 from .generator import load_generator
 from .methods import METHODS
-from .program import LFMCW, Constants, Optimizers, build
+from .program import LFMCW, Constants, Optimizers, augmented_real_source, build
 
 __all__ = ["run", "prepare_output"]
 
@@ -76,7 +76,7 @@ class _Recorder(mlo.Hook):
                 self.mistakes.append([float(v) for v in self.program.class_weights.mistakes.cpu()])
             norms = self.program.phi_grad_norms[self._norms_seen:]
             self._norms_seen = len(self.program.phi_grad_norms)
-            self.phi_grad_norm.append(statistics.fmean(norms) if norms else None)
+            self.phi_grad_norm.append(float(torch.stack(norms).mean()) if norms else None)
 
     def adopt(self, earlier: "_Recorder") -> None:
         """Continue ``earlier``'s history (P-DARTS stages share one)."""
@@ -167,6 +167,7 @@ def _search(
             _supernet_factory(config, splits, stage, mask), spec.variant, constants, optim,
             rounds=rounds + (config.w1_warmup if index == 0 else 0), batch_size=config.batch_size,
             estimator=config.estimator or spec.estimator, generator=generator, device=config.device, seed=seed,
+            workers=config.workers,
         )
         for edge, est in config.edge_estimators.items():  # checked against every method's edges
             upper, _, lower = (s.strip() for s in edge.partition("->"))
@@ -203,8 +204,11 @@ def _search(
 
 
 def _run_one(
-    config: RunConfig, method: str, seed: int, splits: datasets.DataSplits, generator: Any, out: Path, progress: Progress
+    config: RunConfig, method: str, seed: int, splits: datasets.DataSplits, generator: Any, out: Path, progress: Progress,
+    eval_splits: datasets.DataSplits | None = None,
 ) -> dict[str, Any]:
+    """Search on ``splits``, then train the genotype from scratch on ``eval_splits`` (default: the
+    same; for CIFAR the evaluation data adds Cutout, which the search never sees)."""
     torch.manual_seed(seed)
     program, recorder, search_seconds = _search(config, method, seed, splits, generator, progress)
     arch = program.architecture
@@ -214,9 +218,10 @@ def _run_one(
 
     task = progress.add_task(f"evaluate {method} seed {seed}", total=config.eval_epochs, losses="")
     result = train_from_scratch(
-        genotype, splits, epochs=config.eval_epochs, batch_size=config.eval_batch_size, lr=config.eval_lr,
+        genotype, eval_splits or splits, epochs=config.eval_epochs, batch_size=config.eval_batch_size, lr=config.eval_lr,
         C=config.eval_channels, layers=config.eval_layers, auxiliary=config.auxiliary_weight > 0,
         auxiliary_weight=config.auxiliary_weight, drop_path_prob=config.drop_path, device=config.device, seed=seed,
+        num_workers=config.workers if torch.device(config.device).type == "cuda" else 0,
         progress_callback=lambda r: progress.update(
             task, advance=1, losses=f"train loss {r.train_loss:.3f}  test error {r.test_error:.2f}%"
         ),
@@ -264,13 +269,10 @@ def _run_one(
 
 
 def augmented_real(splits: datasets.DataSplits, config: RunConfig) -> AugmentedReal:
-    """The ``lfm-cw-aug`` source: real training images, shifted by 1/7 of their size (and mirrored
-    for Fashion-MNIST and colour images, whose classes are left-right symmetric; not for digits)."""
-    n = len(splits.train)  # type: ignore[arg-type]
-    images = torch.stack([splits.train[i][0] for i in range(n)])
-    labels = torch.from_numpy(datasets.labels_of(splits.train))
+    """The ``lfm-cw-aug`` source of this data set: mirrored too, except on digits (whose classes
+    are not left-right symmetric)."""
     flip = not splits.name.startswith("digits")
-    return AugmentedReal(images, labels, splits.num_classes, max(1, splits.input_shape[-1] // 7), flip).to(config.device)
+    return augmented_real_source(splits.train, splits.num_classes, splits.input_shape, flip).to(config.device)
 
 
 def cached_cvae(
@@ -341,7 +343,14 @@ def run(config: RunConfig, console: Console | None = None) -> dict[str, Any]:
     config.validate()  # every option checked before any data is read
     if config.threads:
         torch.set_num_threads(config.threads)
-    splits = datasets.load(config.dataset, config.data_root, config.imbalance, seed=0, **config.data_options())
+    if torch.device(config.device).type == "cuda":
+        torch.backends.cudnn.benchmark = True  # fixed input sizes: let cuDNN pick its fastest kernels once
+    splits = datasets.load(config.dataset, config.data_root, config.imbalance, seed=0, **config.data_options(search=True))
+    eval_options = config.data_options()
+    eval_splits = (
+        splits if eval_options == config.data_options(search=True)
+        else datasets.load(config.dataset, config.data_root, config.imbalance, seed=0, **eval_options)
+    )
     loaded = None
     if config.generator not in ("cgan", "cvae"):
         loaded = load_generator(config.generator, splits.num_classes, splits.input_shape, allow_pickle=config.unsafe_pickle)
@@ -373,7 +382,7 @@ def run(config: RunConfig, console: Console | None = None) -> dict[str, Any]:
                     generator = sources["cvae"]
                 else:
                     generator = loaded
-                results["runs"].append(_run_one(config, method, seed, splits, generator, out, progress))
+                results["runs"].append(_run_one(config, method, seed, splits, generator, out, progress, eval_splits))
                 results["summary"] = _summary(results["runs"])
                 _write_json(out / "results.json", results)
     console.print(_table(results["summary"], imbalanced=config.imbalance is not None))

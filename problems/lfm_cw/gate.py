@@ -100,10 +100,11 @@ def real_classifier(train: Dataset, num_classes: int, seed: int = 0, epochs: int
 
 def quality_gate(
     generator: nn.Module, train: Dataset, val: Dataset, num_classes: int, noise_dim: int,
-    per_class: int = 200, seed: int = 0, device: torch.device | str = "cpu",
+    per_class: int = 200, seed: int = 0, device: torch.device | str = "cpu", judge: nn.Module | None = None,
 ) -> GateReport:
-    """Measure ``generator`` (called ``(noise, labels) -> images``) against the real ``train`` data."""
-    judge = real_classifier(train, num_classes, seed)
+    """Measure ``generator`` (called ``(noise, labels) -> images``) against the real ``train`` data.
+    ``judge``: a classifier from `real_classifier` to reuse (default: one trained here)."""
+    judge = judge if judge is not None else real_classifier(train, num_classes, seed)
     xv, yv = _tensors(val)
     gen = torch.Generator().manual_seed(seed + 1)
     labels = torch.arange(num_classes).repeat_interleave(per_class)

@@ -39,10 +39,11 @@ import mlo
 
 from ..darts.architecture import Architecture
 from ..darts.search import SuperNet
+from .augment import AugmentedReal
 from .class_weights import ClassWeights
 from .generator import ConditionalDiscriminator, ConditionalGenerator, discriminator_loss, generator_loss
 
-__all__ = ["Constants", "Optimizers", "Variant", "LFMCW", "build", "batches"]
+__all__ = ["Constants", "Optimizers", "Variant", "LFMCW", "build", "batches", "augmented_real_source"]
 
 
 @dataclass(frozen=True)
@@ -136,25 +137,34 @@ class LFMCW:
     class_weights: ClassWeights | None = None
     generator: nn.Module | None = None
     modules: dict[str, nn.Module] = field(default_factory=dict)
-    #: global norm of the class weights' hypergradient at each of its steps (before any transform)
-    phi_grad_norms: list[float] = field(default_factory=list)
+    #: global norm of the class weights' hypergradient at each of its steps (0-d tensors on the
+    #: device, so that no step waits for the host; read them once per round)
+    phi_grad_norms: list[Tensor] = field(default_factory=list)
 
 
-def _norm_probe(norms: list[float]) -> mlo.transforms.GradientTransform:
+def _norm_probe(norms: list[Tensor]) -> mlo.transforms.GradientTransform:
     """A transform that leaves the gradient as it is and appends its global norm to ``norms``."""
 
     def update(grads: tuple[Tensor, ...], state: Any, params: tuple[Tensor, ...]) -> tuple[tuple[Tensor, ...], Any]:
-        norms.append(float(torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g) for g in grads]))))
+        norms.append(torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g) for g in grads])))
         return grads, state
 
     return mlo.transforms.GradientTransform(lambda params: None, update, "norm_probe")
 
 
-def batches(dataset: Dataset, batch_size: int, seed: int, device: torch.device) -> Iterable[tuple[Tensor, Tensor]]:
-    """An iterable of shuffled (images, labels) batches on ``device``; each pass reshuffles."""
+def batches(
+    dataset: Dataset, batch_size: int, seed: int, device: torch.device, workers: int = 2
+) -> Iterable[tuple[Tensor, Tensor]]:
+    """An iterable of shuffled (images, labels) batches on ``device``; each pass reshuffles. On a
+    GPU, ``workers`` loader processes fill pinned batches and copies are non-blocking; on a CPU
+    the batches are read in this process (workers would only compete for the cores)."""
     gen = torch.Generator().manual_seed(seed)
     size = len(dataset)  # type: ignore[arg-type]  # map-style data sets have a length
-    loader = DataLoader(dataset, batch_size=min(batch_size, size), shuffle=True, drop_last=True, generator=gen)
+    cuda = device.type == "cuda"  # pinned host memory makes the copies below asynchronous
+    loader = DataLoader(
+        dataset, batch_size=min(batch_size, size), shuffle=True, drop_last=True, generator=gen, pin_memory=cuda,
+        num_workers=workers if cuda else 0, persistent_workers=cuda and workers > 0,
+    )
 
     class _OnDevice:
         def __iter__(self) -> Iterator[tuple[Tensor, Tensor]]:
@@ -274,6 +284,15 @@ class MistakesHook(mlo.Hook):
             self.weights.observe(self.w1(x, self.arch), y, self.kind)
 
 
+def augmented_real_source(train: Dataset, num_classes: int, shape: tuple[int, int, int], flip: bool = False) -> AugmentedReal:
+    """The ``lfm-cw-aug`` source over the images of ``train``: shifts of up to 1/7 of the image
+    side (at least one pixel), and mirror images when ``flip``."""
+    size = len(train)  # type: ignore[arg-type]
+    images = torch.stack([train[i][0] for i in range(size)])
+    labels = torch.as_tensor([int(train[i][1]) for i in range(size)])
+    return AugmentedReal(images, labels, num_classes, max(1, shape[-1] // 7), flip)
+
+
 def _forever(data: Iterable[Any]) -> Iterator[Any]:
     while True:
         yield from data
@@ -294,6 +313,7 @@ def build(
     generator: nn.Module | None = None,
     device: torch.device | str = "cpu",
     seed: int = 0,
+    workers: int = 2,
 ) -> LFMCW:
     """Build the LFM-CW program (or one of its variants) on ``train``/``val``.
 
@@ -301,6 +321,7 @@ def build(
     weights' cosine schedule length. ``generator``: a module ``(noise, labels) -> images`` used as
     a fixed data source; by default a `ConditionalGenerator` is trained as two levels.
     ``estimator`` is used on every edge (``result.estimators`` can be edited before the engine).
+    ``workers``: DataLoader processes per data stream on a GPU (none on a CPU).
     """
     device = torch.device(device)
     torch.manual_seed(seed)
@@ -312,7 +333,7 @@ def build(
         return opt, torch.optim.lr_scheduler.CosineAnnealingLR(opt, max(rounds, 1), eta_min=optim.w_lr_min)
 
     def stream(dataset: Dataset, offset: int) -> Iterable[Any]:
-        return batches(dataset, batch_size, seed * 1000 + offset, device)
+        return batches(dataset, batch_size, seed * 1000 + offset, device, workers)
 
     opt, sched = sgd(w1)
     problems: list[mlo.Problem] = [SupernetLoss("w1", w1, arch, optimizer=opt, data=stream(train, 1), scheduler=sched)]
@@ -329,6 +350,8 @@ def build(
         if variant.use_mistakes:
             hooks.append(MistakesHook(w1, arch, weights, stream(val, 2), constants.mistakes))
         gen = generator
+        if variant.generator and variant.augmented_real and gen is None:
+            gen = augmented_real_source(train, num_classes, shape)
         if variant.generator and gen is None:
             gen = ConditionalGenerator(num_classes, shape, constants.noise_dim).to(device)
             disc = ConditionalDiscriminator(num_classes, shape).to(device)
