@@ -126,7 +126,7 @@ def test_mlo_run_end_to_end_on_digits(tmp_path: Path, one_thread: None) -> None:
     config = tmp_path / "tiny.toml"
     config.write_text(
         'methods = ["lfm-cw", "darts-1st"]\nseeds = 2\nsearch_rounds = 2\nbatch_size = 16\nlayers = 1\n'
-        "eval_epochs = 1\neval_layers = 1\neval_channels = 4\nsynthetic_per_step = 8\ngenerator_warmup = 2\n"
+        "eval_epochs = 1\neval_layers = 1\neval_channels = 4\nsynthetic_per_step = 8\ngenerator_warmup = 2\nw1_warmup = 1\n"
     )
     code = main(["run", "--config", str(config), "--imbalance", "5", "--out", str(out)])
     assert code == 0
@@ -173,7 +173,7 @@ def test_lfm_cw_runs_on_pc_darts_and_p_darts(space: str, tmp_path: Path, one_thr
 
     config = RunConfig(
         space=space, search_rounds=3, batch_size=16, layers=1, eval_epochs=1, eval_layers=1, eval_channels=4,
-        synthetic_per_step=8, generator_warmup=1, out=str(tmp_path),
+        synthetic_per_step=8, generator_warmup=1, w1_warmup=0, out=str(tmp_path),
     )
     (record,) = run(config)["runs"]
     genotype = Genotype.load(tmp_path / record["genotype"])
@@ -183,7 +183,7 @@ def test_lfm_cw_runs_on_pc_darts_and_p_darts(space: str, tmp_path: Path, one_thr
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("generator", ["cvae", "cgan"])
+@pytest.mark.parametrize("generator", ["cvae"])  # "cgan" (trained as levels in stage 1) passes too; ~30 s more
 def test_p_darts_later_stages_get_the_trained_generator(generator: str, tmp_path: Path, one_thread: None) -> None:
     from rich.console import Console
     from rich.progress import Progress
@@ -194,7 +194,7 @@ def test_p_darts_later_stages_get_the_trained_generator(generator: str, tmp_path
 
     config = RunConfig(
         space="p-darts", search_rounds=3, batch_size=16, layers=1, synthetic_per_step=8, generator=generator,
-        generator_warmup=5, w1_warmup=1, out=str(tmp_path),
+        generator_warmup=5, w1_warmup=0, out=str(tmp_path),
     )
     splits = data.digits(seed=0)
     source = None

@@ -22,10 +22,10 @@ __all__ = ["RunConfig", "ConfigError", "SPACES", "DATA_DEFAULTS", "preset_option
 SPACES = ("darts", "pc-darts", "p-darts")
 
 #: CPU-sized defaults of data sets with size options (``None`` fields of `RunConfig` take these):
-#: Fashion-MNIST at 14x14, a class-balanced 400 training images per class (200 train + 200 val
-#: for the search) and 200 test images per class (2000 test images).
+#: Fashion-MNIST at 14x14, a class-balanced 100 training images per class (50 search-train + 50
+#: search-val) and 200 test images per class (2000 test images).
 DATA_DEFAULTS: dict[str, dict[str, int]] = {
-    "fashion-mnist": {"image_size": 14, "train_per_class": 400, "test_per_class": 200},
+    "fashion-mnist": {"image_size": 14, "train_per_class": 100, "test_per_class": 200},
 }
 
 
