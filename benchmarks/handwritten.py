@@ -31,7 +31,9 @@ from mlo import autodiff
 from mlo.estimators import CG, Estimator, FiniteDifference, FirstOrder, Neumann, Unroll
 from mlo.functional import frozen_buffers
 
-from .problems import Copy, cycle
+from mlo import cycle
+
+from .problems import Copy
 
 __all__ = ["handwritten_round", "supports"]
 
@@ -125,11 +127,14 @@ def handwritten_round(c: Copy, estimator: Estimator, direct_engine: bool = False
             return grad(gl, lp, v, retain_graph=True)  # type: ignore[arg-type]
 
         if isinstance(estimator, Neumann):
+            step = estimator.alpha
+            if not isinstance(step, float):
+                raise ValueError("the hand-written engine takes a numeric Neumann alpha, not 'auto'")
             term, total = list(adjoint), list(adjoint)
             for _ in range(estimator.iterations):
-                term = [t - estimator.alpha * h for t, h in zip(term, hvp(term))]
+                term = [t - step * h for t, h in zip(term, hvp(term))]
                 total = [s + t for s, t in zip(total, term)]
-            x = [estimator.alpha * s for s in total]
+            x = [step * s for s in total]
         else:
             assert isinstance(estimator, CG)
             x = [torch.zeros_like(a) for a in adjoint]

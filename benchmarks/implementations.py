@@ -28,7 +28,9 @@ import mlo
 from mlo.estimators import CG, Estimator, Neumann, Unroll
 
 from .handwritten import handwritten_round, supports
-from .problems import GRAPH, Copy, as_mlo, cycle
+from mlo import cycle
+
+from .problems import GRAPH, Copy, as_mlo
 
 __all__ = ["NotApplicable", "Round", "IMPLEMENTATIONS", "build_round"]
 
@@ -147,6 +149,8 @@ def torchopt_round(c: Copy, estimator: Estimator) -> tuple[Round, str]:
 
         return unrolled, ""
     if isinstance(estimator, Neumann):
+        if not isinstance(estimator.alpha, float):
+            raise NotApplicable("TorchOpt's Neumann solver takes a numeric alpha, not 'auto'")
         solve = torchopt.linear_solve.solve_inv(ns=True, maxiter=estimator.iterations, alpha=estimator.alpha)
     elif isinstance(estimator, CG):
         ridge = estimator.damping or None

@@ -164,6 +164,8 @@ def betty_method(estimator: EstimatorSpec, allow_inexact: bool = False) -> Betty
     if isinstance(est, FirstOrder):
         return BettyMethod("first_order")
     if isinstance(est, Neumann):
+        if not isinstance(est.alpha, float):
+            raise BettyUnsupported(f"Betty's Neumann takes a numeric alpha; {est} (alpha='auto') cannot run on Betty")
         return BettyMethod("neumann", (("neumann_iterations", est.iterations), ("neumann_alpha", est.alpha)))
     if isinstance(est, CG):
         if est.damping:
@@ -211,7 +213,8 @@ def _level_class() -> type:
             return self.mlo_problem.loss(batch)
 
         def get_batch(self) -> Any:
-            return next(self.stream)
+            self.mlo_problem.batch = next(self.stream)
+            return self.mlo_problem.batch
 
         def trainable_parameters(self) -> list[Tensor]:
             return list(self.mlo_problem.parameters())
@@ -315,6 +318,12 @@ class BettyProgram:
 
     def _check_shape(self) -> None:
         g = self.graph
+        restarted = [n for n in g.levels if self.problems[n].init is not None]
+        if restarted:
+            raise BettyUnsupported(
+                f"level(s) {restarted} start every round from init (or take no steps of their own, steps=0); "
+                "Betty's problems have no such restart"
+            )
         leaves = [n for n in g.levels if not g.lowers_of[n]]
         steps = {n: self.problems[n].steps for n in leaves}
         if len(set(steps.values())) > 1:

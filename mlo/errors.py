@@ -19,9 +19,28 @@ class EstimatorError(ProgramError):
     """An estimator name or option is invalid, or an estimator cannot serve an edge."""
 
 
+class LossError(ProgramError, TypeError):
+    """A level's loss returned something other than a one-element floating-point tensor."""
+
+
+class UnknownLevelError(MLOError, KeyError):
+    """A method was given a level name the program does not have; the message lists the levels."""
+
+    def __str__(self) -> str:  # KeyError would show the message in quotes
+        return str(self.args[0]) if self.args else ""
+
+
 class NonFiniteError(MLOError, FloatingPointError):
     """A loss or a hypergradient became NaN or infinite during a run."""
 
 
 class DivergenceError(MLOError, ArithmeticError):
     """An iterative estimator diverged (for example a Neumann series whose terms grow)."""
+
+
+class CheckpointError(MLOError, OSError):
+    """A checkpoint file is missing, truncated, corrupt, or holds something other than plain values."""
+
+
+class ConvergenceWarning(UserWarning):
+    """An iterative solve stopped far from its answer (for example CG on an indefinite Hessian)."""

@@ -11,7 +11,7 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
-from .errors import GraphError
+from .errors import GraphError, UnknownLevelError
 
 __all__ = ["Graph"]
 
@@ -57,8 +57,14 @@ class Graph:
         order = _bottom_up(tuple(levels), lowers)
         return Graph(tuple(levels), lowers, {k: tuple(v) for k, v in uppers.items()}, order)
 
+    def require(self, name: str) -> None:
+        """Raise `UnknownLevelError` listing the levels unless ``name`` is one of them."""
+        if name not in self.lowers_of:
+            raise UnknownLevelError(f"unknown level {name!r}; levels: {list(self.levels)}")
+
     def descendants(self, name: str) -> tuple[str, ...]:
         """Every level reachable below ``name`` (excluding it), in bottom-up order."""
+        self.require(name)
         found: set[str] = set()
         stack = list(self.lowers_of[name])
         while stack:

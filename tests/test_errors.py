@@ -3,6 +3,7 @@ step; failures during a run name the level and the round."""
 
 from __future__ import annotations
 
+import re
 import warnings
 
 import pytest
@@ -10,24 +11,37 @@ import torch
 from torch import nn
 
 import mlo
-from programs import Fn, Vector, assert_same, ridge, snapshot
+from programs import Vector, assert_same, ridge, snapshot
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 
-def _level(name, dim=2, fn=None, optimizer=None, **kw):
+#: losses evaluated by levels made with `_level`
+LOSS_CALLS: list[str] = []
+
+
+def _level(name, dim=2, fn=None, optimizer=None, of_module=None, **kw):
+    """A level on a vector of ones; its loss ``fn(batch)``, or ``of_module(module)``, or |x|^2."""
     module = Vector(torch.ones(dim))
     opt = optimizer(module) if optimizer else torch.optim.SGD(module.parameters(), lr=0.1)
-    return Fn(name, module, opt, fn or (lambda batch: (module.x**2).sum()), **kw)
+    if fn is None:
+        fn = (lambda batch: of_module(module)) if of_module else (lambda batch: (module.x**2).sum())
+
+    def loss(batch):
+        LOSS_CALLS.append(name)
+        return fn(batch)
+
+    return mlo.Problem(name, module, opt, loss=loss, **kw)
 
 
 def _refused(problems, graph, estimator="cg", error=mlo.ProgramError, match=""):
     """Building the engine raises ``error`` matching ``match``; no loss was evaluated and no
     parameter moved."""
     before = snapshot(*problems)
+    LOSS_CALLS.clear()
     with pytest.raises(error, match=match) as info:
         mlo.Engine(problems, graph, estimator)
-    assert all(p.calls == 0 for p in problems)
+    assert LOSS_CALLS == []
     assert_same(before, snapshot(*problems))
     return info
 
@@ -90,7 +104,7 @@ def test_graph_entry_that_is_a_string():
 def test_upper_level_without_trainable_parameters():
     frozen = nn.Linear(2, 1)
     frozen.requires_grad_(False)
-    upper = Fn("hyper", frozen, torch.optim.SGD(frozen.parameters(), lr=0.1), lambda batch: frozen.weight.sum())
+    upper = mlo.Problem("hyper", frozen, torch.optim.SGD(frozen.parameters(), lr=0.1), loss=lambda batch: frozen.weight.sum())
     lower = _level("weights")
     _refused([lower, upper], {"hyper": ["weights"]}, match="level 'hyper' is an upper level with no trainable parameters")
 
@@ -120,15 +134,15 @@ def test_optimizer_that_does_not_own_the_parameters():
 
 def test_optimizer_that_owns_only_some_parameters():
     module = nn.Linear(2, 2)
-    lower = Fn("weights", module, torch.optim.SGD([module.weight], lr=0.1), lambda batch: module.weight.sum())
+    lower = mlo.Problem("weights", module, torch.optim.SGD([module.weight], lr=0.1), loss=lambda batch: module.weight.sum())
     upper = _level("hyper")
     _refused([lower, upper], {"hyper": ["weights"]}, match=r"level 'weights'.*does not own parameter\(s\) \['bias'\]")
 
 
 def test_parameter_shared_by_two_levels():
     shared = Vector(torch.ones(2))
-    a = Fn("a", shared, torch.optim.SGD(shared.parameters(), lr=0.1), lambda batch: shared.x.sum())
-    b = Fn("b", shared, torch.optim.SGD(shared.parameters(), lr=0.1), lambda batch: shared.x.sum())
+    a = mlo.Problem("a", shared, torch.optim.SGD(shared.parameters(), lr=0.1), loss=lambda batch: shared.x.sum())
+    b = mlo.Problem("b", shared, torch.optim.SGD(shared.parameters(), lr=0.1), loss=lambda batch: shared.x.sum())
     _refused([a, b], {"a": ["b"]}, match="level 'b' also belongs to level 'a'")
 
 
@@ -204,8 +218,8 @@ def test_unroll_on_an_unsupported_optimizer(make, match):
 
 def test_non_finite_loss_names_level_and_round():
     batches = [torch.tensor(1.0), torch.tensor(2.0), torch.tensor(float("nan"))]
-    lower = _level("weights", data=batches)
-    lower.fn = lambda batch, m=lower.module: batch * (m.x**2).sum()
+    m = Vector(torch.ones(2))
+    lower = mlo.Problem("weights", m, torch.optim.SGD(m.parameters(), lr=0.1), batches, loss=lambda batch: batch * (m.x**2).sum())
     upper = _level("hyper")
     engine = mlo.Engine([lower, upper], {"hyper": ["weights"]}, "cg")
     engine.run(2)
@@ -218,9 +232,11 @@ def test_non_finite_loss_names_level_and_round():
 def test_non_finite_hypergradient_names_level_and_round():
     # Round 1's batch makes the upper loss |0 * h|^(1/2): finite, with a NaN gradient.
     r = ridge()
-    r.outer.data = [torch.tensor(1.0), torch.tensor(0.0)]
     hm = r.outer.module
-    r.outer.fn = lambda batch: r.outer_fn(r.inner.module.x, hm.x) + (batch * hm.x).abs().sqrt().sum()
+    r.outer = mlo.Problem(
+        "h", hm, r.outer.optimizer, [torch.tensor(1.0), torch.tensor(0.0)],
+        loss=lambda batch: r.outer_fn(r.inner.module.x, hm.x) + (batch * hm.x).abs().sqrt().sum(),
+    )
     engine = mlo.Engine([r.inner, r.outer], {"h": ["w"]}, "cg")
     engine.run(1)
     before = snapshot(r.inner, r.outer)
@@ -233,8 +249,8 @@ def test_non_finite_hypergradient_names_level_and_round():
 
 def test_non_finite_checks_can_be_turned_off():
     batches = [torch.tensor(float("nan"))]
-    lower = _level("weights", data=batches)
-    lower.fn = lambda batch, m=lower.module: batch * (m.x**2).sum()
+    m = Vector(torch.ones(2))
+    lower = mlo.Problem("weights", m, torch.optim.SGD(m.parameters(), lr=0.1), batches, loss=lambda batch: batch * (m.x**2).sum())
     engine = mlo.Engine([lower, _level("hyper")], {"hyper": ["weights"]}, "cg", check_finite=False)
     engine.run(1)
     assert torch.isnan(lower.module.x).all()
@@ -252,3 +268,145 @@ def test_neumann_with_too_large_alpha_diverges(float64):
     # just below the bound it converges
     ok = r.engine(mlo.estimators.Neumann(iterations=50, alpha=1.9 / top)).hypergradient("h")[0]
     assert torch.isfinite(ok).all()
+
+
+# ---------------------------------------------------------------------------------------------- losses
+
+
+@pytest.mark.parametrize(
+    "value,match",
+    [
+        (lambda m: m.x * 2, r"got a tensor of shape \(2,\): reduce it to a scalar"),
+        (lambda m: None, r"got None"),
+        (lambda m: 0.5, r"got a Python float \(0.5\), which carries no gradient"),
+        (lambda m: 3, r"got a Python int"),
+        (lambda m: (m.x**2).sum().long(), r"dtype torch.int64"),
+        (lambda m: [(m.x**2).sum()], r"got list"),
+    ],
+    ids=["non-scalar", "None", "float", "int", "integer-tensor", "list"],
+)
+@pytest.mark.parametrize("where", ["lower", "upper"])
+def test_a_loss_that_is_not_a_scalar_tensor_names_the_level(value, match, where):
+    lower = _level("weights", of_module=value if where == "lower" else None)
+    upper = _level("hyper", of_module=value if where == "upper" else None)
+    bad = lower if where == "lower" else upper
+    engine = mlo.Engine([lower, upper], {"hyper": ["weights"]}, "cg")
+    before = snapshot(lower, upper)
+    with pytest.raises(mlo.LossError, match=f"level '{bad.name}': loss must return a scalar floating-point tensor, .*{match}"):
+        engine.run(1)
+    if where == "lower":  # it failed at the first step: nothing moved
+        assert_same(before, snapshot(lower, upper))
+    with pytest.raises(TypeError):  # LossError is a TypeError (and an mlo.ProgramError)
+        engine.hypergradient("hyper")
+
+
+def test_a_one_element_loss_of_shape_1_is_accepted():
+    lower, upper = _level("weights", of_module=lambda m: (m.x**2).sum().reshape(1)), _level("hyper")
+    mlo.Engine([lower, upper], {"hyper": ["weights"]}, "cg").run(1)
+
+
+# ---------------------------------------------------------------------------------------------- data
+
+
+def test_a_data_loader_with_no_batch_is_refused_when_the_engine_is_built():
+    from torch.utils.data import DataLoader, TensorDataset
+
+    loader = DataLoader(TensorDataset(torch.ones(3, 2)), batch_size=4, drop_last=True)  # 3 < 4: no batch
+    lower, upper = _level("weights", data=loader), _level("hyper")
+    _refused([lower, upper], {"hyper": ["weights"]}, match=r"level 'weights': its data \(DataLoader\) holds no batch")
+
+
+def test_a_string_as_data_is_refused():
+    lower, upper = _level("weights", data="train.csv"), _level("hyper")
+    _refused([lower, upper], {"hyper": ["weights"]}, match="level 'weights': data must be an iterable of batches, got a str")
+
+
+# ---------------------------------------------------------------------------------------------- level names
+
+
+@pytest.mark.parametrize(
+    "call",
+    [
+        lambda e: e.step("nope"),
+        lambda e: e.hypergradient("nope"),
+        lambda e: e.graph.descendants("nope"),
+    ],
+    ids=["step", "hypergradient", "descendants"],
+)
+def test_every_method_taking_a_level_name_lists_the_levels(call):
+    lower, upper = _level("weights"), _level("hyper")
+    engine = mlo.Engine([lower, upper], {"hyper": ["weights"]}, "cg")
+    before = snapshot(lower, upper)
+    LOSS_CALLS.clear()
+    with pytest.raises(mlo.UnknownLevelError, match=r"^unknown level 'nope'; levels: \['weights', 'hyper'\]$"):
+        call(engine)
+    with pytest.raises(KeyError):  # and it is a KeyError, as a lookup by name should be
+        call(engine)
+    assert_same(before, snapshot(lower, upper))
+    assert LOSS_CALLS == []
+
+
+# ---------------------------------------------------------------------------------------------- hooks under look-ahead
+
+
+class _Losses(mlo.Hook):
+    def __init__(self):
+        self.seen = {}
+
+    def on_step(self, engine, level, loss):
+        self.seen[level] = float(loss)
+
+
+@pytest.mark.parametrize("estimator", ["unroll:steps=1", "finite_difference", "cg"])
+def test_hooks_see_the_upper_loss_where_its_hypergradient_is_evaluated(float64, estimator):
+    # Documented in Hook.on_step and Engine.step: under a look-ahead estimator the upper loss is
+    # the one at the lower level's look-ahead parameters, not at its current ones.
+    r = ridge()
+    hook = _Losses()
+    engine = mlo.Engine([r.inner, r.outer], {"h": ["w"]}, estimator, hooks=[hook])
+    engine.step("w")
+    w, h = r.w(), r.h()
+    lr = r.inner.optimizer.param_groups[0]["lr"]
+    w_var = w.clone().requires_grad_()
+    (g,) = torch.autograd.grad(r.inner_fn(w_var, h), w_var)
+    ahead = w - lr * g
+    engine.step("h")
+    at_current, at_lookahead = float(r.outer_fn(w, h)), float(r.outer_fn(ahead, h))
+    want = at_current if estimator == "cg" else at_lookahead
+    assert hook.seen["h"] == pytest.approx(want, rel=1e-12)
+    assert abs(at_current - at_lookahead) > 1e-6  # the two differ: the test can tell them apart
+
+
+# ---------------------------------------------------------------------------------------------- the command line
+
+
+@pytest.mark.parametrize(
+    "argv,match",
+    [
+        (["run", "lfm-cw", "--dataset", "mnist"], "unknown dataset 'mnist'; known: digits"),
+        (["run", "--set", "lam=big"], "option 'lam' must be float"),
+        (["run", "--set", "lamda=1"], "unknown option 'lamda'"),
+        (["run", "--estimator", "newton"], "unknown estimator 'newton'"),
+        (["run", "--estimator", "neumann:alpha=fast"], "option 'alpha' must be > 0 or 'auto'"),
+        (["run", "--space", "nas"], "space must be one of"),
+        (["run", "nonesuch"], r"unknown program 'nonesuch'; programs: .*lfm-cw"),
+        (["run", "lfm-cw", "--methods", "nonesuch"], r"unknown method\(s\) \['nonesuch'\]"),
+        (["run", "--config", "/nonexistent.toml"], "does not exist"),
+        (["run", "--rounds", "abc"], "argument --rounds: invalid int value: 'abc'"),
+        (["run", "--rounds", "0"], "search_rounds must be >= 1"),
+    ],
+)
+def test_every_config_error_exits_2_with_one_line(argv, match, capsys, tmp_path):
+    from mlo.cli import main
+
+    try:
+        code = main([*argv, "--out", str(tmp_path / "o")])
+    except SystemExit as exit:  # argparse's own errors
+        code = exit.code
+    captured = capsys.readouterr()
+    assert code == 2
+    lines = captured.err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("mlo run: error: "), captured.err
+    assert re.search(match, lines[0]), lines[0]
+    assert "Traceback" not in captured.err and captured.out == ""
+    assert not (tmp_path / "o").exists()  # nothing started

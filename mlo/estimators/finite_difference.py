@@ -57,4 +57,4 @@ class FiniteDifference(Estimator):
         eps = self.radius / size
         plus = hop.upper_gradient(autodiff.axpy(eps, v, hop.lower_params))
         minus = hop.upper_gradient(autodiff.axpy(-eps, v, hop.lower_params))
-        return autodiff.scale(-0.5 / eps, autodiff.sub(plus, minus)), {"epsilon": eps}
+        return autodiff.scale(-0.5 / eps, autodiff.sub(plus, minus)), {"epsilon": eps, "direction_norm": size}

@@ -7,11 +7,12 @@ import typing
 from typing import Any, TypeVar
 
 from ..errors import EstimatorError
-from .base import Estimator
+from .base import Estimator, choices_of, option_types, type_name
 
 __all__ = ["register", "names", "get", "parse", "resolve"]
 
 _REGISTRY: dict[str, type[Estimator]] = {}
+_BOOLEANS = {"1": True, "true": True, "yes": True, "0": False, "false": False, "no": False}
 E = TypeVar("E", bound=type[Estimator])
 
 
@@ -58,14 +59,26 @@ def parse(spec: str) -> Estimator:
         key = key.strip()
         if not eq or key not in hints or key in ("name", "attached"):
             raise EstimatorError(f"bad option {item!r} in estimator spec {spec!r}; expected NAME=VALUE for an option of {name!r}")
-        kind = hints[key]
-        try:
-            options[key] = (text.strip().lower() in ("1", "true", "yes")) if kind is bool else kind(text.strip())
-        except ValueError:
-            raise EstimatorError(
-                f"estimator {name!r}: option {key!r} must be {kind.__name__}, got {text.strip()!r}"
-            ) from None
+        if choices_of(hints[key]):  # named values (Literal["a", "b"]): checked when the estimator is built
+            options[key] = text.strip()
+        else:
+            options[key] = _convert(name, key, text.strip(), option_types(hints[key]))
     return get(name, **options)
+
+
+def _convert(name: str, key: str, text: str, kinds: tuple[type, ...]) -> Any:
+    """``text`` as the first of the option's types that accepts it (``float | str``: a number if
+    it reads as one, else the string)."""
+    for kind in kinds:
+        if kind is bool and text.lower() in _BOOLEANS:
+            return _BOOLEANS[text.lower()]
+        if kind is bool:
+            continue
+        try:
+            return kind(text)
+        except ValueError:
+            continue
+    raise EstimatorError(f"estimator {name!r}: option {key!r} must be {type_name(kinds)}, got {text!r}")
 
 
 def resolve(spec: str | Estimator) -> Estimator:

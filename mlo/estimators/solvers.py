@@ -1,42 +1,50 @@
 """Linear solvers over a Hessian-vector product: the shared core of the implicit estimators.
 
-Both approximate ``x = H^{-1} b`` given only ``v -> H v``.
+Both approximate ``x = H^{-1} b`` given only ``v -> H v``, and report what they did as a dict of
+floats (the diagnostics an estimator passes on). ``largest_eigenvalue`` estimates the step size
+the Neumann series needs. ``attach`` makes a solution differentiable as a solution.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import Any
 
 import torch
+from torch import Tensor
 
 from .. import autodiff
 from ..autodiff import Tensors
 from ..errors import DivergenceError
 
-__all__ = ["conjugate_gradient", "neumann_series"]
+__all__ = ["conjugate_gradient", "neumann_series", "largest_eigenvalue", "attach"]
+
+Matvec = Callable[[Tensors], Tensors]
 
 
-def conjugate_gradient(
-    matvec: Callable[[Tensors], Tensors], b: Tensors, iterations: int, tol: float
-) -> tuple[Tensors, float, int]:
+def conjugate_gradient(matvec: Matvec, b: Tensors, iterations: int, tol: float) -> tuple[Tensors, dict[str, float]]:
     """Conjugate gradient for a symmetric positive definite ``matvec`` from ``x0 = 0``.
 
     Stops after ``iterations`` products or once ``||b - A x|| <= max(tol, eps) * ||b||``, ``eps`` the
-    machine epsilon of ``b``'s dtype.
-    Returns the solution, the final relative residual and the number of iterations done.
+    machine epsilon of ``b``'s dtype. Returns the solution and its diagnostics:
+
+    - ``residual``: the final relative residual ``||b - A x|| / ||b||``;
+    - ``iterations``: products done; ``converged``: 1.0 when the stop was reached, else 0.0;
+    - ``negative_curvature``: 1.0 when some search direction had ``p^T A p <= 0``: proof that
+      ``A`` is not positive definite, so CG's convergence is no longer guaranteed.
     """
     b_norm = autodiff.norm_value(b)
     x = autodiff.zeros_like(b)
     if b_norm == 0.0:
-        return x, 0.0, 0
+        return x, {"residual": 0.0, "iterations": 0.0, "converged": 1.0, "negative_curvature": 0.0}
     # Below relative roundoff the residual is noise; iterating on it divides tiny numbers by tiny
     # numbers, which differentiating through the solve (a look-ahead through a middle level)
     # turns into inf and NaN. So tol is floored at the dtype's machine epsilon.
-    stop = max(tol, torch.finfo(b[0].dtype).eps) * b_norm
+    floor = max(tol, torch.finfo(b[0].dtype).eps)
     r = tuple(b)
     p = r
     rs = autodiff.dot(r, r)
-    done = 0
+    done, negative, residual = 0, False, 1.0
     for done in range(1, iterations + 1):
         ap = matvec(p)
         curvature = autodiff.dot(p, ap)
@@ -44,40 +52,111 @@ def conjugate_gradient(
         x = autodiff.axpy(alpha, p, x)
         r = autodiff.axpy(-alpha, ap, r)
         rs_new = autodiff.dot(r, r)
-        if float(rs_new.detach()) ** 0.5 <= stop:
-            rs = rs_new
+        # one host read for both numbers the loop decides on
+        rs_value, curvature_value = torch.stack((rs_new.detach(), curvature.detach())).tolist()
+        negative = negative or not curvature_value > 0
+        residual = max(rs_value, 0.0) ** 0.5 / b_norm
+        if residual <= floor:
             break
         p = autodiff.axpy(rs_new / rs, p, r)
         rs = rs_new
-    return x, float(rs.detach()) ** 0.5 / b_norm, done
+    info = {
+        "residual": residual,
+        "iterations": float(done),
+        "converged": float(residual <= floor),
+        "negative_curvature": float(negative),
+    }
+    return x, info
 
 
 def neumann_series(
-    matvec: Callable[[Tensors], Tensors], b: Tensors, iterations: int, alpha: float, growth: float, where: str,
-    scale: float = 1.0,
-) -> Tensors:
+    matvec: Matvec, b: Tensors, iterations: int, alpha: float, growth: float, where: str, scale: float = 1.0,
+) -> tuple[Tensors, dict[str, float]]:
     """``alpha * sum_{i=0..n} (I - alpha A)^i b``, the truncated Neumann series of ``A^{-1} b``,
     times ``scale`` (a factor the caller needs anyway, folded into the series' one multiplication).
 
     The terms shrink when ``0 < alpha < 2 / lambda_max(A)`` and ``A`` is positive definite. A term
     whose norm exceeds ``growth`` times the first term's norm (or is not finite) means the series
-    diverges: ``DivergenceError`` is raised rather than returning a wrong answer. The check runs on
-    the last term (one norm, not one per term): a divergent series grows geometrically, so its
-    last term is the largest, or not finite.
+    diverges: ``DivergenceError`` is raised at that term, before any further product, rather than
+    returning a wrong answer. Diagnostics: ``terms`` (products done), ``alpha`` and
+    ``last_term`` (the last term's norm relative to the first's: how far the series was from
+    converging when it was cut).
     """
+    first = autodiff.norm_value(b)
     term = tuple(b)
     total = tuple(b)
+    ratio = 1.0
     for i in range(1, iterations + 1):
         term = autodiff.axpy(-alpha, matvec(term), term)
-        if i != iterations:
-            total = autodiff.add(total, term)
-            continue
-        first, size = autodiff.norm_values(b, term)
+        size = autodiff.norm_value(term)
+        ratio = size / first if first > 0 else 0.0
         if not size <= growth * first:  # also catches NaN
             raise DivergenceError(
                 f"neumann on {where}: term {i} has norm {size:.3g}, {size / max(first, 1e-300):.3g} x the "
                 f"first; the series diverges. Use alpha < 2 / (largest eigenvalue of the lower Hessian) "
-                f"(alpha is {alpha}), or an estimator that does not need it (cg)."
+                f"(alpha is {alpha:.4g}), alpha='auto', or an estimator that does not need it (cg); "
+                "a Hessian that is not positive definite makes every alpha diverge."
             )
         total = autodiff.add(total, term)
-    return autodiff.scale(scale * alpha, total)
+    return autodiff.scale(scale * alpha, total), {"terms": float(iterations), "alpha": alpha, "last_term": ratio}
+
+
+def largest_eigenvalue(matvec: Matvec, start: Tensors, iterations: int) -> float:
+    """The Rayleigh quotient ``v^T A v`` after ``iterations`` power-iteration steps from ``start``.
+
+    It estimates the largest-magnitude eigenvalue of ``A`` among the directions ``start`` has a
+    component along: for a Neumann series applied to ``start`` those are the only eigenvalues that
+    matter. The estimate is at most the true value, and approaches it from below. Products are
+    taken on detached vectors: the estimate is a constant of the approximation, not
+    differentiated. Returns 0.0 for a zero ``start``.
+    """
+    v = tuple(t.detach() for t in start)
+    size = autodiff.norm_value(v)
+    if size == 0.0:
+        return 0.0
+    v = autodiff.scale(1.0 / size, v)
+    estimate = 0.0
+    for _ in range(iterations):
+        hv = tuple(t.detach() for t in matvec(v))
+        estimate = float(autodiff.dot(v, hv))
+        size = autodiff.norm_value(hv)
+        if not size > 0.0:  # A v = 0 (or not finite): nothing more to learn from this direction
+            break
+        v = autodiff.scale(1.0 / size, hv)
+    return estimate
+
+
+def attach(x: Tensors, b: Tensors, matvec: Callable[[Tensors, bool], Tensors], solve: Matvec) -> Tensors:
+    """``x``, a solution of ``A x = b`` computed without a graph, made differentiable as the
+    exact solution is: ``dx = A^{-1} (db - dA x)``, for ``A`` symmetric.
+
+    ``matvec(v, create_graph)`` is ``A v``, differentiable in what ``A`` depends on when asked;
+    ``solve(c)`` applies ``A^{-1}`` (the estimator's own solver), again in the backward pass.
+    So a derivative of the result costs one more solve, not a pass back through the solver's
+    iterations, and is the derivative of the solution even where the iteration stopped early.
+    The value is ``x`` unchanged. Differentiating twice works the same way, one level deeper.
+    """
+    x = tuple(t.detach() for t in x)
+    residual = autodiff.sub(b, matvec(x, True))  # zero at the solution; its derivative is db - dA x
+    return autodiff.add(x, _Inverse.apply(solve, matvec, *residual))
+
+
+class _Inverse(torch.autograd.Function):
+    """``r -> A^{-1} r`` on a residual that is zero: the forward pass returns zeros (the value is
+    already in ``x``), the backward pass applies ``A^{-1}`` to the incoming gradient."""
+
+    @staticmethod
+    def forward(  # type: ignore[override]
+        ctx: Any, solve: Matvec, matvec: Callable[[Tensors, bool], Tensors], *residual: Tensor
+    ) -> Tensors:
+        ctx.solve, ctx.matvec = solve, matvec
+        return tuple(torch.zeros_like(r) for r in residual)
+
+    @staticmethod
+    def backward(ctx: Any, *grads: Tensor) -> tuple[Tensor | None, ...]:  # type: ignore[override]
+        differentiable = torch.is_grad_enabled()  # a derivative of this backward pass will be taken
+        with torch.enable_grad():  # the operator may build graphs of its own (a reduced curvature)
+            x = ctx.solve(tuple(g.detach() for g in grads))
+            if differentiable:
+                x = attach(x, grads, ctx.matvec, ctx.solve)
+        return (None, None, *x)

@@ -7,13 +7,14 @@ from __future__ import annotations
 
 import dataclasses
 import tomllib
-import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from mlo import EstimatorError, estimators
+from mlo import EstimatorError, config, estimators
+from mlo.config import ConfigError
 
+from ..data import DATASETS
 from .methods import METHODS
 from .program import Optimizers
 
@@ -27,10 +28,6 @@ SPACES = ("darts", "pc-darts", "p-darts")
 DATA_DEFAULTS: dict[str, dict[str, int]] = {
     "fashion-mnist": {"image_size": 14, "train_per_class": 100, "test_per_class": 200},
 }
-
-
-class ConfigError(ValueError):
-    """A configuration value is invalid; the message names the option."""
 
 
 @dataclass
@@ -97,29 +94,18 @@ class RunConfig:
 
     @classmethod
     def from_toml(cls, path: str | Path) -> "RunConfig":
-        path = Path(path)
-        if not path.is_file():
-            raise ConfigError(f"config file {str(path)!r} does not exist")
-        try:
-            data = tomllib.loads(path.read_text())
-        except tomllib.TOMLDecodeError as err:
-            raise ConfigError(f"config file {str(path)!r} is not valid TOML: {err}") from None
-        return cls().updated(data, source=str(path))
+        loaded = config.from_toml(cls, path)  # the file's errors, named as every config names them
+        if loaded.preset is None:
+            return loaded
+        return cls().updated(tomllib.loads(Path(path).read_text()), source=str(path))  # preset first
 
     def updated(self, values: dict[str, Any], source: str = "flags") -> "RunConfig":
         """A copy with ``values`` applied; unknown keys and wrong types are errors naming the key."""
-        hints = typing.get_type_hints(RunConfig)
-        known = {f.name for f in dataclasses.fields(self)}
-        changes: dict[str, Any] = {}
         preset = values.get("preset")
-        if preset not in (None, "", "none"):
-            changes.update(preset_options(str(preset), source))
-        for key, value in values.items():
-            key = key.replace("-", "_")
-            if key not in known:
-                raise ConfigError(f"{source}: unknown option {key!r}; options: {', '.join(sorted(known))}")
-            changes[key] = _coerce(key, value, hints[key], source)
-        return dataclasses.replace(self, **changes)
+        if preset in (None, "", "none"):
+            return config.updated(self, values, source)
+        # the preset's sizes first, so that every other option (file or flag) overrides them
+        return config.updated(config.updated(self, preset_options(str(preset), source), source), values, source)
 
     def data_options(self, search: bool = False) -> dict[str, Any]:
         """Keyword arguments of `mlo.problems.data.load` for this data set; ``search=True``: for
@@ -150,6 +136,8 @@ class RunConfig:
         unknown = [m for m in self.methods if m not in METHODS]
         if not self.methods or unknown:
             raise ConfigError(f"unknown method(s) {unknown or self.methods}; known methods: {', '.join(METHODS)}")
+        if self.dataset.lower().replace("-", "") not in {d.replace("-", "") for d in DATASETS}:
+            raise ConfigError(f"unknown dataset {self.dataset!r}; known: {', '.join(DATASETS)}")
         if self.space not in SPACES:
             raise ConfigError(f"space must be one of {', '.join(SPACES)}, got {self.space!r}")
         if self.engine not in ("mlo", "betty"):
@@ -230,29 +218,3 @@ def preset_options(name: str, source: str = "preset") -> dict[str, Any]:
         "eval_epochs": p.eval_epochs, "eval_lr": p.eval_lr,
     }
 
-
-def _coerce(key: str, value: Any, kind: Any, source: str) -> Any:
-    """``value`` as the field's declared type (list of str, optional float, dict, ...)."""
-    origin, args = typing.get_origin(kind), typing.get_args(kind)
-    if origin in (typing.Union, getattr(__import__("types"), "UnionType", None)) and type(None) in args:
-        if value is None or (isinstance(value, str) and value.lower() in ("", "none")):
-            return None
-        kind = next(a for a in args if a is not type(None))
-        origin, args = typing.get_origin(kind), typing.get_args(kind)
-    try:
-        if origin is list:
-            items = value.split(",") if isinstance(value, str) else list(value)
-            return [str(v).strip() for v in items if str(v).strip()]
-        if origin is dict:
-            if not isinstance(value, dict):
-                raise TypeError
-            return {str(k): str(v) for k, v in value.items()}
-        if kind is bool:
-            return value if isinstance(value, bool) else str(value).lower() in ("1", "true", "yes")
-        if kind in (int, float) and isinstance(value, bool):
-            raise TypeError
-        if kind is int and isinstance(value, float) and not value.is_integer():
-            raise TypeError
-        return kind(value)
-    except (TypeError, ValueError):
-        raise ConfigError(f"{source}: option {key!r} must be {getattr(kind, '__name__', kind)}, got {value!r}") from None

@@ -274,7 +274,7 @@ class MistakesHook(mlo.Hook):
 
     def __init__(self, w1: SuperNet, arch: Architecture, weights: ClassWeights, val: Iterable[Any], kind: str):
         self.w1, self.arch, self.weights, self.kind = w1, arch, weights, kind
-        self.stream = _forever(val)
+        self.stream = mlo.cycle(val, "MistakesHook")
 
     def on_step(self, engine: mlo.Engine, level: str, loss: Tensor) -> None:
         if level != "w1":
@@ -291,11 +291,6 @@ def augmented_real_source(train: Dataset, num_classes: int, shape: tuple[int, in
     images = torch.stack([train[i][0] for i in range(size)])
     labels = torch.as_tensor([int(train[i][1]) for i in range(size)])
     return AugmentedReal(images, labels, num_classes, max(1, shape[-1] // 7), flip)
-
-
-def _forever(data: Iterable[Any]) -> Iterator[Any]:
-    while True:
-        yield from data
 
 
 def build(

@@ -1,0 +1,147 @@
+"""The linear solvers under the implicit estimators, and what they report: CG's residual and
+convergence, its warning on an indefinite Hessian, Neumann's early divergence check and
+``alpha="auto"`` by power iteration. References: explicit matrices solved by LAPACK, in float64."""
+
+from __future__ import annotations
+
+import warnings
+
+import pytest
+import torch
+
+import mlo
+from mlo.estimators import CG, Neumann
+from mlo.estimators.solvers import conjugate_gradient, largest_eigenvalue, neumann_series
+from programs import Vector, relative_error, ridge
+
+pytestmark = pytest.mark.usefixtures("float64", "one_thread")
+
+
+def _matrix(eigenvalues, seed=0):
+    """A symmetric matrix with the given eigenvalues, in a random orthonormal basis."""
+    g = torch.Generator().manual_seed(seed)
+    q, _ = torch.linalg.qr(torch.randn(len(eigenvalues), len(eigenvalues), generator=g))
+    return q @ torch.diag(torch.tensor(eigenvalues)) @ q.T
+
+
+class Counted:
+    def __init__(self, A):
+        self.A, self.calls = A, 0
+
+    def __call__(self, v):
+        self.calls += 1
+        return (self.A @ v[0],)
+
+
+def test_cg_reports_a_converged_solve():
+    A = _matrix([1.0, 2.0, 3.0, 5.0, 8.0])
+    b = torch.arange(1.0, 6.0)
+    (x,), info = conjugate_gradient(Counted(A), (b,), iterations=20, tol=1e-12)
+    assert relative_error(x, torch.linalg.solve(A, b)) < 1e-10
+    assert info["converged"] == 1.0 and info["residual"] <= 1e-12 and info["negative_curvature"] == 0.0
+    assert info["iterations"] == 5  # n distinct eigenvalues: n steps in exact arithmetic
+
+
+def test_cg_reports_negative_curvature_and_no_convergence_on_an_indefinite_matrix():
+    A = _matrix([-3.0, 0.5, 1.0, 2.0, 4.0, 6.0, 9.0, 12.0])
+    b = torch.ones(8)
+    _, info = conjugate_gradient(Counted(A), (b,), iterations=3, tol=1e-12)
+    assert info["converged"] == 0.0 and info["negative_curvature"] == 1.0 and info["residual"] > 1e-3
+
+
+def _indefinite_bilevel(damping_needed=3.0):
+    """Lower loss 1/2 w^T A w + h^T w with A indefinite (smallest eigenvalue -damping_needed + 1),
+    upper loss 1/2 |w - 1|^2."""
+    A = _matrix([1.0 - damping_needed, 0.5, 1.0, 2.0, 4.0, 6.0, 9.0, 12.0], seed=1)
+    w, h = Vector(torch.linspace(-1, 1, 8)), Vector(torch.linspace(0.5, -0.5, 8))
+    lower = mlo.Problem("w", w, torch.optim.SGD(w.parameters(), lr=0.01), loss=lambda batch: 0.5 * w.x @ A @ w.x + h.x @ w.x)
+    upper = mlo.Problem("h", h, torch.optim.SGD(h.parameters(), lr=0.01), loss=lambda batch: 0.5 * ((w.x - 1) ** 2).sum())
+    return A, lower, upper
+
+
+def test_cg_estimator_warns_on_an_indefinite_hessian_and_names_damping():
+    A, lower, upper = _indefinite_bilevel()
+    engine = mlo.Engine([lower, upper], {"h": ["w"]}, CG(iterations=3))
+    with pytest.warns(mlo.ConvergenceWarning, match=r"cg on edge 'h' -> 'w' did not converge.*indefinite.*damping"):
+        engine.hypergradient("h")
+    assert engine.diagnostics.by_edge[("h", "w")]["converged"] == 0.0
+    # damping that makes H + damping I positive definite: no warning, converged, and the answer of
+    # the damped system
+    damped = mlo.Engine([lower, upper], {"h": ["w"]}, CG(iterations=50, damping=4.0, tol=1e-12))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        got = damped.hypergradient("h")[0]
+    assert damped.diagnostics.by_edge[("h", "w")]["converged"] == 1.0
+    want = -torch.linalg.solve(A + 4.0 * torch.eye(8), lower.module.x.detach() - 1)
+    assert relative_error(got, want) < 1e-9
+
+
+def test_neumann_stops_at_the_first_term_past_the_growth_bound():
+    A = _matrix([0.5, 1.0, 2.0, 4.0])
+    b = torch.ones(4)
+    matvec = Counted(A)
+    alpha = 0.75  # |1 - alpha * 4| = 2: the top component doubles each term
+    with pytest.raises(mlo.DivergenceError, match=r"neumann on edge X: term (\d+) .* diverges"):
+        neumann_series(matvec, (b,), iterations=1000, alpha=alpha, growth=2.0, where="edge X")
+    # the growing component is a quarter of b's norm^2 and doubles per term: past 2x |b| at term 3
+    assert matvec.calls == 3
+
+
+def test_neumann_reports_its_terms():
+    A = _matrix([1.0, 2.0, 4.0])
+    b = torch.ones(3)
+    (x,), info = neumann_series(Counted(A), (b,), iterations=200, alpha=0.25, growth=2.0, where="e")
+    assert relative_error(x, torch.linalg.solve(A, b)) < 1e-9
+    assert info["terms"] == 200 and info["alpha"] == 0.25 and info["last_term"] < 1e-10
+
+
+def test_power_iteration_finds_the_largest_eigenvalue_among_the_start_directions():
+    eigenvalues = [0.3, 1.0, 2.0, 5.0, 7.0]
+    A = _matrix(eigenvalues)
+    start = torch.ones(5)
+    assert abs(largest_eigenvalue(Counted(A), (start,), 60) - 7.0) < 1e-6
+    # a start with no component along the top eigenvector sees the next one
+    _, vectors = torch.linalg.eigh(A)
+    inside = vectors[:, :4] @ torch.ones(4)
+    assert abs(largest_eigenvalue(Counted(A), (inside,), 60) - 5.0) < 1e-6
+    assert largest_eigenvalue(Counted(A), (torch.zeros(5),), 10) == 0.0
+    # from below: a Rayleigh quotient never exceeds the top eigenvalue
+    assert largest_eigenvalue(Counted(A), (start,), 2) <= 7.0
+
+
+def test_neumann_auto_alpha_matches_the_closed_form():
+    r = ridge()
+    r.set_w(r.optimum())
+    est = mlo.estimators.parse("neumann:alpha=auto,iterations=400,power_iterations=50")
+    assert est == Neumann(iterations=400, alpha="auto", power_iterations=50)
+    engine = r.engine(est)
+    got = engine.hypergradient("h")[0]
+    assert relative_error(got, r.exact_hypergradient()) < 1e-6
+    info = engine.diagnostics.by_edge[("h", "w")]
+    top = float(torch.linalg.eigvalsh(r.hessian())[-1])
+    assert abs(1.0 / info["alpha"] - top) < 1e-3 * top
+    assert info["hvps"] == 400 + 50
+
+
+@pytest.mark.parametrize(
+    "spec,value",
+    [("neumann:alpha=0.05", 0.05), ("neumann:alpha=auto", "auto"), ("neumann:alpha=2", 2.0)],
+)
+def test_neumann_alpha_reads_a_number_or_auto(spec, value):
+    alpha = mlo.estimators.parse(spec).alpha  # type: ignore[attr-defined]
+    assert alpha == value and type(alpha) is type(value)
+
+
+@pytest.mark.parametrize("value", ["fast", "Auto", "-1", "0", "nan"])
+def test_neumann_alpha_rejects_other_values_naming_the_option(value):
+    with pytest.raises(mlo.EstimatorError, match=r"option 'alpha' must be > 0 or 'auto'"):
+        mlo.estimators.parse(f"neumann:alpha={value}")
+    with pytest.raises(mlo.EstimatorError, match="option 'alpha'"):
+        Neumann(alpha=None)  # type: ignore[arg-type]
+
+
+def test_neumann_auto_on_an_indefinite_hessian_refuses():
+    _, lower, upper = _indefinite_bilevel(damping_needed=40.0)  # the most negative eigenvalue dominates
+    engine = mlo.Engine([lower, upper], {"h": ["w"]}, Neumann(alpha="auto", iterations=50))
+    with pytest.raises(mlo.DivergenceError, match="neumann on edge 'h' -> 'w'"):
+        engine.hypergradient("h")
