@@ -64,12 +64,12 @@ class RunConfig:
     synthetic_per_step: int = 32
     mistakes: str = "ce"
     generator: str = "cvae"  # "cvae" (pretrained, cached, gated), "cgan" (trained as levels) or a checkpoint
-    generator_warmup: int = 2000  # pretraining batches of the cVAE (GAN steps for "cgan") before the search
+    generator_warmup: int = 1500  # pretraining batches of the cVAE (GAN steps for "cgan") before the search
     generator_kl_weight: float | None = None  # cVAE KL weight; None: 0.5 on digits, 1.5 elsewhere
     finetune_generator: bool = False  # keep training the cVAE as the `generator` level during the search
     unsafe_pickle: bool = False  # let a generator checkpoint be a pickled module (runs the file's code)
     learn_total: bool = False  # learn the total weight of the synthetic data, not only its split
-    w1_warmup: int = 50  # steps of W1 alone before the search, so its mistakes mean something
+    w1_warmup: int = 20  # steps of W1 alone before the search, so its mistakes mean something
     # optimizers
     w_lr: float = Optimizers.w_lr
     arch_lr: float = Optimizers.arch_lr
