@@ -4,9 +4,10 @@ Declare each level as a ``Problem``, wire the levels into a dependency graph, an
 ``Engine`` with a hypergradient estimator from ``mlo.estimators``.
 """
 
-from . import estimators, transforms
+from . import checkpoint, config, distributed, estimators, loader, logs, programs, transforms
 from .engine import Engine
 from .errors import (
+    CheckpointError,
     ConvergenceWarning,
     DivergenceError,
     EstimatorError,
@@ -18,20 +19,28 @@ from .errors import (
     UnknownLevelError,
 )
 from .hooks import Hook
-from .problem import Problem
+from .problem import Problem, cycle
 
 __all__ = [
     "Problem",
+    "cycle",
     "Engine",
     "Hook",
     "estimators",
+    "config",
+    "programs",
     "transforms",
+    "checkpoint",
+    "loader",
+    "logs",
+    "distributed",
     "MLOError",
     "ProgramError",
     "GraphError",
     "EstimatorError",
     "NonFiniteError",
     "DivergenceError",
+    "CheckpointError",
     "LossError",
     "UnknownLevelError",
     "ConvergenceWarning",

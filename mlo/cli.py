@@ -1,108 +1,56 @@
-"""The `mlo` command: `mlo run` (search, genotype, evaluation; LFM-CW and its baselines) and
-`mlo bench` (benchmark suites). Argument parsing only; the work lives in mlo.problems and
-mlo.benchmarks, imported when their command runs."""
+"""The `mlo` command: `mlo run PROGRAM` (any program registered with `mlo.programs`) and
+`mlo bench SUITE` (benchmark suites). Argument parsing only: a program parses its own options,
+the suites live in mlo.benchmarks, each imported when its command runs."""
 
 from __future__ import annotations
 
 import argparse
 import sys
-from collections.abc import Callable, Sequence
-from typing import TYPE_CHECKING, NoReturn
+from collections.abc import Sequence
 
-if TYPE_CHECKING:
-    from mlo.problems.lfm_cw.config import RunConfig
+__all__ = ["main", "run"]
 
-__all__ = ["main"]
-
-
-def _run_parser(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser(
-        "run",
-        help="search an architecture with LFM-CW or a baseline, evaluate it, report test error",
-        description="Run LFM-CW (or DARTS baselines and ablations): search, derive the genotype, "
-        "train it from scratch, report test error. Defaults: digits (no download), a few minutes on a CPU.",
-    )
-    p.add_argument("program", nargs="?", default="lfm-cw",
-                   help="method to run when --methods is not given: lfm-cw, darts (= darts-2nd), or any method name")
-    p.add_argument("--config", metavar="FILE", help="TOML file with options (flags override it)")
-    p.add_argument("--methods", help="comma-separated methods on the same budget, e.g. lfm-cw,darts-1st,darts-2nd")
-    p.add_argument("--dataset", help="digits | cifar10 | cifar100 | imagenet")
-    p.add_argument("--data-root", metavar="DIR", help="directory holding CIFAR or ImageNet (nothing is downloaded)")
-    p.add_argument("--imbalance", type=float, metavar="RHO", help="long-tailed variant with imbalance factor RHO")
-    p.add_argument("--space", help="darts | pc-darts | p-darts")
-    p.add_argument("--rounds", dest="search_rounds", type=int, help="search budget in rounds (every level steps once)")
-    p.add_argument("--eval-epochs", type=int, help="epochs to train the derived genotype from scratch")
-    p.add_argument("--estimator", help="estimator on every edge, e.g. finite_difference, cg:iterations=5")
-    p.add_argument("--edge-estimator", action="append", default=[], metavar="UPPER->LOWER=SPEC",
-                   help="estimator of one edge, e.g. 'class_weights->w2=cg:iterations=5' (repeatable)")
-    p.add_argument("--seeds", type=int, help="repeat every method with seeds 0..N-1 and report mean ± std")
-    p.add_argument("--device", help="cpu | cuda | cuda:N")
-    p.add_argument("--out", metavar="DIR", help="output directory (default: runs/<methods>-<time>)")
-    p.add_argument("--engine", help="mlo (default) | betty")
-    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                   help="any other option of the run config, e.g. --set lam=0.5 (repeatable)")
+#: the program `mlo run` runs when no name is given
+DEFAULT_PROGRAM = "lfm-cw"
 
 
-def _config(args: argparse.Namespace) -> "RunConfig":
-    """The run config from defaults, ``--config`` and the flags present on ``args``."""
-    from mlo.problems.lfm_cw.config import ConfigError, RunConfig
+def _listing() -> str:
+    from . import programs
 
-    config = RunConfig.from_toml(args.config) if args.config else RunConfig()
-    values: dict[str, object] = {}
-    if getattr(args, "methods", None) is None and (args.config is None or args.program != "lfm-cw"):
-        values["methods"] = ["darts-2nd" if args.program == "darts" else args.program]
-    for key in ("methods", "dataset", "data_root", "imbalance", "space", "search_rounds", "eval_epochs",
-                "estimator", "seeds", "device", "out", "engine"):
-        if getattr(args, key, None) is not None:
-            values[key] = getattr(args, key)
-    for item in args.set:
-        key, eq, value = item.partition("=")
-        if not eq:
-            raise ConfigError(f"--set expects KEY=VALUE, got {item!r}")
-        values[key.strip()] = value.strip()
-    if args.edge_estimator:
-        edges = dict(config.edge_estimators)
-        for item in args.edge_estimator:
-            edge, eq, spec = item.partition("=")
-            if not eq:
-                raise ConfigError(f"--edge-estimator expects UPPER->LOWER=SPEC, got {item!r}")
-            edges[edge.strip()] = spec.strip()
-        values["edge_estimators"] = edges
-    return config.updated(values)
+    rows = []
+    for entry in programs.entries():
+        also = f" (also: {', '.join(entry.aliases)})" if entry.aliases else ""
+        rows.append(f"  {entry.name:<14} {entry.summary}{also}")
+    return "programs:\n" + "\n".join(rows)
 
 
-def _run(args: argparse.Namespace) -> int:
-    from mlo.problems.lfm_cw.experiment import run
+def run(argv: Sequence[str]) -> int:
+    """`mlo run [PROGRAM] [OPTIONS]`: the registered program PROGRAM (default lfm-cw) with its
+    options; `mlo run --help` lists the programs, `mlo run PROGRAM --help` a program's options."""
+    from . import programs
 
-    return _exit_status("mlo run", lambda: run(_config(args)))
-
-
-def _exit_status(command: str, work: Callable[[], object]) -> int:
-    """Run ``work``; a configuration or data error (raised before any training) becomes one line
-    on stderr and exit status 2."""
-    from mlo import ProgramError
-    from mlo.problems.data import DataError
-    from mlo.problems.lfm_cw.config import ConfigError
-
+    argv = list(argv)
+    if argv and argv[0] in ("-h", "--help"):
+        print(f"usage: mlo run [PROGRAM] [OPTIONS]\n\nRun a registered program (default: {DEFAULT_PROGRAM}); "
+              f"`mlo run PROGRAM --help` shows its options.\n\n{_listing()}")
+        return 0
+    name = argv.pop(0) if argv and not argv[0].startswith("-") else DEFAULT_PROGRAM
     try:
-        work()
-    except (ConfigError, DataError, ProgramError) as err:
-        print(f"{command}: error: {' '.join(str(err).split())}", file=sys.stderr)
-        return 2
-    return 0
-
-
-class _Parser(argparse.ArgumentParser):
-    """argparse, with a usage error reported as one line (``mlo run: error: ...``), exit status 2."""
-
-    def error(self, message: str) -> NoReturn:
-        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+        entry = programs.get(name)
+    except KeyError as err:
+        return programs.failed(err.args[0])
+    return int(entry.main(name, argv) or 0)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = _Parser(prog="mlo", description="mlo: multi-level optimization for PyTorch")
+    from .programs import Parser
+
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv and argv[0] == "run":
+        return run(argv[1:])
+    parser = Parser(prog="mlo", description="mlo: multi-level optimization for PyTorch")
     sub = parser.add_subparsers(dest="command", required=True)
-    _run_parser(sub)
+    sub.add_parser("run", help="run a registered program (`mlo run --help` lists them)", add_help=False)
     try:
         from mlo.benchmarks import cli as bench_cli
     except ImportError:  # benchmarks are part of the package; absent only in a broken install
@@ -110,9 +58,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if bench_cli is not None:
         bench_cli.add_parser(sub)
     args = parser.parse_args(argv)
-    if args.command == "run":
-        return _run(args)
-    assert bench_cli is not None
+    assert bench_cli is not None and args.command == "bench"
     return int(bench_cli.main(args) or 0)
 
 
