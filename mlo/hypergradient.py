@@ -58,6 +58,7 @@ lowers follows that level's own hypergradient through them (the rule, recursivel
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping
+from contextlib import nullcontext
 from dataclasses import dataclass, field
 
 from torch import Tensor
@@ -296,7 +297,9 @@ class _Hop(Hop):
         return _PartialCurvature(self.lower_loss({}), self.lower_params, self.upper_params)
 
     def direction(self, values: Tensors, differentiable: bool) -> Tensors:
-        grads, _ = self.evaluation.total(self.lower, {**self.point, self.lower: values}, differentiable)
+        # a step that is differentiated again (unroll) is a second derivative: full precision
+        with full_precision() if differentiable else nullcontext():
+            grads, _ = self.evaluation.total(self.lower, {**self.point, self.lower: values}, differentiable)
         return grads
 
     def upper_gradient(self, lower_values: Tensors) -> Tensors:
