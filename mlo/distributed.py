@@ -22,6 +22,7 @@ Without a process group (or with one rank) every function here is the identity.
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from contextvars import ContextVar
@@ -34,7 +35,7 @@ from .errors import ProgramError
 
 __all__ = [
     "active", "rank", "world_size", "is_main", "data_parallel", "average", "all_sum", "any_rank", "broadcast_module",
-    "refuse_wrapped", "barrier", "init_from_env",
+    "refuse_wrapped", "warn_batch_statistics", "barrier", "init_from_env",
 ]
 
 _AVERAGING: ContextVar[bool] = ContextVar("mlo_data_parallel", default=False)
@@ -146,6 +147,21 @@ def broadcast_module(module: nn.Module) -> None:
     with torch.no_grad():
         for t in [*module.parameters(), *module.buffers()]:
             dist.broadcast(t.data, src=0)
+
+
+def warn_batch_statistics(level: str, module: nn.Module) -> None:
+    """Under a process group: warn when ``module`` normalizes by batch statistics (BatchNorm in
+    train mode), which are each rank's own, the one place where W ranks differ from one process."""
+    if not active():
+        return
+    norms = [name or type(module).__name__ for name, sub in module.named_modules()
+             if isinstance(sub, nn.modules.batchnorm._BatchNorm) and sub.training]
+    if norms:
+        warnings.warn(
+            f"level {level!r}: BatchNorm layer(s) {norms[:3]}{' ...' if len(norms) > 3 else ''} use each rank's own batch "
+            "statistics: with several ranks this level does not compute exactly what one process computes on the whole batch",
+            stacklevel=3,
+        )
 
 
 def refuse_wrapped(level: str, module: nn.Module) -> None:

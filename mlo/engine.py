@@ -95,6 +95,7 @@ class Engine:
             p.check_data()
         for p in problems:
             distributed.refuse_wrapped(p.name, p.module)
+            distributed.warn_batch_statistics(p.name, p.module)
         self.graph = Graph.build([p.name for p in problems], graph or {})
         self.program = Program(problems)
         self._check_parameters()

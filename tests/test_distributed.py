@@ -51,6 +51,13 @@ def _worker(rank: int, store: str, out: str) -> None:
             results["ddp"] = "accepted"
         except mlo.ProgramError as err:
             results["ddp"] = str(err)
+        import warnings
+
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            bn = torch.nn.Sequential(torch.nn.Linear(2, 2), torch.nn.BatchNorm1d(2))
+            mlo.Engine([mlo.Problem("bn", bn, torch.optim.SGD(bn.parameters(), lr=0.1), loss=lambda b: bn[0].weight.sum())])
+        results["batchnorm"] = [str(w.message) for w in caught]
         torch.save(results, os.path.join(out, f"rank{rank}.pt"))
     finally:
         dist.destroy_process_group()
@@ -67,6 +74,7 @@ def test_two_ranks_on_halves_equal_one_process_on_the_whole_batch(tmp_path: Path
                 torch.testing.assert_close(a, want, rtol=1e-9, atol=1e-12, msg=lambda m: f"{est} {key}: {m}")
     for r in ranks:
         assert "DistributedDataParallel" in r["ddp"] and "plain module" in r["ddp"]
+        assert any("level 'bn': BatchNorm" in m and "own batch statistics" in m for m in r["batchnorm"])
 
 
 def test_without_a_process_group_everything_is_local() -> None:

@@ -167,9 +167,9 @@ def _stages(config: RunConfig) -> list[tuple[Stage | None, int]]:
     return [(Stage(config.layers + 2 * i, s.ops_per_edge), r) for i, (s, r) in enumerate(zip(PDARTS_STAGES, rounds))]
 
 
-def _saver(config: RunConfig, out: Path, tag: str) -> mlo.checkpoint.Checkpoint | None:
+def _saver(config: RunConfig, out: Path | None, tag: str) -> mlo.checkpoint.Checkpoint | None:
     every = config.checkpoint_every
-    return mlo.checkpoint.Checkpoint(out, every, prefix=f"checkpoint-{tag}") if every else None
+    return mlo.checkpoint.Checkpoint(out, every, prefix=f"checkpoint-{tag}") if every and out is not None else None
 
 
 def _precision(config: RunConfig, program: LFMCW) -> dict[str, str]:
@@ -182,8 +182,9 @@ def _precision(config: RunConfig, program: LFMCW) -> dict[str, str]:
 
 def _search(
     config: RunConfig, method: str, seed: int, splits: datasets.DataSplits, generator: Any, progress: Progress,
-    out: Path,
+    out: Path | None = None,
 ) -> tuple[LFMCW, _Recorder, float]:
+    """The search phases of one run; with an ``out`` folder they write metrics and checkpoints there."""
     spec = METHODS[method]
     constants = Constants(
         config.lam, config.gamma, config.beta, config.synthetic_per_step, config.mistakes,
@@ -236,8 +237,8 @@ def _search(
             progress.update(task, completed=rounds, losses="(on Betty's engine: no per-level losses)")
         else:
             saver = _saver(config, out, f"{tag}-{phase}")
-            logs: list[mlo.Hook] = [mlo.logs.JSONLines(out / f"metrics-{tag}-{phase}.jsonl")]
-            if config.tensorboard:
+            logs: list[mlo.Hook] = [mlo.logs.JSONLines(out / f"metrics-{tag}-{phase}.jsonl")] if out is not None else []
+            if config.tensorboard and out is not None:
                 logs.append(mlo.logs.TensorBoard(out / "tensorboard" / f"{tag}-{phase}"))
             hooks = [*program.hooks, recorder, mlo.logs.Progress(rounds, label, progress), *logs, *([saver] if saver else [])]
             engine = mlo.Engine(program.problems, program.graph, program.estimators, hooks=hooks, precision=precision)
@@ -408,6 +409,8 @@ def run(config: RunConfig, console: Console | None = None, resume: bool = False)
     main = mlo.distributed.is_main()
     console = console or Console(quiet=not main)
     config.validate()  # every option checked before any data is read
+    if config.engine == "betty" and mlo.distributed.active():
+        raise ConfigError("engine 'betty' does not run data-parallel; run it without torchrun (or use engine 'mlo')")
     if config.threads:
         torch.set_num_threads(config.threads)
     if torch.device(config.device).type == "cuda":
