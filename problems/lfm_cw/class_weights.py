@@ -73,5 +73,11 @@ def _class_sums(logits: Tensor, labels: Tensor, num_classes: int, kind: str) -> 
     else:
         raise ValueError(f"mistakes kind must be 'ce' or 'error', got {kind!r}")
     total = torch.zeros(num_classes, dtype=per_sample.dtype, device=per_sample.device).index_add_(0, labels, per_sample)
-    count = torch.bincount(labels, minlength=num_classes).to(per_sample.dtype)
-    return total, count
+    return total, _counts(labels, num_classes, per_sample.dtype)
+
+
+def _counts(labels: Tensor, num_classes: int, dtype: torch.dtype) -> Tensor:
+    """Examples per class, (K,); by ``index_add_`` rather than ``bincount``, which on a GPU reads
+    the largest label back to the host."""
+    ones = torch.ones(labels.shape, dtype=dtype, device=labels.device)
+    return torch.zeros(num_classes, dtype=dtype, device=labels.device).index_add_(0, labels, ones)

@@ -452,7 +452,9 @@ def run(config: RunConfig, console: Console | None = None, resume: bool = False)
                 if not (variant.second_model and variant.generator):
                     generator = None
                 elif variant.augmented_real:
-                    generator = sources.get("aug") or sources.setdefault("aug", augmented_real(splits, config))
+                    if "aug" not in sources:
+                        sources["aug"] = augmented_real(splits, config)
+                    generator = sources["aug"]
                 elif config.generator == "cvae":
                     if "cvae" not in sources:
                         sources["cvae"], gate = cached_cvae(config, splits, seed, out, console)
