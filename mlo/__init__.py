@@ -5,8 +5,10 @@ Declare each level as a ``Problem``, wire the levels into a dependency graph, an
 """
 
 from . import estimators, transforms
+from .check import CheckReport, EdgeCheck, check
 from .engine import Engine
 from .errors import (
+    CheckWarning,
     ConvergenceWarning,
     DivergenceError,
     EstimatorError,
@@ -35,5 +37,9 @@ __all__ = [
     "LossError",
     "UnknownLevelError",
     "ConvergenceWarning",
+    "CheckWarning",
+    "check",
+    "CheckReport",
+    "EdgeCheck",
 ]
 __version__ = "0.1.0"

@@ -1,5 +1,6 @@
-"""The `mlo` command: `mlo run` (search, genotype, evaluation; LFM-CW and its baselines) and
-`mlo bench` (benchmark suites). Argument parsing only; the work lives in mlo.problems and
+"""The `mlo` command: `mlo run` (search, genotype, evaluation; LFM-CW and its baselines),
+`mlo check` (hypergradients against a reference, after a few rounds) and `mlo bench` (benchmark
+suites). Argument parsing only; the work lives in mlo.problems and
 mlo.benchmarks, imported when their command runs."""
 
 from __future__ import annotations
@@ -10,6 +11,7 @@ from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, NoReturn
 
 if TYPE_CHECKING:
+    from mlo import Engine
     from mlo.problems.lfm_cw.config import RunConfig
 
 __all__ = ["main"]
@@ -71,6 +73,74 @@ def _config(args: argparse.Namespace) -> "RunConfig":
     return config.updated(values)
 
 
+def _check_parser(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "check",
+        help="run a program a few rounds, then compare each hypergradient with a trusted reference",
+        description="Run a program N rounds, then check every edge: each level's configured hypergradient "
+        "against a reference (cg to a tight tolerance in float64 by default), as a table per level.",
+    )
+    p.add_argument("program", help="lfm-cw (or one of its methods, e.g. darts-2nd), or FILE.py:FUNCTION returning an mlo.Engine")
+    p.add_argument("--config", metavar="FILE", help="TOML file with run options (lfm-cw)")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="a run option (lfm-cw), repeatable")
+    p.add_argument("--rounds", dest="search_rounds", type=int, help="rounds before the check (lfm-cw: its search_rounds; a file: 1)")
+    p.add_argument("--estimator", help="estimator on every edge (lfm-cw)")
+    p.add_argument("--edge-estimator", action="append", default=[], metavar="UPPER->LOWER=SPEC", help="estimator of one edge (lfm-cw)")
+    p.add_argument("--reference", help="the reference estimator (default: cg to a relative residual of 1e-12, in float64)")
+    p.add_argument("--warn-above", type=float, default=0.1, metavar="X", help="warn when a relative error exceeds X")
+
+
+def _check(args: argparse.Namespace) -> int:
+    from rich.console import Console
+
+    import mlo
+    from mlo.check import DEFAULT_REFERENCE
+
+    def work() -> None:
+        if ".py:" in args.program or args.program.endswith(".py"):
+            if args.set or args.config or args.estimator or args.edge_estimator:
+                raise mlo.ProgramError("--config, --set, --estimator and --edge-estimator apply to lfm-cw, not to FILE.py:FUNCTION")
+            engine = _user_engine(args.program)
+            engine.run(1 if args.search_rounds is None else args.search_rounds)
+        else:
+            from mlo.problems.lfm_cw.experiment import checked_engine
+
+            engine = checked_engine(_config(args))
+        console = Console()
+        for level in engine.graph.levels:
+            if engine.graph.lowers_of[level]:
+                reference = args.reference or DEFAULT_REFERENCE
+                console.print(mlo.check(engine, level, reference=reference, warn_above=args.warn_above))
+
+    return _exit_status("mlo check", work)
+
+
+def _user_engine(target: str) -> "Engine":
+    """The Engine returned by ``FUNCTION()`` in ``FILE.py`` (``target`` = ``FILE.py:FUNCTION``)."""
+    import importlib.util
+    from pathlib import Path
+
+    from mlo import Engine, ProgramError
+
+    path, _, function = target.rpartition(":") if ".py:" in target else (target, "", "")
+    if not function:
+        raise ProgramError(f"expected FILE.py:FUNCTION, got {target!r}")
+    file = Path(path)
+    if not file.is_file():
+        raise ProgramError(f"{path!r} is not a file")
+    spec = importlib.util.spec_from_file_location(file.stem, file)
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    build = getattr(module, function, None)
+    if not callable(build):
+        raise ProgramError(f"{path!r} defines no function {function!r}")
+    engine = build()
+    if not isinstance(engine, Engine):
+        raise ProgramError(f"{target} returned {type(engine).__name__}, not an mlo.Engine")
+    return engine
+
+
 def _run(args: argparse.Namespace) -> int:
     from mlo.problems.lfm_cw.experiment import run
 
@@ -103,6 +173,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = _Parser(prog="mlo", description="mlo: multi-level optimization for PyTorch")
     sub = parser.add_subparsers(dest="command", required=True)
     _run_parser(sub)
+    _check_parser(sub)
     try:
         from mlo.benchmarks import cli as bench_cli
     except ImportError:  # benchmarks are part of the package; absent only in a broken install
@@ -112,6 +183,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.command == "run":
         return _run(args)
+    if args.command == "check":
+        return _check(args)
     assert bench_cli is not None
     return int(bench_cli.main(args) or 0)
 

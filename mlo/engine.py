@@ -208,19 +208,50 @@ class Engine:
             hook.on_step(self, name, loss)
         return loss
 
-    def hypergradient(self, name: str) -> list[Tensor]:
+    def hypergradient(
+        self,
+        name: str,
+        estimator: EstimatorSpec | Mapping[Edge, EstimatorSpec] | None = None,
+        batches: Mapping[str, Any] | None = None,
+    ) -> list[Tensor]:
         """Level ``name``'s hypergradient at the current state, one tensor per parameter of its
         module (``module.parameters()`` order, trainable ones), as the configured estimators
         compute it. Steps nothing and leaves every parameter and buffer as it was; a level that
-        has drawn no batch yet draws its first."""
+        has drawn no batch yet draws its first.
+
+        ``estimator``: another estimator for every edge, or ``{edge: estimator}`` for some edges
+        (the others keep theirs), for this evaluation only. ``batches``: ``{level: batch}`` used
+        instead of those levels' current batches, for this evaluation only."""
         self.graph.require(name)
         for level in (name, *self.graph.descendants(name)):
-            if self._streams[level].drawn == 0:
+            if self._streams[level].drawn == 0 and (batches is None or level not in batches):
                 self._draw(level)
-        with frozen_buffers(self.program.buffers()):
-            grads, loss = self._total(name, self.program.params, create_graph=False)
+        saved = self.estimators, self._plans, {level: s.batch for level, s in self._streams.items()}
+        try:
+            if estimator is not None:
+                chosen = estimator if isinstance(estimator, Mapping) else dict.fromkeys(self.graph.edges, estimator)
+                self.estimators = self._resolve_estimators({**self.estimators, **chosen})
+                self._plans = {level: self._plan(level) for level in self.graph.levels}
+            for level, batch in (batches or {}).items():
+                self.graph.require(level)
+                self._streams[level].batch = batch
+            with frozen_buffers(self.program.buffers()):
+                grads, loss = self._total(name, self.program.params, create_graph=False)
+        finally:
+            self.estimators, self._plans = saved[0], saved[1]
+            for level, batch in saved[2].items():
+                self._streams[level].batch = batch
         self._check(loss, grads, name)
         return [g.detach() for g in grads]
+
+    def batch(self, name: str) -> Any:
+        """The batch level ``name`` is on (the last it drew); ``ProgramError`` when it has drawn
+        none yet (a level without data is always on ``None``)."""
+        self.graph.require(name)
+        stream = self._streams[name]
+        if stream.drawn == 0 and self.program.problems[name].data is not None:
+            raise ProgramError(f"level {name!r} has drawn no batch yet: run a round (or engine.step({name!r})) first")
+        return stream.batch
 
     # ------------------------------------------------------------------ the per-hop rule
 

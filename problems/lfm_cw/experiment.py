@@ -38,7 +38,7 @@ from .generator import load_generator
 from .methods import METHODS
 from .program import LFMCW, Constants, Optimizers, build
 
-__all__ = ["run", "prepare_output"]
+__all__ = ["run", "prepare", "build_program", "warm_up_generator", "checked_engine", "prepare_output"]
 
 
 class _Recorder(mlo.Hook):
@@ -110,12 +110,68 @@ def _stages(config: RunConfig) -> list[tuple[Stage | None, int]]:
     return [(Stage(config.layers + 2 * i, s.ops_per_edge), r) for i, (s, r) in enumerate(zip(PDARTS_STAGES, rounds))]
 
 
-def _search(
-    config: RunConfig, method: str, seed: int, splits: datasets.DataSplits, generator: Any, progress: Progress
-) -> tuple[LFMCW, _Recorder, float]:
+def prepare(config: RunConfig) -> tuple[datasets.DataSplits, Any]:
+    """Check every option, then load the data and the generator checkpoint (if any): what every
+    search of ``config`` shares."""
+    config.validate()  # every option checked before any data is read
+    if config.threads:
+        torch.set_num_threads(config.threads)
+    kw: dict[str, Any] = {"cutout": config.cutout} if config.dataset.startswith("cifar") else {}
+    splits = datasets.load(config.dataset, config.data_root, config.imbalance, seed=0, **kw)
+    generator = None
+    if config.generator != "cgan":
+        generator = load_generator(config.generator, splits.num_classes, splits.input_shape)
+    return splits, generator
+
+
+def build_program(
+    config: RunConfig, method: str, seed: int, splits: datasets.DataSplits, generator: Any, rounds: int,
+    stage: Stage | None = None, mask: Any = None,
+) -> LFMCW:
+    """The program ``method`` searches with under ``config``: its levels, graph, per-edge
+    estimators (``config.estimator`` and ``config.edge_estimators`` applied) and hooks."""
     spec = METHODS[method]
     constants = Constants(config.lam, config.gamma, config.beta, config.synthetic_per_step, config.mistakes)
     optim = Optimizers(w_lr=config.w_lr, arch_lr=config.arch_lr, phi_lr=config.phi_lr)
+    program = build(
+        splits.train, splits.val, splits.num_classes, splits.input_shape,
+        _supernet_factory(config, splits, stage, mask), spec.variant, constants, optim,
+        rounds=rounds, batch_size=config.batch_size, estimator=config.estimator or spec.estimator,
+        generator=generator, device=config.device, seed=seed,
+    )
+    for edge, est in config.edge_estimators.items():  # checked against every method's edges
+        upper, _, lower = (s.strip() for s in edge.partition("->"))
+        if (upper, lower) in program.estimators:  # methods without this edge ignore it
+            program.estimators[(upper, lower)] = est
+    return program
+
+
+def warm_up_generator(config: RunConfig, program: LFMCW, hooks: list[mlo.Hook]) -> None:
+    """``config.generator_warmup`` steps of the program's GAN levels alone, before the search
+    (so that its synthetic images look like data); nothing when it has no generator level."""
+    gan = [p for p in program.problems if p.name in ("discriminator", "generator")]
+    if config.generator_warmup and gan:
+        mlo.Engine(gan, {}, hooks=hooks).run(config.generator_warmup)
+
+
+def checked_engine(config: RunConfig, console: Console | None = None) -> mlo.Engine:
+    """The engine of the first method's search under ``config`` (seed 0, generator warmed up),
+    after ``config.search_rounds`` rounds: the program `mlo check` inspects."""
+    console = console or Console(stderr=True)
+    splits, generator = prepare(config)
+    method = config.methods[0]
+    torch.manual_seed(0)
+    program = build_program(config, method, 0, splits, generator, config.search_rounds)
+    console.print(f"[bold]mlo check[/] {method} on {splits}: {config.search_rounds} rounds", highlight=False)
+    warm_up_generator(config, program, [])
+    engine = mlo.Engine(program.problems, program.graph, program.estimators, hooks=program.hooks)
+    engine.run(config.search_rounds)
+    return engine
+
+
+def _search(
+    config: RunConfig, method: str, seed: int, splits: datasets.DataSplits, generator: Any, progress: Progress
+) -> tuple[LFMCW, _Recorder, float]:
     mask = None
     recorder: _Recorder | None = None
     start = time.perf_counter()
@@ -123,25 +179,15 @@ def _search(
     for index, (stage, rounds) in enumerate(_stages(config)):
         if stage is not None and arch_prev is not None:  # P-DARTS: prune before deepening
             _, mask = pdarts_next_stage(arch_prev, stage)
-        program = build(
-            splits.train, splits.val, splits.num_classes, splits.input_shape,
-            _supernet_factory(config, splits, stage, mask), spec.variant, constants, optim,
-            rounds=rounds, batch_size=config.batch_size, estimator=config.estimator or spec.estimator,
-            generator=generator, device=config.device, seed=seed,
-        )
-        for edge, est in config.edge_estimators.items():  # checked against every method's edges
-            upper, _, lower = (s.strip() for s in edge.partition("->"))
-            if (upper, lower) in program.estimators:  # methods without this edge ignore it
-                program.estimators[(upper, lower)] = est
+        program = build_program(config, method, seed, splits, generator, rounds, stage, mask)
         new_recorder = _Recorder(program)
         if recorder is not None:  # keep one history across P-DARTS stages
             new_recorder.losses, new_recorder.class_weights = recorder.losses, recorder.class_weights
         recorder = new_recorder
         if index == 0 and config.generator_warmup and any(p.name == "generator" for p in program.problems):
-            gan = [p for p in program.problems if p.name in ("discriminator", "generator")]
             task = progress.add_task(f"generator warm-up seed {seed}", total=config.generator_warmup, losses="")
             warm = _Recorder(program)
-            mlo.Engine(gan, {}, hooks=[warm, _ProgressHook(progress, task, warm)]).run(config.generator_warmup)
+            warm_up_generator(config, program, [warm, _ProgressHook(progress, task, warm)])
         label = f"search {method} seed {seed}" + (f" stage {index + 1}" if stage is not None else "")
         task = progress.add_task(label, total=rounds, losses="")
         hooks = [*program.hooks, recorder, _ProgressHook(progress, task, recorder)]
@@ -250,14 +296,7 @@ def _table(summary: list[dict[str, Any]], imbalanced: bool) -> Table:
 def run(config: RunConfig, console: Console | None = None) -> dict[str, Any]:
     """Run every method and seed of ``config``; returns (and writes) the results."""
     console = console or Console()
-    config.validate()  # every option checked before any data is read
-    if config.threads:
-        torch.set_num_threads(config.threads)
-    kw: dict[str, Any] = {"cutout": config.cutout} if config.dataset.startswith("cifar") else {}
-    splits = datasets.load(config.dataset, config.data_root, config.imbalance, seed=0, **kw)
-    generator = None
-    if config.generator != "cgan":
-        generator = load_generator(config.generator, splits.num_classes, splits.input_shape)
+    splits, generator = prepare(config)
     out = prepare_output(config.out, config.methods)
     console.print(f"[bold]mlo run[/] {', '.join(config.methods)} on {splits} -> {out}")
     results: dict[str, Any] = {
