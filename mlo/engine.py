@@ -1,17 +1,10 @@
-"""`Engine`: runs a multi-level program and computes hypergradients through its graph.
+"""`Engine`: runs a multi-level program; its hypergradients come from `mlo.hypergradient`.
 
 Each round steps every level bottom-up: a lower level its ``steps`` steps, then its uppers.
 A level without lowers takes a plain training step. A level with lowers steps along its
-hypergradient, computed by the per-hop rule below with the estimator of each edge.
-
-Per-hop rule. For an upper level ``u`` with objective ``L_u``, let ``a_v = dL_u/dtheta_v`` (partial,
-at the evaluation point) for ``u`` and every level below it. Going bottom-up over the levels
-below ``u``, each level ``v`` adds, for each of its lowers ``m``, the estimator's
-``vjp_{v,m}(a_m)``; finally ``hypergradient(u) = a_u + sum_l vjp_{u,l}(a_l)`` over ``u``'s lowers.
-For implicit estimators ``vjp_{v,m}(a) = -(d^2 L_m/dtheta_v dtheta_m) H_m^{-1} a`` with ``H_m`` the
-Hessian of ``L_m`` in ``theta_m`` alone (other levels fixed), so contributions sum over every
-path of the graph. The evaluation point is the current state, except that each direct lower of
-``u`` whose estimator has a look-ahead (finite differences, unroll) is evaluated there.
+hypergradient, computed at the current state by the rule stated in `mlo.hypergradient` (exact
+implicit hypergradients at any depth with ``cg``/``neumann``; see there) with the estimator of
+each edge. The engine keeps the scheduling, the data, the checks and the state.
 
 Buffers: estimator evaluations never move module buffers (BatchNorm statistics are restored
 after every hypergradient); the plain step of a level without lowers updates them as a normal
@@ -34,10 +27,11 @@ from torch import Tensor
 from . import autodiff
 from .autodiff import Tensors
 from .errors import EstimatorError, NonFiniteError, ProgramError
-from .estimators import Estimator, Hop, Info, resolve
-from .functional import Program, frozen_buffers
+from .estimators import Estimator, Info, resolve
+from .functional import Point, Program, frozen_buffers
 from .graph import Graph
 from .hooks import Hook
+from .hypergradient import Loss, Rule
 from .problem import Problem
 
 __all__ = ["Engine"]
@@ -99,12 +93,13 @@ class Engine:
         self.program = Program(problems)
         self._check_parameters()
         self.estimators = self._resolve_estimators(estimator)
-        self._plans = {name: self._plan(name) for name in self.graph.levels}
         self.hooks = list(hooks)
         self.check_finite = check_finite
         self.round = 0
         self.diagnostics = Diagnostics()
         self._streams = {name: _Stream(p.batches()) for name, p in self.program.problems.items()}
+        losses = {name: self._loss(name) for name in self.graph.levels}
+        self._rule = Rule(self.graph, self.estimators, losses, self.program.problems)
         self._transform_states: dict[str, Any] = {
             name: p.transform.init(self.program.params[name])
             for name, p in self.program.problems.items()
@@ -186,8 +181,7 @@ class Engine:
         problem = self.program.problems[name]
         self._draw(name)
         if self.graph.lowers_of[name]:
-            with frozen_buffers(self.program.buffers()):
-                grads, loss = self._total(name, self.program.params, create_graph=False)
+            grads, loss = self._hypergradient(name)
         else:
             loss = self.program.loss(name, self._streams[name].batch)
             grads = autodiff.grad(loss, self.program.params[name])
@@ -226,21 +220,8 @@ class Engine:
         for level in (name, *self.graph.descendants(name)):
             if self._streams[level].drawn == 0 and (batches is None or level not in batches):
                 self._draw(level)
-        saved = self.estimators, self._plans, {level: s.batch for level, s in self._streams.items()}
-        try:
-            if estimator is not None:
-                chosen = estimator if isinstance(estimator, Mapping) else dict.fromkeys(self.graph.edges, estimator)
-                self.estimators = self._resolve_estimators({**self.estimators, **chosen})
-                self._plans = {level: self._plan(level) for level in self.graph.levels}
-            for level, batch in (batches or {}).items():
-                self.graph.require(level)
-                self._streams[level].batch = batch
-            with frozen_buffers(self.program.buffers()):
-                grads, loss = self._total(name, self.program.params, create_graph=False)
-        finally:
-            self.estimators, self._plans = saved[0], saved[1]
-            for level, batch in saved[2].items():
-                self._streams[level].batch = batch
+        rule = self._rule if estimator is None and batches is None else self._rule_with(estimator, batches or {})
+        grads, loss = self._hypergradient(name, rule)
         self._check(loss, grads, name)
         return [g.detach() for g in grads]
 
@@ -253,105 +234,37 @@ class Engine:
             raise ProgramError(f"level {name!r} has drawn no batch yet: run a round (or engine.step({name!r})) first")
         return stream.batch
 
-    # ------------------------------------------------------------------ the per-hop rule
+    def _hypergradient(self, name: str, rule: Rule | None = None) -> tuple[Tensors, Tensor]:
+        """Level ``name``'s hypergradient and loss at the current state (`mlo.hypergradient`);
+        buffers are restored afterwards and the estimators' reports kept in ``diagnostics``."""
+        with frozen_buffers(self.program.buffers()):
+            result = (rule or self._rule)(name, self.program.params)
+        self.diagnostics.by_edge.update(result.infos)
+        return result.gradient, result.loss
 
-    def _total(self, name: str, point: Mapping[str, Tensors], create_graph: bool) -> tuple[Tensors, Tensor]:
-        """``(dL_name/dtheta_name, L_name)`` at ``point``, through every level below ``name``."""
-        if autodiff.computed(point.values()):
-            # Inside a look-ahead, some values were computed from others (the iterate from the
-            # rest of the point): aliases keep every derivative taken below to the computations
-            # of this evaluation, as the per-hop rule's partial derivatives require.
-            point = {level: autodiff.alias(values) for level, values in point.items()}
-        lowers = self.graph.lowers_of[name]
-        batch = self._streams[name].batch
-        if not lowers:
-            loss = self.program.loss(name, batch, point)
-            return autodiff.grad(loss, point[name], create_graph=create_graph), loss
+    def _rule_with(self, estimator: EstimatorSpec | Mapping[Edge, EstimatorSpec] | None, batches: Mapping[str, Any]) -> Rule:
+        """The rule with some edges' estimators and some levels' batches replaced."""
+        estimators = self.estimators
+        if estimator is not None:
+            chosen = estimator if isinstance(estimator, Mapping) else dict.fromkeys(self.graph.edges, estimator)
+            estimators = self._resolve_estimators({**self.estimators, **chosen})
+        for level in batches:
+            self.graph.require(level)
+        losses = {
+            level: self._loss(level, (batches[level],) if level in batches else None) for level in self.graph.levels
+        }
+        return Rule(self.graph, estimators, losses, self.program.problems)
 
-        below, live, needed = self._plans[name]
-        evaluation = dict(point)
-        lookaheads: dict[str, Tensors] = {}
-        hops = {low: self._hop(name, low, point, create_graph) for low in lowers}
-        for low in lowers:
-            est = self.estimators[(name, low)]
-            ahead = est.lookahead(hops[low])
-            if ahead is not None:
-                lookaheads[low] = ahead
-                evaluation[low] = ahead if est.attached else tuple(t.detach().requires_grad_() for t in ahead)
-        if autodiff.computed(evaluation[level] for level in (name, *below)):
-            # Some values were computed from others (an attached look-ahead, or the iterate of an
-            # outer look-ahead): each level below gets an alias, so that its adjoint is the partial
-            # derivative of this loss, not a total through a look-ahead's dependence on it.
-            for level in below:
-                if level not in lookaheads:
-                    evaluation[level] = autodiff.alias(evaluation[level])
-        loss = self.program.loss(name, batch, evaluation)
-        levels = (name, *needed)
-        flat = [t for level in levels for t in evaluation[level]]
-        # an attached look-ahead's graph is read again only to carry adjoints from below it
-        keep = create_graph or any(
-            self.estimators[(name, low)].attached and self.graph.lowers_of[low] for low in lookaheads
-        )
-        got = autodiff.grad(loss, flat, create_graph=create_graph, retain_graph=keep)
-        partial: dict[str, Tensors] = {}
-        i = 0
-        for level in levels:
-            n = len(evaluation[level])
-            partial[level] = got[i : i + n]
-            i += n
+    def _loss(self, name: str, fixed: tuple[Any] | None = None) -> Loss:
+        """Level ``name``'s loss on its current batch (or on ``fixed[0]``), at any point."""
+        problem_loss = self.program.loss
+        if fixed is not None:
+            return lambda point: problem_loss(name, fixed[0], point)
 
-        # Adjoints bottom-up: what arrives at each level from the levels below it.
-        deeper: dict[str, Tensors] = {}
-        for level in below:
-            arrived = None
-            for low in self.graph.lowers_of[level]:
-                if (level, low) not in live:
-                    continue
-                adjoint = autodiff.add(partial[low], deeper[low]) if low in deeper else partial[low]
-                part, info = self.estimators[(level, low)].vjp(self._hop(level, low, point, create_graph), adjoint, None)
-                self.diagnostics.by_edge[(level, low)] = info
-                arrived = part if arrived is None else autodiff.add(arrived, part)
-            if arrived is not None:
-                deeper[level] = arrived
+        def loss(point: Point) -> Tensor:
+            return problem_loss(name, self._streams[name].batch, point)
 
-        total = partial[name]
-        for low in lowers:
-            est = self.estimators[(name, low)]
-            if (name, low) not in live:
-                continue
-            if est.attached:  # autograd already carried the direct path through the look-ahead
-                if low not in deeper:
-                    continue
-                adjoint = deeper[low]
-            else:
-                adjoint = autodiff.add(partial[low], deeper[low]) if low in deeper else partial[low]
-            part, info = est.vjp(hops[low], adjoint, lookaheads.get(low))
-            self.diagnostics.by_edge[(name, low)] = info
-            total = autodiff.add(total, part)
-        return total, loss
-
-    def _plan(self, name: str) -> tuple[tuple[str, ...], frozenset[Edge], tuple[str, ...]]:
-        """For level ``name``: the levels below it; the edges whose estimator reads its adjoint;
-        and the levels whose partials those edges read. Other edges (first order) contribute
-        zero, so their partials are never computed."""
-        below = self.graph.descendants(name)
-        live = frozenset(
-            (v, low) for v in (name, *below) for low in self.graph.lowers_of[v] if self.estimators[(v, low)].uses_adjoint
-        )
-        needed = tuple(level for level in below if any((v, level) in live for v in self.graph.uppers_of[level]))
-        return below, live, needed
-
-    def _hop(self, upper: str, lower: str, point: Mapping[str, Tensors], create_graph: bool) -> Hop:
-        batch = self._streams[lower].batch
-
-        def lower_loss(overrides: Mapping[str, Tensors]) -> Tensor:
-            return self.program.loss(lower, batch, {**point, **overrides})
-
-        def direction(values: Tensors, differentiable: bool) -> Tensors:
-            grads, _ = self._total(lower, {**point, lower: values}, create_graph=differentiable)
-            return grads
-
-        return Hop(upper, lower, point, lower_loss, direction, self.program.problems[lower], create_graph)
+        return loss
 
     # ------------------------------------------------------------------ helpers
 

@@ -440,3 +440,107 @@ def mlp_program(
 def conditioned_iterations(rate: float, target: float) -> int:
     """The smallest n with rate**n <= target (0 < rate < 1)."""
     return max(1, math.ceil(math.log(target) / math.log(rate)))
+
+
+# ---------------------------------------------------------------------------------------------- exact reference at depth
+
+
+def newton(f: Callable[[Tensor], Tensor], x0: Tensor, steps: int = 1) -> Tensor:
+    """The minimizer of ``f`` near ``x0`` by Newton's method in plain autograd: iterations on
+    values until the step is at roundoff, then ``steps`` more that autograd differentiates.
+
+    A Newton step from a minimizer is exact to first order in whatever ``f`` depends on, and
+    each further step doubles the order; on a quadratic one step is the closed form itself."""
+
+    def step(x: Tensor, create_graph: bool) -> Tensor:
+        (g,) = torch.autograd.grad(f(x), x, create_graph=True)
+        H = torch.stack([torch.autograd.grad(g[i], x, retain_graph=True, create_graph=create_graph)[0] for i in range(len(g))])
+        return torch.linalg.solve(H, g)
+
+    x = x0.detach()
+    for _ in range(100):
+        delta = step(x.requires_grad_(), False).detach()
+        x = (x - delta).detach()
+        if float(delta.norm()) <= 1e-15 * (1.0 + float(x.norm())):
+            break
+    x = x.requires_grad_()
+    for _ in range(steps):
+        x = x - step(x, True)
+    return x
+
+
+@dataclass
+class BestResponses:
+    """Exact hypergradients at any depth, from their definition, for levels that are vectors.
+
+    ``losses[v](values)`` is level v's loss with every level at ``values[v]``. The best response
+    of a level minimizes its reduced objective (its loss with the levels below it at their best
+    responses) as a function of its uppers in ``graph``; the other levels are held at ``fixed``.
+    The hypergradient of a level is the derivative of its reduced objective, by autograd
+    through best responses computed by `newton` (``steps`` differentiated steps)."""
+
+    losses: dict[str, Callable[[dict[str, Tensor]], Tensor]]
+    graph: dict[str, list[str]]
+    steps: int = 1
+
+    def lowers(self, v: str) -> list[str]:
+        return self.graph.get(v, [])
+
+    def uppers(self, v: str) -> list[str]:
+        return [u for u, lows in self.graph.items() if v in lows]
+
+    def below(self, v: str) -> list[str]:
+        """Every level below v, each after all of its uppers."""
+        found: list[str] = []
+        stack = list(self.lowers(v))
+        while stack:
+            low = stack.pop(0)
+            if low not in found:
+                found.append(low)
+                stack.extend(self.lowers(low))
+        ordered: list[str] = []
+        while len(ordered) < len(found):
+            for low in found:
+                if low not in ordered and all(u in ordered or u not in found for u in self.uppers(low)):
+                    ordered.append(low)
+        return ordered
+
+    def respond(self, v: str, values: dict[str, Tensor], fixed: dict[str, Tensor]) -> Tensor:
+        """v's best response to its uppers' ``values``, every other level at ``fixed``."""
+        given = {**fixed, **{u: values[u] for u in self.uppers(v)}}
+        return newton(lambda x: self.reduced(v, {**given, v: x}, fixed), fixed[v], self.steps)
+
+    def settle(self, v: str, values: dict[str, Tensor], fixed: dict[str, Tensor]) -> dict[str, Tensor]:
+        """``values`` with every level below v at its best response."""
+        values = dict(values)
+        for low in self.below(v):
+            values[low] = self.respond(low, values, fixed)
+        return values
+
+    def reduced(self, v: str, values: dict[str, Tensor], fixed: dict[str, Tensor]) -> Tensor:
+        return self.losses[v](self.settle(v, values, fixed))
+
+    def hypergradient(self, v: str, point: dict[str, Tensor]) -> Tensor:
+        """dR_v/d theta_v at ``point`` (which should hold the best responses: `equilibrium`)."""
+        fixed = {k: t.detach() for k, t in point.items()}
+        x = fixed[v].clone().requires_grad_()
+        return torch.autograd.grad(self.reduced(v, {**fixed, v: x}, fixed), x)[0]
+
+    def equilibrium(self, top: str, point: dict[str, Tensor]) -> dict[str, Tensor]:
+        """``point`` with every level below ``top`` where its reduced objective is stationary,
+        all at once (Newton's method on the stacked stationarity conditions)."""
+        levels = self.below(top)
+        point = {k: t.detach() for k, t in point.items()}
+        for _ in range(50):
+            z = {v: point[v].clone().requires_grad_() for v in levels}
+            live = {**point, **z}
+            r = torch.cat([
+                torch.autograd.grad(self.reduced(v, live, live), z[v], create_graph=True)[0] for v in levels
+            ])
+            flat = [z[v] for v in levels]
+            J = torch.stack([torch.cat(torch.autograd.grad(r[i], flat, retain_graph=True)) for i in range(len(r))])
+            delta = torch.linalg.solve(J, r.detach()).split([len(z[v]) for v in levels])
+            point.update({v: (z[v] - d).detach() for v, d in zip(levels, delta)})
+            if float(r.detach().norm()) <= 1e-13:
+                break
+        return point

@@ -25,10 +25,17 @@ NAMES = estimators.names()
 
 def _fields(name):
     """(option, type, default) per option; for a union such as ``float | str`` (a number or a
-    keyword like ``"auto"``) the type is its first member, which the generic checks exercise."""
+    keyword like ``"auto"``) the type is its first member, which the generic checks exercise;
+    an option with named values keeps its ``Literal[...]`` annotation."""
     cls = type(estimators.get(name))
     hints = typing.get_type_hints(cls)
-    return [(f.name, (typing.get_args(hints[f.name]) or (hints[f.name],))[0], f.default) for f in dataclasses.fields(cls)]
+    return [(f.name, _kind(hints[f.name]), f.default) for f in dataclasses.fields(cls)]
+
+
+def _kind(annotation):
+    if typing.get_origin(annotation) is typing.Literal:
+        return annotation
+    return (typing.get_args(annotation) or (annotation,))[0]
 
 
 FIELDS = [(name, field, kind, default) for name in NAMES for field, kind, default in _fields(name)]
@@ -120,7 +127,7 @@ def test_get_builds_the_registered_class_with_defaults(name):
 def test_each_option_round_trips_through_get_and_parse(name, field, kind, default):
     value = _another_valid(kind, default)
     est = estimators.get(name, **{field: value})
-    assert getattr(est, field) == value and type(getattr(est, field)) is kind
+    assert getattr(est, field) == value and type(getattr(est, field)) is type(value)
     assert estimators.parse(f"{name}:{field}={value}") == est
     assert estimators.parse(f" {name} : {field} = {value} ".replace(" : ", ":")) == est
 
@@ -153,6 +160,9 @@ def test_wrong_option_type_names_the_option(name, field, kind, default):
     for wrong in _wrong_types(kind):
         with pytest.raises(mlo.EstimatorError, match=f"option '{field}'"):
             estimators.get(name, **{field: wrong})
+    if typing.get_origin(kind) is typing.Literal:
+        with pytest.raises(mlo.EstimatorError, match=f"option '{field}'"):
+            estimators.parse(f"{name}:{field}=nonesuch")
     if kind in (int, float):
         with pytest.raises(mlo.EstimatorError, match=f"option '{field}'"):
             estimators.parse(f"{name}:{field}=abc")
@@ -192,6 +202,9 @@ def test_registering_a_name_twice_is_refused():
 
 
 def _another_valid(kind, default):
+    choices = typing.get_args(kind) if typing.get_origin(kind) is typing.Literal else ()
+    if choices:  # an option with named values (Literal["a", "b"]): another one of them
+        return next(c for c in choices if c != default)
     if kind is bool:
         return not default
     if kind is int:
@@ -202,6 +215,8 @@ def _another_valid(kind, default):
 
 
 def _wrong_types(kind):
+    if typing.get_origin(kind) is typing.Literal:
+        return ["nonesuch", "", 1, None]
     if kind is int:
         return ["3", 2.5, True, None]
     if kind is float:

@@ -2,7 +2,7 @@
 
 References: the closed-form ridge hypergradient (implicit function theorem), the closed form of
 K unrolled SGD steps, DARTS's finite-difference formula written out from its definition, the
-per-hop rule evaluated with explicit matrices on quadratic chains and DAGs, and ``higher`` (plus a
+per-hop rule (``hessian="partial"``) evaluated with explicit matrices on quadratic chains and DAGs, and ``higher`` (plus a
 hand-written Adam) for unrolled optimizers with state.
 """
 
@@ -187,6 +187,8 @@ def test_first_order_is_exactly_the_direct_gradient():
 
 
 # ---------------------------------------------------------------------------------------------- per-hop rule
+# hessian="partial": each hop solves with its lower loss's own Hessian, the levels below it held
+# fixed. The exact rule ("total", the default) is checked in tests/test_depth.py.
 
 
 def _solve(r, v, x):
@@ -200,7 +202,7 @@ def test_three_level_chain_follows_the_per_hop_rule():
         {"A": ("A", "B", "C"), "B": ("A", "B", "C"), "C": ("B", "C")},
         {"A": ["B"], "B": ["C"]},
     )
-    engine = q.engine(CG(iterations=10, tol=0.0))
+    engine = q.engine(CG(iterations=10, tol=0.0, hessian="partial"))
     a_C = q.grad("A", "C")
     a_B = q.grad("A", "B") - q.block("C", "B", "C") @ _solve(q, "C", a_C)
     want_A = q.grad("A", "A") - q.block("B", "A", "B") @ _solve(q, "B", a_B)
@@ -226,7 +228,7 @@ def test_diamond_dag_follows_the_per_hop_rule():
         {"U": ["L1", "L2"], "L1": ["M"], "L2": ["M"]},
         seed=1,
     )
-    engine = q.engine(CG(iterations=10, tol=0.0))
+    engine = q.engine(CG(iterations=10, tol=0.0, hessian="partial"))
     a_M = q.grad("U", "M")
     a_L1 = q.grad("U", "L1") - q.block("M", "L1", "M") @ _solve(q, "M", a_M)
     a_L2 = q.grad("U", "L2") - q.block("M", "L2", "M") @ _solve(q, "M", a_M)
@@ -253,7 +255,7 @@ def test_per_edge_estimators_on_a_chain():
     eig = torch.linalg.eigvalsh(H_C)
     lo, hi = float(eig[0]), float(eig[-1])
     neumann = Neumann(iterations=conditioned_iterations(1 - lo / hi, 1e-12), alpha=1 / hi)
-    engine = q.engine({("A", "B"): CG(iterations=10, tol=0.0), ("B", "C"): neumann})
+    engine = q.engine({("A", "B"): CG(iterations=10, tol=0.0, hessian="partial"), ("B", "C"): neumann})
     a_B = q.grad("A", "B") - q.block("C", "B", "C") @ _solve(q, "C", q.grad("A", "C"))
     want = q.grad("A", "A") - q.block("B", "A", "B") @ _solve(q, "B", a_B)
     assert relative_error(engine.hypergradient("A")[0], want) < 1e-8
@@ -345,7 +347,7 @@ def test_diamond_with_an_attached_and_an_implicit_edge_on_one_upper():
         seed=3,
     )
     K, lr = 2, 0.05
-    cg = CG(iterations=10, tol=0.0)
+    cg = CG(iterations=10, tol=0.0, hessian="partial")
     engine = q.engine({("U", "L1"): Unroll(steps=K), ("U", "L2"): cg, ("L1", "M"): cg, ("L2", "M"): cg})
     got = engine.hypergradient("U")[0]
 

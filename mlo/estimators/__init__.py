@@ -4,11 +4,11 @@ Each estimator is a small frozen dataclass whose fields are its options, registe
 
     from mlo import estimators
     estimators.names()                       # ['cg', 'finite_difference', 'first_order', 'neumann', 'unroll']
-    estimators.get("cg", iterations=20)      # CG(iterations=20, tol=1e-10, damping=0.0)
+    estimators.get("cg", iterations=20)      # CG(iterations=20, tol=1e-10, damping=0.0, hessian='total')
     estimators.parse("neumann:alpha=0.05")   # from a config string or a command-line flag
 """
 
-from .base import Estimator, Hop, Info, Linearization
+from .base import Curvature, Estimator, Hop, Info
 from .cg import CG
 from .finite_difference import FiniteDifference
 from .first_order import FirstOrder
@@ -20,7 +20,7 @@ __all__ = [
     "Estimator",
     "Hop",
     "Info",
-    "Linearization",
+    "Curvature",
     "CG",
     "FiniteDifference",
     "FirstOrder",

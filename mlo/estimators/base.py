@@ -12,7 +12,10 @@ An estimator whose look-ahead is differentiable in ``theta_u`` sets ``attached =
 then carries the upper objective's direct path through it, and ``vjp`` only receives the part of
 the adjoint that arrives from deeper levels.
 
-The engine builds a ``Hop`` per edge and per evaluation; estimators only use the Hop.
+The hypergradient rule (`mlo.hypergradient`) hands the estimator a ``Hop`` per edge and per
+evaluation: the values there and explicit operators (``curvature``: Hessian-vector and mixed
+products; ``direction``: the lower level's total gradient; ``upper_gradient``). Estimators use
+nothing else.
 """
 
 from __future__ import annotations
@@ -20,67 +23,63 @@ from __future__ import annotations
 import dataclasses
 import typing
 from abc import ABC, abstractmethod
-from collections.abc import Callable, Mapping
-from dataclasses import dataclass
 from typing import Any, ClassVar
-
-import torch
-from torch import Tensor
 
 from .. import autodiff
 from ..autodiff import Tensors
 from ..errors import EstimatorError
 from ..problem import Problem
 
-__all__ = ["Estimator", "Hop", "Linearization", "Info", "option_types"]
+__all__ = ["Estimator", "Hop", "Curvature", "Info", "option_types", "choices_of"]
 
 #: Diagnostics an estimator reports for one evaluation (residuals, Hessian-vector products, ...).
 Info = dict[str, float]
 
 
-class Linearization:
-    """The lower level's gradient ``g = dL_l/dtheta_l`` at one point, kept differentiable.
+class Curvature(ABC):
+    """The lower level's objective around one point, as explicit operators: its Hessian ``H``
+    (symmetric) and its mixed second derivative with the upper level. Which objective (the lower
+    loss alone, or the reduced one through the levels below it) is the ``hessian`` the estimator
+    asked for (see `mlo.hypergradient`). ``create_graph``: keep the result differentiable."""
 
-    One forward and backward pass serves every Hessian-vector product ``H v = d(g.v)/dtheta_l``
-    and every mixed product ``(d^2 L_l / dtheta_u dtheta_l) x = d(g.x)/dtheta_u`` taken from it.
-    """
+    #: Hessian-vector products taken so far
+    hvps: int
 
-    def __init__(self, loss: Tensor, lower: Tensors, upper: Tensors, create_graph: bool) -> None:
-        self.lower, self.upper, self.create_graph = lower, upper, create_graph
-        self.gradient = autodiff.grad(loss, lower, create_graph=True)
-        self.hvps = 0
+    @abstractmethod
+    def hvp(self, v: Tensors, create_graph: bool = False) -> Tensors:
+        """``H v``, one tensor per lower parameter."""
 
-    def hvp(self, v: Tensors) -> Tensors:
-        """``H v`` with ``H`` the Hessian of the lower loss in the lower parameters."""
-        self.hvps += 1
-        return autodiff.grad(self.gradient, self.lower, v, retain_graph=True, create_graph=self.create_graph)
-
-    def mixed(self, x: Tensors) -> Tensors:
-        """``(d^2 L_l / dtheta_u dtheta_l) x``: one tensor per upper parameter."""
-        return autodiff.grad(self.gradient, self.upper, x, retain_graph=True, create_graph=self.create_graph)
+    @abstractmethod
+    def mixed(self, x: Tensors, create_graph: bool = False) -> Tensors:
+        """``(d^2 / dtheta_u dtheta_l) x``: one tensor per upper parameter."""
 
 
-@dataclass
-class Hop:
-    """One edge of the graph at one point, as an estimator sees it."""
+class Hop(ABC):
+    """One edge (upper -> lower) of the graph at one point, as an estimator sees it: the values
+    there and explicit operators on the lower level, computed by `mlo.hypergradient`."""
 
     upper: str
     lower: str
-    point: Mapping[str, Tensors]
-    #: the lower level's loss (on its current batch) at ``point`` with some levels replaced
-    lower_loss: Callable[[Mapping[str, Tensors]], Tensor]
-    #: the gradient the lower level's real step would use, at the given lower parameters
-    direction: Callable[[Tensors, bool], Tensors]
+    upper_params: Tensors
+    lower_params: Tensors
+    #: the lower level (its optimizer: learning rates, update rule)
     problem: Problem
+    #: whether the estimator's result must stay differentiable (inside a look-ahead or a curvature)
     create_graph: bool
 
-    @property
-    def upper_params(self) -> Tensors:
-        return tuple(self.point[self.upper])
+    @abstractmethod
+    def curvature(self, hessian: str = "total") -> Curvature:
+        """The lower level's curvature here: ``"total"`` (its reduced objective, the levels
+        below it at their best responses) or ``"partial"`` (its own loss, those levels fixed)."""
 
-    @property
-    def lower_params(self) -> Tensors:
-        return tuple(self.point[self.lower])
+    @abstractmethod
+    def direction(self, values: Tensors, differentiable: bool) -> Tensors:
+        """The gradient the lower level's real step would use (its hypergradient through the
+        levels below it) with its parameters at ``values``."""
+
+    @abstractmethod
+    def upper_gradient(self, lower_values: Tensors) -> Tensors:
+        """``dL_l/dtheta_u`` (partial) with the lower parameters at ``lower_values``."""
 
     def learning_rates(self) -> tuple[float, ...]:
         """The lower optimizer's learning rate for each lower parameter (param groups respected)."""
@@ -90,22 +89,13 @@ class Hop:
                 by_id[id(p)] = float(group["lr"])
         return tuple(by_id[id(p)] for p in self.problem.parameters())
 
-    def linearize(self) -> Linearization:
-        return Linearization(self.lower_loss({}), self.lower_params, self.upper_params, self.create_graph)
-
-    def upper_gradient(self, lower_values: Tensors) -> Tensors:
-        """``dL_l/dtheta_u`` (partial) with the lower parameters set to ``lower_values``."""
-        if not self.create_graph:
-            loss = self.lower_loss({self.lower: lower_values})
-            return autodiff.grad(loss, self.upper_params)
-        # differentiable: lower_values may depend on the upper level (through the adjoint); the
-        # partial derivative is taken in an alias that only this loss uses
-        upper = autodiff.alias(self.upper_params)
-        loss = self.lower_loss({self.lower: lower_values, self.upper: upper})
-        return autodiff.grad(loss, upper, create_graph=self.create_graph)
-
     def where(self) -> str:
         return f"edge {self.upper!r} -> {self.lower!r}"
+
+
+def choices_of(kind: Any) -> tuple[str, ...]:
+    """The values an option annotated ``Literal["a", "b"]`` accepts; ``()`` for other types."""
+    return typing.get_args(kind) if typing.get_origin(kind) is typing.Literal else ()
 
 
 class Estimator(ABC):
@@ -122,7 +112,16 @@ class Estimator(ABC):
     def __post_init__(self) -> None:
         hints = typing.get_type_hints(type(self))
         for f in dataclasses.fields(self):  # type: ignore[arg-type]
-            value, kinds = getattr(self, f.name), option_types(hints[f.name])
+            value, expected = getattr(self, f.name), hints[f.name]
+            choices = choices_of(expected)
+            if choices:
+                if not (isinstance(value, str) and value in choices):
+                    raise EstimatorError(
+                        f"estimator {self.name!r}: option {f.name!r} must be one of "
+                        f"{', '.join(map(repr, choices))}, got {value!r}"
+                    )
+                continue
+            kinds = option_types(expected)
             ok = isinstance(value, kinds) and not (isinstance(value, bool) and bool not in kinds)
             if float in kinds and isinstance(value, int) and not isinstance(value, bool):
                 object.__setattr__(self, f.name, float(value))

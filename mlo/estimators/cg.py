@@ -1,25 +1,27 @@
 """``cg``: implicit differentiation, ``H x = a`` solved by conjugate gradient.
 
-At a stationary point of the lower loss, the implicit function theorem gives
-``vjp(a) = -(d^2 L_l / dtheta_u dtheta_l) (H + damping I)^{-1} a``, ``H`` the Hessian of the lower
-loss in its own parameters (other levels held fixed). Reports the final relative residual, and
-warns (``mlo.ConvergenceWarning``) when the solve met negative curvature or ended with a
-relative residual above ``warn_residual``: an indefinite lower Hessian is the usual cause, and
-``damping`` fixes it.
+At a stationary point of the lower level's objective, the implicit function theorem gives
+``vjp(a) = -(d^2 / dtheta_u dtheta_l) (H + damping I)^{-1} a``. ``hessian="total"`` (default) takes
+``H`` and the mixed derivative of the lower level's reduced objective (the levels below it at
+their best responses: exact at any depth); ``"partial"`` those of its own loss, the levels below
+it held fixed (cheaper; the same when the lower level has no lowers). See `mlo.hypergradient`.
+Reports the final relative residual, and warns (``mlo.ConvergenceWarning``) when the solve met
+negative curvature or ended with a relative residual above ``warn_residual``: an indefinite
+lower Hessian is the usual cause, and ``damping`` fixes it.
 """
 
 from __future__ import annotations
 
 import warnings
 from dataclasses import dataclass
-from typing import ClassVar
+from typing import ClassVar, Literal
 
 from .. import autodiff
 from ..autodiff import Tensors
 from ..errors import ConvergenceWarning
 from .base import Estimator, Hop, Info
 from .registry import register
-from .solvers import conjugate_gradient
+from .solvers import attach, conjugate_gradient
 
 
 @register
@@ -33,6 +35,7 @@ class CG(Estimator):
     tol: float = 1e-10
     damping: float = 0.0
     warn_residual: float = 0.1
+    hessian: Literal["total", "partial"] = "total"
 
     def validate(self) -> None:
         self._require(self.iterations >= 1, "iterations", ">= 1")
@@ -41,15 +44,21 @@ class CG(Estimator):
         self._require(self.warn_residual >= 0, "warn_residual", ">= 0")
 
     def vjp(self, hop: Hop, adjoint: Tensors, lookahead: Tensors | None) -> tuple[Tensors, Info]:
-        lin = hop.linearize()
+        curvature = hop.curvature(self.hessian)
 
-        def matvec(v: Tensors) -> Tensors:
-            hv = lin.hvp(v)
+        def matvec(v: Tensors, create_graph: bool = False) -> Tensors:
+            hv = curvature.hvp(v, create_graph)
             return autodiff.axpy(self.damping, v, hv) if self.damping else hv
 
-        x, info = conjugate_gradient(matvec, adjoint, self.iterations, self.tol)
+        def solve(b: Tensors) -> Tensors:
+            return conjugate_gradient(matvec, b, self.iterations, self.tol)[0]
+
+        b = tuple(a.detach() for a in adjoint) if hop.create_graph else adjoint
+        x, info = conjugate_gradient(matvec, b, self.iterations, self.tol)
         self._warn(hop, info)
-        return autodiff.scale(-1.0, lin.mixed(x)), {**info, "hvps": float(lin.hvps)}
+        if hop.create_graph:  # differentiable: the solution's derivative, by one more solve backward
+            x = attach(x, adjoint, matvec, solve)
+        return autodiff.scale(-1.0, curvature.mixed(x, hop.create_graph)), {**info, "hvps": float(curvature.hvps)}
 
     def _warn(self, hop: Hop, info: Info) -> None:
         if info["converged"] or not (info["negative_curvature"] or info["residual"] > self.warn_residual):

@@ -7,7 +7,7 @@ import typing
 from typing import Any, TypeVar
 
 from ..errors import EstimatorError
-from .base import Estimator, option_types, type_name
+from .base import Estimator, choices_of, option_types, type_name
 
 __all__ = ["register", "names", "get", "parse", "resolve"]
 
@@ -59,7 +59,10 @@ def parse(spec: str) -> Estimator:
         key = key.strip()
         if not eq or key not in hints or key in ("name", "attached"):
             raise EstimatorError(f"bad option {item!r} in estimator spec {spec!r}; expected NAME=VALUE for an option of {name!r}")
-        options[key] = _convert(name, key, text.strip(), option_types(hints[key]))
+        if choices_of(hints[key]):  # named values (Literal["a", "b"]): checked when the estimator is built
+            options[key] = text.strip()
+        else:
+            options[key] = _convert(name, key, text.strip(), option_types(hints[key]))
     return get(name, **options)
 
 

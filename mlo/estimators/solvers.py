@@ -2,20 +2,22 @@
 
 Both approximate ``x = H^{-1} b`` given only ``v -> H v``, and report what they did as a dict of
 floats (the diagnostics an estimator passes on). ``largest_eigenvalue`` estimates the step size
-the Neumann series needs.
+the Neumann series needs. ``attach`` makes a solution differentiable as a solution.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import Any
 
 import torch
+from torch import Tensor
 
 from .. import autodiff
 from ..autodiff import Tensors
 from ..errors import DivergenceError
 
-__all__ = ["conjugate_gradient", "neumann_series", "largest_eigenvalue"]
+__all__ = ["conjugate_gradient", "neumann_series", "largest_eigenvalue", "attach"]
 
 Matvec = Callable[[Tensors], Tensors]
 
@@ -122,3 +124,39 @@ def largest_eigenvalue(matvec: Matvec, start: Tensors, iterations: int) -> float
             break
         v = autodiff.scale(1.0 / size, hv)
     return estimate
+
+
+def attach(x: Tensors, b: Tensors, matvec: Callable[[Tensors, bool], Tensors], solve: Matvec) -> Tensors:
+    """``x``, a solution of ``A x = b`` computed without a graph, made differentiable as the
+    exact solution is: ``dx = A^{-1} (db - dA x)``, for ``A`` symmetric.
+
+    ``matvec(v, create_graph)`` is ``A v``, differentiable in what ``A`` depends on when asked;
+    ``solve(c)`` applies ``A^{-1}`` (the estimator's own solver), again in the backward pass.
+    So a derivative of the result costs one more solve, not a pass back through the solver's
+    iterations, and is the derivative of the solution even where the iteration stopped early.
+    The value is ``x`` unchanged. Differentiating twice works the same way, one level deeper.
+    """
+    x = tuple(t.detach() for t in x)
+    residual = autodiff.sub(b, matvec(x, True))  # zero at the solution; its derivative is db - dA x
+    return autodiff.add(x, _Inverse.apply(solve, matvec, *residual))
+
+
+class _Inverse(torch.autograd.Function):
+    """``r -> A^{-1} r`` on a residual that is zero: the forward pass returns zeros (the value is
+    already in ``x``), the backward pass applies ``A^{-1}`` to the incoming gradient."""
+
+    @staticmethod
+    def forward(  # type: ignore[override]
+        ctx: Any, solve: Matvec, matvec: Callable[[Tensors, bool], Tensors], *residual: Tensor
+    ) -> Tensors:
+        ctx.solve, ctx.matvec = solve, matvec
+        return tuple(torch.zeros_like(r) for r in residual)
+
+    @staticmethod
+    def backward(ctx: Any, *grads: Tensor) -> tuple[Tensor | None, ...]:  # type: ignore[override]
+        differentiable = torch.is_grad_enabled()  # a derivative of this backward pass will be taken
+        with torch.enable_grad():  # the operator may build graphs of its own (a reduced curvature)
+            x = ctx.solve(tuple(g.detach() for g in grads))
+            if differentiable:
+                x = attach(x, grads, ctx.matvec, ctx.solve)
+        return (None, None, *x)

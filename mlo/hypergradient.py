@@ -1,0 +1,345 @@
+"""The hypergradient rule: a pure function of a program's graph, the estimator of each edge, the
+levels' losses and the point at which they are evaluated. This module is its only home; the
+`Engine` calls it and keeps the scheduling, data, checks and state.
+
+The rule, at any depth
+----------------------
+Each level ``v`` has parameters ``theta_v`` and a loss ``L_v`` that may read any level's
+parameters. The best response ``theta_m*`` of a level ``m`` minimizes its *reduced objective*
+
+    R_m(theta_m) = L_m(theta_m, theta_D*(theta_m)),    D = every level below m (its descendants),
+
+with the levels below ``m`` at their own best responses, as functions of their uppers in the
+graph, and every other level held where it is. (A level's best response depends on its uppers in
+the graph: two uppers of one lower are not differentiated through each other; declare an edge
+wherever a level's best response should follow another level.) The hypergradient of a level
+``u`` is the total derivative ``dR_u / dtheta_u``. By the chain rule over the DAG, with
+``a_v = dL_u/dtheta_v`` the partial derivatives at the evaluation point:
+
+    adjoint(v)      = a_v + sum over lowers l of v:  vjp_{v,l}(adjoint(l))      bottom-up, v below u
+    hypergradient   = a_u + sum over lowers l of u:  vjp_{u,l}(adjoint(l))
+
+so contributions are summed over every path of the graph. ``vjp_{v,l}(a)`` is
+``(d theta_l* / d theta_v)^T a``, approximated by the edge's estimator. The implicit ones
+(``cg``, ``neumann``) use the implicit function theorem at a stationary point of ``R_l``:
+
+    vjp_{v,l}(a) = -(d G_l / d theta_v)^T H_l^{-1} a,     G_l = dR_l/dtheta_l,  H_l = dG_l/dtheta_l
+
+Their option ``hessian`` says which ``H_l`` and mixed derivative they use:
+
+- ``"total"`` (default): the exact ones. ``H_l`` is the Hessian of the reduced objective ``R_l``
+  and the mixed derivative is that of ``G_l``, both including every level below ``l`` moving
+  with its best response. A product ``H_l v`` differentiates ``G_l`` (``l``'s own hypergradient,
+  computed once per edge evaluation with a graph) at the point and carries the part that lands on
+  the levels below ``l`` back through their best responses: ``H_l v = d<G_l, v>/dtheta_l + J^T
+  d<G_l, v>/dtheta_D``, ``J = dtheta_D*/dtheta_l``. The linear solves inside ``G_l`` are
+  differentiated as solutions (``d(A^{-1} b) = A^{-1}(db - dA A^{-1} b)``, the inverse applied by the
+  edge's own solver), so for a non-quadratic lower the product includes the third derivatives of
+  its loss: it is the derivative of the exact ``G_l``, not of a truncated iteration.
+  The mixed derivative takes the same extra term for the levels below ``l`` that depend on
+  ``theta_v`` through other edges.
+- ``"partial"``: ``H_l`` and the mixed derivative of ``L_l`` alone, the levels below ``l`` held
+  fixed (Betty's per-hop rule; cheaper, and wrong by any amount when ``L_l`` reads the levels
+  below it).
+
+Both are the same on an edge whose lower has no lowers. Cost of ``"total"`` on an edge whose
+lower ``l`` has lowers: forming ``G_l`` costs one solve per edge below ``l``, and every outer
+product ``H_l v`` costs two more per edge below (one to differentiate the solve inside ``G_l``,
+one to carry the result back through the best response); solves below nest the same way, so
+the work multiplies by about twice the inner iteration count per level of depth.
+
+Look-aheads. Estimators with a look-ahead (``finite_difference``, ``unroll``) move their lower
+to a look-ahead point at which the upper's loss is evaluated; ``unroll``'s look-ahead is
+differentiable in the upper (``attached``), so autograd carries the direct path through it and
+its ``vjp`` receives only what arrives from deeper levels. Each look-ahead step of a level with
+lowers follows that level's own hypergradient through them (the rule, recursively).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+
+from torch import Tensor
+
+from . import autodiff
+from .autodiff import Tensors
+from .estimators.base import Curvature, Estimator, Hop, Info
+from .functional import Point
+from .graph import Graph
+from .problem import Problem
+
+__all__ = ["Loss", "Edge", "Result", "Rule", "hypergradient"]
+
+#: A level's loss on its current batch, with the levels named in the point at the given values
+#: and every other level at its own parameters.
+Loss = Callable[[Point], Tensor]
+Edge = tuple[str, str]
+
+
+@dataclass(frozen=True)
+class Result:
+    """A hypergradient: one tensor per parameter of the level, the level's loss at the point
+    where it was evaluated, and what each edge's estimator reported (the last evaluation of each)."""
+
+    gradient: Tensors
+    loss: Tensor
+    infos: dict[Edge, Info] = field(default_factory=dict)
+
+
+def hypergradient(
+    level: str,
+    point: Mapping[str, Tensors],
+    graph: Graph,
+    estimators: Mapping[Edge, Estimator],
+    losses: Mapping[str, Loss],
+    problems: Mapping[str, Problem],
+    create_graph: bool = False,
+) -> Result:
+    """The hypergradient of ``level`` at ``point`` (every level's parameter values), by the rule
+    in this module's docstring. ``problems`` gives each level's optimizer (for the estimators
+    that step it: ``finite_difference``, ``unroll``)."""
+    return Rule(graph, estimators, losses, problems)(level, point, create_graph)
+
+
+class Rule:
+    """The rule bound to one program: its graph, estimators, losses and levels. Holds no state
+    between calls; what it derives from the graph (which partial derivatives each level's
+    hypergradient reads) is derived once, here."""
+
+    def __init__(
+        self,
+        graph: Graph,
+        estimators: Mapping[Edge, Estimator],
+        losses: Mapping[str, Loss],
+        problems: Mapping[str, Problem],
+    ) -> None:
+        self.graph, self.estimators, self.losses, self.problems = graph, estimators, losses, problems
+        self.plans = {name: self._plan(name) for name in graph.levels}
+
+    def __call__(self, level: str, point: Mapping[str, Tensors], create_graph: bool = False) -> Result:
+        evaluation = _Evaluation(self)
+        gradient, loss = evaluation.total(level, point, create_graph)
+        return Result(gradient, loss, evaluation.infos)
+
+    def _plan(self, name: str) -> tuple[tuple[str, ...], tuple[str, ...]]:
+        """For level ``name``: the levels below it (bottom-up), and those whose partial
+        derivative some edge reads. A first-order edge contributes zero whatever its adjoint, so
+        the partials only it would read are never computed."""
+        below = self.graph.descendants(name)
+        needed = tuple(
+            level for level in below if any(self.estimators[(v, level)].uses_adjoint for v in self.graph.uppers_of[level])
+        )
+        return below, needed
+
+
+class _Evaluation:
+    """One call of the rule: the recursion, and what the estimators reported during it."""
+
+    def __init__(self, rule: Rule) -> None:
+        self.rule = rule
+        self.graph = rule.graph
+        self.infos: dict[Edge, Info] = {}
+
+    def total(self, name: str, point: Mapping[str, Tensors], create_graph: bool) -> tuple[Tensors, Tensor]:
+        """``(dR_name/dtheta_name, L_name)`` at ``point``: the level's hypergradient through every
+        level below it, and its loss where it was evaluated."""
+        if autodiff.computed(point.values()):
+            # Inside a look-ahead or a curvature, some values were computed from others: aliases
+            # keep every derivative taken below to the computations of this evaluation, as the
+            # rule's partial derivatives require.
+            point = {level: autodiff.alias(values) for level, values in point.items()}
+        lowers = self.graph.lowers_of[name]
+        loss_at = self.rule.losses[name]
+        if not lowers:
+            loss = loss_at(point)
+            return autodiff.grad(loss, point[name], create_graph=create_graph), loss
+
+        below, needed = self.rule.plans[name]
+        evaluation = dict(point)
+        lookaheads: dict[str, Tensors] = {}
+        hops = {low: self.hop(name, low, point, create_graph) for low in lowers}
+        for low in lowers:
+            est = self.rule.estimators[(name, low)]
+            ahead = est.lookahead(hops[low])
+            if ahead is not None:
+                lookaheads[low] = ahead
+                evaluation[low] = ahead if est.attached else tuple(t.detach().requires_grad_() for t in ahead)
+        if autodiff.computed(evaluation[level] for level in (name, *below)):
+            # Some values were computed from others (an attached look-ahead, or the iterate of an
+            # outer look-ahead): each level below gets an alias, so that its adjoint is the partial
+            # derivative of this loss, not a total through a look-ahead's dependence on it.
+            for level in below:
+                if level not in lookaheads:
+                    evaluation[level] = autodiff.alias(evaluation[level])
+        loss = loss_at(evaluation)
+        levels = (name, *needed)
+        # an attached look-ahead's graph is read again only to carry adjoints from below it
+        keep = create_graph or any(
+            self.rule.estimators[(name, low)].attached and self.graph.lowers_of[low] for low in lookaheads
+        )
+        partial = self.gradients(loss, evaluation, levels, None, create_graph, keep)
+        deeper = self.carry(below, partial, point, create_graph)
+
+        total = partial[name]
+        for low in lowers:
+            est = self.rule.estimators[(name, low)]
+            if not est.uses_adjoint:
+                continue
+            if est.attached:  # autograd already carried the direct path through the look-ahead
+                if low not in deeper:
+                    continue
+                adjoint = deeper[low]
+            else:
+                adjoint = _adjoint(low, partial, deeper)
+            total = autodiff.add(total, self.vjp(hops[low], adjoint, lookaheads.get(low)))
+        return total, loss
+
+    def carry(
+        self, levels: tuple[str, ...], adjoints: Mapping[str, Tensors], point: Mapping[str, Tensors], create_graph: bool
+    ) -> dict[str, Tensors]:
+        """Bottom-up over ``levels``: what arrives at each from its lowers among them, through
+        their best responses, given the partial ``adjoints``."""
+        deeper: dict[str, Tensors] = {}
+        for level in levels:
+            arrived = self.pull(level, levels, adjoints, deeper, point, create_graph)
+            if arrived is not None:
+                deeper[level] = arrived
+        return deeper
+
+    def pull(
+        self,
+        level: str,
+        among: tuple[str, ...],
+        adjoints: Mapping[str, Tensors],
+        deeper: Mapping[str, Tensors],
+        point: Mapping[str, Tensors],
+        create_graph: bool,
+    ) -> Tensors | None:
+        """``sum_l vjp_{level,l}(adjoint(l))`` over the lowers ``l`` of ``level`` in ``among``."""
+        arrived = None
+        for low in self.graph.lowers_of[level]:
+            if low not in among or not self.rule.estimators[(level, low)].uses_adjoint:
+                continue
+            part = self.vjp(self.hop(level, low, point, create_graph), _adjoint(low, adjoints, deeper), None)
+            arrived = part if arrived is None else autodiff.add(arrived, part)
+        return arrived
+
+    def vjp(self, hop: _Hop, adjoint: Tensors, lookahead: Tensors | None) -> Tensors:
+        part, info = self.rule.estimators[(hop.upper, hop.lower)].vjp(hop, adjoint, lookahead)
+        self.infos[(hop.upper, hop.lower)] = info
+        return part
+
+    def gradients(
+        self,
+        output: Tensor | Tensors,
+        point: Mapping[str, Tensors],
+        levels: tuple[str, ...],
+        seed: Tensors | None,
+        create_graph: bool,
+        retain_graph: bool,
+    ) -> dict[str, Tensors]:
+        """The derivatives of ``output`` (seeded by ``seed``) in each of ``levels`` at ``point``."""
+        flat = [t for level in levels for t in point[level]]
+        got = autodiff.grad(output, flat, seed, create_graph=create_graph, retain_graph=retain_graph)
+        out: dict[str, Tensors] = {}
+        i = 0
+        for level in levels:
+            n = len(point[level])
+            out[level] = got[i : i + n]
+            i += n
+        return out
+
+    def hop(self, upper: str, lower: str, point: Mapping[str, Tensors], create_graph: bool) -> _Hop:
+        return _Hop(self, upper, lower, point, create_graph)
+
+
+def _adjoint(low: str, adjoints: Mapping[str, Tensors], deeper: Mapping[str, Tensors]) -> Tensors:
+    """The total adjoint of ``low``: its partial plus what arrived from below it."""
+    if low not in deeper:
+        return adjoints[low]
+    return autodiff.add(adjoints[low], deeper[low]) if low in adjoints else deeper[low]
+
+
+class _Hop(Hop):
+    """An edge at one point, with the operators the estimators use, computed by the rule."""
+
+    def __init__(self, evaluation: _Evaluation, upper: str, lower: str, point: Mapping[str, Tensors], create_graph: bool) -> None:
+        self.evaluation = evaluation
+        self.upper, self.lower = upper, lower
+        self.point = point
+        self.problem = evaluation.rule.problems[lower]
+        self.create_graph = create_graph
+        self.upper_params = tuple(point[upper])
+        self.lower_params = tuple(point[lower])
+
+    def lower_loss(self, overrides: Mapping[str, Tensors]) -> Tensor:
+        return self.evaluation.rule.losses[self.lower]({**self.point, **overrides})
+
+    def curvature(self, hessian: str = "total") -> Curvature:
+        if hessian == "total" and self.evaluation.graph.lowers_of[self.lower]:
+            return _ReducedCurvature(self)
+        return _PartialCurvature(self.lower_loss({}), self.lower_params, self.upper_params)
+
+    def direction(self, values: Tensors, differentiable: bool) -> Tensors:
+        grads, _ = self.evaluation.total(self.lower, {**self.point, self.lower: values}, differentiable)
+        return grads
+
+    def upper_gradient(self, lower_values: Tensors) -> Tensors:
+        if not self.create_graph:
+            loss = self.lower_loss({self.lower: lower_values})
+            return autodiff.grad(loss, self.upper_params)
+        # differentiable: lower_values may depend on the upper level (through the adjoint); the
+        # partial derivative is taken in an alias that only this loss uses
+        upper = autodiff.alias(self.upper_params)
+        loss = self.lower_loss({self.lower: lower_values, self.upper: upper})
+        return autodiff.grad(loss, upper, create_graph=True)
+
+
+class _PartialCurvature(Curvature):
+    """The lower level's own loss, the levels below it held fixed: ``g = dL_l/dtheta_l`` kept
+    differentiable, so that one forward and backward pass serves every product
+    ``H v = d<g, v>/dtheta_l`` and ``(d^2 L_l / dtheta_u dtheta_l) x = d<g, x>/dtheta_u``."""
+
+    def __init__(self, loss: Tensor, lower: Tensors, upper: Tensors) -> None:
+        self.lower, self.upper = lower, upper
+        self.gradient = autodiff.grad(loss, lower, create_graph=True)
+        self.hvps = 0
+
+    def hvp(self, v: Tensors, create_graph: bool = False) -> Tensors:
+        self.hvps += 1
+        return autodiff.grad(self.gradient, self.lower, v, retain_graph=True, create_graph=create_graph)
+
+    def mixed(self, x: Tensors, create_graph: bool = False) -> Tensors:
+        return autodiff.grad(self.gradient, self.upper, x, retain_graph=True, create_graph=create_graph)
+
+
+class _ReducedCurvature(Curvature):
+    """The lower level's reduced objective: ``G = dR_l/dtheta_l`` (its hypergradient through the
+    levels below it) kept differentiable at an aliased copy of the point, so that a product with
+    ``G`` differentiates it in ``theta_l`` (or ``theta_u``) and in the levels below ``l``; the
+    latter part is carried back to ``theta_l`` (or ``theta_u``) through their best responses."""
+
+    def __init__(self, hop: _Hop) -> None:
+        self.evaluation = hop.evaluation
+        self.lower, self.upper = hop.lower, hop.upper
+        self.below = self.evaluation.graph.descendants(hop.lower)
+        self.point = {level: autodiff.alias(values) for level, values in hop.point.items()}
+        self.gradient, _ = self.evaluation.total(hop.lower, self.point, create_graph=True)
+        self.hvps = 0
+
+    def _product(self, target: str, v: Tensors, create_graph: bool) -> Tensors:
+        """``dG/dtheta_target^T v`` with the levels below ``l`` moving with their best responses."""
+        levels = (target, *self.below)
+        got = self.evaluation.gradients(self.gradient, self.point, levels, v, create_graph, True)
+        deeper = self.evaluation.carry(self.below, got, self.point, create_graph)
+        arrived = self.evaluation.pull(target, self.below, got, deeper, self.point, create_graph)
+        return got[target] if arrived is None else autodiff.add(got[target], arrived)
+
+    def hvp(self, v: Tensors, create_graph: bool = False) -> Tensors:
+        self.hvps += 1
+        return self._product(self.lower, v, create_graph)
+
+    def mixed(self, x: Tensors, create_graph: bool = False) -> Tensors:
+        return self._product(self.upper, x, create_graph)
+

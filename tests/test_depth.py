@@ -1,0 +1,214 @@
+"""The exact hypergradient rule at depth (``hessian="total"``, the default of ``cg`` and ``neumann``)
+against its definition, in float64.
+
+The reference (`programs.BestResponses`) is plain autograd through best responses: the derivative
+of F(theta) = L_top(theta, lambda*(theta), w*(lambda*(theta)), ...) with every best response
+computed by Newton's method (on a quadratic, one Newton step is the closed form), evaluated where
+every level below the top is at its best response. The middle levels' losses read the levels
+below them, which is where the per-hop rule (``hessian="partial"``) goes wrong.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import mlo
+from mlo.estimators import CG, Neumann, Unroll
+from programs import BestResponses, Fn, Quadratic, Vector, conditioned_iterations, quadratic, relative_error
+
+pytestmark = pytest.mark.usefixtures("float64", "one_thread")
+
+SHAPES = {
+    # top -> mid -> low; mid's loss reads low
+    "chain3": (
+        {"T": 2, "M": 3, "L": 4},
+        {"T": ("T", "M", "L"), "M": ("T", "M", "L"), "L": ("M", "L")},
+        {"T": ["M"], "M": ["L"]},
+    ),
+    "chain4": (
+        {"T": 2, "A": 3, "B": 3, "C": 4},
+        {"T": ("T", "A", "B", "C"), "A": ("T", "A", "B", "C"), "B": ("A", "B", "C"), "C": ("B", "C")},
+        {"T": ["A"], "A": ["B"], "B": ["C"]},
+    ),
+    # two middles sharing one low level, each reading it
+    "diamond": (
+        {"U": 2, "L1": 3, "L2": 2, "M": 3},
+        {"U": ("U", "L1", "L2", "M"), "L1": ("U", "L1", "M"), "L2": ("U", "L2", "M"), "M": ("L1", "L2", "M")},
+        {"U": ["L1", "L2"], "L1": ["M"], "L2": ["M"]},
+    ),
+    # the low level depends on the top directly and through the middle
+    "skip": (
+        {"T": 2, "A": 3, "B": 4},
+        {"T": ("T", "A", "B"), "A": ("T", "A", "B"), "B": ("T", "A", "B")},
+        {"T": ["A", "B"], "A": ["B"]},
+    ),
+}
+TOP = {"chain3": "T", "chain4": "T", "diamond": "U", "skip": "T"}
+
+
+def _set(problems: dict[str, Fn], values: dict[str, torch.Tensor]) -> None:
+    with torch.no_grad():
+        for name, value in values.items():
+            problems[name].module.parts[0].copy_(value)
+
+
+def _at_best_responses(shape: str, seed: int = 0) -> tuple[Quadratic, BestResponses, torch.Tensor]:
+    """The quadratic program of ``shape`` with every level below the top at its best response,
+    its reference, and the reference hypergradient of the top there."""
+    q = quadratic(*SHAPES[shape], seed=seed)
+    ref = BestResponses({v: (lambda values, v=v: q.loss(v, values)) for v in q.dims}, q.graph)
+    point = ref.equilibrium(TOP[shape], {v: q.value(v) for v in q.dims})
+    _set(q.problems, point)
+    return q, ref, ref.hypergradient(TOP[shape], point)
+
+
+def _reduced_hessian(ref: BestResponses, level: str, point: dict[str, torch.Tensor]) -> torch.Tensor:
+    fixed = {k: t.detach() for k, t in point.items()}
+    x = fixed[level].clone().requires_grad_()
+    (g,) = torch.autograd.grad(ref.reduced(level, {**fixed, level: x}, fixed), x, create_graph=True)
+    return torch.stack([torch.autograd.grad(g[i], x, retain_graph=True)[0] for i in range(len(g))])
+
+
+@pytest.mark.parametrize("shape", list(SHAPES))
+def test_cg_is_exact_at_any_depth(shape):
+    q, _, want = _at_best_responses(shape)
+    got = q.engine(CG(iterations=20, tol=0.0)).hypergradient(TOP[shape])[0]
+    assert relative_error(got, want) < 1e-8
+    # the per-hop rule is another answer on every one of these shapes
+    partial = q.engine(CG(iterations=20, tol=0.0, hessian="partial")).hypergradient(TOP[shape])[0]
+    assert relative_error(partial, want) > 1e-2
+
+
+def test_the_per_hop_rule_can_be_far_off():
+    # The failure the exact rule fixes, made visible: on this chain "partial" is ~98 % off.
+    q, _, want = _at_best_responses("chain3", seed=1)
+    partial = q.engine(CG(iterations=20, tol=0.0, hessian="partial")).hypergradient("T")[0]
+    assert relative_error(partial, want) > 0.5
+    total = q.engine(CG(iterations=20, tol=0.0)).hypergradient("T")[0]
+    assert relative_error(total, want) < 1e-8
+
+
+def test_middle_levels_hypergradients_are_exact():
+    # Each middle level's own hypergradient (through the levels below it), away from its own
+    # stationary point: the levels below the middle at their best responses, the middle anywhere.
+    q = quadratic(*SHAPES["chain4"], seed=4)
+    ref = BestResponses({v: (lambda values, v=v: q.loss(v, values)) for v in q.dims}, q.graph)
+    point = ref.equilibrium("A", {v: q.value(v) for v in q.dims})
+    _set(q.problems, point)
+    engine = q.engine(CG(iterations=20, tol=0.0))
+    want = ref.hypergradient("A", point)
+    assert want.norm() > 1e-2
+    assert relative_error(engine.hypergradient("A")[0], want) < 1e-8
+
+
+def test_neumann_total_is_exact_on_a_chain():
+    q, ref, want = _at_best_responses("chain3")
+    point = {v: q.value(v) for v in q.dims}
+    estimators = {}
+    for upper, lower in (("T", "M"), ("M", "L")):
+        eig = torch.linalg.eigvalsh(_reduced_hessian(ref, lower, point))
+        lo, hi = float(eig[0]), float(eig[-1])
+        # the best step, 2 / (lo + hi): the error shrinks by (hi - lo) / (hi + lo) per term
+        iterations = conditioned_iterations((hi - lo) / (hi + lo), 1e-11)
+        estimators[(upper, lower)] = Neumann(iterations=iterations, alpha=2 / (lo + hi))
+    got = q.engine(estimators).hypergradient("T")[0]
+    assert relative_error(got, want) < 1e-8
+
+
+def test_partial_and_total_agree_where_the_lower_has_no_lowers():
+    q, _, _ = _at_best_responses("chain3")
+    for est in (CG(iterations=20, tol=0.0), Neumann(iterations=5, alpha=0.1)):
+        total = q.engine(est).hypergradient("M")[0]
+        partial = q.engine(type(est)(**{**est.options(), "hessian": "partial"})).hypergradient("M")[0]
+        assert torch.equal(total, partial)
+
+
+# ---------------------------------------------------------------------------------------------- a non-quadratic bottom
+
+
+def _softplus_chain(seed: int = 0) -> tuple[dict[str, Fn], dict[str, list[str]], dict]:
+    """top -> mid -> low, low's loss a quadratic plus softplus and log-cosh terms coupling it to
+    mid (so its Hessian moves with the point, and the reduced Hessian of mid has a term in the
+    third derivatives of low's loss); mid and top quadratic, each reading every level below."""
+    g = torch.Generator().manual_seed(seed)
+    dims = {"T": 2, "M": 3, "L": 4}
+
+    def randn(*shape: int) -> torch.Tensor:
+        return torch.randn(*shape, generator=g)
+
+    def pd(n: int) -> torch.Tensor:
+        G = randn(n, n)
+        return G.T @ G / n + 0.5 * torch.eye(n)
+
+    Q_L, C, D, E = pd(4), randn(5, 4), randn(5, 3), randn(4, 3)
+    Q_M, Q_T = pd(7), pd(9)
+    c_M, c_T, B = randn(7), randn(9), randn(3, 2)
+
+    def low(v: dict) -> torch.Tensor:
+        w, m = v["L"], v["M"]
+        return 0.5 * w @ Q_L @ w + F.softplus(C @ w + D @ m).sum() + torch.log(torch.cosh(w - E @ m)).sum()
+
+    def mid(v: dict) -> torch.Tensor:
+        z = torch.cat([v["M"], v["L"]])
+        return 0.5 * z @ Q_M @ z + c_M @ z + v["M"] @ B @ v["T"]
+
+    def top(v: dict) -> torch.Tensor:
+        z = torch.cat([v["T"], v["M"], v["L"]])
+        return 0.5 * z @ Q_T @ z + c_T @ z
+
+    modules = {name: Vector(randn(n)) for name, n in dims.items()}
+    fns = {"L": low, "M": mid, "T": top}
+
+    def bound(fn):
+        return lambda batch: fn({name: m.x for name, m in modules.items()})
+
+    problems = {
+        name: Fn(name, modules[name], torch.optim.SGD(modules[name].parameters(), lr=0.05), bound(fns[name]))
+        for name in dims
+    }
+    return problems, {"T": ["M"], "M": ["L"]}, fns
+
+
+def test_cg_is_exact_with_a_non_quadratic_bottom():
+    problems, graph, fns = _softplus_chain()
+    ref = BestResponses(fns, graph, steps=3)
+    point = ref.equilibrium("T", {name: p.module.x.detach() for name, p in problems.items()})
+    _set(problems, point)
+    want = ref.hypergradient("T", point)
+
+    def engine(**options):
+        return mlo.Engine(list(problems.values()), graph, CG(iterations=30, tol=0.0, **options))
+
+    assert relative_error(engine().hypergradient("T")[0], want) < 1e-8
+    assert relative_error(engine(hessian="partial").hypergradient("T")[0], want) > 1e-2
+
+
+# ---------------------------------------------------------------------------------------------- nested unroll
+
+
+def test_nested_unroll_approaches_the_exact_value():
+    q, ref, want = _at_best_responses("chain3", seed=1)
+    point = {v: q.value(v) for v in q.dims}
+    for level in ("M", "L"):  # the best step size for each level's reduced objective
+        eig = torch.linalg.eigvalsh(_reduced_hessian(ref, level, point))
+        q.problems[level].optimizer.param_groups[0]["lr"] = float(2 / (eig[0] + eig[-1]))
+    errors = [relative_error(q.engine(Unroll(steps=K)).hypergradient("T")[0], want) for K in (2, 4, 8, 16)]
+    assert all(a > b for a, b in zip(errors, errors[1:])), errors
+    assert errors[-1] < 1e-3
+
+
+# ---------------------------------------------------------------------------------------------- the option
+
+
+def test_the_hessian_option():
+    assert mlo.estimators.get("cg", iterations=50, hessian="partial") == CG(iterations=50, hessian="partial")
+    assert mlo.estimators.parse("cg:hessian=partial") == CG(hessian="partial")
+    assert mlo.estimators.parse("neumann:hessian=partial,alpha=0.1") == Neumann(alpha=0.1, hessian="partial")
+    assert CG().hessian == "total" and Neumann().hessian == "total"
+    for bad in ("exact", "Total", 1):
+        with pytest.raises(mlo.EstimatorError, match="option 'hessian'"):
+            mlo.estimators.get("cg", hessian=bad)
+    with pytest.raises(mlo.EstimatorError, match="option 'hessian'"):
+        mlo.estimators.parse("neumann:hessian=full")
