@@ -8,8 +8,9 @@ The configured hypergradient of ``level`` (the engine's estimators, in the progr
 compared with a reference computed at the same parameters and the same batches:
 
 - ``reference`` (default ``DEFAULT_REFERENCE``): conjugate gradient to a relative residual of
-  1e-12 with the exact rule through middle levels, in ``dtype`` (float64 by default). Any estimator
-  can be the reference instead: ``"unroll:steps=500"``, ``mlo.estimators.CG(...)``.
+  1e-12 with the exact rule through middle levels (``hessian="total"``), in ``dtype`` (float64 by
+  default), stopping at negative curvature. Any estimator can be the reference instead:
+  ``"unroll:steps=500"``, ``mlo.estimators.CG(...)``.
 - Per edge: the hypergradient of ``level`` with that edge on its configured estimator and every
   other edge on the reference, against the reference: the error that edge alone brings.
 - ``reference_converged``: whether every solve of the reference reached its tolerance (``None``
@@ -51,8 +52,10 @@ if TYPE_CHECKING:
 
 __all__ = ["check", "CheckReport", "EdgeCheck", "DEFAULT_REFERENCE", "describe"]
 
-#: The default reference: cg to a relative residual of 1e-12 (iterations capped at 1000).
-DEFAULT_REFERENCE = "cg:iterations=1000,tol=1e-12"
+#: The default reference: cg (exact rule at any depth) to a relative residual of 1e-12, at most
+#: 500 iterations, stopping at the first direction of negative curvature: an indefinite lower
+#: Hessian makes the reference unconverged, and the report says so.
+DEFAULT_REFERENCE = "cg:iterations=500,tol=1e-12,indefinite=stop"
 
 
 @dataclass(frozen=True)

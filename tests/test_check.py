@@ -104,11 +104,17 @@ def _indefinite(float64):
 
 def test_an_unconverged_reference_is_reported_as_such(float64):
     engine = _indefinite(float64)
-    with pytest.warns(mlo.CheckWarning, match=r"cg:iterations=3,tol=1e-12 reference for level 'h' did not converge.*not errors against the truth"):
-        report = mlo.check(engine, "h", reference="cg:iterations=3,tol=1e-12")
+    # the default reference stops at the first direction of negative curvature
+    with pytest.warns(mlo.CheckWarning, match=r"reference for level 'h' did not converge.*not errors against the truth"):
+        report = mlo.check(engine, "h")
     assert report.reference_converged is False and report.edges[0].reference_converged is False
-    assert report.edges[0].reference_diagnostics["residual"] > 1e-6
-    assert "did not converge" in str(report)
+    info = report.edges[0].reference_diagnostics
+    assert info["negative_curvature"] == 1.0 and info["residual"] > 1e-6 and info["iterations"] < 6
+    assert "did not converge" in str(report) and "negative curvature" in str(report)
+    # a reference that is merely cut short is reported the same way
+    with pytest.warns(mlo.CheckWarning, match="did not converge"):
+        short = mlo.check(engine, "h", reference="cg:iterations=2,tol=1e-12,damping=3.0")
+    assert short.reference_converged is False
 
 
 def test_warns_above_the_threshold_only(float64):

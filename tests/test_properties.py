@@ -12,17 +12,18 @@ import re
 
 import pytest
 import torch
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 
 import mlo
 from mlo import estimators
 from mlo.graph import Graph
-from programs import Fn, Vector
+from mlo.estimators import CG, Unroll
+from programs import BestResponses, Fn, Quadratic, Vector, conditioned_iterations, quadratic, relative_error
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
-FAST = settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow], derandomize=True)
+FAST = settings(max_examples=30, deadline=None, suppress_health_check=[HealthCheck.too_slow], derandomize=True)
 
 
 # ---------------------------------------------------------------------------------------------- graphs
@@ -152,3 +153,87 @@ def test_a_random_option_value_is_accepted_or_rejected_naming_the_option(option,
         assert _named(err, field) or "bad option" in str(err), str(err)
     else:
         assert parsed == estimators.get(name, **{field: getattr(parsed, field)})
+
+
+# ---------------------------------------------------------------------------------------------- quadratic programs
+
+
+@st.composite
+def quadratic_programs(draw: st.DrawFn, depth: int, size: int = 3, extra: bool = True) -> Quadratic:
+    """A positive-definite quadratic program of the given depth under one top level ``t``:
+    middles ``m*`` (depth 3) each over some lows ``l*``, possibly edges from the top straight to a
+    low, random sizes and couplings. Each level's loss reads itself, its lowers and its uppers
+    (so a middle level is judged by its lows), and with ``extra`` maybe one more level.
+
+    The rule follows the graph: a level's best response moves with its uppers in the graph only.
+    A look-ahead follows every dependence its steps read, so the unroll tests use no extra reads
+    (a low reading the top directly would be a path the graph does not declare)."""
+    lows = [f"l{i}" for i in range(draw(st.integers(1, 2)))]
+    mids = [f"m{i}" for i in range(draw(st.integers(1, 2)))] if depth == 3 else []
+    graph: dict[str, list[str]] = {}
+    if mids:
+        for m in mids:
+            graph[m] = draw(st.lists(st.sampled_from(lows), min_size=1, max_size=len(lows), unique=True))
+        under = [low for low in lows if not any(low in graph[m] for m in mids)]  # reach every low
+        skips = draw(st.lists(st.sampled_from(lows), max_size=1, unique=True))
+        graph["t"] = mids + sorted(set(under) | set(skips))
+    else:
+        graph["t"] = lows
+    names = ["t", *mids, *lows]
+    dims = {v: draw(st.integers(1, size)) for v in names}
+    couples: dict[str, list[str]] = {}
+    for v in names:
+        near = {v, *graph.get(v, ()), *(u for u, lows_of in graph.items() if v in lows_of)}
+        more = draw(st.sets(st.sampled_from(names), max_size=1 if extra else 0))
+        couples[v] = [n for n in names if n in near | more]
+    return quadratic(dims, couples, graph, seed=draw(st.integers(0, 10_000)))
+
+
+def _at_best_responses(q: Quadratic) -> tuple[BestResponses, dict[str, torch.Tensor]]:
+    ref = BestResponses({v: (lambda values, v=v: q.loss(v, values)) for v in q.dims}, q.graph)
+    point = ref.equilibrium("t", {v: q.value(v) for v in q.dims})
+    with torch.no_grad():
+        for name, value in point.items():
+            q.problems[name].module.parts[0].copy_(value)
+    return ref, point
+
+
+QUADRATIC = settings(max_examples=8, deadline=None, suppress_health_check=list(HealthCheck), derandomize=True)
+
+
+@pytest.mark.parametrize("depth", [2, 3])
+def test_cg_is_exact_on_random_quadratic_programs(float64, depth):
+    @QUADRATIC
+    @given(quadratic_programs(depth))
+    def check(q):
+        ref, point = _at_best_responses(q)
+        want = ref.hypergradient("t", point)
+        got = q.engine(CG(iterations=20, tol=0.0)).hypergradient("t")[0]
+        assert relative_error(got, want) < 1e-8
+
+    check()
+
+
+@pytest.mark.parametrize("depth,size,most,tolerance", [(2, 3, 200, 1e-7), (3, 2, 8, 1e-5)])
+def test_long_unroll_approaches_the_exact_value_on_random_quadratic_programs(float64, depth, size, most, tolerance):
+    # Each level gets the step size that contracts its reduced objective fastest, rate
+    # (hi - lo) / (hi + lo); K steps leave an error of order rate ** K. Nested look-aheads cost
+    # K ** 2 steps at depth 3, so there the sizes are smaller and K at most 8.
+    @QUADRATIC
+    @given(quadratic_programs(depth, size, extra=False))
+    def check(q):
+        ref, point = _at_best_responses(q)
+        want = ref.hypergradient("t", point)
+        rate = 0.0
+        fixed = {k: t.detach() for k, t in point.items()}
+        for level in ref.below("t"):
+            H = torch.autograd.functional.hessian(lambda x, v=level: ref.reduced(v, {**fixed, v: x}, fixed), fixed[level])
+            lo, hi = (float(e) for e in torch.linalg.eigvalsh(H)[[0, -1]])
+            q.problems[level].optimizer.param_groups[0]["lr"] = 2 / (lo + hi)
+            rate = max(rate, (hi - lo) / (hi + lo))
+        steps = conditioned_iterations(max(rate, 1e-3), tolerance * 1e-2)
+        assume(steps <= most)
+        got = q.engine(Unroll(steps=steps)).hypergradient("t")[0]
+        assert relative_error(got, want) < tolerance
+
+    check()

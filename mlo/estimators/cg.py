@@ -28,7 +28,9 @@ from .solvers import attach, conjugate_gradient
 @dataclass(frozen=True)
 class CG(Estimator):
     """Implicit hypergradient with ``iterations`` CG steps, stopping early at relative residual ``tol``
-    (or machine epsilon, whichever is larger)."""
+    (or machine epsilon, whichever is larger). ``indefinite="stop"`` also stops at the first
+    direction of negative curvature (the lower Hessian is then indefinite and CG may not converge),
+    keeping the iterate before it; ``"continue"`` (default) iterates on."""
 
     name: ClassVar[str] = "cg"
     iterations: int = 10
@@ -36,6 +38,7 @@ class CG(Estimator):
     damping: float = 0.0
     warn_residual: float = 0.1
     hessian: Literal["total", "partial"] = "total"
+    indefinite: Literal["continue", "stop"] = "continue"
 
     def validate(self) -> None:
         self._require(self.iterations >= 1, "iterations", ">= 1")
@@ -51,10 +54,10 @@ class CG(Estimator):
             return autodiff.axpy(self.damping, v, hv) if self.damping else hv
 
         def solve(b: Tensors) -> Tensors:
-            return conjugate_gradient(matvec, b, self.iterations, self.tol)[0]
+            return conjugate_gradient(matvec, b, self.iterations, self.tol, self.indefinite == "stop")[0]
 
         b = tuple(a.detach() for a in adjoint) if hop.create_graph else adjoint
-        x, info = conjugate_gradient(matvec, b, self.iterations, self.tol)
+        x, info = conjugate_gradient(matvec, b, self.iterations, self.tol, self.indefinite == "stop")
         self._warn(hop, info)
         if hop.create_graph:  # differentiable: the solution's derivative, by one more solve backward
             x = attach(x, adjoint, matvec, solve)
