@@ -165,3 +165,65 @@ def test_refuses_what_it_cannot_check(float64):
         mlo.check(engine, "h", reference="exact")
     with pytest.raises(ValueError, match="warn_above must be a number >= 0"):
         mlo.check(engine, "h", warn_above=-1)
+
+
+# ---------------------------------------------------------------------------------------------- the command
+
+
+USER_FILE = """
+import torch
+import mlo
+
+
+class Quadratic(mlo.Problem):
+    def __init__(self, name, module, fn):
+        super().__init__(name, module, torch.optim.SGD(module.parameters(), lr=0.1))
+        self.fn = fn
+
+    def loss(self, batch):
+        return self.fn()
+
+
+def build():
+    torch.manual_seed(0)
+    w, h = torch.nn.Linear(3, 1, bias=False), torch.nn.Linear(3, 1, bias=False)
+    lower = Quadratic("w", w, lambda: ((w.weight - h.weight) ** 2).sum() + (w.weight ** 2).sum())
+    upper = Quadratic("h", h, lambda: ((w.weight - 1.0) ** 2).sum())
+    return mlo.Engine([lower, upper], {"h": ["w"]}, "cg:iterations=1")
+
+
+def not_an_engine():
+    return 3
+"""
+
+
+def test_the_command_checks_a_users_program(tmp_path, capsys, monkeypatch):
+    from mlo.cli import main
+
+    monkeypatch.setenv("COLUMNS", "200")  # rich's console width: one line per table row
+    path = tmp_path / "program.py"
+    path.write_text(USER_FILE)
+    with pytest.warns(mlo.CheckWarning):
+        assert main(["check", f"{path}:build", "--rounds", "2", "--warn-above", "1e-9"]) == 0
+    out = capsys.readouterr().out
+    assert "mlo check: hypergradient of 'h'" in out and "h -> w" in out and "cg:iterations=1" in out
+    assert "converged" in out
+
+    for target, match in [
+        (f"{path}:not_an_engine", "returned int, not an mlo.Engine"),
+        (f"{path}:nope", "defines no function 'nope'"),
+        (f"{tmp_path / 'missing.py'}:build", "is not a file"),
+    ]:
+        assert main(["check", target]) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and err[0].startswith("mlo check: error: ") and match in err[0], err
+    assert main(["check", f"{path}:build", "--set", "lam=1"]) == 2
+    assert "apply to lfm-cw" in capsys.readouterr().err
+
+
+def test_the_command_refuses_a_bad_lfm_cw_config_in_one_line(capsys):
+    from mlo.cli import main
+
+    assert main(["check", "lfm-cw", "--set", "dataset=mnist"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == ["mlo check: error: unknown dataset 'mnist'; known: digits, cifar10, cifar100, imagenet"]
