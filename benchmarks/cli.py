@@ -20,6 +20,8 @@ from typing import Any
 
 import torch
 
+from mlo.config import ConfigError, assignments
+
 __all__ = ["SUITES", "add_parser", "main"]
 
 SUITES = ("estimators", "speed", "lfm-cw")
@@ -73,10 +75,10 @@ def main(args: argparse.Namespace) -> int:
     else:
         from . import lfm_cw
 
-        overrides = dict(item.split("=", 1) for item in args.set if "=" in item)
-        bad = [item for item in args.set if "=" not in item]
-        if bad:
-            console.print(f"[red]mlo bench lfm-cw:[/] --set expects KEY=VALUE, got {bad}")
+        try:
+            overrides = assignments(args.set)
+        except ConfigError as err:
+            console.print(f"[red]mlo bench lfm-cw:[/] {err}")
             return 2
         lfm_cw.run(quick=args.quick, json_path=json_path, out=out, console=console, overrides=overrides)
     console.print(f"results written to {json_path}")

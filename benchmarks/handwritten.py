@@ -31,7 +31,9 @@ from mlo import autodiff
 from mlo.estimators import CG, Estimator, FiniteDifference, FirstOrder, Neumann, Unroll
 from mlo.functional import frozen_buffers
 
-from .problems import Copy, cycle
+from mlo import cycle
+
+from .problems import Copy
 
 __all__ = ["handwritten_round", "supports"]
 

@@ -28,7 +28,9 @@ import mlo
 from mlo.estimators import CG, Estimator, Neumann, Unroll
 
 from .handwritten import handwritten_round, supports
-from .problems import GRAPH, Copy, as_mlo, cycle
+from mlo import cycle
+
+from .problems import GRAPH, Copy, as_mlo
 
 __all__ = ["NotApplicable", "Round", "IMPLEMENTATIONS", "build_round"]
 

@@ -30,6 +30,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 import mlo
+from mlo.problems.data import digits_images
+from mlo.problems.ridge import Ridge, Vector
 
 __all__ = [
     "Bilevel",
@@ -39,7 +41,6 @@ __all__ = [
     "darts",
     "digits",
     "as_mlo",
-    "FnProblem",
     "GRAPH",
 ]
 
@@ -127,41 +128,15 @@ class Bilevel:
         return Copy(self)
 
 
-class FnProblem(mlo.Problem):
-    """An mlo level whose loss is a given function of the batch (a closure over modules)."""
-
-    def __init__(self, name: str, module: nn.Module, optimizer: torch.optim.Optimizer, data: Sequence[Any] | None,
-                 fn: Callable[[Any], Tensor], steps: int = 1) -> None:
-        super().__init__(name, module, optimizer, data, steps)
-        self.fn = fn
-
-    def loss(self, batch: Any) -> Tensor:
-        return self.fn(batch)
-
-
 def as_mlo(c: Copy) -> list[mlo.Problem]:
     """The copy as two mlo levels, ``lower`` and ``upper``, wired by `GRAPH`."""
     return [
-        FnProblem("lower", c.lower, c.lower_optimizer, c.lower_batches, lambda b: c.lower_loss(b), c.lower_steps),
-        FnProblem("upper", c.upper, c.upper_optimizer, c.upper_batches, lambda b: c.upper_loss(b)),
+        mlo.Problem("lower", c.lower, c.lower_optimizer, c.lower_batches, c.lower_steps, loss=lambda b: c.lower_loss(b)),
+        mlo.Problem("upper", c.upper, c.upper_optimizer, c.upper_batches, loss=lambda b: c.upper_loss(b)),
     ]
 
 
-def cycle(batches: Sequence[Any]) -> Iterator[Any]:
-    """The batches in order, endlessly (as an mlo Problem draws them)."""
-    while True:
-        yield from batches
-
-
 # ---------------------------------------------------------------------------------------------- ridge
-
-
-class Vector(nn.Module):
-    """A single trainable vector, ``self.value``."""
-
-    def __init__(self, value: Tensor) -> None:
-        super().__init__()
-        self.value = nn.Parameter(value.clone())
 
 
 def _value(module: nn.Module) -> Tensor:
@@ -170,34 +145,19 @@ def _value(module: nn.Module) -> Tensor:
     return value
 
 
-def _ridge_lower(lower: nn.Module, upper: nn.Module, batch: tuple[Tensor, Tensor]) -> Tensor:
-    x, y = batch
-    w = _value(lower)
-    return 0.5 * ((x @ w - y) ** 2).mean() + 0.5 * (_value(upper).exp() * w * w).sum()
-
-
-def _ridge_upper(lower: nn.Module, upper: nn.Module, batch: tuple[Tensor, Tensor]) -> Tensor:
-    x, y = batch
-    return 0.5 * ((x @ _value(lower) - y) ** 2).mean()
-
-
 def ridge(n: int = 1000, dim: int = 100, seed: int = 0, lower_lr: float = 0.1, upper_lr: float = 0.05,
           dtype: torch.dtype = torch.float32) -> Bilevel:
-    """Ridge HPO: ``w`` minimises 0.5 mean (Xw - y)^2 + 0.5 sum_i exp(h_i) w_i^2 (full batch,
-    SGD); ``h`` (one log-penalty per feature, Adam) minimises the validation error of ``w``."""
-    g = torch.Generator().manual_seed(seed)
-    truth = torch.randn(dim, generator=g, dtype=dtype)
-    x, xv = (torch.randn(n, dim, generator=g, dtype=dtype) for _ in range(2))
-    y = x @ truth + 0.5 * torch.randn(n, generator=g, dtype=dtype)
-    yv = xv @ truth + 0.5 * torch.randn(n, generator=g, dtype=dtype)
+    """Ridge HPO (`mlo.problems.ridge`): ``w`` minimises 0.5 mean (Xw - y)^2 + 0.5 sum_i exp(h_i) w_i^2
+    (full batch, SGD); ``h`` (one log-penalty per feature, Adam) minimises the validation error of ``w``."""
+    data = Ridge.random(n, dim, noise=0.5, generator=torch.Generator().manual_seed(seed), dtype=dtype)
     return Bilevel(
         "ridge",
         Vector(torch.zeros(dim, dtype=dtype)),
         Vector(torch.full((dim,), -2.0, dtype=dtype)),
-        _ridge_lower,
-        _ridge_upper,
-        [(x, y)],
-        [(xv, yv)],
+        lambda lower, upper, batch: data.inner(_value(lower), _value(upper)),
+        lambda lower, upper, batch: data.outer(_value(lower), _value(upper)),
+        [None],
+        [None],
         lambda ps: torch.optim.SGD(ps, lr=lower_lr),
         lambda ps: torch.optim.Adam(ps, lr=upper_lr),
         config={"n": n, "dim": dim, "lower": f"SGD(lr={lower_lr})", "upper": f"Adam(lr={upper_lr})",
@@ -209,17 +169,8 @@ def ridge(n: int = 1000, dim: int = 100, seed: int = 0, lower_lr: float = 0.1, u
 
 
 def digits(size: int = 8, channels: int = 1, seed: int = 0) -> tuple[Tensor, Tensor]:
-    """sklearn's 8x8 digits as float images (N, channels, size, size) in [0, 1] and labels,
-    shuffled with ``seed``. Sizes other than 8 are bilinear resizes. No download."""
-    from sklearn.datasets import load_digits
-
-    data = load_digits()
-    x = torch.tensor(data.images, dtype=torch.float32).unsqueeze(1) / 16.0
-    y = torch.tensor(data.target, dtype=torch.long)
-    if size != 8:
-        x = F.interpolate(x, size=(size, size), mode="bilinear", align_corners=False)
-    if channels != 1:
-        x = x.expand(-1, channels, -1, -1).contiguous()
+    """`mlo.problems.data.digits_images` (pixels in [0, 1]) shuffled with ``seed``."""
+    x, y = digits_images(size, channels)
     order = torch.randperm(len(y), generator=torch.Generator().manual_seed(seed))
     return x[order], y[order]
 

@@ -31,7 +31,10 @@ from torch import Tensor, nn
 
 import mlo
 
-from .problems import FnProblem, Vector, digits
+from mlo.problems.ridge import Ridge, Vector
+from mlo.problems.ridge import program as ridge_program
+
+from .problems import digits
 
 __all__ = ["KnownAnswer", "ridge_problem", "chain_problem", "logistic_problem"]
 
@@ -74,25 +77,14 @@ def ridge_problem(dim: int, condition: float, seed: int = 0) -> KnownAnswer:
     xv = torch.randn(n, dim, generator=g, dtype=DT)
     yv = xv @ truth + 0.1 * torch.randn(n, generator=g, dtype=DT)
     h = math.log(0.1 / condition) + 0.1 * torch.randn(dim, generator=g, dtype=DT)
-    lam = h.exp()
-    hess = x.T @ x / n + torch.diag(lam)
-    w_star = torch.linalg.solve(hess, x.T @ y / n)
-    gv = xv.T @ (xv @ w_star - yv) / n
-    reference = -torch.linalg.solve(hess, gv) * w_star * lam
-    eig = torch.linalg.eigvalsh(hess)
+    data = Ridge(x, y, xv, yv)
+    reference = data.hypergradient(h)
+    eig = torch.linalg.eigvalsh(data.hessian(h))
     lipschitz = float(eig[-1])
 
     def build() -> tuple[list[mlo.Problem], Mapping[str, Sequence[str]]]:
-        w, hyper = Vector(w_star), Vector(h)
-
-        def lower(_: Any) -> Tensor:
-            return 0.5 * ((x @ w.value - y) ** 2).mean() + 0.5 * (hyper.value.exp() * w.value**2).sum()
-
-        def upper(_: Any) -> Tensor:
-            return 0.5 * ((xv @ w.value - yv) ** 2).mean()
-
-        return [FnProblem("lower", w, _sgd(w, 1.0 / lipschitz), None, lower),
-                FnProblem("upper", hyper, _sgd(hyper, 0.1), None, upper)], {"upper": ["lower"]}
+        levels = ridge_program(data, data.optimum(h), h, 1.0 / lipschitz, torch.optim.SGD, 0.1, ("lower", "upper"))
+        return levels, {"upper": ["lower"]}
 
     return KnownAnswer(f"ridge d={dim} cond={condition:g}", build, "upper", [reference], dim, lipschitz,
                        float(eig[-1] / eig[0]))
@@ -130,9 +122,9 @@ def chain_problem(dim: int = 8, condition: float = 20.0, seed: int = 0) -> Known
             return 0.5 * ((mid.value - t2) ** 2).sum() + 0.5 * ((bot.value - t1) ** 2).sum() + 0.5 * r * (top.value**2).sum()
 
         return [
-            FnProblem("bot", bot, _sgd(bot, 1.0 / lipschitz), None, bot_loss),
-            FnProblem("mid", mid, _sgd(mid, 1.0 / lipschitz), None, mid_loss),
-            FnProblem("top", top, _sgd(top, 0.1), None, top_loss),
+            mlo.Problem("bot", bot, _sgd(bot, 1.0 / lipschitz), loss=bot_loss),
+            mlo.Problem("mid", mid, _sgd(mid, 1.0 / lipschitz), loss=mid_loss),
+            mlo.Problem("top", top, _sgd(top, 0.1), loss=top_loss),
         ], {"top": ["mid"], "mid": ["bot"]}
 
     return KnownAnswer(f"chain 3 levels d={dim}", build, "top", [reference], dim, lipschitz, condition)
@@ -201,8 +193,8 @@ def logistic_problem(samples: int = 500, seed: int = 0, newton_steps: int = 30) 
         def upper(_: Any) -> Tensor:
             return nn.functional.cross_entropy(xv @ model.weight.T + model.bias, yv)
 
-        return [FnProblem("lower", model, _sgd(model, 1.0 / lipschitz), None, lower),
-                FnProblem("upper", hyper, _sgd(hyper, 0.1), None, upper)], {"upper": ["lower"]}
+        return [mlo.Problem("lower", model, _sgd(model, 1.0 / lipschitz), loss=lower),
+                mlo.Problem("upper", hyper, _sgd(hyper, 0.1), loss=upper)], {"upper": ["lower"]}
 
     return KnownAnswer(f"logistic digits n={samples}", build, "upper", [reference], k * f + k, lipschitz,
                        float(eig[-1] / positive[0]))

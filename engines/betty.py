@@ -213,7 +213,8 @@ def _level_class() -> type:
             return self.mlo_problem.loss(batch)
 
         def get_batch(self) -> Any:
-            return next(self.stream)
+            self.mlo_problem.batch = next(self.stream)
+            return self.mlo_problem.batch
 
         def trainable_parameters(self) -> list[Tensor]:
             return list(self.mlo_problem.parameters())
@@ -317,6 +318,12 @@ class BettyProgram:
 
     def _check_shape(self) -> None:
         g = self.graph
+        restarted = [n for n in g.levels if self.problems[n].init is not None]
+        if restarted:
+            raise BettyUnsupported(
+                f"level(s) {restarted} start every round from init (or take no steps of their own, steps=0); "
+                "Betty's problems have no such restart"
+            )
         leaves = [n for n in g.levels if not g.lowers_of[n]]
         steps = {n: self.problems[n].steps for n in leaves}
         if len(set(steps.values())) > 1:

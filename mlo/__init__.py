@@ -4,7 +4,7 @@ Declare each level as a ``Problem``, wire the levels into a dependency graph, an
 ``Engine`` with a hypergradient estimator from ``mlo.estimators``.
 """
 
-from . import estimators, transforms
+from . import config, estimators, programs, transforms
 from .check import CheckReport, EdgeCheck, check
 from .engine import Engine
 from .errors import (
@@ -20,13 +20,16 @@ from .errors import (
     UnknownLevelError,
 )
 from .hooks import Hook
-from .problem import Problem
+from .problem import Problem, cycle
 
 __all__ = [
     "Problem",
+    "cycle",
     "Engine",
     "Hook",
     "estimators",
+    "config",
+    "programs",
     "transforms",
     "MLOError",
     "ProgramError",

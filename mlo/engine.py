@@ -1,7 +1,9 @@
 """`Engine`: runs a multi-level program; its hypergradients come from `mlo.hypergradient`.
 
-Each round steps every level bottom-up: a lower level its ``steps`` steps, then its uppers.
-A level without lowers takes a plain training step. A level with lowers steps along its
+Each round calls the hooks' ``before_round``, then steps every level bottom-up: a lower level its
+``steps`` steps, then its uppers. A level with ``init`` restarts from it at its turn in each
+round; a level with ``steps=0`` only draws its batch (see ``mlo.Problem``). A level without
+lowers takes a plain training step. A level with lowers steps along its
 hypergradient, computed at the current state by the rule stated in `mlo.hypergradient` (exact
 implicit hypergradients at any depth with ``cg``/``neumann``; see there) with the estimator of
 each edge. The engine keeps the scheduling, the data, the checks and the state.
@@ -93,13 +95,14 @@ class Engine:
         self.program = Program(problems)
         self._check_parameters()
         self.estimators = self._resolve_estimators(estimator)
+        self._check_starts()
         self.hooks = list(hooks)
         self.check_finite = check_finite
         self.round = 0
         self.diagnostics = Diagnostics()
         self._streams = {name: _Stream(p.batches()) for name, p in self.program.problems.items()}
         losses = {name: self._loss(name) for name in self.graph.levels}
-        self._rule = Rule(self.graph, self.estimators, losses, self.program.problems)
+        self._rule = Rule(self.graph, self.estimators, losses, self.program.problems, self.program.derive)
         self._transform_states: dict[str, Any] = {
             name: p.transform.init(self.program.params[name])
             for name, p in self.program.problems.items()
@@ -136,6 +139,25 @@ class Engine:
                     "parameters of its module"
                 )
 
+    def _check_starts(self) -> None:
+        """Levels with ``init``: its values fit the level; a level with ``steps=0`` is read by an
+        upper level through an estimator that steps it (a look-ahead)."""
+        for name, problem in self.program.problems.items():
+            if problem.init is None:
+                continue
+            self.program.start(name)
+            if problem.steps:
+                continue
+            if not self.graph.uppers_of[name]:
+                raise ProgramError(f"level {name!r} has steps=0 and no upper level: nothing would ever step or read it")
+            for upper in self.graph.uppers_of[name]:
+                est = self.estimators[(upper, name)]
+                if not est.attached:
+                    raise ProgramError(
+                        f"edge {upper!r} -> {name!r}: level {name!r} takes no steps of its own (steps=0), so its "
+                        f"estimator must step it through a differentiable look-ahead (unroll); got {est.name!r}"
+                    )
+
     def _resolve_estimators(self, spec: EstimatorSpec | Mapping[Edge, EstimatorSpec]) -> dict[Edge, Estimator]:
         edges = self.graph.edges
         if isinstance(spec, Mapping):
@@ -160,15 +182,35 @@ class Engine:
         if isinstance(rounds, bool) or not isinstance(rounds, int) or rounds < 0:
             raise ValueError(f"rounds must be an int >= 0, got {rounds!r}")
         for _ in range(rounds):
+            for hook in self.hooks:
+                hook.before_round(self)
             for name in self.graph.bottom_up:
-                for _ in range(self.program.problems[name].steps):
+                problem = self.program.problems[name]
+                if problem.init is not None:
+                    self.restart(name)
+                for _ in range(problem.steps):
                     self.step(name)
             self.round += 1
             for hook in self.hooks:
                 hook.on_round(self)
 
+    def restart(self, name: str) -> None:
+        """Start level ``name`` afresh from its ``init``: parameters set to ``init()`` (at the
+        current state, not differentiated), optimizer state cleared, next batch drawn. `run`
+        calls it at the level's turn in every round."""
+        self.graph.require(name)
+        problem = self.program.problems[name]
+        if problem.init is None:
+            raise ProgramError(f"level {name!r} has no init to restart from")
+        with torch.no_grad():
+            for p, value in zip(self.program.params[name], self.program.start(name)):
+                p.copy_(value)
+        problem.optimizer.state.clear()
+        self._draw(name)
+
     def step(self, name: str) -> Tensor:
-        """One optimizer step of level ``name`` on its next batch; returns its loss (detached).
+        """One optimizer step of level ``name`` on its next batch (a level with ``init``: on the
+        batch it drew when it restarted); returns its loss (detached).
 
         The gradients are handed to the optimizer in ``.grad`` and released after its step (as
         ``zero_grad()`` does), so no level holds a parameter-sized gradient while others step.
@@ -179,7 +221,8 @@ class Engine:
         ones. Evaluate the loss yourself in a hook for its value at the current state."""
         self.graph.require(name)
         problem = self.program.problems[name]
-        self._draw(name)
+        if problem.init is None or self._streams[name].drawn == 0:
+            self._draw(name)
         if self.graph.lowers_of[name]:
             grads, loss = self._hypergradient(name)
         else:
@@ -272,6 +315,7 @@ class Engine:
         stream = self._streams[name]
         stream.batch = next(stream.iterator)
         stream.drawn += 1
+        self.program.problems[name].batch = stream.batch
 
     def _check(self, loss: Tensor, grads: Tensors, name: str) -> None:
         """Raise `NonFiniteError` naming the level and round if the loss or a gradient is not
@@ -315,6 +359,7 @@ class Engine:
                 self._transform_states[name] = saved["transform"]
             stream = _Stream(problem.batches())
             self._streams[name] = stream
+            problem.batch = None
             for _ in range(int(saved["batches_drawn"])):
                 self._draw(name)
         self.round = int(state["round"])

@@ -14,15 +14,17 @@ small MLP on a CPU, as much as the MLP's forward pass).
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
-from typing import Any
+from typing import Any, TypeVar
 
 import torch
 from torch import Tensor, nn
 
-from .errors import LossError
+from .errors import LossError, ProgramError
 from .problem import Problem
+
+T = TypeVar("T")
 
 __all__ = ["Point", "Program", "frozen_buffers"]
 
@@ -64,10 +66,16 @@ class Program:
         self._slots: dict[str, tuple[tuple[Slot, ...], ...]] = {
             name: tuple(tuple(slots[id(p)]) for p in params) for name, params in self.params.items()
         }
+        self._derived = tuple(p.name for p in problems if p.steps == 0)
 
     def loss(self, name: str, batch: Any, point: Point | None = None) -> Tensor:
         """Level ``name``'s loss on ``batch`` with the levels in ``point`` set to the given values."""
         problem = self.problems[name]
+        return _checked(name, self.evaluate(lambda: problem.loss(batch), point))
+
+    def evaluate(self, fn: Callable[[], T], point: Point | None = None) -> T:
+        """``fn()`` (a closure over the levels' modules) with the levels in ``point`` set to the
+        given values."""
         swaps: list[tuple[Slot, Tensor]] = []
         if point:
             for level, values in point.items():
@@ -78,15 +86,41 @@ class Program:
                     if value is not p:
                         swaps.extend((slot, value) for slot in slots)
         if not swaps:
-            return _checked(name, problem.loss(batch))
+            return fn()
         saved = [module._parameters[key] for (module, key), _ in swaps]
         try:
             for (module, key), value in swaps:
                 module._parameters[key] = value  # type: ignore[assignment]
-            return _checked(name, problem.loss(batch))
+            return fn()
         finally:
             for ((module, key), _), old in zip(swaps, saved):
                 module._parameters[key] = old
+
+    def derive(self, point: Mapping[str, tuple[Tensor, ...]]) -> Mapping[str, tuple[Tensor, ...]]:
+        """``point`` with each level that takes no steps of its own (``steps=0``) at ``init()``
+        evaluated at ``point``: such a level is a function of the levels its ``init`` reads.
+        A level that ``point`` already gives other values than its parameters keeps them (the
+        iterate of a look-ahead)."""
+        if not self._derived:
+            return point
+        out = dict(point)
+        for name in self._derived:
+            if out[name] is self.params[name]:
+                out[name] = self.start(name, out)
+        return out
+
+    def start(self, name: str, point: Point | None = None) -> tuple[Tensor, ...]:
+        """Level ``name``'s ``init()`` at ``point``, checked against its parameters' shapes."""
+        init = self.problems[name].init
+        assert init is not None
+        values = tuple(self.evaluate(init, point))
+        own = self.params[name]
+        if len(values) != len(own) or any(v.shape != p.shape for v, p in zip(values, own)):
+            raise ProgramError(
+                f"level {name!r}: init() returned shapes {[tuple(v.shape) for v in values]}, but the level's "
+                f"parameters have shapes {[tuple(p.shape) for p in own]}"
+            )
+        return values
 
     def buffers(self) -> list[Tensor]:
         """Every buffer of every level's module (BatchNorm statistics and the like), once each.

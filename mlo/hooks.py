@@ -1,4 +1,4 @@
-"""Hooks: what the engine calls after each step and each round (progress, logging, checkpoints)."""
+"""Hooks: what the engine calls before each round, after each step and after each round (progress, logging, checkpoints)."""
 
 from __future__ import annotations
 
@@ -14,6 +14,10 @@ __all__ = ["Hook"]
 
 class Hook:
     """Subclass and override what you need; the engine calls every hook in order."""
+
+    def before_round(self, engine: "Engine") -> None:
+        """Before any level steps in a round; ``engine.round`` is the number of rounds done.
+        For example: sample this round's tasks, or change a level's data."""
 
     def on_step(self, engine: "Engine", level: str, loss: Tensor) -> None:
         """After an optimizer step of ``level``; ``loss`` is its (detached) loss at that step.

@@ -95,11 +95,13 @@ def hypergradient(
     losses: Mapping[str, Loss],
     problems: Mapping[str, Problem],
     create_graph: bool = False,
+    start: Callable[[Mapping[str, Tensors]], Mapping[str, Tensors]] | None = None,
 ) -> Result:
     """The hypergradient of ``level`` at ``point`` (every level's parameter values), by the rule
     in this module's docstring. ``problems`` gives each level's optimizer (for the estimators
-    that step it: ``finite_difference``, ``unroll``)."""
-    return Rule(graph, estimators, losses, problems)(level, point, create_graph)
+    that step it: ``finite_difference``, ``unroll``); ``start`` completes ``point`` with the values
+    of levels that are functions of others (``steps=0``, ``mlo.Problem``)."""
+    return Rule(graph, estimators, losses, problems, start)(level, point, create_graph)
 
 
 class Rule:
@@ -113,8 +115,12 @@ class Rule:
         estimators: Mapping[Edge, Estimator],
         losses: Mapping[str, Loss],
         problems: Mapping[str, Problem],
+        start: Callable[[Mapping[str, Tensors]], Mapping[str, Tensors]] | None = None,
     ) -> None:
         self.graph, self.estimators, self.losses, self.problems = graph, estimators, losses, problems
+        #: completes the point an evaluation starts at: the levels that take no steps of their
+        #: own (steps=0) get their values from the others (``Program.derive``)
+        self.start = start
         self.plans = {name: self._plan(name) for name in graph.levels}
 
     def __call__(self, level: str, point: Mapping[str, Tensors], create_graph: bool = False) -> Result:
@@ -140,6 +146,7 @@ class _Evaluation:
         self.rule = rule
         self.graph = rule.graph
         self.infos: dict[Edge, Info] = {}
+        self.started = rule.start is None
 
     def total(self, name: str, point: Mapping[str, Tensors], create_graph: bool) -> tuple[Tensors, Tensor]:
         """``(dR_name/dtheta_name, L_name)`` at ``point``: the level's hypergradient through every
@@ -149,6 +156,10 @@ class _Evaluation:
             # keep every derivative taken below to the computations of this evaluation, as the
             # rule's partial derivatives require.
             point = {level: autodiff.alias(values) for level, values in point.items()}
+        if not self.started:  # the outermost call: derived levels from the point, differentiably
+            assert self.rule.start is not None
+            self.started = True
+            point = self.rule.start(point)
         lowers = self.graph.lowers_of[name]
         loss_at = self.rule.losses[name]
         if not lowers:

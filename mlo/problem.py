@@ -1,12 +1,13 @@
 """`Problem`: one level of a multi-level program: what it optimizes, with what, on which data, for which loss.
 
 A Problem knows nothing about devices, processes, precision, logging or other levels' estimators;
-the Engine does. Subclass it and define ``loss(self, batch) -> Tensor``.
+the Engine does. Give it a loss function (``mlo.Problem(..., loss=fn)``), or subclass it and
+define ``loss(self, batch) -> Tensor``.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Iterator, Sized
+from collections.abc import Callable, Iterable, Iterator, Sequence, Sized
 from typing import Any, ClassVar
 
 import torch
@@ -15,7 +16,12 @@ from torch import Tensor, nn
 from .errors import ProgramError
 from .transforms import GradientTransform
 
-__all__ = ["Problem"]
+__all__ = ["Problem", "cycle"]
+
+#: A level's loss as a function of its batch (a closure over the modules it reads).
+LossFn = Callable[[Any], Tensor]
+#: Starting values of a level's parameters, computed from other levels' modules.
+InitFn = Callable[[], Sequence[Tensor]]
 
 
 class Problem:
@@ -30,10 +36,29 @@ class Problem:
             (param groups, per-group learning rates).
         data: any iterable of batches, restarted when exhausted; ``None`` for a loss that needs
             no batch (it is then called with ``batch=None``).
-        steps: optimizer steps of this level per round (default 1).
+        steps: optimizer steps of this level per round (default 1). ``steps=0``: the level takes
+            no steps of its own (see below).
         scheduler: optional learning-rate scheduler, stepped after every optimizer step.
         transform: optional ``mlo.transforms.GradientTransform`` applied to this level's
             (hyper)gradient before every optimizer step, e.g. ``clip_by_global_norm(5.0)``.
+        loss: the level's loss as a function of the batch, for a level made without a subclass:
+            ``mlo.Problem("w", model, opt, data, loss=lambda batch: F.mse_loss(model(batch[0]), batch[1]))``.
+        init: the level's starting point as a function of other levels' modules (a closure, like
+            the loss), e.g. ``lambda: tuple(meta.parameters())`` for an inner problem that starts
+            from the meta-parameters. A level with ``init`` is solved afresh every round: at the
+            start of each round its parameters are set to ``init()``, its optimizer state is
+            cleared, and it draws one batch that all its steps of the round use (a task batch).
+
+    ``steps=0`` (with ``init``): the level is a function of the levels its ``init`` reads, not a
+    free variable. The engine never steps it; it draws one batch per round. Wherever an upper
+    level is evaluated, this level's value is ``init()`` at that point, so derivatives flow
+    through ``init``; an estimator with a look-ahead on its edge (``unroll:steps=K``) then takes
+    its K differentiable steps from there: MAML's inner loop from the initialisation the upper
+    level provides. A level with ``steps=0`` needs ``init`` and an upper level that reads it.
+
+    ``batch`` is the batch of the level's current step (``None`` before its first): the engine
+    sets it whenever the level draws one, so another level's loss may read it (a meta level
+    reads the query sets of the task batch its lower level drew).
 
     Subclasses must define ``loss``; a subclass that does not is rejected when it is defined.
     Pass ``abstract=True`` in the class statement for an intermediate base class.
@@ -59,19 +84,35 @@ class Problem:
         steps: int = 1,
         scheduler: Any | None = None,
         transform: GradientTransform | None = None,
+        loss: LossFn | None = None,
+        init: InitFn | None = None,
     ) -> None:
-        if type(self)._abstract:
-            raise TypeError(f"{type(self).__qualname__} is abstract: subclass it and define `loss`.")
         if not isinstance(name, str) or not name:
             raise TypeError(f"Problem name must be a non-empty string, got {name!r}")
+        if type(self) is Problem:
+            if loss is None:
+                raise TypeError(f"level {name!r}: mlo.Problem needs a loss function (loss=fn), or subclass it and define `loss`")
+        elif type(self)._abstract:
+            raise TypeError(f"{type(self).__qualname__} is abstract: subclass it and define `loss`.")
+        elif loss is not None:
+            raise TypeError(f"level {name!r}: {type(self).__qualname__} defines `loss`; do not also pass loss=")
+        if loss is not None and not callable(loss):
+            raise TypeError(f"level {name!r}: loss must be a function of the batch, got {type(loss).__name__}")
+        if init is not None and not callable(init):
+            raise TypeError(f"level {name!r}: init must be a function returning the starting values, got {type(init).__name__}")
         if not isinstance(module, nn.Module):
             raise TypeError(f"level {name!r}: module must be an nn.Module, got {type(module).__name__}")
         if not isinstance(optimizer, torch.optim.Optimizer):
             raise TypeError(
                 f"level {name!r}: optimizer must be a torch.optim.Optimizer, got {type(optimizer).__name__}"
             )
-        if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
-            raise ValueError(f"level {name!r}: steps must be an int >= 1, got {steps!r}")
+        if isinstance(steps, bool) or not isinstance(steps, int) or steps < 0:
+            raise ValueError(f"level {name!r}: steps must be an int >= 0, got {steps!r}")
+        if steps == 0 and init is None:
+            raise ValueError(
+                f"level {name!r}: steps=0 (no steps of its own) needs init, the function of other levels "
+                "it starts from (e.g. init=lambda: tuple(meta.parameters()))"
+            )
         if data is not None and not isinstance(data, Iterable):
             raise TypeError(f"level {name!r}: data must be an iterable of batches or None, got {type(data).__name__}")
         if transform is not None and not isinstance(transform, GradientTransform):
@@ -86,10 +127,14 @@ class Problem:
         self.steps = steps
         self.scheduler = scheduler
         self.transform = transform
+        self.init = init
+        self.batch: Any = None
+        self._loss_fn = loss
 
     def loss(self, batch: Any) -> Tensor:
         """This level's objective on one batch (``None`` when the level has no data)."""
-        raise NotImplementedError
+        assert self._loss_fn is not None  # enforced in __init__
+        return self._loss_fn(batch)
 
     def check_data(self) -> None:
         """Reject data that can be seen to yield no batch without drawing one (an empty list, a
@@ -114,21 +159,28 @@ class Problem:
 
     def batches(self) -> Iterator[Any]:
         """An endless stream of batches: ``data`` restarted whenever it is exhausted."""
-        if self.data is None:
-            while True:
-                yield None
-        while True:
-            empty = True
-            for batch in self.data:
-                empty = False
-                yield batch
-            if empty and isinstance(self.data, Iterator):
-                raise ValueError(
-                    f"level {self.name!r}: its data is an exhausted iterator, which cannot be restarted; "
-                    "pass a re-iterable (a list, a DataLoader) or an endless iterator"
-                )
-            if empty:
-                raise ValueError(f"level {self.name!r}: its data yielded no batch")
+        return cycle(self.data, f"level {self.name!r}")
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}(name={self.name!r}, steps={self.steps})"
+
+
+def cycle(data: Iterable[Any] | None, owner: str = "data") -> Iterator[Any]:
+    """``data``'s items in order, endlessly: a re-iterable (list, DataLoader) is restarted when
+    exhausted, an endless iterator is read on; ``None`` yields ``None`` forever. An exhausted
+    iterator or an empty iterable raises ``ValueError`` naming ``owner``."""
+    if data is None:
+        while True:
+            yield None
+    while True:
+        empty = True
+        for item in data:
+            empty = False
+            yield item
+        if empty and isinstance(data, Iterator):
+            raise ValueError(
+                f"{owner}: its data is an exhausted iterator, which cannot be restarted; "
+                "pass a re-iterable (a list, a DataLoader) or an endless iterator"
+            )
+        if empty:
+            raise ValueError(f"{owner}: its data yielded no batch")

@@ -30,6 +30,7 @@ __all__ = [
     "DataSplits",
     "DATASETS",
     "digits",
+    "digits_images",
     "cifar",
     "imagenet",
     "long_tailed",
@@ -141,22 +142,35 @@ def _stratified_split(
 # -- digits ---------------------------------------------------------------------------------
 
 
-def digits(seed: int = 0, val_fraction: float = 0.2, test_fraction: float = 0.2) -> DataSplits:
-    """scikit-learn's handwritten digits (1797 images 1x8x8, 10 classes), no download.
-
-    Stratified, seeded train/val/test split (fractions of the whole set; train gets the rest).
-    Pixels (0..16) are standardised with the mean and std of the training pixels.
-    """
+def digits_images(size: int = 8, channels: int = 1) -> tuple[Tensor, Tensor]:
+    """All of scikit-learn's handwritten digits (1797, no download), in its order: float32 images
+    (N, channels, size, size) with pixels in [0, 1] (bilinear resize when ``size`` is not 8,
+    the grey channel repeated when ``channels`` > 1) and int64 labels (N,)."""
     from sklearn.datasets import load_digits
 
+    bunch = load_digits()
+    x = torch.tensor(bunch.images, dtype=torch.float32).unsqueeze(1) / 16.0
+    y = torch.tensor(bunch.target, dtype=torch.long)
+    if size != 8:
+        x = torch.nn.functional.interpolate(x, size=(size, size), mode="bilinear", align_corners=False)
+    if channels != 1:
+        x = x.expand(-1, channels, -1, -1).contiguous()
+    return x, y
+
+
+def digits(seed: int = 0, val_fraction: float = 0.2, test_fraction: float = 0.2) -> DataSplits:
+    """scikit-learn's handwritten digits (`digits_images`: 1797 images 1x8x8, 10 classes).
+
+    Stratified, seeded train/val/test split (fractions of the whole set; train gets the rest).
+    Pixels are standardised with the mean and std of the training pixels.
+    """
     if not (0 < val_fraction < 1 and 0 < test_fraction < 1 and val_fraction + test_fraction < 1):
         raise ValueError(
             f"need 0 < val_fraction, test_fraction and val_fraction + test_fraction < 1, "
             f"got {val_fraction}, {test_fraction}"
         )
-    bunch = load_digits()
-    x = np.asarray(bunch.data, dtype=np.float32).reshape(-1, 1, 8, 8)
-    y = np.asarray(bunch.target, dtype=np.int64)
+    images, labels = digits_images()
+    x, y = images.numpy(), labels.numpy()
     test_idx, val_idx, train_idx = _stratified_split(y, [test_fraction, val_fraction], seed)
     mean, std = float(x[train_idx].mean()), float(x[train_idx].std())
     x = (x - mean) / std

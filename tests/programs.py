@@ -20,6 +20,7 @@ import torch
 from torch import Tensor, nn
 
 import mlo
+from mlo.problems.ridge import Ridge as RidgeData
 
 
 @contextlib.contextmanager
@@ -35,19 +36,6 @@ def single_threaded() -> Iterator[None]:
         torch.set_num_threads(previous)
 
 # ---------------------------------------------------------------------------------------------- basics
-
-
-class Fn(mlo.Problem):
-    """A level whose loss is a given function of the batch (closures over other levels' modules)."""
-
-    def __init__(self, name: str, module: nn.Module, optimizer: torch.optim.Optimizer, fn: Callable[[Any], Tensor], **kw: Any) -> None:
-        super().__init__(name, module, optimizer, **kw)
-        self.fn = fn
-        self.calls = 0
-
-    def loss(self, batch: Any) -> Tensor:
-        self.calls += 1
-        return self.fn(batch)
 
 
 class Vector(nn.Module):
@@ -125,27 +113,24 @@ def assert_same(before: dict[str, Any], after: dict[str, Any]) -> None:
 
 @dataclass
 class Ridge:
-    """Ridge regression with one log-regularization strength per coordinate.
+    """The ridge HPO program of `mlo.problems.ridge` as two levels ``w`` and ``h`` at a point.
 
-    inner(w, h) = mean((X w - y)^2) / 2 + 1/2 sum(exp(h) w^2) + quartic/4 sum(exp(h) w^4)
-    outer(w, h) = mean((Xv w - yv)^2) / 2 + direct/2 sum(h^2)
-
-    ``inner_fn`` / ``outer_fn`` are the same losses as plain functions of tensors, for references.
+    ``inner_fn`` / ``outer_fn`` are its losses as plain functions of tensors, for references;
+    ``hessian``, ``optimum`` and ``exact_hypergradient`` its closed form at the current ``h``.
     """
 
-    X: Tensor
-    y: Tensor
-    Xv: Tensor
-    yv: Tensor
-    direct: float
-    quartic: float
-    inner: Fn
-    outer: Fn
+    data: RidgeData
+    inner: mlo.Problem
+    outer: mlo.Problem
     sizes: tuple[int, ...]
 
     @property
     def d(self) -> int:
-        return self.X.shape[1]
+        return self.data.X.shape[1]
+
+    @property
+    def direct(self) -> float:
+        return self.data.direct
 
     def w(self) -> Tensor:
         return self.inner.module.x.detach().clone()
@@ -154,21 +139,19 @@ class Ridge:
         return self.outer.module.x.detach().clone()
 
     def inner_fn(self, w: Tensor, h: Tensor) -> Tensor:
-        lam = h.exp()
-        fit = ((self.X @ w - self.y) ** 2).mean() / 2
-        return fit + 0.5 * (lam * w * w).sum() + self.quartic / 4 * (lam * w**4).sum()
+        return self.data.inner(w, h)
 
     def outer_fn(self, w: Tensor, h: Tensor) -> Tensor:
-        return ((self.Xv @ w - self.yv) ** 2).mean() / 2 + self.direct / 2 * (h * h).sum()
+        return self.data.outer(w, h)
 
     def hessian(self) -> Tensor:
-        """Hessian of the inner loss in w (quartic = 0): A = X^T X / n + diag(lambda)."""
-        assert self.quartic == 0
-        return self.X.T @ self.X / self.X.shape[0] + torch.diag(self.h().exp())
+        return self.data.hessian(self.h())
 
     def optimum(self) -> Tensor:
-        assert self.quartic == 0
-        return torch.linalg.solve(self.hessian(), self.X.T @ self.y / self.X.shape[0])
+        return self.data.optimum(self.h())
+
+    def exact_hypergradient(self) -> Tensor:
+        return self.data.hypergradient(self.h())
 
     def set_w(self, w: Tensor) -> None:
         with torch.no_grad():
@@ -176,13 +159,7 @@ class Ridge:
                 part.copy_(chunk)
 
     def validation_gradient(self, w: Tensor) -> Tensor:
-        return self.Xv.T @ (self.Xv @ w - self.yv) / self.Xv.shape[0]
-
-    def exact_hypergradient(self) -> Tensor:
-        """d outer(w*(h), h) / dh at the inner optimum w*, from A w* = X^T y / n:
-        dw*/dh_i = -A^{-1} e_i lambda_i w*_i."""
-        w, h = self.optimum(), self.h()
-        return self.direct * h - h.exp() * w * torch.linalg.solve(self.hessian(), self.validation_gradient(w))
+        return self.data.Xv.T @ (self.data.Xv @ w - self.data.yv) / self.data.Xv.shape[0]
 
     def engine(self, estimator: Any) -> mlo.Engine:
         return mlo.Engine([self.inner, self.outer], {"h": ["w"]}, estimator)
@@ -203,16 +180,10 @@ def ridge(
     rates ``lr`` (a sequence, one per part).
     """
     g = torch.Generator().manual_seed(seed)
+    data = RidgeData.random(n, d, generator=g, direct=direct, quartic=quartic)
     dtype = torch.get_default_dtype()
-
-    def randn(*shape: int) -> Tensor:
-        return torch.randn(*shape, generator=g, dtype=dtype)
-
-    truth = randn(d)
-    X, Xv = randn(n, d), randn(n, d)
-    y, yv = X @ truth + randn(n), Xv @ truth + randn(n)
     h0 = -torch.rand(d, generator=g, dtype=dtype)  # lambda in (e^-1, 1]
-    w0 = randn(d)
+    w0 = torch.randn(d, generator=g, dtype=dtype)
     sizes = tuple(sizes or (d,))
     assert sum(sizes) == d
     lrs = [lr] * len(sizes) if isinstance(lr, (int, float)) else list(lr)
@@ -222,11 +193,9 @@ def ridge(
     hm = Vector(h0)
     w_opt = torch.optim.SGD([{"params": [p], "lr": r} for p, r in zip(wm.parts, lrs)])
     h_opt = torch.optim.SGD(hm.parameters(), lr=0.1)
-    box: dict[str, Ridge] = {}
-    inner = Fn("w", wm, w_opt, lambda batch: box["r"].inner_fn(wm.x, hm.x))
-    outer = Fn("h", hm, h_opt, lambda batch: box["r"].outer_fn(wm.x, hm.x))
-    box["r"] = Ridge(X, y, Xv, yv, direct, quartic, inner, outer, sizes)
-    return box["r"]
+    inner = mlo.Problem("w", wm, w_opt, loss=lambda batch: data.inner(wm.x, hm.x))
+    outer = mlo.Problem("h", hm, h_opt, loss=lambda batch: data.outer(wm.x, hm.x))
+    return Ridge(data, inner, outer, sizes)
 
 
 def finite_difference_reference(
@@ -288,7 +257,7 @@ class Quadratic:
     couples: dict[str, tuple[str, ...]]
     Q: dict[str, Tensor]
     c: dict[str, Tensor]
-    problems: dict[str, Fn]
+    problems: dict[str, mlo.Problem]
     graph: dict[str, list[str]]
 
     def value(self, name: str) -> Tensor:
@@ -334,7 +303,7 @@ def quadratic(
     dtype = torch.get_default_dtype()
     Q: dict[str, Tensor] = {}
     c: dict[str, Tensor] = {}
-    problems: dict[str, Fn] = {}
+    problems: dict[str, mlo.Problem] = {}
     modules = {name: Vector(torch.randn(k, generator=g, dtype=dtype)) for name, k in dims.items()}
     for name in dims:
         m = sum(dims[x] for x in couples[name])
@@ -351,7 +320,7 @@ def quadratic(
 
     for name in dims:
         opt = torch.optim.SGD(modules[name].parameters(), lr=0.05)
-        problems[name] = Fn(name, modules[name], opt, make_loss(name))
+        problems[name] = mlo.Problem(name, modules[name], opt, loss=make_loss(name))
     return Quadratic(dict(dims), {k: tuple(v) for k, v in couples.items()}, Q, c, problems, graph)
 
 
@@ -395,8 +364,8 @@ def mlp_upper_loss(model: nn.Module, hyper: Hyper, batch: tuple[Tensor, Tensor])
 
 @dataclass
 class MLPProgram:
-    lower: Fn
-    upper: Fn
+    lower: mlo.Problem
+    upper: mlo.Problem
     train: list[tuple[Tensor, Tensor]]
     val: list[tuple[Tensor, Tensor]]
     extra: dict[str, Any] = field(default_factory=dict)
@@ -432,8 +401,8 @@ def mlp_program(
     else:
         lower_opt = optimizer(groups)
     upper_opt = torch.optim.Adam(hyper.parameters(), lr=0.01)
-    lower = Fn("lower", model, lower_opt, lambda b: mlp_lower_loss(model, hyper, b), data=train)
-    upper = Fn("upper", hyper, upper_opt, lambda b: mlp_upper_loss(model, hyper, b), data=val)
+    lower = mlo.Problem("lower", model, lower_opt, loss=lambda b: mlp_lower_loss(model, hyper, b), data=train)
+    upper = mlo.Problem("upper", hyper, upper_opt, loss=lambda b: mlp_upper_loss(model, hyper, b), data=val)
     return MLPProgram(lower, upper, train, val)
 
 

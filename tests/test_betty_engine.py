@@ -12,7 +12,8 @@ import torch
 from torch import Tensor, nn
 
 import mlo
-from mlo.benchmarks.problems import FnProblem, Vector
+from mlo.problems import ridge
+from mlo.problems.ridge import Vector
 from mlo.benchmarks.references import ridge_problem
 
 pytest.importorskip("betty", reason="betty-ml is not installed (`make install` installs it; see the Makefile)")
@@ -37,19 +38,10 @@ def relative(got: list[Tensor], want: list[Tensor]) -> float:
 def ridge_with_prior(dim: int = 6, seed: int = 0) -> list[mlo.Problem]:
     """Ridge HPO whose upper loss also reads the hyperparameters (so first order is not zero)."""
     g = torch.Generator().manual_seed(seed)
-    x, xv = torch.randn(40, dim, generator=g, dtype=torch.float64), torch.randn(40, dim, generator=g, dtype=torch.float64)
-    y, yv = torch.randn(40, generator=g, dtype=torch.float64), torch.randn(40, generator=g, dtype=torch.float64)
-    w = Vector(torch.randn(dim, generator=g, dtype=torch.float64))
-    h = Vector(torch.randn(dim, generator=g, dtype=torch.float64) - 1.0)
-
-    def lower(_: Any) -> Tensor:
-        return 0.5 * ((x @ w.value - y) ** 2).mean() + 0.5 * (h.value.exp() * w.value**2).sum()
-
-    def upper(_: Any) -> Tensor:
-        return 0.5 * ((xv @ w.value - yv) ** 2).mean() + 0.05 * (h.value**2).sum()
-
-    return [FnProblem("lower", w, torch.optim.SGD(w.parameters(), lr=0.1), None, lower),
-            FnProblem("upper", h, torch.optim.Adam(h.parameters(), lr=0.05), None, upper)]
+    data = ridge.Ridge.random(40, dim, generator=g, dtype=torch.float64, direct=0.1)
+    w0 = torch.randn(dim, generator=g, dtype=torch.float64)
+    h0 = torch.randn(dim, generator=g, dtype=torch.float64) - 1.0
+    return ridge.program(data, w0, h0, lower_lr=0.1, upper_lr=0.05, names=("lower", "upper"))
 
 
 @pytest.mark.parametrize("estimator", ["first_order", "neumann:iterations=20,alpha=0.3", "neumann:iterations=0,alpha=1.0"])
@@ -109,8 +101,8 @@ def _bn_program() -> list[mlo.Problem]:
         x, y = batch
         return ((model(x) - y) ** 2).mean()
 
-    return [FnProblem("lower", model, opt, batches, lower),
-            FnProblem("upper", scale, torch.optim.SGD(scale.parameters(), lr=0.1), val, upper)]
+    return [mlo.Problem("lower", model, opt, batches, loss=lower),
+            mlo.Problem("upper", scale, torch.optim.SGD(scale.parameters(), lr=0.1), val, loss=upper)]
 
 
 def test_buffers_param_groups_and_modes_follow_mlo() -> None:
@@ -178,7 +170,7 @@ def _chain() -> list[mlo.Problem]:
     def top_loss(_: Any) -> Tensor:
         return (mid.value**2).sum()
 
-    return [FnProblem(n, m, torch.optim.SGD(m.parameters(), lr=0.1), None, f)
+    return [mlo.Problem(n, m, torch.optim.SGD(m.parameters(), lr=0.1), None, loss=f)
             for n, m, f in (("bot", bot, bot_loss), ("mid", mid, mid_loss), ("top", top, top_loss))]
 
 

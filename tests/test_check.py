@@ -217,8 +217,14 @@ def test_the_command_checks_a_users_program(tmp_path, capsys, monkeypatch):
         assert main(["check", target]) == 2
         err = capsys.readouterr().err.strip().splitlines()
         assert len(err) == 1 and err[0].startswith("mlo check: error: ") and match in err[0], err
-    assert main(["check", f"{path}:build", "--set", "lam=1"]) == 2
-    assert "apply to lfm-cw" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as exit:  # argparse: options the target does not take
+        main(["check", f"{path}:build", "--set", "lam=1"])
+    assert exit.value.code == 2
+    assert capsys.readouterr().err.strip().splitlines() == [
+        f"mlo check: error: unrecognized arguments: --set lam=1 (see mlo check {path}:build --help)"
+    ]
+    assert main(["check", "nonesuch"]) == 2
+    assert "mlo check: error: unknown program 'nonesuch'; programs: lfm-cw" in capsys.readouterr().err
 
 
 def test_the_command_refuses_a_bad_lfm_cw_config_in_one_line(capsys):

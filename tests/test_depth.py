@@ -16,7 +16,7 @@ import torch.nn.functional as F
 
 import mlo
 from mlo.estimators import CG, Neumann, Unroll
-from programs import BestResponses, Fn, Quadratic, Vector, conditioned_iterations, quadratic, relative_error
+from programs import BestResponses, Quadratic, Vector, conditioned_iterations, quadratic, relative_error
 
 pytestmark = pytest.mark.usefixtures("float64", "one_thread")
 
@@ -48,7 +48,7 @@ SHAPES = {
 TOP = {"chain3": "T", "chain4": "T", "diamond": "U", "skip": "T"}
 
 
-def _set(problems: dict[str, Fn], values: dict[str, torch.Tensor]) -> None:
+def _set(problems: dict[str, mlo.Problem], values: dict[str, torch.Tensor]) -> None:
     with torch.no_grad():
         for name, value in values.items():
             problems[name].module.parts[0].copy_(value)
@@ -128,7 +128,7 @@ def test_partial_and_total_agree_where_the_lower_has_no_lowers():
 # ---------------------------------------------------------------------------------------------- a non-quadratic bottom
 
 
-def _softplus_chain(seed: int = 0) -> tuple[dict[str, Fn], dict[str, list[str]], dict]:
+def _softplus_chain(seed: int = 0) -> tuple[dict[str, mlo.Problem], dict[str, list[str]], dict]:
     """top -> mid -> low, low's loss a quadratic plus softplus and log-cosh terms coupling it to
     mid (so its Hessian moves with the point, and the reduced Hessian of mid has a term in the
     third derivatives of low's loss); mid and top quadratic, each reading every level below."""
@@ -165,7 +165,7 @@ def _softplus_chain(seed: int = 0) -> tuple[dict[str, Fn], dict[str, list[str]],
         return lambda batch: fn({name: m.x for name, m in modules.items()})
 
     problems = {
-        name: Fn(name, modules[name], torch.optim.SGD(modules[name].parameters(), lr=0.05), bound(fns[name]))
+        name: mlo.Problem(name, modules[name], torch.optim.SGD(modules[name].parameters(), lr=0.05), loss=bound(fns[name]))
         for name in dims
     }
     return problems, {"T": ["M"], "M": ["L"]}, fns

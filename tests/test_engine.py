@@ -12,7 +12,6 @@ from torch import nn
 import mlo
 from mlo.estimators import FiniteDifference
 from programs import (
-    Fn,
     Vector,
     assert_same,
     finite_difference_reference,
@@ -83,7 +82,7 @@ def test_dag_order_puts_every_lower_before_its_uppers():
 
 def test_step_returns_the_loss_it_stepped_on():
     module = Vector(torch.tensor([3.0, -4.0]))
-    level = Fn("x", module, torch.optim.SGD(module.parameters(), lr=0.1), lambda batch: 0.5 * (module.x**2).sum())
+    level = mlo.Problem("x", module, torch.optim.SGD(module.parameters(), lr=0.1), loss=lambda batch: 0.5 * (module.x**2).sum())
     engine = mlo.Engine([level])
     loss = engine.step("x")
     assert float(loss) == 12.5
@@ -122,7 +121,7 @@ def _recording_level(name, data, seen, steps=1):
         seen.append(batch)
         return (module.x**2).sum()
 
-    return Fn(name, module, torch.optim.SGD(module.parameters(), lr=0.1), loss, data=data, steps=steps)
+    return mlo.Problem(name, module, torch.optim.SGD(module.parameters(), lr=0.1), loss=loss, data=data, steps=steps)
 
 
 def test_data_restarts_when_exhausted():
@@ -178,7 +177,7 @@ def test_each_level_draws_its_own_data_and_lowers_see_their_current_batch():
         upper_seen.append(batch)
         return (upper_module.x * lower.module.x.sum()).sum()
 
-    upper = Fn("h", upper_module, torch.optim.SGD(upper_module.parameters(), lr=0.1), upper_loss, data=["u1", "u2"])
+    upper = mlo.Problem("h", upper_module, torch.optim.SGD(upper_module.parameters(), lr=0.1), loss=upper_loss, data=["u1", "u2"])
     mlo.Engine([lower, upper], {"h": ["w"]}, "first_order").run(2)
     # first_order evaluates no lower loss: each loss saw exactly the batches of its own steps
     assert lower_seen == [1, 2, 3, 1]
@@ -188,11 +187,12 @@ def test_each_level_draws_its_own_data_and_lowers_see_their_current_batch():
 @pytest.mark.parametrize("estimator", ["cg", "finite_difference", "unroll:steps=2"])
 def test_estimators_evaluate_the_lower_loss_on_its_current_batch(estimator):
     lower_seen = []
-    lower = _recording_level("w", [1.0, 2.0, 3.0], lower_seen, steps=2)
-    upper_module = Vector(torch.ones(2))
-    lower_module = lower.module
-    lower.fn = lambda batch: lower_seen.append(batch) or batch * ((lower_module.x - upper_module.x) ** 2).sum()
-    upper = Fn("h", upper_module, torch.optim.SGD(upper_module.parameters(), lr=0.1), lambda b: (lower_module.x**2).sum())
+    upper_module, lower_module = Vector(torch.ones(2)), Vector(torch.ones(2))
+    lower = mlo.Problem(
+        "w", lower_module, torch.optim.SGD(lower_module.parameters(), lr=0.1), [1.0, 2.0, 3.0], steps=2,
+        loss=lambda batch: lower_seen.append(batch) or batch * ((lower_module.x - upper_module.x) ** 2).sum(),
+    )
+    upper = mlo.Problem("h", upper_module, torch.optim.SGD(upper_module.parameters(), lr=0.1), loss=lambda b: (lower_module.x**2).sum())
     engine = mlo.Engine([lower, upper], {"h": ["w"]}, estimator)
     engine.step("w")
     engine.step("w")
@@ -233,7 +233,7 @@ def test_the_first_step_uses_the_initial_learning_rate():
     module = Vector(torch.tensor([1.0, -2.0], dtype=torch.float64))
     opt = torch.optim.SGD(module.parameters(), lr=0.1)
     sched = torch.optim.lr_scheduler.StepLR(opt, step_size=1, gamma=0.5)
-    level = Fn("x", module, opt, lambda batch: 0.5 * (module.x**2).sum(), scheduler=sched)
+    level = mlo.Problem("x", module, opt, loss=lambda batch: 0.5 * (module.x**2).sum(), scheduler=sched)
     mlo.Engine([level]).run(3)
     want = torch.tensor([1.0, -2.0], dtype=torch.float64) * 0.9 * 0.95 * 0.975
     torch.testing.assert_close(module.x.detach(), want, rtol=1e-15, atol=0)
@@ -305,8 +305,8 @@ def _closure_program():
     def upper_fn(batch):
         return ((net(features(xv)).squeeze(-1) - yv) ** 2).mean()
 
-    lower = Fn("net", net, opt, lower_fn)
-    upper = Fn("features", features, torch.optim.SGD(features.parameters(), lr=0.1), upper_fn)
+    lower = mlo.Problem("net", net, opt, loss=lower_fn)
+    upper = mlo.Problem("features", features, torch.optim.SGD(features.parameters(), lr=0.1), loss=upper_fn)
     return lower, upper, (x, y, xv, yv), lrs
 
 

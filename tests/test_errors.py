@@ -11,24 +11,37 @@ import torch
 from torch import nn
 
 import mlo
-from programs import Fn, Vector, assert_same, ridge, snapshot
+from programs import Vector, assert_same, ridge, snapshot
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 
-def _level(name, dim=2, fn=None, optimizer=None, **kw):
+#: losses evaluated by levels made with `_level`
+LOSS_CALLS: list[str] = []
+
+
+def _level(name, dim=2, fn=None, optimizer=None, of_module=None, **kw):
+    """A level on a vector of ones; its loss ``fn(batch)``, or ``of_module(module)``, or |x|^2."""
     module = Vector(torch.ones(dim))
     opt = optimizer(module) if optimizer else torch.optim.SGD(module.parameters(), lr=0.1)
-    return Fn(name, module, opt, fn or (lambda batch: (module.x**2).sum()), **kw)
+    if fn is None:
+        fn = (lambda batch: of_module(module)) if of_module else (lambda batch: (module.x**2).sum())
+
+    def loss(batch):
+        LOSS_CALLS.append(name)
+        return fn(batch)
+
+    return mlo.Problem(name, module, opt, loss=loss, **kw)
 
 
 def _refused(problems, graph, estimator="cg", error=mlo.ProgramError, match=""):
     """Building the engine raises ``error`` matching ``match``; no loss was evaluated and no
     parameter moved."""
     before = snapshot(*problems)
+    LOSS_CALLS.clear()
     with pytest.raises(error, match=match) as info:
         mlo.Engine(problems, graph, estimator)
-    assert all(p.calls == 0 for p in problems)
+    assert LOSS_CALLS == []
     assert_same(before, snapshot(*problems))
     return info
 
@@ -91,7 +104,7 @@ def test_graph_entry_that_is_a_string():
 def test_upper_level_without_trainable_parameters():
     frozen = nn.Linear(2, 1)
     frozen.requires_grad_(False)
-    upper = Fn("hyper", frozen, torch.optim.SGD(frozen.parameters(), lr=0.1), lambda batch: frozen.weight.sum())
+    upper = mlo.Problem("hyper", frozen, torch.optim.SGD(frozen.parameters(), lr=0.1), loss=lambda batch: frozen.weight.sum())
     lower = _level("weights")
     _refused([lower, upper], {"hyper": ["weights"]}, match="level 'hyper' is an upper level with no trainable parameters")
 
@@ -121,15 +134,15 @@ def test_optimizer_that_does_not_own_the_parameters():
 
 def test_optimizer_that_owns_only_some_parameters():
     module = nn.Linear(2, 2)
-    lower = Fn("weights", module, torch.optim.SGD([module.weight], lr=0.1), lambda batch: module.weight.sum())
+    lower = mlo.Problem("weights", module, torch.optim.SGD([module.weight], lr=0.1), loss=lambda batch: module.weight.sum())
     upper = _level("hyper")
     _refused([lower, upper], {"hyper": ["weights"]}, match=r"level 'weights'.*does not own parameter\(s\) \['bias'\]")
 
 
 def test_parameter_shared_by_two_levels():
     shared = Vector(torch.ones(2))
-    a = Fn("a", shared, torch.optim.SGD(shared.parameters(), lr=0.1), lambda batch: shared.x.sum())
-    b = Fn("b", shared, torch.optim.SGD(shared.parameters(), lr=0.1), lambda batch: shared.x.sum())
+    a = mlo.Problem("a", shared, torch.optim.SGD(shared.parameters(), lr=0.1), loss=lambda batch: shared.x.sum())
+    b = mlo.Problem("b", shared, torch.optim.SGD(shared.parameters(), lr=0.1), loss=lambda batch: shared.x.sum())
     _refused([a, b], {"a": ["b"]}, match="level 'b' also belongs to level 'a'")
 
 
@@ -205,8 +218,8 @@ def test_unroll_on_an_unsupported_optimizer(make, match):
 
 def test_non_finite_loss_names_level_and_round():
     batches = [torch.tensor(1.0), torch.tensor(2.0), torch.tensor(float("nan"))]
-    lower = _level("weights", data=batches)
-    lower.fn = lambda batch, m=lower.module: batch * (m.x**2).sum()
+    m = Vector(torch.ones(2))
+    lower = mlo.Problem("weights", m, torch.optim.SGD(m.parameters(), lr=0.1), batches, loss=lambda batch: batch * (m.x**2).sum())
     upper = _level("hyper")
     engine = mlo.Engine([lower, upper], {"hyper": ["weights"]}, "cg")
     engine.run(2)
@@ -219,9 +232,11 @@ def test_non_finite_loss_names_level_and_round():
 def test_non_finite_hypergradient_names_level_and_round():
     # Round 1's batch makes the upper loss |0 * h|^(1/2): finite, with a NaN gradient.
     r = ridge()
-    r.outer.data = [torch.tensor(1.0), torch.tensor(0.0)]
     hm = r.outer.module
-    r.outer.fn = lambda batch: r.outer_fn(r.inner.module.x, hm.x) + (batch * hm.x).abs().sqrt().sum()
+    r.outer = mlo.Problem(
+        "h", hm, r.outer.optimizer, [torch.tensor(1.0), torch.tensor(0.0)],
+        loss=lambda batch: r.outer_fn(r.inner.module.x, hm.x) + (batch * hm.x).abs().sqrt().sum(),
+    )
     engine = mlo.Engine([r.inner, r.outer], {"h": ["w"]}, "cg")
     engine.run(1)
     before = snapshot(r.inner, r.outer)
@@ -234,8 +249,8 @@ def test_non_finite_hypergradient_names_level_and_round():
 
 def test_non_finite_checks_can_be_turned_off():
     batches = [torch.tensor(float("nan"))]
-    lower = _level("weights", data=batches)
-    lower.fn = lambda batch, m=lower.module: batch * (m.x**2).sum()
+    m = Vector(torch.ones(2))
+    lower = mlo.Problem("weights", m, torch.optim.SGD(m.parameters(), lr=0.1), batches, loss=lambda batch: batch * (m.x**2).sum())
     engine = mlo.Engine([lower, _level("hyper")], {"hyper": ["weights"]}, "cg", check_finite=False)
     engine.run(1)
     assert torch.isnan(lower.module.x).all()
@@ -272,9 +287,9 @@ def test_neumann_with_too_large_alpha_diverges(float64):
 )
 @pytest.mark.parametrize("where", ["lower", "upper"])
 def test_a_loss_that_is_not_a_scalar_tensor_names_the_level(value, match, where):
-    lower, upper = _level("weights"), _level("hyper")
+    lower = _level("weights", of_module=value if where == "lower" else None)
+    upper = _level("hyper", of_module=value if where == "upper" else None)
     bad = lower if where == "lower" else upper
-    bad.fn = lambda batch, m=bad.module: value(m)
     engine = mlo.Engine([lower, upper], {"hyper": ["weights"]}, "cg")
     before = snapshot(lower, upper)
     with pytest.raises(mlo.LossError, match=f"level '{bad.name}': loss must return a scalar floating-point tensor, .*{match}"):
@@ -286,8 +301,7 @@ def test_a_loss_that_is_not_a_scalar_tensor_names_the_level(value, match, where)
 
 
 def test_a_one_element_loss_of_shape_1_is_accepted():
-    lower, upper = _level("weights"), _level("hyper")
-    lower.fn = lambda batch, m=lower.module: (m.x**2).sum().reshape(1)
+    lower, upper = _level("weights", of_module=lambda m: (m.x**2).sum().reshape(1)), _level("hyper")
     mlo.Engine([lower, upper], {"hyper": ["weights"]}, "cg").run(1)
 
 
@@ -324,12 +338,13 @@ def test_every_method_taking_a_level_name_lists_the_levels(call):
     lower, upper = _level("weights"), _level("hyper")
     engine = mlo.Engine([lower, upper], {"hyper": ["weights"]}, "cg")
     before = snapshot(lower, upper)
+    LOSS_CALLS.clear()
     with pytest.raises(mlo.UnknownLevelError, match=r"^unknown level 'nope'; levels: \['weights', 'hyper'\]$"):
         call(engine)
     with pytest.raises(KeyError):  # and it is a KeyError, as a lookup by name should be
         call(engine)
     assert_same(before, snapshot(lower, upper))
-    assert all(p.calls == 0 for p in (lower, upper))
+    assert LOSS_CALLS == []
 
 
 # ---------------------------------------------------------------------------------------------- hooks under look-ahead
@@ -375,7 +390,8 @@ def test_hooks_see_the_upper_loss_where_its_hypergradient_is_evaluated(float64, 
         (["run", "--estimator", "newton"], "unknown estimator 'newton'"),
         (["run", "--estimator", "neumann:alpha=fast"], "option 'alpha' must be > 0 or 'auto'"),
         (["run", "--space", "nas"], "space must be one of"),
-        (["run", "nonesuch"], r"unknown method\(s\) \['nonesuch'\]"),
+        (["run", "nonesuch"], r"unknown program 'nonesuch'; programs: .*lfm-cw"),
+        (["run", "lfm-cw", "--methods", "nonesuch"], r"unknown method\(s\) \['nonesuch'\]"),
         (["run", "--config", "/nonexistent.toml"], "does not exist"),
         (["run", "--rounds", "abc"], "argument --rounds: invalid int value: 'abc'"),
         (["run", "--rounds", "0"], "search_rounds must be >= 1"),

@@ -15,13 +15,8 @@ from mlo import autodiff
 from mlo.functional import Program
 
 
-class _Fn(mlo.Problem):
-    def __init__(self, name: str, module: nn.Module, fn: Any) -> None:
-        super().__init__(name, module, torch.optim.SGD(module.parameters(), lr=0.1), data=None)
-        self.fn = fn
-
-    def loss(self, batch: Any) -> Tensor:
-        return self.fn()
+def _level(name: str, module: nn.Module, fn: Any) -> mlo.Problem:
+    return mlo.Problem(name, module, torch.optim.SGD(module.parameters(), lr=0.1), loss=lambda batch: fn())
 
 
 class _Tied(nn.Module):
@@ -42,8 +37,8 @@ def _programs(float64: None) -> tuple[Program, _Tied, nn.Linear, Tensor]:
     torch.manual_seed(0)
     tied, other = _Tied().double(), nn.Linear(4, 1).double()
     x = torch.randn(5, 4, dtype=torch.float64)
-    lower = _Fn("lower", tied, lambda: (tied(x) ** 2).sum() + other(x).sum())  # closes over `other`
-    upper = _Fn("upper", other, lambda: (other(tied(x)) ** 2).sum())
+    lower = _level("lower", tied, lambda: (tied(x) ** 2).sum() + other(x).sum())  # closes over `other`
+    upper = _level("upper", other, lambda: (other(tied(x)) ** 2).sum())
     return Program([lower, upper]), tied, other, x
 
 
@@ -90,7 +85,7 @@ def test_parameters_come_back_when_the_loss_raises(float64: None) -> None:
     def boom() -> Tensor:
         raise RuntimeError("inside the loss")
 
-    program = Program([_Fn("only", module, boom)])
+    program = Program([_level("only", module, boom)])
     with pytest.raises(RuntimeError, match="inside the loss"):
         program.loss("only", None, {"only": tuple(torch.zeros_like(p) for p in own)})
     assert tuple(module.parameters()) == own
@@ -100,7 +95,7 @@ def test_parameters_come_back_when_the_loss_raises(float64: None) -> None:
 def test_buffers_are_listed_once_each() -> None:
     shared = nn.BatchNorm1d(3)
     a, b = nn.Sequential(nn.Linear(3, 3), shared), nn.Sequential(nn.Linear(3, 3), shared)
-    program = Program([_Fn("a", a, lambda: torch.zeros(())), _Fn("b", b, lambda: torch.zeros(()))])
+    program = Program([_level("a", a, lambda: torch.zeros(())), _level("b", b, lambda: torch.zeros(()))])
     assert len(program.buffers()) == len(list(shared.buffers()))
 
 
@@ -142,7 +137,7 @@ def test_grad_seed_of_the_wrong_shape_is_an_error() -> None:
 
 def test_buffers_follow_a_reassigned_buffer() -> None:
     norm = nn.BatchNorm1d(2)
-    program = Program([_Fn("only", norm, lambda: norm.weight.sum())])
+    program = Program([_level("only", norm, lambda: norm.weight.sum())])
     norm.running_mean = torch.full((2,), 3.0)  # a new tensor in the same place
     assert any(b is norm.running_mean for b in program.buffers())
     assert len(program.buffers()) == len(list(norm.buffers()))
@@ -154,7 +149,7 @@ def test_swap_reaches_parametrized_weights(float64: None) -> None:
     torch.manual_seed(3)
     layer = torch.nn.utils.parametrizations.weight_norm(nn.Linear(3, 2).double())
     x = torch.randn(4, 3, dtype=torch.float64)
-    program = Program([_Fn("only", layer, lambda: (layer(x) ** 2).sum())])
+    program = Program([_level("only", layer, lambda: (layer(x) ** 2).sum())])
     values = tuple(torch.randn_like(p) for p in program.params["only"])
     got = program.loss("only", None, {"only": values})
     names = [n for n, p in layer.named_parameters() if p.requires_grad]

@@ -12,7 +12,7 @@ import torch
 import mlo
 from mlo.estimators import CG, Neumann
 from mlo.estimators.solvers import conjugate_gradient, largest_eigenvalue, neumann_series
-from programs import Fn, Vector, relative_error, ridge
+from programs import Vector, relative_error, ridge
 
 pytestmark = pytest.mark.usefixtures("float64", "one_thread")
 
@@ -54,8 +54,8 @@ def _indefinite_bilevel(damping_needed=3.0):
     upper loss 1/2 |w - 1|^2."""
     A = _matrix([1.0 - damping_needed, 0.5, 1.0, 2.0, 4.0, 6.0, 9.0, 12.0], seed=1)
     w, h = Vector(torch.linspace(-1, 1, 8)), Vector(torch.linspace(0.5, -0.5, 8))
-    lower = Fn("w", w, torch.optim.SGD(w.parameters(), lr=0.01), lambda batch: 0.5 * w.x @ A @ w.x + h.x @ w.x)
-    upper = Fn("h", h, torch.optim.SGD(h.parameters(), lr=0.01), lambda batch: 0.5 * ((w.x - 1) ** 2).sum())
+    lower = mlo.Problem("w", w, torch.optim.SGD(w.parameters(), lr=0.01), loss=lambda batch: 0.5 * w.x @ A @ w.x + h.x @ w.x)
+    upper = mlo.Problem("h", h, torch.optim.SGD(h.parameters(), lr=0.01), loss=lambda batch: 0.5 * ((w.x - 1) ** 2).sum())
     return A, lower, upper
 
 

@@ -8,7 +8,7 @@ from torch import nn
 
 import mlo
 from mlo import transforms
-from programs import Fn, Vector
+from programs import Vector
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -39,7 +39,7 @@ def test_clip_rejects_bad_norm(bad: object) -> None:
 def test_problem_rejects_non_transform() -> None:
     v = Vector(torch.zeros(2))
     with pytest.raises(TypeError, match="level 'x': transform must be"):
-        Fn("x", v, torch.optim.SGD(v.parameters(), lr=0.1), lambda b: (v.x**2).sum(), transform=lambda g: g)
+        mlo.Problem("x", v, torch.optim.SGD(v.parameters(), lr=0.1), loss=lambda b: (v.x**2).sum(), transform=lambda g: g)
 
 
 def test_engine_step_applies_transform_and_keeps_state(float64: None) -> None:
@@ -55,7 +55,7 @@ def test_engine_step_applies_transform_and_keeps_state(float64: None) -> None:
         return grads, {"n": state["n"] + 1}
 
     counter = transforms.GradientTransform(count_init, count_update, "count")
-    level = Fn("fit", v, torch.optim.SGD(v.parameters(), lr=0.5), lambda b: ((v.x - target) ** 2).sum(),
+    level = mlo.Problem("fit", v, torch.optim.SGD(v.parameters(), lr=0.5), loss=lambda b: ((v.x - target) ** 2).sum(),
                transform=transforms.chain(transforms.clip_by_global_norm(1.0), counter))
     engine = mlo.Engine([level])
     engine.run(3)
@@ -64,7 +64,7 @@ def test_engine_step_applies_transform_and_keeps_state(float64: None) -> None:
     state = engine.state_dict()
     assert state["levels"]["fit"]["transform"][1] == {"n": 3}
     v2 = Vector(torch.zeros(2))
-    level2 = Fn("fit", v2, torch.optim.SGD(v2.parameters(), lr=0.5), lambda b: ((v2.x - target) ** 2).sum(),
+    level2 = mlo.Problem("fit", v2, torch.optim.SGD(v2.parameters(), lr=0.5), loss=lambda b: ((v2.x - target) ** 2).sum(),
                 transform=transforms.chain(transforms.clip_by_global_norm(1.0), counter))
     engine2 = mlo.Engine([level2])
     engine2.load_state_dict(state)

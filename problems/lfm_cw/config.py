@@ -6,13 +6,12 @@ Every field is checked (`RunConfig.validate`) before any data is loaded or any t
 from __future__ import annotations
 
 import dataclasses
-import tomllib
-import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from mlo import EstimatorError, estimators
+from mlo import EstimatorError, config, estimators
+from mlo.config import ConfigError
 
 from ..data import DATASETS
 from .methods import METHODS
@@ -20,10 +19,6 @@ from .methods import METHODS
 __all__ = ["RunConfig", "ConfigError", "SPACES"]
 
 SPACES = ("darts", "pc-darts", "p-darts")
-
-
-class ConfigError(ValueError):
-    """A configuration value is invalid; the message names the option."""
 
 
 @dataclass
@@ -76,26 +71,11 @@ class RunConfig:
 
     @classmethod
     def from_toml(cls, path: str | Path) -> "RunConfig":
-        path = Path(path)
-        if not path.is_file():
-            raise ConfigError(f"config file {str(path)!r} does not exist")
-        try:
-            data = tomllib.loads(path.read_text())
-        except tomllib.TOMLDecodeError as err:
-            raise ConfigError(f"config file {str(path)!r} is not valid TOML: {err}") from None
-        return cls().updated(data, source=str(path))
+        return config.from_toml(cls, path)
 
     def updated(self, values: dict[str, Any], source: str = "flags") -> "RunConfig":
         """A copy with ``values`` applied; unknown keys and wrong types are errors naming the key."""
-        hints = typing.get_type_hints(RunConfig)
-        known = {f.name for f in dataclasses.fields(self)}
-        changes = {}
-        for key, value in values.items():
-            key = key.replace("-", "_")
-            if key not in known:
-                raise ConfigError(f"{source}: unknown option {key!r}; options: {', '.join(sorted(known))}")
-            changes[key] = _coerce(key, value, hints[key], source)
-        return dataclasses.replace(self, **changes)
+        return config.updated(self, values, source)
 
     def validate(self) -> None:
         unknown = [m for m in self.methods if m not in METHODS]
@@ -158,30 +138,3 @@ class RunConfig:
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
-
-
-def _coerce(key: str, value: Any, kind: Any, source: str) -> Any:
-    """``value`` as the field's declared type (list of str, optional float, dict, ...)."""
-    origin, args = typing.get_origin(kind), typing.get_args(kind)
-    if origin in (typing.Union, getattr(__import__("types"), "UnionType", None)) and type(None) in args:
-        if value is None or (isinstance(value, str) and value.lower() in ("", "none")):
-            return None
-        kind = next(a for a in args if a is not type(None))
-        origin, args = typing.get_origin(kind), typing.get_args(kind)
-    try:
-        if origin is list:
-            items = value.split(",") if isinstance(value, str) else list(value)
-            return [str(v).strip() for v in items if str(v).strip()]
-        if origin is dict:
-            if not isinstance(value, dict):
-                raise TypeError
-            return {str(k): str(v) for k, v in value.items()}
-        if kind is bool:
-            return value if isinstance(value, bool) else str(value).lower() in ("1", "true", "yes")
-        if kind in (int, float) and isinstance(value, bool):
-            raise TypeError
-        if kind is int and isinstance(value, float) and not value.is_integer():
-            raise TypeError
-        return kind(value)
-    except (TypeError, ValueError):
-        raise ConfigError(f"{source}: option {key!r} must be {getattr(kind, '__name__', kind)}, got {value!r}") from None

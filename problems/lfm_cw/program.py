@@ -233,7 +233,7 @@ class MistakesHook(mlo.Hook):
 
     def __init__(self, w1: SuperNet, arch: Architecture, weights: ClassWeights, val: Iterable[Any], kind: str):
         self.w1, self.arch, self.weights, self.kind = w1, arch, weights, kind
-        self.stream = _forever(val)
+        self.stream = mlo.cycle(val, "MistakesHook")
 
     def on_step(self, engine: mlo.Engine, level: str, loss: Tensor) -> None:
         if level != "w1":
@@ -241,11 +241,6 @@ class MistakesHook(mlo.Hook):
         x, y = next(self.stream)
         with torch.no_grad():
             self.weights.observe(self.w1(x, self.arch), y, self.kind)
-
-
-def _forever(data: Iterable[Any]) -> Iterator[Any]:
-    while True:
-        yield from data
 
 
 def build(
