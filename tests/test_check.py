@@ -10,7 +10,7 @@ import torch
 
 import mlo
 from mlo.estimators import CG
-from programs import Fn, Vector, assert_same, mlp_program, quadratic, relative_error, ridge, snapshot
+from programs import Vector, assert_same, mlp_program, quadratic, relative_error, ridge, snapshot
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -97,8 +97,8 @@ def _indefinite(float64):
     q, _ = torch.linalg.qr(torch.randn(6, 6, generator=g))
     A = q @ torch.diag(torch.tensor([-2.0, 0.5, 1.0, 2.0, 3.0, 5.0])) @ q.T
     w, h = Vector(torch.linspace(-1, 1, 6)), Vector(torch.linspace(1, -1, 6))
-    lower = Fn("w", w, torch.optim.SGD(w.parameters(), lr=0.01), lambda batch: 0.5 * w.x @ A @ w.x + h.x @ w.x)
-    upper = Fn("h", h, torch.optim.SGD(h.parameters(), lr=0.01), lambda batch: 0.5 * ((w.x - 1) ** 2).sum())
+    lower = mlo.Problem("w", w, torch.optim.SGD(w.parameters(), lr=0.01), loss=lambda batch: 0.5 * w.x @ A @ w.x + h.x @ w.x)
+    upper = mlo.Problem("h", h, torch.optim.SGD(h.parameters(), lr=0.01), loss=lambda batch: 0.5 * ((w.x - 1) ** 2).sum())
     return mlo.Engine([lower, upper], {"h": ["w"]}, "cg:iterations=2,damping=3.0")
 
 
@@ -175,20 +175,12 @@ import torch
 import mlo
 
 
-class Quadratic(mlo.Problem):
-    def __init__(self, name, module, fn):
-        super().__init__(name, module, torch.optim.SGD(module.parameters(), lr=0.1))
-        self.fn = fn
-
-    def loss(self, batch):
-        return self.fn()
-
-
 def build():
     torch.manual_seed(0)
     w, h = torch.nn.Linear(3, 1, bias=False), torch.nn.Linear(3, 1, bias=False)
-    lower = Quadratic("w", w, lambda: ((w.weight - h.weight) ** 2).sum() + (w.weight ** 2).sum())
-    upper = Quadratic("h", h, lambda: ((w.weight - 1.0) ** 2).sum())
+    lower = mlo.Problem("w", w, torch.optim.SGD(w.parameters(), lr=0.1),
+                        loss=lambda batch: ((w.weight - h.weight) ** 2).sum() + (w.weight ** 2).sum())
+    upper = mlo.Problem("h", h, torch.optim.SGD(h.parameters(), lr=0.1), loss=lambda batch: ((w.weight - 1.0) ** 2).sum())
     return mlo.Engine([lower, upper], {"h": ["w"]}, "cg:iterations=1")
 
 

@@ -19,7 +19,7 @@ import mlo
 from mlo import estimators
 from mlo.graph import Graph
 from mlo.estimators import CG, Unroll
-from programs import BestResponses, Fn, Quadratic, Vector, conditioned_iterations, quadratic, relative_error
+from programs import BestResponses, Quadratic, Vector, conditioned_iterations, quadratic, relative_error
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -74,11 +74,11 @@ class _Order(mlo.Hook):
         self.steps.append(level)
 
 
-def _levels(names: list[str]) -> list[Fn]:
+def _levels(names: list[str]) -> list[mlo.Problem]:
     out = []
     for name in names:
         module = Vector(torch.ones(1))
-        out.append(Fn(name, module, torch.optim.SGD(module.parameters(), lr=0.1), lambda b, m=module: (m.x**2).sum()))
+        out.append(mlo.Problem(name, module, torch.optim.SGD(module.parameters(), lr=0.1), loss=lambda b, m=module: (m.x**2).sum()))
     return out
 
 
