@@ -17,7 +17,8 @@ compared with a reference computed at the same parameters and the same batches:
   when the reference has no such notion, as ``unroll``). An unconverged cg reference (an
   indefinite lower Hessian) is reported as such: its errors are not errors against the truth.
 
-For ``dtype``, every level module's floating parameters and buffers and the current batches are
+For ``dtype``, every level module's floating parameters and buffers (all levels': a loss may read
+any of them, e.g. a generator that makes another level's data) and the current batches are
 converted for the length of the call, new tensors created inside losses default to ``dtype``, and
 the original tensors are put back afterwards (the same objects). A module that a loss reaches
 but that belongs to no level stays as it is, and a loss mixing it with converted tensors fails:
@@ -216,7 +217,7 @@ def _reference(
     """The reference in ``dtype``, its time and diagnostics, and each edge's share of the error
     (that edge on its configured estimator, the others on the reference; several edges only)."""
     edges = list(configured)
-    with _converted(engine, list(dict.fromkeys(u for e in edges for u in e)), dtype):
+    with _converted(engine, engine.graph.levels, dtype):  # every level: a loss may read any of them
         wide = _convert(batches, dtype)
         truth, seconds, info = _evaluate(engine, level, dict.fromkeys(edges, ref), wide)
         per_edge = []

@@ -48,7 +48,7 @@ def run(argv: Sequence[str]) -> int:
 
 
 def check(argv: Sequence[str]) -> int:
-    """`mlo check PROGRAM [--reference SPEC] [--warn-above X] [PROGRAM'S OPTIONS]`: build the
+    """`mlo check PROGRAM [--reference SPEC ...] [--warn-above X] [PROGRAM'S OPTIONS]`: build the
     registered program's engine (it runs its rounds: `--rounds N` for lfm-cw), or the one that
     ``FUNCTION()`` in ``FILE.py`` returns (`FILE.py:FUNCTION [--rounds N]`, 1 round by default),
     then `mlo.check` every level with lowers and print the tables."""
@@ -67,7 +67,9 @@ def check(argv: Sequence[str]) -> int:
         "reference at that state, edge by edge. Options other than these go to the program.",
     )
     parser.add_argument("program", help="a registered program (e.g. lfm-cw), or FILE.py:FUNCTION returning an mlo.Engine")
-    parser.add_argument("--reference", default=DEFAULT_REFERENCE, help="the reference estimator (default: %(default)s, in float64)")
+    parser.add_argument("--reference", action="append", metavar="SPEC",
+                        help=f"a reference estimator (default: {DEFAULT_REFERENCE}, in float64); repeat it to check "
+                        "the same state against several")
     parser.add_argument("--warn-above", type=float, default=0.1, metavar="X", help="warn when a relative error exceeds X")
     args, rest = parser.parse_known_args(list(argv))
     try:
@@ -82,9 +84,10 @@ def check(argv: Sequence[str]) -> int:
                 raise ProgramError(f"program {entry.name!r} registers no engine to check (see mlo.programs.register)")
             engine = entry.engine(args.program, rest)
         console = Console()
-        for level in engine.graph.levels:
-            if engine.graph.lowers_of[level]:
-                console.print(check_level(engine, level, reference=args.reference, warn_above=args.warn_above))
+        for reference in args.reference or [DEFAULT_REFERENCE]:
+            for level in engine.graph.levels:
+                if engine.graph.lowers_of[level]:
+                    console.print(check_level(engine, level, reference=reference, warn_above=args.warn_above))
     except KeyError as err:  # an unknown program
         return programs.failed(err.args[0], "mlo check")
     except (ConfigError, ProgramError, FileNotFoundError) as err:  # bad options, program or data

@@ -200,6 +200,10 @@ def test_the_command_checks_a_users_program(tmp_path, capsys, monkeypatch):
     out = capsys.readouterr().out
     assert "mlo check: hypergradient of 'h'" in out and "h -> w" in out and "cg:iterations=1" in out
     assert "converged" in out
+    # several references, one table each, on the same state
+    assert main(["check", f"{path}:build", "--reference", "cg:tol=1e-12", "--reference", "unroll:steps=3", "--warn-above", "inf"]) == 0
+    out = capsys.readouterr().out
+    assert "against cg:tol=1e-12 (float64)" in out and "against unroll:steps=3 (float64)" in out
 
     for target, match in [
         (f"{path}:not_an_engine", "returned int, not an mlo.Engine"),
