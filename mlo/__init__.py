@@ -4,10 +4,11 @@ Declare each level as a ``Problem``, wire the levels into a dependency graph, an
 ``Engine`` with a hypergradient estimator from ``mlo.estimators``.
 """
 
-from . import config, estimators, programs, transforms
+from . import checkpoint, config, distributed, estimators, loader, logs, programs, transforms
 from .check import CheckReport, EdgeCheck, check
 from .engine import Engine
 from .errors import (
+    CheckpointError,
     CheckWarning,
     ConvergenceWarning,
     DivergenceError,
@@ -31,12 +32,17 @@ __all__ = [
     "config",
     "programs",
     "transforms",
+    "checkpoint",
+    "loader",
+    "logs",
+    "distributed",
     "MLOError",
     "ProgramError",
     "GraphError",
     "EstimatorError",
     "NonFiniteError",
     "DivergenceError",
+    "CheckpointError",
     "LossError",
     "UnknownLevelError",
     "ConvergenceWarning",
