@@ -22,7 +22,7 @@ def _state(engine, *problems):
     return {
         **snapshot(*problems),
         "round": engine.round,
-        "drawn": {name: levels[name]["batches_drawn"] for name in levels},
+        "data": {name: levels[name]["data"] for name in levels},
         "batches": {p.name: engine.batch(p.name) for p in problems},
         "diagnostics": dict(engine.diagnostics.by_edge),
         "rng": torch.get_rng_state(),
