@@ -76,6 +76,17 @@ def test_cg_estimator_warns_on_an_indefinite_hessian_and_names_damping():
     assert relative_error(got, want) < 1e-9
 
 
+def test_the_cg_warning_is_shown_once_per_edge_in_a_run():
+    _, lower, upper = _indefinite_bilevel()
+    engine = mlo.Engine([lower, upper], {"h": ["w"]}, CG(iterations=3))
+    with warnings.catch_warnings(record=True) as seen:
+        warnings.simplefilter("default")  # Python's own default for warnings: once per text and place
+        engine.run(4)
+    shown = [w for w in seen if issubclass(w.category, mlo.ConvergenceWarning)]
+    assert len(shown) == 1 and "edge 'h' -> 'w'" in str(shown[0].message)
+    assert engine.diagnostics.by_edge[("h", "w")]["converged"] == 0.0  # the numbers are here
+
+
 def test_neumann_stops_at_the_first_term_past_the_growth_bound():
     A = _matrix([0.5, 1.0, 2.0, 4.0])
     b = torch.ones(4)

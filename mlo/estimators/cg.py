@@ -71,10 +71,12 @@ class CG(Estimator):
             if info["negative_curvature"]
             else "an indefinite (or badly conditioned) lower Hessian is the likely cause"
         )
+        # The text names the edge and the cause but no numbers (they are in the diagnostics), so
+        # Python's default filter shows it once per edge and cause, not at every step of a run.
         warnings.warn(
-            f"cg on {hop.where()} did not converge: relative residual {info['residual']:.2g} after "
-            f"{info['iterations']:.0f} iterations; {cause}. Option damping adds damping * I to the Hessian "
-            f"and fixes it (e.g. 'cg:damping=0.1'; damping is {self.damping})",
+            f"cg on {hop.where()} did not converge; {cause}. Option damping adds damping * I to the Hessian "
+            f"and fixes it (e.g. 'cg:damping=0.1'; damping is {self.damping}); the residual of each solve is "
+            "in engine.diagnostics",
             ConvergenceWarning,
             stacklevel=2,
         )
