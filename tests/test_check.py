@@ -228,4 +228,4 @@ def test_the_command_refuses_a_bad_lfm_cw_config_in_one_line(capsys):
 
     assert main(["check", "lfm-cw", "--set", "dataset=mnist"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
-    assert err == ["mlo check: error: unknown dataset 'mnist'; known: digits, cifar10, cifar100, imagenet"]
+    assert len(err) == 1 and err[0].startswith("mlo check: error: unknown dataset 'mnist'; known: digits, ")
