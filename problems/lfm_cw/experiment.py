@@ -385,7 +385,9 @@ def generator_for(
     if not (variant.second_model and variant.generator):
         return None
     if variant.augmented_real:
-        return sources.get("aug") or sources.setdefault("aug", augmented_real(splits, config))
+        if "aug" not in sources:
+            sources["aug"] = augmented_real(splits, config)
+        return sources["aug"]
     if config.generator == "cvae":
         if "cvae" not in sources:
             sources["cvae"], gate = cached_cvae(config, splits, seed, out, console)
