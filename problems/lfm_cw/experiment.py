@@ -22,6 +22,7 @@ import json
 import os
 import platform
 import statistics
+import tempfile
 import time
 from collections import defaultdict
 from datetime import datetime
@@ -48,7 +49,7 @@ from .generator import load_generator
 from .methods import METHODS
 from .program import LFMCW, Constants, Optimizers, augmented_real_source, build
 
-__all__ = ["run", "resume", "prepare_output"]
+__all__ = ["run", "resume", "prepare", "build_program", "warm_up", "generator_for", "checked_engine", "prepare_output"]
 
 
 class _Recorder(mlo.Hook):
@@ -180,17 +181,49 @@ def _precision(config: RunConfig, program: LFMCW) -> dict[str, str]:
     return {p.name: "bf16" if p.name in program.graph else "fp16" for p in program.problems}
 
 
-def _search(
-    config: RunConfig, method: str, seed: int, splits: datasets.DataSplits, generator: Any, progress: Progress,
-    out: Path | None = None,
-) -> tuple[LFMCW, _Recorder, float]:
-    """The search phases of one run; with an ``out`` folder they write metrics and checkpoints there."""
+def build_program(
+    config: RunConfig, method: str, seed: int, splits: datasets.DataSplits, generator: Any, rounds: int,
+    index: int = 0, stage: Stage | None = None, mask: Any = None,
+) -> LFMCW:
+    """The program ``method`` searches with in stage ``index`` under ``config``: its levels, graph,
+    per-edge estimators (``config.estimator`` and ``config.edge_estimators`` applied) and hooks."""
     spec = METHODS[method]
     constants = Constants(
         config.lam, config.gamma, config.beta, config.synthetic_per_step, config.mistakes,
         learn_total=config.learn_total, finetune_generator=config.finetune_generator,
     )
     optim = Optimizers(w_lr=config.w_lr, arch_lr=config.arch_lr, phi_lr=config.phi_lr)
+    program = build(
+        splits.train, splits.val, splits.num_classes, splits.input_shape,
+        _supernet_factory(config, splits, stage, mask), spec.variant, constants, optim,
+        rounds=rounds + (config.w1_warmup if index == 0 else 0), batch_size=config.batch_size,
+        estimator=config.estimator or spec.estimator, generator=generator, device=config.device, seed=seed,
+        workers=config.workers,
+    )
+    for edge, est in config.edge_estimators.items():  # checked against every method's edges
+        upper, _, lower = (s.strip() for s in edge.partition("->"))
+        if (upper, lower) in program.estimators:  # methods without this edge ignore it
+            program.estimators[(upper, lower)] = est
+    return program
+
+
+def warm_up(config: RunConfig, program: LFMCW, gan_hooks: list[mlo.Hook]) -> None:
+    """Before the search: ``config.generator_warmup`` steps of the GAN levels alone (if the
+    program trains one), then ``config.w1_warmup`` steps of W1, so that it learns before its
+    mistakes steer the class weights."""
+    gan = [p for p in program.problems if p.name in ("discriminator", "generator")]
+    if config.generator_warmup and any(p.name == "generator" for p in gan):
+        mlo.Engine(gan, {}, hooks=gan_hooks).run(config.generator_warmup)
+    if config.w1_warmup:
+        w1 = [p for p in program.problems if p.name == "w1"]
+        mlo.Engine(w1, {}, hooks=list(program.hooks)).run(config.w1_warmup)
+
+
+def _search(
+    config: RunConfig, method: str, seed: int, splits: datasets.DataSplits, generator: Any, progress: Progress,
+    out: Path | None = None,
+) -> tuple[LFMCW, _Recorder, float]:
+    """The search phases of one run; with an ``out`` folder they write metrics and checkpoints there."""
     mask = None
     recorder: _Recorder | None = None
     start = time.perf_counter()
@@ -198,17 +231,7 @@ def _search(
     for index, (stage, rounds) in enumerate(_stages(config)):
         if stage is not None and arch_prev is not None:  # P-DARTS: prune before deepening
             _, mask = pdarts_next_stage(arch_prev, stage)
-        program = build(
-            splits.train, splits.val, splits.num_classes, splits.input_shape,
-            _supernet_factory(config, splits, stage, mask), spec.variant, constants, optim,
-            rounds=rounds + (config.w1_warmup if index == 0 else 0), batch_size=config.batch_size,
-            estimator=config.estimator or spec.estimator, generator=generator, device=config.device, seed=seed,
-            workers=config.workers,
-        )
-        for edge, est in config.edge_estimators.items():  # checked against every method's edges
-            upper, _, lower = (s.strip() for s in edge.partition("->"))
-            if (upper, lower) in program.estimators:  # methods without this edge ignore it
-                program.estimators[(upper, lower)] = est
+        program = build_program(config, method, seed, splits, generator, rounds, index, stage, mask)
         new_recorder = _Recorder(program)
         if recorder is not None:  # keep one history across P-DARTS stages
             new_recorder.adopt(recorder)
@@ -397,6 +420,63 @@ def _table(summary: list[dict[str, Any]], imbalanced: bool) -> Table:
     return table
 
 
+def prepare(config: RunConfig) -> tuple[datasets.DataSplits, Any]:
+    """Check every option, then load the search data and the generator checkpoint (if one is
+    named): what every search of ``config`` shares."""
+    config.validate()  # every option checked before any data is read
+    if config.engine == "betty" and mlo.distributed.active():
+        raise ConfigError("engine 'betty' does not run data-parallel; run it without torchrun (or use engine 'mlo')")
+    if config.threads:
+        torch.set_num_threads(config.threads)
+    if torch.device(config.device).type == "cuda":
+        torch.backends.cudnn.benchmark = True  # fixed input sizes: let cuDNN pick its fastest kernels once
+    splits = datasets.load(config.dataset, config.data_root, config.imbalance, seed=0, **config.data_options(search=True))
+    loaded = None
+    if config.generator not in ("cgan", "cvae"):
+        loaded = load_generator(config.generator, splits.num_classes, splits.input_shape, allow_pickle=config.unsafe_pickle)
+    return splits, loaded
+
+
+def generator_for(
+    config: RunConfig, method: str, seed: int, splits: datasets.DataSplits, loaded: Any, sources: dict[str, Any],
+    out: Path, console: Console, gates: dict[str, Any],
+) -> Any:
+    """The fixed data source of ``method``'s W2 (``None``: none, or a GAN trained as levels):
+    augmented real data, the cached conditional VAE (its quality gate recorded in ``gates``) or
+    the loaded checkpoint; ``sources`` keeps those shared by the methods of one seed."""
+    variant = METHODS[method].variant
+    if not (variant.second_model and variant.generator):
+        return None
+    if variant.augmented_real:
+        if "aug" not in sources:
+            sources["aug"] = augmented_real(splits, config)
+        return sources["aug"]
+    if config.generator == "cvae":
+        if "cvae" not in sources:
+            sources["cvae"], gate = cached_cvae(config, splits, seed, out, console)
+            gates[f"seed{seed}"] = gate.to_dict()
+        return sources["cvae"]
+    return loaded
+
+
+def checked_engine(config: RunConfig, console: Console | None = None) -> mlo.Engine:
+    """The engine of the first method's search under ``config`` (seed 0, stage 1, after its
+    warm-ups), after ``config.search_rounds`` rounds: what `mlo check lfm-cw` inspects. A
+    generator it has to pretrain is kept in a temporary folder."""
+    console = console or Console(stderr=True)
+    splits, loaded = prepare(config)
+    method = config.methods[0]
+    with tempfile.TemporaryDirectory() as folder:
+        generator = generator_for(config, method, 0, splits, loaded, {}, Path(folder), console, {})
+    torch.manual_seed(0)
+    program = build_program(config, method, 0, splits, generator, config.search_rounds)
+    console.print(f"[bold]mlo check[/] {method} on {splits}: {config.search_rounds} rounds", highlight=False)
+    warm_up(config, program, [])
+    engine = mlo.Engine(program.problems, program.graph, program.estimators, hooks=program.hooks)
+    engine.run(config.search_rounds)
+    return engine
+
+
 def run(config: RunConfig, console: Console | None = None, resume: bool = False) -> dict[str, Any]:
     """Run every method and seed of ``config``; returns (and writes) the results.
 
@@ -408,22 +488,12 @@ def run(config: RunConfig, console: Console | None = None, resume: bool = False)
     share of each batch, and only rank 0 writes files and prints."""
     main = mlo.distributed.is_main()
     console = console or Console(quiet=not main)
-    config.validate()  # every option checked before any data is read
-    if config.engine == "betty" and mlo.distributed.active():
-        raise ConfigError("engine 'betty' does not run data-parallel; run it without torchrun (or use engine 'mlo')")
-    if config.threads:
-        torch.set_num_threads(config.threads)
-    if torch.device(config.device).type == "cuda":
-        torch.backends.cudnn.benchmark = True  # fixed input sizes: let cuDNN pick its fastest kernels once
-    splits = datasets.load(config.dataset, config.data_root, config.imbalance, seed=0, **config.data_options(search=True))
+    splits, loaded = prepare(config)
     eval_options = config.data_options()
     eval_splits = (
         splits if eval_options == config.data_options(search=True)
         else datasets.load(config.dataset, config.data_root, config.imbalance, seed=0, **eval_options)
     )
-    loaded = None
-    if config.generator not in ("cgan", "cvae"):
-        loaded = load_generator(config.generator, splits.num_classes, splits.input_shape, allow_pickle=config.unsafe_pickle)
     out = prepare_output(config.out, config.methods, resume)
     config = config.updated({"out": str(out)})
     _write_json(out / "config.json", config.to_dict())
@@ -448,20 +518,7 @@ def run(config: RunConfig, console: Console | None = None, resume: bool = False)
             for method in config.methods:
                 if (method, seed) in done:
                     continue
-                variant = METHODS[method].variant
-                if not (variant.second_model and variant.generator):
-                    generator = None
-                elif variant.augmented_real:
-                    if "aug" not in sources:
-                        sources["aug"] = augmented_real(splits, config)
-                    generator = sources["aug"]
-                elif config.generator == "cvae":
-                    if "cvae" not in sources:
-                        sources["cvae"], gate = cached_cvae(config, splits, seed, out, console)
-                        results["gates"][f"seed{seed}"] = gate.to_dict()
-                    generator = sources["cvae"]
-                else:
-                    generator = loaded
+                generator = generator_for(config, method, seed, splits, loaded, sources, out, console, results["gates"])
                 results["runs"].append(_run_one(config, method, seed, splits, generator, out, progress, eval_splits))
                 results["summary"] = _summary(results["runs"])
                 _write_json(out / "results.json", results)
