@@ -96,6 +96,8 @@ class Engine:
         self._check_parameters()
         self.estimators = self._resolve_estimators(estimator)
         self._check_starts()
+        #: levels whose last step's gradient an estimator reads (``Problem.last_gradient``)
+        self._keep_gradient = {low for (_, low), est in self.estimators.items() if est.needs_last_gradient}
         self.hooks = list(hooks)
         self.check_finite = check_finite
         self.round = 0
@@ -236,6 +238,8 @@ class Engine:
         for p, g in zip(params, grads):
             p.grad = g.detach() if g.requires_grad else g
         problem.optimizer.step()
+        if name in self._keep_gradient:  # as the optimizer left it (Betty's sama reads it so)
+            problem.last_gradient = tuple(p.grad.detach() if p.grad is not None else torch.zeros_like(p) for p in params)
         for p in params:
             p.grad = None
         if problem.scheduler is not None:

@@ -108,6 +108,9 @@ class Estimator(ABC):
     #: False when ``vjp`` is zero whatever the adjoint (first order): the engine then skips the
     #: edge and does not compute the partial derivatives only that edge would read
     uses_adjoint: ClassVar[bool] = True
+    #: True when ``vjp`` reads the gradient of the lower level's last optimizer step
+    #: (``Problem.last_gradient``), which the engine then keeps for that level
+    needs_last_gradient: ClassVar[bool] = False
 
     def __post_init__(self) -> None:
         hints = typing.get_type_hints(type(self))
