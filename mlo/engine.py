@@ -97,7 +97,9 @@ class Engine:
         self.estimators = self._resolve_estimators(estimator)
         self._check_starts()
         #: levels whose last step's gradient an estimator reads (``Problem.last_gradient``)
-        self._keep_gradient = {low for (_, low), est in self.estimators.items() if est.needs_last_gradient}
+        self._keep_gradient = {
+            low for (_, low), est in self.estimators.items() if est.reads_last_gradient(self.program.problems[low])
+        }
         self.hooks = list(hooks)
         self.check_finite = check_finite
         self.round = 0

@@ -108,9 +108,6 @@ class Estimator(ABC):
     #: False when ``vjp`` is zero whatever the adjoint (first order): the engine then skips the
     #: edge and does not compute the partial derivatives only that edge would read
     uses_adjoint: ClassVar[bool] = True
-    #: True when ``vjp`` reads the gradient of the lower level's last optimizer step
-    #: (``Problem.last_gradient``), which the engine then keeps for that level
-    needs_last_gradient: ClassVar[bool] = False
 
     def __post_init__(self) -> None:
         hints = typing.get_type_hints(type(self))
@@ -147,6 +144,11 @@ class Estimator(ABC):
     def check(self, lower: Problem) -> None:
         """Called when the engine is built, once per edge served: reject a lower level this
         estimator cannot handle (for example an optimizer it cannot differentiate)."""
+
+    def reads_last_gradient(self, lower: Problem) -> bool:
+        """Whether ``vjp`` reads the gradient of ``lower``'s last optimizer step
+        (``Problem.last_gradient``); the engine keeps it only for such levels."""
+        return False
 
     def lookahead(self, hop: Hop) -> Tensors | None:
         """Lower parameters at which the upper objective is evaluated; ``None``: where they are."""

@@ -48,7 +48,6 @@ class Sama(Estimator):
     ``radius`` (Betty's ``sama_adam_alpha``)."""
 
     name: ClassVar[str] = "sama"
-    needs_last_gradient: ClassVar[bool] = True
     radius: float = 1.0
 
     def validate(self) -> None:
@@ -60,6 +59,9 @@ class Sama(Estimator):
                 f"estimator 'sama' cannot serve level {lower.name!r}: it preconditions SGD (identity) and "
                 f"Adam/AdamW (their update's derivative), not {type(lower.optimizer).__name__}"
             )
+
+    def reads_last_gradient(self, lower: Problem) -> bool:
+        return isinstance(lower.optimizer, (torch.optim.Adam, torch.optim.AdamW))  # SGD: P = I
 
     def vjp(self, hop: Hop, adjoint: Tensors, lookahead: Tensors | None) -> tuple[Tensors, Info]:
         v = precondition(hop.problem, adjoint)
