@@ -4,9 +4,10 @@ Declare each level as a ``Problem``, wire the levels into a dependency graph, an
 ``Engine`` with a hypergradient estimator from ``mlo.estimators``.
 """
 
-from . import config, estimators, programs, transforms
+from . import checkpoint, config, distributed, estimators, loader, logs, programs, transforms
 from .engine import Engine
 from .errors import (
+    CheckpointError,
     ConvergenceWarning,
     DivergenceError,
     EstimatorError,
@@ -29,12 +30,17 @@ __all__ = [
     "config",
     "programs",
     "transforms",
+    "checkpoint",
+    "loader",
+    "logs",
+    "distributed",
     "MLOError",
     "ProgramError",
     "GraphError",
     "EstimatorError",
     "NonFiniteError",
     "DivergenceError",
+    "CheckpointError",
     "LossError",
     "UnknownLevelError",
     "ConvergenceWarning",

@@ -12,21 +12,22 @@ Buffers: estimator evaluations never move module buffers (BatchNorm statistics a
 after every hypergradient); the plain step of a level without lowers updates them as a normal
 training step does.
 
-The engine's state is explicit: every level's module, optimizer, scheduler and data position,
-and the round counter (``state_dict`` / ``load_state_dict``).
+The engine's state is explicit: every level's module, optimizer, scheduler, gradient-transform
+state and data position, the random generators, the hooks' state and the round counter
+(``state_dict`` / ``load_state_dict``; `mlo.checkpoint` saves and loads it atomically).
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 from torch import Tensor
 
-from . import autodiff
+from . import autodiff, rng
 from .autodiff import Tensors
 from .errors import EstimatorError, NonFiniteError, ProgramError
 from .estimators import Estimator, Info, resolve
@@ -35,20 +36,12 @@ from .graph import Graph
 from .hooks import Hook
 from .hypergradient import Loss, Rule
 from .problem import Problem
+from .streams import Stream
 
 __all__ = ["Engine"]
 
 EstimatorSpec = str | Estimator
 Edge = tuple[str, str]
-
-
-@dataclass
-class _Stream:
-    """A level's position in its data: the batch in use and how many were drawn."""
-
-    iterator: Iterator[Any]
-    drawn: int = 0
-    batch: Any = None
 
 
 @dataclass
@@ -66,7 +59,7 @@ class Engine:
         graph: ``{upper: [lowers]}``; the best response of each lower depends on the upper.
         estimator: a registered name (``"cg"``), a ``"name:opt=value"`` string, an ``Estimator``,
             or a mapping ``{(upper, lower): estimator}`` covering every edge.
-        hooks: objects with ``on_step`` / ``on_round`` methods (see ``mlo.hooks.Hook``).
+        hooks: ``mlo.Hook`` instances (progress, logs, checkpoints; see ``mlo.hooks``).
         check_finite: raise ``NonFiniteError`` naming the level and round when a loss or
             hypergradient is NaN or infinite.
 
@@ -101,10 +94,13 @@ class Engine:
             low for (_, low), est in self.estimators.items() if est.reads_last_gradient(self.program.problems[low])
         }
         self.hooks = list(hooks)
+        for hook in self.hooks:
+            if not isinstance(hook, Hook):
+                raise ProgramError(f"hooks must be mlo.Hook instances, got {type(hook).__name__}: {hook!r}")
         self.check_finite = check_finite
         self.round = 0
         self.diagnostics = Diagnostics()
-        self._streams = {name: _Stream(p.batches()) for name, p in self.program.problems.items()}
+        self._streams = {name: Stream(p) for name, p in self.program.problems.items()}
         losses = {name: self._loss(name) for name in self.graph.levels}
         self._rule = Rule(self.graph, self.estimators, losses, self.program.problems, self.program.derive)
         self._transform_states: dict[str, Any] = {
@@ -182,21 +178,28 @@ class Engine:
     # ------------------------------------------------------------------ running
 
     def run(self, rounds: int) -> None:
-        """Run ``rounds`` rounds; each steps every level bottom-up."""
+        """Run ``rounds`` rounds; each steps every level bottom-up. Hooks hear ``on_run_start``
+        before the first and ``on_run_end`` after the last (also when the run raises)."""
         if isinstance(rounds, bool) or not isinstance(rounds, int) or rounds < 0:
             raise ValueError(f"rounds must be an int >= 0, got {rounds!r}")
-        for _ in range(rounds):
+        for hook in self.hooks:
+            hook.on_run_start(self)
+        try:
+            for _ in range(rounds):
+                for hook in self.hooks:
+                    hook.before_round(self)
+                for name in self.graph.bottom_up:
+                    problem = self.program.problems[name]
+                    if problem.init is not None:
+                        self.restart(name)
+                    for _ in range(problem.steps):
+                        self.step(name)
+                self.round += 1
+                for hook in self.hooks:
+                    hook.on_round(self)
+        finally:
             for hook in self.hooks:
-                hook.before_round(self)
-            for name in self.graph.bottom_up:
-                problem = self.program.problems[name]
-                if problem.init is not None:
-                    self.restart(name)
-                for _ in range(problem.steps):
-                    self.step(name)
-            self.round += 1
-            for hook in self.hooks:
-                hook.on_round(self)
+                hook.on_run_end(self)
 
     def restart(self, name: str) -> None:
         """Start level ``name`` afresh from its ``init``: parameters set to ``init()`` (at the
@@ -218,6 +221,9 @@ class Engine:
 
         The gradients are handed to the optimizer in ``.grad`` and released after its step (as
         ``zero_grad()`` does), so no level holds a parameter-sized gradient while others step.
+        A gradient transform may absorb the step (it returns ``None`` as the gradient, as
+        `mlo.transforms.accumulate` does between micro-batches): then neither the optimizer nor
+        the scheduler steps.
 
         For a level with lowers, the loss returned (and passed to hooks) is its loss at the point
         its hypergradient is evaluated: where an edge's estimator has a look-ahead (``unroll``,
@@ -233,19 +239,23 @@ class Engine:
             loss = self.program.loss(name, self._streams[name].batch)
             grads = autodiff.grad(loss, self.program.params[name])
         self._check(loss, grads, name)
+        for hook in self.hooks:
+            hook.on_gradient(self, name, grads)
         params = self.program.params[name]
+        update: Tensors | None = grads
         if problem.transform is not None:
             grads = tuple(g.detach() for g in grads)
-            grads, self._transform_states[name] = problem.transform.update(grads, self._transform_states[name], params)
-        for p, g in zip(params, grads):
-            p.grad = g.detach() if g.requires_grad else g
-        problem.optimizer.step()
-        if name in self._keep_gradient:  # as the optimizer left it (Betty's sama reads it so)
-            problem.last_gradient = tuple(p.grad.detach() if p.grad is not None else torch.zeros_like(p) for p in params)
-        for p in params:
-            p.grad = None
-        if problem.scheduler is not None:
-            problem.scheduler.step()
+            update, self._transform_states[name] = problem.transform.update(grads, self._transform_states[name], params)
+        if update is not None:
+            for p, g in zip(params, update):
+                p.grad = g.detach() if g.requires_grad else g
+            problem.optimizer.step()
+            if name in self._keep_gradient:  # as the optimizer left it (Betty's sama reads it so)
+                problem.last_gradient = tuple(p.grad.detach() if p.grad is not None else torch.zeros_like(p) for p in params)
+            for p in params:
+                p.grad = None
+            if problem.scheduler is not None:
+                problem.scheduler.step()
         loss = loss.detach()
         for hook in self.hooks:
             hook.on_step(self, name, loss)
@@ -259,7 +269,7 @@ class Engine:
         self.graph.require(name)
         for level in (name, *self.graph.descendants(name)):
             if self._streams[level].drawn == 0:
-                self._draw(level)
+                self._streams[level].draw()
         grads, loss = self._hypergradient(name)
         self._check(loss, grads, name)
         return [g.detach() for g in grads]
@@ -284,10 +294,7 @@ class Engine:
     # ------------------------------------------------------------------ helpers
 
     def _draw(self, name: str) -> None:
-        stream = self._streams[name]
-        stream.batch = next(stream.iterator)
-        stream.drawn += 1
-        self.program.problems[name].batch = stream.batch
+        self._streams[name].draw()
 
     def _check(self, loss: Tensor, grads: Tensors, name: str) -> None:
         """Raise `NonFiniteError` naming the level and round if the loss or a gradient is not
@@ -302,25 +309,49 @@ class Engine:
     # ------------------------------------------------------------------ state
 
     def state_dict(self) -> dict[str, Any]:
-        """Everything needed to resume: round counter and, per level, module, optimizer,
-        scheduler and the number of batches drawn."""
+        """Everything needed to resume exactly, as values ``torch.load(weights_only=True)`` reads:
+
+        - ``round``: the rounds done;
+        - ``levels``: per level, its module, optimizer, scheduler, gradient-transform state and
+          data position (`mlo.streams.Stream`: a seek for data with ``state_dict``, else a
+          replay of the current pass only);
+        - ``rng``: the global generators (torch CPU and CUDA, numpy, python);
+        - ``hooks``: each hook's ``state_dict()`` (``None`` for hooks without state; those with
+          state are matched in order when loading).
+
+        `mlo.checkpoint.save` / `mlo.checkpoint.load` write and read it atomically."""
         levels = {}
         for name, problem in self.program.problems.items():
             levels[name] = {
                 "module": problem.module.state_dict(),
                 "optimizer": problem.optimizer.state_dict(),
                 "scheduler": problem.scheduler.state_dict() if problem.scheduler is not None else None,
-                "batches_drawn": self._streams[name].drawn,
+                "data": self._streams[name].state_dict(),
                 "transform": self._transform_states.get(name),
             }
-        return {"round": self.round, "levels": levels}
+        return {
+            "round": self.round,
+            "levels": levels,
+            "rng": rng.get_state(),
+            "hooks": [hook.state_dict() for hook in self.hooks],
+        }
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
-        """Restore a ``state_dict``; each level's data is replayed to its saved position."""
+        """Restore a ``state_dict`` of an engine built on the same program. Each level's data goes
+        back to its saved position (`mlo.streams.Stream`); the random generators are restored
+        last, so that what the data does on the way does not move them."""
         levels = state["levels"]
         missing = set(self.program.problems) ^ set(levels)
         if missing:
             raise ProgramError(f"state does not match the program's levels: {sorted(missing)}")
+        # hooks with state are matched in order; hooks without state (progress, checkpoints) may differ
+        saved_hooks = [h for h in state.get("hooks", []) if h is not None]
+        stateful = [hook for hook in self.hooks if hook.state_dict() is not None]
+        if len(saved_hooks) != len(stateful):
+            raise ProgramError(
+                f"state holds {len(saved_hooks)} hook state(s) but the engine has {len(stateful)} hook(s) with state: "
+                f"{[type(h).__name__ for h in stateful]}"
+            )
         for name, problem in self.program.problems.items():
             saved = levels[name]
             problem.module.load_state_dict(saved["module"])
@@ -329,9 +360,9 @@ class Engine:
                 problem.scheduler.load_state_dict(saved["scheduler"])
             if problem.transform is not None and saved.get("transform") is not None:
                 self._transform_states[name] = saved["transform"]
-            stream = _Stream(problem.batches())
-            self._streams[name] = stream
-            problem.batch = None
-            for _ in range(int(saved["batches_drawn"])):
-                self._draw(name)
+            self._streams[name].load_state_dict(saved["data"])
+        for hook, hook_state in zip(stateful, saved_hooks):
+            hook.load_state_dict(hook_state)
         self.round = int(state["round"])
+        if "rng" in state:
+            rng.set_state(state["rng"])

@@ -38,5 +38,9 @@ class DivergenceError(MLOError, ArithmeticError):
     """An iterative estimator diverged (for example a Neumann series whose terms grow)."""
 
 
+class CheckpointError(MLOError, OSError):
+    """A checkpoint file is missing, truncated, corrupt, or holds something other than plain values."""
+
+
 class ConvergenceWarning(UserWarning):
     """An iterative solve stopped far from its answer (for example CG on an indefinite Hessian)."""

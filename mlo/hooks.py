@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from torch import Tensor
+
+from .autodiff import Tensors
 
 if TYPE_CHECKING:
     from .engine import Engine
@@ -13,7 +15,21 @@ __all__ = ["Hook"]
 
 
 class Hook:
-    """Subclass and override what you need; the engine calls every hook in order."""
+    """Subclass and override what you need; the engine calls every hook in order.
+
+    A hook with state that a resumed run needs returns it from ``state_dict`` (values
+    ``torch.load(weights_only=True)`` reads: tensors, numbers, strings, lists, dicts) and takes it
+    back in ``load_state_dict``; `mlo.Engine.state_dict` holds every hook's."""
+
+    def on_run_start(self, engine: "Engine") -> None:
+        """When ``Engine.run`` starts."""
+
+    def on_run_end(self, engine: "Engine") -> None:
+        """When ``Engine.run`` ends, also when it raises."""
+
+    def on_gradient(self, engine: "Engine", level: str, grads: Tensors) -> None:
+        """Before ``level``'s gradient transform and optimizer step: its (hyper)gradient, one
+        tensor per trainable parameter. Do not modify it."""
 
     def before_round(self, engine: "Engine") -> None:
         """Before any level steps in a round; ``engine.round`` is the number of rounds done.
@@ -28,3 +44,10 @@ class Hook:
 
     def on_round(self, engine: "Engine") -> None:
         """After every level has stepped; ``engine.round`` is the number of rounds done."""
+
+    def state_dict(self) -> Any:
+        """What a resumed run needs; ``None`` (the default): nothing."""
+        return None
+
+    def load_state_dict(self, state: Any) -> None:
+        """Take back what ``state_dict`` returned."""

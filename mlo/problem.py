@@ -160,22 +160,26 @@ class Problem:
         """The parameters this level optimizes: ``module``'s trainable parameters, in order."""
         return [p for p in self.module.parameters() if p.requires_grad]
 
-    def batches(self) -> Iterator[Any]:
-        """An endless stream of batches: ``data`` restarted whenever it is exhausted."""
-        return cycle(self.data, f"level {self.name!r}")
+    def batches(self, on_pass: Callable[[], None] | None = None) -> Iterator[Any]:
+        """An endless stream of batches: ``data`` restarted whenever it is exhausted.
+        ``on_pass`` is called just before each pass over ``data`` begins."""
+        return cycle(self.data, f"level {self.name!r}", on_pass)
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}(name={self.name!r}, steps={self.steps})"
 
 
-def cycle(data: Iterable[Any] | None, owner: str = "data") -> Iterator[Any]:
+def cycle(data: Iterable[Any] | None, owner: str = "data", on_pass: Callable[[], None] | None = None) -> Iterator[Any]:
     """``data``'s items in order, endlessly: a re-iterable (list, DataLoader) is restarted when
     exhausted, an endless iterator is read on; ``None`` yields ``None`` forever. An exhausted
-    iterator or an empty iterable raises ``ValueError`` naming ``owner``."""
+    iterator or an empty iterable raises ``ValueError`` naming ``owner``. ``on_pass`` is called
+    just before each pass over ``data`` begins."""
     if data is None:
         while True:
             yield None
     while True:
+        if on_pass is not None:
+            on_pass()
         empty = True
         for item in data:
             empty = False

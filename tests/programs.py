@@ -411,6 +411,59 @@ def conditioned_iterations(rate: float, target: float) -> int:
     return max(1, math.ceil(math.log(target) / math.log(rate)))
 
 
+# ---------------------------------------------------------------------------------------------- resume
+
+
+class DropoutMLP(nn.Module):
+    def __init__(self, d_in: int, hidden: int) -> None:
+        super().__init__()
+        self.fc1, self.drop, self.fc2 = nn.Linear(d_in, hidden), nn.Dropout(0.3), nn.Linear(hidden, 1)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.fc2(self.drop(torch.tanh(self.fc1(x)))).squeeze(-1)
+
+
+class CountRounds(mlo.Hook):
+    """A hook with state: the rounds it has seen and the sum of the upper level's losses."""
+
+    def __init__(self) -> None:
+        self.rounds, self.total = 0, 0.0
+
+    def on_step(self, engine: mlo.Engine, level: str, loss: Tensor) -> None:
+        self.total += float(loss) if level == "upper" else 0.0
+
+    def on_round(self, engine: mlo.Engine) -> None:
+        self.rounds += 1
+
+    def state_dict(self) -> Any:
+        return {"rounds": self.rounds, "total": self.total}
+
+    def load_state_dict(self, state: Any) -> None:
+        self.rounds, self.total = state["rounds"], state["total"]
+
+
+def dropout_program(loader: str = "dataloader", estimator: str = "finite_difference", hooks: Sequence[mlo.Hook] = ()) -> mlo.Engine:
+    """A bilevel MLP program with Dropout, shuffled data (a plain ``DataLoader`` or a
+    `mlo.loader.SeekableLoader`), momentum, a cosine schedule, Adam above and a clipping
+    transform: every piece of state a resume must restore. Seeded; 20 samples in batches of 4
+    (5 batches per epoch), the lower level steps twice per round."""
+    from torch.utils.data import DataLoader, TensorDataset
+
+    torch.manual_seed(0)
+    model, hyper = DropoutMLP(3, 8), Hyper(3, unused=False)
+    train = TensorDataset(torch.randn(20, 3), torch.randn(20))
+    val = TensorDataset(torch.randn(20, 3), torch.randn(20))
+    if loader == "dataloader":
+        data = [DataLoader(d, batch_size=4, shuffle=True) for d in (train, val)]
+    else:
+        data = [mlo.loader.SeekableLoader(d, batch_size=4, seed=s) for s, d in enumerate((train, val))]
+    opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
+    lower = mlo.Problem("lower", model, opt, loss=lambda b: mlp_lower_loss(model, hyper, b), data=data[0], steps=2,
+               scheduler=torch.optim.lr_scheduler.CosineAnnealingLR(opt, 20))
+    upper = mlo.Problem("upper", hyper, torch.optim.Adam(hyper.parameters(), lr=0.01), loss=lambda b: mlp_upper_loss(model, hyper, b),
+               data=data[1], transform=mlo.transforms.clip_by_global_norm(0.5))
+    return mlo.Engine([lower, upper], {"upper": ["lower"]}, estimator, hooks=hooks)
+
 # ---------------------------------------------------------------------------------------------- exact reference at depth
 
 

@@ -1,0 +1,200 @@
+"""Checkpoints and exact resume (mlo.checkpoint, Engine.state_dict): bit-identical continuation with
+Dropout and shuffled data, atomic writes that survive SIGKILL, SIGTERM, damaged and unsafe files."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+import mlo
+from mlo import checkpoint
+from programs import CountRounds, assert_same, dropout_program, snapshot
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+TESTS = Path(__file__).parent
+
+
+def _assert_identical(a: mlo.Engine, b: mlo.Engine) -> None:
+    """Every parameter, buffer and optimizer state bit-identical, the schedulers too."""
+    assert_same(snapshot(*a.program.problems.values()), snapshot(*b.program.problems.values()))
+    for name, problem in a.program.problems.items():
+        if problem.scheduler is not None:
+            assert problem.scheduler.state_dict() == b.program.problems[name].scheduler.state_dict()
+
+
+@pytest.mark.parametrize("loader", ["dataloader", "seekable"])
+def test_resume_is_bit_identical_with_dropout_and_shuffled_data(loader: str, tmp_path: Path) -> None:
+    """6 rounds in one go == 4 rounds, save, a fresh process state, load, 2 rounds (crossing
+    epochs of a shuffled loader), down to every bit of parameters, optimizer state and the
+    random generators; hook and transform state come back too."""
+    count = CountRounds()
+    whole = dropout_program(loader, hooks=[count])
+    whole.run(6)
+    after = torch.rand(3)  # the global generator moved exactly as in the resumed run
+
+    first = dropout_program(loader, hooks=[CountRounds()])
+    first.run(4)
+    checkpoint.save(first, tmp_path / "ck.pt")
+    torch.manual_seed(1234)  # anything the new process did before loading must not matter
+    torch.rand(7)
+    resumed_count = CountRounds()
+    resumed = dropout_program(loader, hooks=[resumed_count])
+    checkpoint.load(resumed, tmp_path / "ck.pt")
+    assert resumed.round == 4 and resumed_count.rounds == 4
+    resumed.run(2)
+    _assert_identical(whole, resumed)
+    assert torch.equal(torch.rand(3), after)
+    assert (resumed_count.rounds, resumed_count.total) == (count.rounds, count.total)
+    torch.manual_seed(5)  # dropout draws again: the same masks for both
+    got = resumed.hypergradient("upper")
+    torch.manual_seed(5)
+    torch.testing.assert_close(got, whole.hypergradient("upper"), rtol=0, atol=0)  # same batches in use
+
+
+def test_seekable_loader_seeks_without_replaying(tmp_path: Path) -> None:
+    """Resuming a run on a SeekableLoader reads only the batch in use, not the ones before it."""
+    engine = dropout_program("seekable")
+    engine.run(7)  # 14 lower batches: epoch 2, index 4
+    data = engine.program.problems["lower"].data
+    assert data.state_dict() == {"epoch": 2, "index": 4}
+    fetched = []
+
+    class Counting(torch.utils.data.TensorDataset):
+        def __getitem__(self, i):  # type: ignore[no-untyped-def]
+            fetched.append(i)
+            return super().__getitem__(i)
+
+    fresh = dropout_program("seekable")
+    fresh_data = fresh.program.problems["lower"].data
+    fresh_data.dataset = Counting(*fresh_data.dataset.tensors)
+    fresh.load_state_dict(engine.state_dict())
+    assert len(fetched) == 4  # one batch of 4 samples: the batch in use
+    assert fresh_data.state_dict() == data.state_dict()
+
+
+def test_checkpoint_hook_every_n_rounds_keeps_the_newest(tmp_path: Path) -> None:
+    engine = dropout_program(hooks=[checkpoint.Checkpoint(tmp_path, every=2, keep=2)])
+    engine.run(7)
+    names = sorted(p.name for p in tmp_path.iterdir())
+    assert names == ["checkpoint-00000004.pt", "checkpoint-00000006.pt"]
+    assert checkpoint.latest(tmp_path) == tmp_path / "checkpoint-00000006.pt"
+    assert checkpoint.read(checkpoint.latest(tmp_path))["engine"]["round"] == 6
+
+
+def test_truncated_checkpoint_is_a_clear_error_and_the_previous_is_kept(tmp_path: Path) -> None:
+    engine = dropout_program(hooks=[checkpoint.Checkpoint(tmp_path, every=1, keep=2)])
+    engine.run(2)
+    newest, previous = tmp_path / "checkpoint-00000002.pt", tmp_path / "checkpoint-00000001.pt"
+    newest.write_bytes(newest.read_bytes()[:500])
+    with pytest.raises(mlo.CheckpointError, match="checkpoint-00000002.pt.*truncated or corrupt"):
+        checkpoint.load(dropout_program(), newest)
+    fresh = dropout_program()
+    checkpoint.load(fresh, previous)
+    assert fresh.round == 1
+    with pytest.raises(mlo.CheckpointError, match="does not exist"):
+        checkpoint.read(tmp_path / "nothing.pt")
+
+
+class Payload:
+    def __reduce__(self):  # type: ignore[no-untyped-def]
+        return (print, ("pickled code ran",))
+
+
+def test_a_pickled_code_payload_is_refused(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    path = tmp_path / "evil.pt"
+    torch.save({"format": checkpoint.FORMAT, "engine": Payload()}, path)
+    with pytest.raises(mlo.CheckpointError, match="evil.pt.*refused"):
+        checkpoint.read(path)
+    assert "pickled code ran" not in capsys.readouterr().out
+
+
+_CHILD = textwrap.dedent(
+    """
+    import os, sys, time
+    sys.path.insert(0, {tests!r})
+    import torch
+    torch.set_num_threads(1)
+    from mlo import checkpoint
+    from programs import dropout_program
+    mode, out = sys.argv[1], sys.argv[2]
+    if mode == "kill":
+        engine = dropout_program()
+        engine.run(2)
+        checkpoint.save(engine, out)
+        engine.run(1)
+        def stuck(fd):
+            print("writing", flush=True)
+            time.sleep(60)
+        os.fsync = stuck  # the next write stops in the middle, before its rename
+        checkpoint.save(engine, out)
+    else:
+        engine = dropout_program(hooks=[checkpoint.Checkpoint(out, every=1000)])
+        class Ready(checkpoint.Hook):
+            def on_round(self, engine):
+                if engine.round == 3:
+                    print("ready", flush=True)
+                time.sleep(0.05)
+        engine.hooks.insert(0, Ready())
+        engine.run(10**6)
+    """
+)
+
+
+def _child(mode: str, out: Path) -> subprocess.Popen[str]:
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    return subprocess.Popen([sys.executable, "-c", _CHILD.format(tests=str(TESTS)), mode, str(out)],
+                            stdout=subprocess.PIPE, text=True, env=env)
+
+
+def _wait_for(proc: subprocess.Popen[str], line: str) -> None:
+    assert proc.stdout is not None
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        got = proc.stdout.readline()
+        if got.strip() == line:
+            return
+        if not got and proc.poll() is not None:
+            break
+    proc.kill()
+    raise AssertionError(f"the child never printed {line!r}")
+
+
+def test_sigkill_in_the_middle_of_a_write_keeps_the_previous_checkpoint(tmp_path: Path) -> None:
+    path = tmp_path / "ck.pt"
+    proc = _child("kill", path)
+    _wait_for(proc, "writing")
+    proc.send_signal(signal.SIGKILL)
+    proc.wait(timeout=30)
+    assert checkpoint.read(path)["engine"]["round"] == 2  # the new one never replaced it
+    resumed = dropout_program()
+    checkpoint.load(resumed, path)
+    resumed.run(3)
+    whole = dropout_program()
+    whole.run(5)
+    _assert_identical(whole, resumed)
+
+
+def test_sigterm_saves_at_the_end_of_the_round_and_exits(tmp_path: Path) -> None:
+    proc = _child("term", tmp_path)
+    _wait_for(proc, "ready")
+    proc.send_signal(signal.SIGTERM)
+    assert proc.wait(timeout=60) == 128 + signal.SIGTERM
+    path = checkpoint.latest(tmp_path)
+    assert path is not None
+    resumed = dropout_program()
+    checkpoint.load(resumed, path)
+    done = resumed.round
+    assert done >= 3
+    resumed.run(2)
+    whole = dropout_program()
+    whole.run(done + 2)
+    _assert_identical(whole, resumed)
