@@ -17,6 +17,9 @@ that can run it are timed interleaved in one run (`benchmarks.timing`), then com
   this ratio is what is left of mlo's own overhead, and hand-engine / hand bounds what any
   framework can gain over the hand-written loop.
 
+MAML (`benchmarks.maml`): one meta-step on 16 sinusoid tasks, mlo (the tasks as one level,
+vmapped) against higher's per-task loop (target: mlo / higher <= 1/3) and a hand-written one.
+
 Algorithms: ridge with Neumann (10 terms), CG (10 iterations) and unroll (5 steps);
 reweighting with Neumann (5 terms) and unroll (1 step, the original Meta-Weight-Net update);
 Meta-Weight-Net with a 3.2M-weight classifier ("reweighting-large") with ``sama`` against
@@ -41,6 +44,7 @@ from rich.console import Console
 
 from mlo import estimators
 
+from . import maml as maml_bench
 from . import problems
 from .implementations import NotApplicable, build_round
 from .report import Ratio, make_console, print_tables, ratio, ratios_table, results_table
@@ -53,6 +57,8 @@ IMPLS = ("mlo", "hand", "hand-engine", "betty", "higher", "torchopt")
 #: problem kind -> (mlo/Betty time target, strict "<" comparison)
 TARGETS: dict[str, tuple[float, bool]] = {"ridge": (0.8, False), "reweighting": (1.0, True), "darts": (1.0, True)}
 HAND_TARGET = 1.10
+#: mlo's MAML meta-step (tasks batched with vmap) against higher's per-task loop: at least 3x faster
+MAML_TARGET = 1 / 3
 MEMORY_TARGET = 1.0
 
 
@@ -198,6 +204,14 @@ def run(quick: bool = False, json_path: str | Path | None = None, repeats: int |
                         profiles[key] = profile_rounds(c, max(2, (repeats or case.repeats) // 2))
                         console.rule(f"cProfile of mlo: {key}")
                         console.print(profiles[key], markup=False, highlight=False)
+    # MAML: the tasks of a meta-batch as one vmapped level against per-task loops (higher's, by hand)
+    measured = measure(maml_bench.contenders(quick), 3 if quick else (repeats or 15), 1)
+    results.extend(measured)
+    by_impl = {r.impl: r for r in measured}
+    for peer in ("higher", "hand"):
+        if peer in by_impl:
+            ratios.append(ratio(by_impl["mlo"], by_impl[peer], MAML_TARGET if peer == "higher" else None))
+    programs_config["maml"] = maml_bench.CONFIG
     tables = [results_table(results, "speed: time per round (interleaved) and peak memory"),
               ratios_table(ratios, "speed: ratios (time: median of per-repetition ratios)")]
     if versus:

@@ -4,7 +4,7 @@ Declare each level as a ``Problem``, wire the levels into a dependency graph, an
 ``Engine`` with a hypergradient estimator from ``mlo.estimators``.
 """
 
-from . import checkpoint, config, distributed, estimators, loader, logs, programs, transforms
+from . import checkpoint, config, distributed, estimators, loader, logs, programs, tasks, transforms
 from .engine import Engine
 from .errors import (
     CheckpointError,
@@ -29,6 +29,7 @@ __all__ = [
     "estimators",
     "config",
     "programs",
+    "tasks",
     "transforms",
     "checkpoint",
     "loader",
