@@ -20,6 +20,10 @@ __all__ = ["error_against_cost"]
 _FLOOR = 1e-17  # exact answers are drawn at this error so that log axes can show them
 
 
+def _series(r: Result) -> str:
+    return str(r.extra.get("series", r.extra.get("estimator", r.algorithm)))
+
+
 def error_against_cost(results: Sequence[Result], path: str | Path) -> Path:
     """Write the figure for ``results`` of the estimators suite to ``path`` (PNG)."""
     import matplotlib
@@ -30,14 +34,14 @@ def error_against_cost(results: Sequence[Result], path: str | Path) -> Path:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     problems = list(dict.fromkeys(r.problem for r in results))
-    names = list(dict.fromkeys(r.extra.get("estimator", r.algorithm) for r in results))
+    names = list(dict.fromkeys(_series(r) for r in results))
     colors = {n: plt.get_cmap("tab10")(i % 10) for i, n in enumerate(names)}
     fig, axes = plt.subplots(len(problems), 2, figsize=(12, 3.4 * len(problems)), squeeze=False)
     for row, problem in zip(axes, problems):
         series: dict[str, list[Result]] = defaultdict(list)
         for r in results:
             if r.problem == problem and not math.isnan(r.extra.get("relative_error", math.nan)):
-                series[r.extra.get("estimator", r.algorithm)].append(r)
+                series[_series(r)].append(r)
         uncounted = []
         for name, rs in series.items():
             err = [max(r.extra["relative_error"], _FLOOR) for r in rs]

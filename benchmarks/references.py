@@ -7,9 +7,11 @@ independently of mlo (closed forms, or an exact linear solve with a materialised
 - `ridge_problem`: ridge HPO with one log-penalty per feature; the data is built so that the
   lower Hessian has a chosen condition number. Closed form.
 - `chain_problem`: a 3-level quadratic chain ``top -> mid -> bot``; the lower levels' best
-  responses are linear, and the top level's hypergradient is
-  ``a_top + B2^T A2^-1 (a_mid + B1^T A1^-1 a_bot)`` (the per-hop rule, which is the exact
-  total derivative here because ``mid``'s loss does not read ``bot``).
+  responses are linear, ``bot* = J mid`` with ``J = A1^-1 B1``, and the top level's hypergradient
+  is ``a_top + B2^T H2^-1 (a_mid + J^T a_bot)`` with ``H2 = A2 + c J^T J`` the Hessian of
+  ``mid``'s reduced objective. With ``coupling`` c = 0 (``mid``'s loss does not read ``bot``)
+  that is the per-hop rule; with c > 0 ``mid``'s loss reads ``bot`` and only the exact rule
+  (``hessian="total"``) gets it.
 - `logistic_problem`: multinomial logistic regression on digits with one log-penalty per input
   feature; the lower level is solved by Newton's method to machine precision, and the
   reference is ``-J^T H^-1 g`` by an exact solve (H, J materialised with torch.autograd.functional).
@@ -55,6 +57,9 @@ class KnownAnswer:
     #: the largest eigenvalue over the lower levels' Hessians
     lipschitz: float
     condition: float
+    #: whether the per-hop rule (``hessian="partial"``) is another answer: a middle level's loss
+    #: reads the level below it
+    partial_differs: bool = False
 
 
 def _orthogonal(n: int, k: int, g: torch.Generator) -> Tensor:
@@ -95,19 +100,23 @@ def _spd(dim: int, condition: float, g: torch.Generator) -> Tensor:
     return q @ torch.diag(torch.logspace(0.0, -math.log10(condition), dim, dtype=DT)) @ q.T
 
 
-def chain_problem(dim: int = 8, condition: float = 20.0, seed: int = 0) -> KnownAnswer:
-    """The 3-level quadratic chain ``top -> mid -> bot``, each level ``dim``-dimensional."""
+def chain_problem(dim: int = 8, condition: float = 20.0, seed: int = 0, coupling: float = 0.0) -> KnownAnswer:
+    """The 3-level quadratic chain ``top -> mid -> bot``, each level ``dim``-dimensional; ``mid``'s
+    loss reads ``bot`` through ``coupling / 2 * ||bot - s||^2``."""
     g = torch.Generator().manual_seed(seed)
     a1, a2 = _spd(dim, condition, g), _spd(dim, condition, g)
     b1, b2 = (torch.randn(dim, dim, generator=g, dtype=DT) / math.sqrt(dim) for _ in range(2))
     t1, t2 = (torch.randn(dim, generator=g, dtype=DT) for _ in range(2))
     x3 = torch.randn(dim, generator=g, dtype=DT)
+    s = torch.randn(dim, generator=g, dtype=DT)
     r = 0.1
-    x2 = torch.linalg.solve(a2, b2 @ x3)
-    x1 = torch.linalg.solve(a1, b1 @ x2)
+    jac = torch.linalg.solve(a1, b1)  # bot* = jac @ mid
+    h2 = a2 + coupling * jac.T @ jac  # Hessian of mid's reduced objective
+    x2 = torch.linalg.solve(h2, b2 @ x3 + coupling * jac.T @ s)
+    x1 = jac @ x2
     a_top, a_mid, a_bot = r * x3, x2 - t2, x1 - t1
-    reference = a_top + b2.T @ torch.linalg.solve(a2, a_mid + b1.T @ torch.linalg.solve(a1, a_bot))
-    lipschitz = float(max(torch.linalg.eigvalsh(a1)[-1], torch.linalg.eigvalsh(a2)[-1]))
+    reference = a_top + b2.T @ torch.linalg.solve(h2, a_mid + jac.T @ a_bot)
+    lipschitz = float(max(torch.linalg.eigvalsh(a1)[-1], torch.linalg.eigvalsh(h2)[-1]))
 
     def build() -> tuple[list[mlo.Problem], Mapping[str, Sequence[str]]]:
         bot, mid, top = Vector(x1), Vector(x2), Vector(x3)
@@ -116,7 +125,8 @@ def chain_problem(dim: int = 8, condition: float = 20.0, seed: int = 0) -> Known
             return 0.5 * bot.value @ a1 @ bot.value - bot.value @ b1 @ mid.value
 
         def mid_loss(_: Any) -> Tensor:
-            return 0.5 * mid.value @ a2 @ mid.value - mid.value @ b2 @ top.value
+            reads = 0.5 * coupling * ((bot.value - s) ** 2).sum() if coupling else 0.0
+            return 0.5 * mid.value @ a2 @ mid.value - mid.value @ b2 @ top.value + reads
 
         def top_loss(_: Any) -> Tensor:
             return 0.5 * ((mid.value - t2) ** 2).sum() + 0.5 * ((bot.value - t1) ** 2).sum() + 0.5 * r * (top.value**2).sum()
@@ -127,7 +137,8 @@ def chain_problem(dim: int = 8, condition: float = 20.0, seed: int = 0) -> Known
             mlo.Problem("top", top, _sgd(top, 0.1), loss=top_loss),
         ], {"top": ["mid"], "mid": ["bot"]}
 
-    return KnownAnswer(f"chain 3 levels d={dim}", build, "top", [reference], dim, lipschitz, condition)
+    name = f"chain 3 levels d={dim}" + (", mid reads bot" if coupling else "")
+    return KnownAnswer(name, build, "top", [reference], dim, lipschitz, condition, partial_differs=bool(coupling))
 
 
 class _Linear(nn.Module):

@@ -57,7 +57,7 @@ different Betty methods; an upper mixing first-order and other edges; Betty's im
 on a lower that has lowers of its own; and an edge whose lower also reaches its upper through
 other levels (Betty's multi-hop paths). A chain deeper than two levels runs, with a warning:
 Betty's hypergradient of an upper ignores its loss's direct dependence on levels below its
-direct lowers, which mlo's per-hop rule includes.
+direct lowers, which mlo's rule includes.
 """
 
 from __future__ import annotations
@@ -367,13 +367,13 @@ class BettyProgram:
                 if other_routes:
                     raise BettyUnsupported(
                         f"edge {upper!r} -> {low!r}: {low!r} also reaches {upper!r} through {other_routes}; Betty "
-                        "chains such multi-hop paths differently from mlo's per-hop rule"
+                        "chains such multi-hop paths differently from mlo's rule"
                     )
             beyond = [d for d in g.descendants(upper) if d not in lows]
             if beyond and any(self.methods[(upper, low)].kind != "first_order" for low in lows):
                 warnings.warn(
                     f"Betty's hypergradient of level {upper!r} ignores its loss's direct dependence on "
-                    f"{beyond} (levels below its direct lowers); mlo's per-hop rule includes it. The two "
+                    f"{beyond} (levels below its direct lowers); mlo's rule includes it. The two "
                     f"agree only if {upper!r}'s loss does not read {beyond}.",
                     BettyMismatchWarning,
                     stacklevel=3,

@@ -42,7 +42,7 @@ class Curvature(ABC):
     loss alone, or the reduced one through the levels below it) is the ``hessian`` the estimator
     asked for (see `mlo.hypergradient`). ``create_graph``: keep the result differentiable."""
 
-    #: Hessian-vector products taken so far
+    #: products ``H v`` taken so far (with a reduced Hessian each costs inner solves, not counted)
     hvps: int
 
     @abstractmethod
