@@ -14,7 +14,7 @@ STAMP := $(VENV)/.installed
 BETTY := betty-ml==0.2.1
 BETTY_INSTALL := $(BIN)/pip install --quiet --ignore-requires-python --no-deps $(BETTY)
 
-.PHONY: demo test install peers clean
+.PHONY: demo test install peers data clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -36,6 +36,15 @@ test: $(STAMP)
 peers: $(STAMP)
 	$(BIN)/pip install --quiet -e ".[bench]"
 	$(BETTY_INSTALL)
+
+# Fashion-MNIST (`mlo run --dataset fashion-mnist`): Debian's package puts its four IDX files in
+# /usr/share/datasets/fashion-mnist, where the loader looks (it asks `dpkg -L`). Nothing else here
+# downloads; elsewhere pass --data-root DIR with the four files.
+data:
+	@if dpkg -s dataset-fashion-mnist >/dev/null 2>&1; then echo "dataset-fashion-mnist is installed"; \
+	elif command -v apt-get >/dev/null 2>&1; then \
+		if [ "$$(id -u)" = 0 ]; then apt-get install -y dataset-fashion-mnist; else sudo apt-get install -y dataset-fashion-mnist; fi; \
+	else echo "no apt-get here: put the four Fashion-MNIST IDX files in a folder and pass --data-root DIR"; exit 1; fi
 
 clean:
 	rm -rf $(VENV) build dist *.egg-info

@@ -36,6 +36,8 @@ def _configure(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     parser.add_argument("--profile", action="store_true", help="speed: also print a cProfile of mlo's rounds")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                         help="lfm-cw: an option of the runs' config (as `mlo run --set`), e.g. search_rounds=15")
+    parser.add_argument("--dataset", default="digits", metavar="NAME",
+                        help="lfm-cw: digits (default) or fashion-mnist; each balanced and long-tailed (rho 10)")
     parser.add_argument("--threads", type=int, default=1, metavar="N",
                         help="torch intra-op threads (default 1; 0 keeps torch's default)")
     return parser
@@ -80,7 +82,8 @@ def main(args: argparse.Namespace) -> int:
         except ConfigError as err:
             console.print(f"[red]mlo bench lfm-cw:[/] {err}")
             return 2
-        lfm_cw.run(quick=args.quick, json_path=json_path, out=out, console=console, overrides=overrides)
+        lfm_cw.run(quick=args.quick, json_path=json_path, out=out, console=console, overrides=overrides,
+                   dataset=args.dataset)
     console.print(f"results written to {json_path}")
     return 0
 

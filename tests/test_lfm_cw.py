@@ -63,7 +63,9 @@ def test_every_method_builds_the_expected_graph_and_steps(method: str, one_threa
     if spec.variant.second_model:
         assert program.graph["architecture"] == ["w1", "w2"]
         assert ("class_weights" in names) == spec.variant.learn_phi
-        assert ("generator" in names) == spec.variant.generator
+        assert ("generator" in names) == (spec.variant.generator and not spec.variant.augmented_real)
+        if spec.variant.augmented_real:  # lfm-cw-aug: real images of the class, not a trained generator
+            assert type(program.generator).__name__ == "AugmentedReal"
     else:
         assert names == {"w1", "architecture"} and program.graph == {"architecture": ["w1"]}
     engine = mlo.Engine(program.problems, program.graph, program.estimators, hooks=program.hooks)
@@ -124,14 +126,23 @@ def test_mlo_run_end_to_end_on_digits(tmp_path: Path, one_thread: None) -> None:
     config = tmp_path / "tiny.toml"
     config.write_text(
         'methods = ["lfm-cw", "darts-1st"]\nseeds = 2\nsearch_rounds = 2\nbatch_size = 16\nlayers = 1\n'
-        "eval_epochs = 1\neval_layers = 1\neval_channels = 4\nsynthetic_per_step = 8\ngenerator_warmup = 2\n"
+        "eval_epochs = 1\neval_layers = 1\neval_channels = 4\nsynthetic_per_step = 8\ngenerator_warmup = 2\nw1_warmup = 1\n"
     )
     code = main(["run", "--config", str(config), "--imbalance", "5", "--out", str(out)])
     assert code == 0
     results = json.loads((out / "results.json").read_text())
     assert results["config"]["methods"] == ["lfm-cw", "darts-1st"]
     runs = results["runs"]
-    assert [(r["method"], r["seed"]) for r in runs] == [("lfm-cw", 0), ("lfm-cw", 1), ("darts-1st", 0), ("darts-1st", 1)]
+    # seed by seed, so that an interrupted comparison keeps complete pairs
+    assert [(r["method"], r["seed"]) for r in runs] == [("lfm-cw", 0), ("darts-1st", 0), ("lfm-cw", 1), ("darts-1st", 1)]
+    assert set(results["gates"]) == {"seed0", "seed1"}  # the cVAE was pretrained and gated once per seed
+    assert not results["gates"]["seed0"]["passed"]  # 2 pretraining steps: the gate must say it fails
+    assert sorted(p.name for p in (out / "generators").glob("*.pt")) == ["digits-lt5-seed0.pt", "digits-lt5-seed1.pt"]
+    log = json.loads((out / "log-lfm-cw-seed1.json").read_text())
+    assert [entry["round"] for entry in log] == [1, 2]
+    for entry in log:
+        assert len(entry["class_weights"]) == 10 and len(entry["w1_mistakes"]) == 10
+        assert entry["phi_hypergradient_norm"] > 0 and set(entry["losses"]) >= {"w1", "w2", "class_weights", "architecture"}
     for r in runs:
         assert 0.0 <= r["test_error"] <= 100.0 and 0.0 <= r["balanced_error"] <= 100.0
         assert r["search_seconds"] > 0 and r["params"] > 0
@@ -162,13 +173,48 @@ def test_lfm_cw_runs_on_pc_darts_and_p_darts(space: str, tmp_path: Path, one_thr
 
     config = RunConfig(
         space=space, search_rounds=3, batch_size=16, layers=1, eval_epochs=1, eval_layers=1, eval_channels=4,
-        synthetic_per_step=8, generator_warmup=1, out=str(tmp_path),
+        synthetic_per_step=8, generator_warmup=1, w1_warmup=0, out=str(tmp_path),
     )
     (record,) = run(config)["runs"]
     genotype = Genotype.load(tmp_path / record["genotype"])
     assert len(genotype.normal) == 8 and 0 <= record["test_error"] <= 100
     if space == "p-darts":  # P-DARTS caps skip connections at 2
         assert sum(op == "skip_connect" for op, _ in genotype.normal) <= 2
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("generator", ["cvae"])  # "cgan" (trained as levels in stage 1) passes too; ~30 s more
+def test_p_darts_later_stages_get_the_trained_generator(generator: str, tmp_path: Path, one_thread: None) -> None:
+    from rich.console import Console
+    from rich.progress import Progress
+
+    from mlo.problems.lfm_cw import experiment
+    from mlo.problems.lfm_cw.cvae import ConditionalVAE
+    from mlo.problems.lfm_cw.program import Constants
+
+    config = RunConfig(
+        space="p-darts", search_rounds=3, batch_size=16, layers=1, synthetic_per_step=8, generator=generator,
+        generator_warmup=5, w1_warmup=0, out=str(tmp_path),
+    )
+    splits = data.digits(seed=0)
+    source = None
+    if generator == "cvae":
+        source, _ = experiment.cached_cvae(config, splits, 0, tmp_path, Console(quiet=True))
+    with Progress(disable=True) as progress:
+        program, _, _ = experiment._search(config, "lfm-cw", 0, splits, source, progress)  # the last (third) stage
+    assert program.w1.layers == 5 and "generator" not in {p.name for p in program.problems}
+    final = program.generator
+    if generator == "cvae":  # the pretrained, cached cVAE, unchanged
+        assert final is source
+        saved = torch.load(tmp_path / "generators" / "digits-seed0.pt", weights_only=True)
+        assert isinstance(final, ConditionalVAE) and all(torch.equal(v, final.state_dict()[k]) for k, v in saved.items())
+    else:  # the GAN trained in stage 1, not a fresh one: its weights moved from their seeded start
+        fresh = build(
+            splits.train, splits.val, 10, splits.input_shape, lambda: SuperNet(C=4, num_classes=10, layers=1, in_channels=1),
+            constants=Constants(synthetic_per_step=8), rounds=3, batch_size=16,
+        ).generator
+        assert fresh is not None and final is not None
+        assert any(not torch.equal(a, b) for a, b in zip(final.state_dict().values(), fresh.state_dict().values()))
 
 
 def test_variant_edges_match_the_built_graph_and_bad_edges_are_refused_up_front() -> None:

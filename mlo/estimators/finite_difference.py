@@ -1,8 +1,12 @@
 """``finite_difference``: DARTS's second-order approximation, with the inner learning rate.
 
-One SGD look-ahead step ``w' = w - xi * g(w)`` (``g`` the lower level's step gradient, ``xi`` its
-optimizer's learning rate per parameter group) and the mixed second derivative by central
-differences along ``v = xi * a`` (``a`` the adjoint at ``w'``):
+One look-ahead step ``w'`` = the lower level's real optimizer step from its current state, as
+DARTS's ``_compute_unrolled_model`` takes it: for SGD with momentum ``mu`` and weight decay
+``wd``, ``w' = w - xi * (mu * buf + g(w) + wd * w)`` (``buf`` the optimizer's momentum buffer,
+none before its first step); Adam and AdamW likewise take their own step (`update_rules`). The
+optimizer's state is read, never written. Then the mixed second derivative by central
+differences along ``v = xi * a`` (``a`` the adjoint at ``w'``, ``xi`` the learning rate per
+parameter group), as DARTS, which leaves momentum out of this implicit term:
 
     vjp(a) = -(grad_u L_l(w + eps v) - grad_u L_l(w - eps v)) / (2 eps),   eps = radius / ||v||
 
@@ -17,8 +21,11 @@ from typing import ClassVar
 
 from .. import autodiff
 from ..autodiff import Tensors
+from ..errors import EstimatorError
+from ..problem import Problem
 from .base import Estimator, Hop, Info, zero_result
 from .registry import register
+from .update_rules import rule_for, unsupported_reason
 
 
 @register
@@ -32,12 +39,15 @@ class FiniteDifference(Estimator):
     def validate(self) -> None:
         self._require(self.radius > 0, "radius", "> 0")
 
+    def check(self, lower: Problem) -> None:
+        reason = unsupported_reason(lower.optimizer)
+        if reason:
+            raise EstimatorError(f"estimator 'finite_difference' cannot serve level {lower.name!r}: {reason}")
+
     def lookahead(self, hop: Hop) -> Tensors:
-        step = hop.direction(hop.lower_params, hop.create_graph)
-        return tuple(
-            (p - lr * g) if hop.create_graph else (p - lr * g).detach()
-            for p, g, lr in zip(hop.lower_params, step, hop.learning_rates())
-        )
+        rule = rule_for(hop.problem.optimizer, tuple(hop.problem.parameters()))
+        ahead = rule.step(hop.lower_params, hop.direction(hop.lower_params, hop.create_graph))
+        return ahead if hop.create_graph else tuple(p.detach() for p in ahead)
 
     def vjp(self, hop: Hop, adjoint: Tensors, lookahead: Tensors | None) -> tuple[Tensors, Info]:
         v = tuple(lr * a for lr, a in zip(hop.learning_rates(), adjoint))

@@ -6,7 +6,9 @@ that class (``kind="ce"``) or its error rate (``kind="error"``). ``m`` is a buff
 every step of ``w1`` on that step's validation batch and smoothed by an exponential moving
 average (``momentum``); it carries no gradient into W1. A class W1 gets wrong has a larger
 ``m_k``, hence a larger weight ``c_k``, hence more weight on its synthetic images in ``w2``.
-The weights sum to K, so uniform weights are all ones.
+The weights sum to K, so uniform weights are all ones; with ``learn_total`` a learned scalar
+``log_total`` (starting at 0) scales them, ``c = K exp(log_total) softmax(...)``, so that the total
+weight of the synthetic data is learned as well as its split between classes.
 """
 
 from __future__ import annotations
@@ -24,7 +26,7 @@ class ClassWeights(nn.Module):
     mistakes: Tensor
     measured: Tensor
 
-    def __init__(self, num_classes: int, beta: float = 1.0, momentum: float = 0.9) -> None:
+    def __init__(self, num_classes: int, beta: float = 1.0, momentum: float = 0.9, learn_total: bool = False) -> None:
         super().__init__()
         if num_classes < 2:
             raise ValueError(f"class weights need at least 2 classes, got {num_classes}")
@@ -32,11 +34,13 @@ class ClassWeights(nn.Module):
             raise ValueError(f"mistakes momentum must be in [0, 1), got {momentum}")
         self.num_classes, self.beta, self.momentum = num_classes, float(beta), float(momentum)
         self.phi = nn.Parameter(torch.zeros(num_classes))
+        self.log_total = nn.Parameter(torch.zeros(())) if learn_total else None
         self.register_buffer("mistakes", torch.zeros(num_classes))
         self.register_buffer("measured", torch.zeros((), dtype=torch.bool))
 
     def forward(self) -> Tensor:
-        return self.num_classes * torch.softmax(self.phi + self.beta * self.mistakes, dim=0)  # (K,)
+        split = self.num_classes * torch.softmax(self.phi + self.beta * self.mistakes, dim=0)  # (K,)
+        return split if self.log_total is None else torch.exp(self.log_total) * split
 
     @torch.no_grad()
     def observe(self, logits: Tensor, labels: Tensor, kind: str = "ce") -> None:
@@ -44,11 +48,10 @@ class ClassWeights(nn.Module):
         batch = class_mistakes(logits, labels, self.num_classes, kind)
         seen = torch.bincount(labels, minlength=self.num_classes) > 0
         fresh = torch.where(seen, batch, self.mistakes)
-        if not bool(self.measured):
-            self.mistakes.copy_(fresh)
-            self.measured.fill_(True)
-        else:
-            self.mistakes.mul_(self.momentum).add_((1 - self.momentum) * fresh)
+        # the first batch sets m, later ones are averaged in; chosen on the device (no host sync)
+        averaged = self.momentum * self.mistakes + (1 - self.momentum) * fresh
+        self.mistakes.copy_(torch.where(self.measured, averaged, fresh))
+        self.measured.fill_(True)
 
 
 def class_mistakes(logits: Tensor, labels: Tensor, num_classes: int, kind: str = "ce") -> Tensor:

@@ -6,7 +6,14 @@ every run, atomically), so an interrupted command keeps what it finished:
     results.json                      the config, and ``runs``: method, seed, test_error, ...
     genotype-<method>-seed<k>.json    the derived genotype
     class-weights-<method>-seed<k>.json   the class weights c after every search round
+    log-<method>-seed<k>.json         per round: level losses, class weights c, W1's per-class
+                                      mistakes m(W1), the norm of the class weights' hypergradient
+    generators/<data>-seed<k>.pt      the pretrained conditional VAE (state dict), shared by every
+                                      method of this seed; gate-<data>-seed<k>.json its gate figures
     *.png                             class weights, architecture weights, training curves
+
+Runs go seed by seed (every method of seed 0, then of seed 1, ...), so an interrupted comparison
+keeps complete pairs.
 """
 
 from __future__ import annotations
@@ -34,9 +41,12 @@ from ..darts import PDARTS_STAGES, PRIMITIVES, Stage, SuperNet, pdarts_next_stag
 from ..darts.stem import stem_for
 from . import plots
 from .config import ConfigError, RunConfig
+from .augment import AugmentedReal
+from .cvae import ConditionalVAE, pretrain_cvae
+from .gate import GateReport, quality_gate
 from .generator import load_generator
 from .methods import METHODS
-from .program import LFMCW, Constants, Optimizers, build
+from .program import LFMCW, Constants, Optimizers, augmented_real_source, build
 
 __all__ = ["run", "prepare_output"]
 
@@ -48,7 +58,10 @@ class _Recorder(mlo.Hook):
         self.program = program
         self.losses: dict[str, list[float]] = defaultdict(list)
         self.class_weights: list[list[float]] = []
+        self.mistakes: list[list[float]] = []
+        self.phi_grad_norm: list[float | None] = []
         self._round: dict[str, list[Tensor]] = defaultdict(list)
+        self._norms_seen = 0
 
     def on_step(self, engine: mlo.Engine, level: str, loss: Tensor) -> None:
         self._round[level].append(loss)
@@ -60,6 +73,28 @@ class _Recorder(mlo.Hook):
         if self.program.class_weights is not None:
             with torch.no_grad():
                 self.class_weights.append([float(v) for v in self.program.class_weights().cpu()])
+                self.mistakes.append([float(v) for v in self.program.class_weights.mistakes.cpu()])
+            norms = self.program.phi_grad_norms[self._norms_seen:]
+            self._norms_seen = len(self.program.phi_grad_norms)
+            self.phi_grad_norm.append(float(torch.stack(norms).mean()) if norms else None)
+
+    def adopt(self, earlier: "_Recorder") -> None:
+        """Continue ``earlier``'s history (P-DARTS stages share one)."""
+        self.losses, self.class_weights = earlier.losses, earlier.class_weights
+        self.mistakes, self.phi_grad_norm = earlier.mistakes, earlier.phi_grad_norm
+
+    def log(self) -> list[dict[str, Any]]:
+        rounds = max([len(v) for v in self.losses.values()] + [len(self.class_weights)], default=0)
+        return [
+            {
+                "round": i + 1,
+                "losses": {k: v[i] for k, v in self.losses.items() if i < len(v)},
+                "class_weights": self.class_weights[i] if i < len(self.class_weights) else None,
+                "w1_mistakes": self.mistakes[i] if i < len(self.mistakes) else None,
+                "phi_hypergradient_norm": self.phi_grad_norm[i] if i < len(self.phi_grad_norm) else None,
+            }
+            for i in range(rounds)
+        ]
 
 
 class _ProgressHook(mlo.Hook):
@@ -96,6 +131,7 @@ def _supernet_factory(config: RunConfig, splits: datasets.DataSplits, stage: Sta
     pc = config.space == "pc-darts"
     return lambda: SuperNet(
         C=config.channels, num_classes=splits.num_classes, layers=layers, in_channels=splits.input_shape[0],
+        steps=config.cell_steps, multiplier=config.cell_steps,
         pc_k=config.pc_k if pc else 1, edge_norm=pc, op_mask=mask, stem=stem_for(splits.input_shape),
     )
 
@@ -114,7 +150,10 @@ def _search(
     config: RunConfig, method: str, seed: int, splits: datasets.DataSplits, generator: Any, progress: Progress
 ) -> tuple[LFMCW, _Recorder, float]:
     spec = METHODS[method]
-    constants = Constants(config.lam, config.gamma, config.beta, config.synthetic_per_step, config.mistakes)
+    constants = Constants(
+        config.lam, config.gamma, config.beta, config.synthetic_per_step, config.mistakes,
+        learn_total=config.learn_total, finetune_generator=config.finetune_generator,
+    )
     optim = Optimizers(w_lr=config.w_lr, arch_lr=config.arch_lr, phi_lr=config.phi_lr)
     mask = None
     recorder: _Recorder | None = None
@@ -126,8 +165,9 @@ def _search(
         program = build(
             splits.train, splits.val, splits.num_classes, splits.input_shape,
             _supernet_factory(config, splits, stage, mask), spec.variant, constants, optim,
-            rounds=rounds, batch_size=config.batch_size, estimator=config.estimator or spec.estimator,
-            generator=generator, device=config.device, seed=seed,
+            rounds=rounds + (config.w1_warmup if index == 0 else 0), batch_size=config.batch_size,
+            estimator=config.estimator or spec.estimator, generator=generator, device=config.device, seed=seed,
+            workers=config.workers,
         )
         for edge, est in config.edge_estimators.items():  # checked against every method's edges
             upper, _, lower = (s.strip() for s in edge.partition("->"))
@@ -135,13 +175,16 @@ def _search(
                 program.estimators[(upper, lower)] = est
         new_recorder = _Recorder(program)
         if recorder is not None:  # keep one history across P-DARTS stages
-            new_recorder.losses, new_recorder.class_weights = recorder.losses, recorder.class_weights
+            new_recorder.adopt(recorder)
         recorder = new_recorder
         if index == 0 and config.generator_warmup and any(p.name == "generator" for p in program.problems):
             gan = [p for p in program.problems if p.name in ("discriminator", "generator")]
             task = progress.add_task(f"generator warm-up seed {seed}", total=config.generator_warmup, losses="")
             warm = _Recorder(program)
             mlo.Engine(gan, {}, hooks=[warm, _ProgressHook(progress, task, warm)]).run(config.generator_warmup)
+        if index == 0 and config.w1_warmup:  # W1 learns before its mistakes steer the class weights
+            w1 = [p for p in program.problems if p.name == "w1"]
+            mlo.Engine(w1, {}, hooks=list(program.hooks)).run(config.w1_warmup)
         label = f"search {method} seed {seed}" + (f" stage {index + 1}" if stage is not None else "")
         task = progress.add_task(label, total=rounds, losses="")
         hooks = [*program.hooks, recorder, _ProgressHook(progress, task, recorder)]
@@ -154,13 +197,18 @@ def _search(
             engine = mlo.Engine(program.problems, program.graph, program.estimators, hooks=hooks)
             engine.run(rounds)
         arch_prev = program.architecture
+        if generator is None and program.generator is not None:  # P-DARTS: later stages keep the trained GAN
+            generator = program.generator
     assert recorder is not None
     return program, recorder, time.perf_counter() - start
 
 
 def _run_one(
-    config: RunConfig, method: str, seed: int, splits: datasets.DataSplits, generator: Any, out: Path, progress: Progress
+    config: RunConfig, method: str, seed: int, splits: datasets.DataSplits, generator: Any, out: Path, progress: Progress,
+    eval_splits: datasets.DataSplits | None = None,
 ) -> dict[str, Any]:
+    """Search on ``splits``, then train the genotype from scratch on ``eval_splits`` (default: the
+    same; for CIFAR the evaluation data adds Cutout, which the search never sees)."""
     torch.manual_seed(seed)
     program, recorder, search_seconds = _search(config, method, seed, splits, generator, progress)
     arch = program.architecture
@@ -170,9 +218,10 @@ def _run_one(
 
     task = progress.add_task(f"evaluate {method} seed {seed}", total=config.eval_epochs, losses="")
     result = train_from_scratch(
-        genotype, splits, epochs=config.eval_epochs, batch_size=config.eval_batch_size, lr=config.eval_lr,
+        genotype, eval_splits or splits, epochs=config.eval_epochs, batch_size=config.eval_batch_size, lr=config.eval_lr,
         C=config.eval_channels, layers=config.eval_layers, auxiliary=config.auxiliary_weight > 0,
         auxiliary_weight=config.auxiliary_weight, drop_path_prob=config.drop_path, device=config.device, seed=seed,
+        num_workers=config.workers if torch.device(config.device).type == "cuda" else 0,
         progress_callback=lambda r: progress.update(
             task, advance=1, losses=f"train loss {r.train_loss:.3f}  test error {r.test_error:.2f}%"
         ),
@@ -197,6 +246,7 @@ def _run_one(
         with torch.no_grad():
             fake = program.generator(z.to(config.device), labels.to(config.device)).cpu().numpy()
         plots.samples(fake.reshape(k, 8, *fake.shape[1:]), out / f"synthetic-{tag}.png", f"{method} (seed {seed}): generated images per class")
+    _write_json(out / f"log-{tag}.json", recorder.log())
     if recorder.class_weights:
         _write_json(out / f"class-weights-{tag}.json", recorder.class_weights)
         plots.class_weights(
@@ -212,8 +262,48 @@ def _run_one(
         "params": result.params,
         "genotype": f"genotype-{tag}.json",
         "final_class_weights": recorder.class_weights[-1] if recorder.class_weights else None,
+        "final_total_weight": sum(recorder.class_weights[-1]) if recorder.class_weights else None,
+        "final_w1_mistakes": recorder.mistakes[-1] if recorder.mistakes else None,
         "history": [vars(r) for r in result.history],
     }
+
+
+def augmented_real(splits: datasets.DataSplits, config: RunConfig) -> AugmentedReal:
+    """The ``lfm-cw-aug`` source of this data set: mirrored too, except on digits (whose classes
+    are not left-right symmetric)."""
+    flip = not splits.name.startswith("digits")
+    return augmented_real_source(splits.train, splits.num_classes, splits.input_shape, flip).to(config.device)
+
+
+def cached_cvae(
+    config: RunConfig, splits: datasets.DataSplits, seed: int, out: Path, console: Console
+) -> tuple[ConditionalVAE, GateReport]:
+    """The conditional VAE of this data set and seed: loaded from ``out/generators/`` when a
+    previous method pretrained it, else pretrained and saved there; then its quality gate, printed
+    (loudly when it fails) and saved next to it."""
+    folder = out / "generators"
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / f"{splits.name}-seed{seed}.pt"
+    vae = ConditionalVAE(splits.num_classes, splits.input_shape, Constants().noise_dim)
+    if path.is_file():
+        vae.load_state_dict(torch.load(path, map_location="cpu", weights_only=True))
+        vae.eval()
+    else:
+        start = time.perf_counter()
+        vae = pretrain_cvae(
+            splits.train, splits.num_classes, splits.input_shape, seed=seed, steps=config.generator_warmup,
+            noise_dim=Constants().noise_dim, kl_weight=config.kl_weight(), device="cpu",
+        )
+        torch.save(vae.state_dict(), path)
+        console.print(f"generator: conditional VAE pretrained on {splits.name} (seed {seed}) in {time.perf_counter() - start:.1f} s -> {path}")
+    gate = quality_gate(vae, splits.train, splits.val, splits.num_classes, vae.noise_dim, seed=seed)
+    _write_json(folder / f"gate-{splits.name}-seed{seed}.json", gate.to_dict())
+    if gate.passed:
+        console.print(f"[green]{gate.summary()}[/]")
+    else:
+        console.print(f"[bold red]WARNING: {gate.summary()}. The synthetic data W2 trains on is not trustworthy; "
+                      "LFM-CW's class weights will weight it anyway.[/]")
+    return vae.to(config.device), gate
 
 
 def _summary(runs: list[dict[str, Any]]) -> list[dict[str, Any]]:
@@ -253,11 +343,17 @@ def run(config: RunConfig, console: Console | None = None) -> dict[str, Any]:
     config.validate()  # every option checked before any data is read
     if config.threads:
         torch.set_num_threads(config.threads)
-    kw: dict[str, Any] = {"cutout": config.cutout} if config.dataset.startswith("cifar") else {}
-    splits = datasets.load(config.dataset, config.data_root, config.imbalance, seed=0, **kw)
-    generator = None
-    if config.generator != "cgan":
-        generator = load_generator(config.generator, splits.num_classes, splits.input_shape)
+    if torch.device(config.device).type == "cuda":
+        torch.backends.cudnn.benchmark = True  # fixed input sizes: let cuDNN pick its fastest kernels once
+    splits = datasets.load(config.dataset, config.data_root, config.imbalance, seed=0, **config.data_options(search=True))
+    eval_options = config.data_options()
+    eval_splits = (
+        splits if eval_options == config.data_options(search=True)
+        else datasets.load(config.dataset, config.data_root, config.imbalance, seed=0, **eval_options)
+    )
+    loaded = None
+    if config.generator not in ("cgan", "cvae"):
+        loaded = load_generator(config.generator, splits.num_classes, splits.input_shape, allow_pickle=config.unsafe_pickle)
     out = prepare_output(config.out, config.methods)
     console.print(f"[bold]mlo run[/] {', '.join(config.methods)} on {splits} -> {out}")
     results: dict[str, Any] = {
@@ -267,12 +363,26 @@ def run(config: RunConfig, console: Console | None = None) -> dict[str, Any]:
         "machine": {"python": platform.python_version(), "torch": torch.__version__, "mlo": mlo.__version__,
                     "platform": platform.platform()},
         "runs": [],
+        "gates": {},
     }
     columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(), TextColumn("{task.fields[losses]}"))
     with Progress(*columns, console=console, transient=False) as progress:
-        for method in config.methods:
-            for seed in range(config.seeds):
-                results["runs"].append(_run_one(config, method, seed, splits, generator, out, progress))
+        for seed in range(config.seeds):
+            sources: dict[str, Any] = {}
+            for method in config.methods:
+                variant = METHODS[method].variant
+                if not (variant.second_model and variant.generator):
+                    generator = None
+                elif variant.augmented_real:
+                    generator = sources.get("aug") or sources.setdefault("aug", augmented_real(splits, config))
+                elif config.generator == "cvae":
+                    if "cvae" not in sources:
+                        sources["cvae"], gate = cached_cvae(config, splits, seed, out, console)
+                        results["gates"][f"seed{seed}"] = gate.to_dict()
+                    generator = sources["cvae"]
+                else:
+                    generator = loaded
+                results["runs"].append(_run_one(config, method, seed, splits, generator, out, progress, eval_splits))
                 results["summary"] = _summary(results["runs"])
                 _write_json(out / "results.json", results)
     console.print(_table(results["summary"], imbalanced=config.imbalance is not None))

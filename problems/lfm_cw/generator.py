@@ -11,6 +11,7 @@ Any module with the call ``(noise, labels) -> images`` can stand in for the gene
 
 from __future__ import annotations
 
+import pickle
 from pathlib import Path
 
 import torch
@@ -90,15 +91,42 @@ def generator_loss(generator: nn.Module, discriminator: nn.Module, noise: Tensor
     return F.binary_cross_entropy_with_logits(logits, torch.ones_like(logits))
 
 
-def load_generator(path: str | Path, num_classes: int, shape: tuple[int, int, int]) -> nn.Module:
-    """A generator from a checkpoint: a whole pickled module with the call ``(noise, labels) ->
-    images``, or a state dict of ``ConditionalGenerator(num_classes, shape)``."""
+def load_generator(
+    path: str | Path, num_classes: int, shape: tuple[int, int, int], allow_pickle: bool = False
+) -> nn.Module:
+    """A generator from a checkpoint: a state dict of `ConditionalVAE` (as `mlo run` caches it)
+    or of ``ConditionalGenerator(num_classes, shape)``, read with ``torch.load(weights_only=True)``,
+    which runs no code from the file. A whole pickled module with the call ``(noise, labels) ->
+    images`` loads only with ``allow_pickle=True`` (``--set unsafe_pickle=true``): unpickling
+    runs whatever code the file holds, so use it only for files you made or trust."""
+    from .cvae import ConditionalVAE
+
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"generator checkpoint {str(path)!r} does not exist")
-    obj = torch.load(path, map_location="cpu", weights_only=False)
+    if allow_pickle:
+        obj = torch.load(path, map_location="cpu", weights_only=False)
+    else:
+        try:
+            obj = torch.load(path, map_location="cpu", weights_only=True)
+        except pickle.UnpicklingError as err:
+            raise ValueError(
+                f"generator checkpoint {str(path)!r} is not a plain state dict ({str(err).splitlines()[0]}); "
+                "a pickled module loads only with allow_pickle=True (--set unsafe_pickle=true), which runs "
+                "the code the file holds: use it only for a file you trust"
+            ) from None
     if isinstance(obj, nn.Module):
         return obj
+    if isinstance(obj, dict) and any(k.startswith("decoder.") for k in obj):
+        vae = ConditionalVAE(num_classes, shape)
+        try:
+            vae.load_state_dict(obj)
+        except RuntimeError as err:
+            raise ValueError(
+                f"generator checkpoint {str(path)!r} is a state dict that does not fit "
+                f"ConditionalVAE({num_classes}, {shape}): {err}"
+            ) from None
+        return vae.eval()
     if isinstance(obj, dict):
         gen = ConditionalGenerator(num_classes, shape)
         try:

@@ -26,6 +26,8 @@ METHODS: dict[str, Method] = {
         Method("darts-2nd", "DARTS second order (finite differences)", Variant(second_model=False), "finite_difference"),
         Method("lfm-cw-uniform", "ablation: uniform class weights (c = 1)", Variant(learn_phi=False, use_mistakes=False), "finite_difference"),
         Method("lfm-cw-nogen", "ablation: no generator (W2 reweights real data by c)", Variant(generator=False), "finite_difference"),
+        Method("lfm-cw-aug", "ablation: the 'generator' returns a random augmentation of a real image of class k",
+               Variant(augmented_real=True), "finite_difference"),
         Method("lfm-cw-mistakes", "ablation: class weights from mistakes only (phi frozen)", Variant(learn_phi=False), "finite_difference"),
     )
 }

@@ -39,10 +39,11 @@ import mlo
 
 from ..darts.architecture import Architecture
 from ..darts.search import SuperNet
+from .augment import AugmentedReal
 from .class_weights import ClassWeights
 from .generator import ConditionalDiscriminator, ConditionalGenerator, discriminator_loss, generator_loss
 
-__all__ = ["Constants", "Optimizers", "Variant", "LFMCW", "build", "batches"]
+__all__ = ["Constants", "Optimizers", "Variant", "LFMCW", "build", "batches", "augmented_real_source"]
 
 
 @dataclass(frozen=True)
@@ -56,6 +57,10 @@ class Constants:
     mistakes: ``"ce"`` (per-class validation cross-entropy of W1) or ``"error"`` (error rate).
     mistakes_momentum: moving-average momentum of the mistakes ``m`` (0.9).
     noise_dim: generator noise size (32).
+    learn_total: learn the total weight of the synthetic data too (`ClassWeights`), not only its
+        split between classes (False: the weights sum to K).
+    finetune_generator: with a given generator that has ``negative_elbo`` (the conditional VAE),
+        keep training it on the real training data as the ``generator`` level (False: frozen).
     """
 
     lam: float = 1.0
@@ -65,6 +70,8 @@ class Constants:
     mistakes: str = "ce"
     mistakes_momentum: float = 0.9
     noise_dim: int = 32
+    learn_total: bool = False
+    finetune_generator: bool = False
 
     def __post_init__(self) -> None:
         for name in ("lam", "gamma", "beta"):
@@ -78,13 +85,17 @@ class Constants:
 
 @dataclass(frozen=True)
 class Optimizers:
-    """Optimizer settings; defaults are DARTS's search settings (weights SGD, architecture Adam)."""
+    """Optimizer settings; defaults are DARTS's search settings (weights SGD, architecture Adam,
+    architecture gradients clipped at global norm 5), except ``arch_lr``: 3e-3, ten times DARTS's
+    3e-4, because the CPU searches here last tens of rounds, not DARTS's ~20k steps (the GPU
+    configurations in configs/ set 3e-4). `RunConfig` reads its defaults from here."""
 
     w_lr: float = 0.025
     w_lr_min: float = 0.001
     w_momentum: float = 0.9
     w_weight_decay: float = 3e-4
-    arch_lr: float = 3e-4
+    arch_lr: float = 3e-3
+    arch_grad_clip: float = 5.0
     arch_betas: tuple[float, float] = (0.5, 0.999)
     arch_weight_decay: float = 1e-3
     phi_lr: float = 1e-2
@@ -100,6 +111,7 @@ class Variant:
     generator: bool = True  # synthetic data in w2 (else W2 reweights real data by c)
     learn_phi: bool = True  # the class_weights level (else phi stays 0)
     use_mistakes: bool = True  # beta * m(W1) in the class weights (else c = K softmax(phi))
+    augmented_real: bool = False  # the synthetic images are augmented real ones (`AugmentedReal`)
 
     def edges(self) -> list[tuple[str, str]]:
         """The (upper, lower) edges of the program this variant builds."""
@@ -125,13 +137,34 @@ class LFMCW:
     class_weights: ClassWeights | None = None
     generator: nn.Module | None = None
     modules: dict[str, nn.Module] = field(default_factory=dict)
+    #: global norm of the class weights' hypergradient at each of its steps (0-d tensors on the
+    #: device, so that no step waits for the host; read them once per round)
+    phi_grad_norms: list[Tensor] = field(default_factory=list)
 
 
-def batches(dataset: Dataset, batch_size: int, seed: int, device: torch.device) -> Iterable[tuple[Tensor, Tensor]]:
-    """An iterable of shuffled (images, labels) batches on ``device``; each pass reshuffles."""
+def _norm_probe(norms: list[Tensor]) -> mlo.transforms.GradientTransform:
+    """A transform that leaves the gradient as it is and appends its global norm to ``norms``."""
+
+    def update(grads: tuple[Tensor, ...], state: Any, params: tuple[Tensor, ...]) -> tuple[tuple[Tensor, ...], Any]:
+        norms.append(torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g) for g in grads])))
+        return grads, state
+
+    return mlo.transforms.GradientTransform(lambda params: None, update, "norm_probe")
+
+
+def batches(
+    dataset: Dataset, batch_size: int, seed: int, device: torch.device, workers: int = 2
+) -> Iterable[tuple[Tensor, Tensor]]:
+    """An iterable of shuffled (images, labels) batches on ``device``; each pass reshuffles. On a
+    GPU, ``workers`` loader processes fill pinned batches and copies are non-blocking; on a CPU
+    the batches are read in this process (workers would only compete for the cores)."""
     gen = torch.Generator().manual_seed(seed)
     size = len(dataset)  # type: ignore[arg-type]  # map-style data sets have a length
-    loader = DataLoader(dataset, batch_size=min(batch_size, size), shuffle=True, drop_last=True, generator=gen)
+    cuda = device.type == "cuda"  # pinned host memory makes the copies below asynchronous
+    loader = DataLoader(
+        dataset, batch_size=min(batch_size, size), shuffle=True, drop_last=True, generator=gen, pin_memory=cuda,
+        num_workers=workers if cuda else 0, persistent_workers=cuda and workers > 0,
+    )
 
     class _OnDevice:
         def __iter__(self) -> Iterator[tuple[Tensor, Tensor]]:
@@ -228,6 +261,14 @@ class GeneratorLoss(mlo.Problem):
         return generator_loss(self.module, self.discriminator, z, k)
 
 
+class ELBOLoss(mlo.Problem):
+    """The ``generator`` level when a conditional VAE is fine-tuned: its -ELBO on real data."""
+
+    def loss(self, batch: tuple[Tensor, Tensor]) -> Tensor:
+        x, y = batch
+        return self.module.negative_elbo(x, y)  # type: ignore[operator]
+
+
 class MistakesHook(mlo.Hook):
     """After each step of ``w1``: fold W1's predictions on a validation batch into ``m(W1)``."""
 
@@ -241,6 +282,15 @@ class MistakesHook(mlo.Hook):
         x, y = next(self.stream)
         with torch.no_grad():
             self.weights.observe(self.w1(x, self.arch), y, self.kind)
+
+
+def augmented_real_source(train: Dataset, num_classes: int, shape: tuple[int, int, int], flip: bool = False) -> AugmentedReal:
+    """The ``lfm-cw-aug`` source over the images of ``train``: shifts of up to 1/7 of the image
+    side (at least one pixel), and mirror images when ``flip``."""
+    size = len(train)  # type: ignore[arg-type]
+    images = torch.stack([train[i][0] for i in range(size)])
+    labels = torch.as_tensor([int(train[i][1]) for i in range(size)])
+    return AugmentedReal(images, labels, num_classes, max(1, shape[-1] // 7), flip)
 
 
 def build(
@@ -258,6 +308,7 @@ def build(
     generator: nn.Module | None = None,
     device: torch.device | str = "cpu",
     seed: int = 0,
+    workers: int = 2,
 ) -> LFMCW:
     """Build the LFM-CW program (or one of its variants) on ``train``/``val``.
 
@@ -265,6 +316,7 @@ def build(
     weights' cosine schedule length. ``generator``: a module ``(noise, labels) -> images`` used as
     a fixed data source; by default a `ConditionalGenerator` is trained as two levels.
     ``estimator`` is used on every edge (``result.estimators`` can be edited before the engine).
+    ``workers``: DataLoader processes per data stream on a GPU (none on a CPU).
     """
     device = torch.device(device)
     torch.manual_seed(seed)
@@ -276,7 +328,7 @@ def build(
         return opt, torch.optim.lr_scheduler.CosineAnnealingLR(opt, max(rounds, 1), eta_min=optim.w_lr_min)
 
     def stream(dataset: Dataset, offset: int) -> Iterable[Any]:
-        return batches(dataset, batch_size, seed * 1000 + offset, device)
+        return batches(dataset, batch_size, seed * 1000 + offset, device, workers)
 
     opt, sched = sgd(w1)
     problems: list[mlo.Problem] = [SupernetLoss("w1", w1, arch, optimizer=opt, data=stream(train, 1), scheduler=sched)]
@@ -285,12 +337,16 @@ def build(
     result = LFMCW(problems, {"architecture": ["w1"]}, {}, hooks, arch, w1)
 
     if variant.second_model:
-        weights = ClassWeights(num_classes, constants.beta if variant.use_mistakes else 0.0, constants.mistakes_momentum).to(device)
-        weights.phi.requires_grad_(variant.learn_phi)
+        weights = ClassWeights(
+            num_classes, constants.beta if variant.use_mistakes else 0.0, constants.mistakes_momentum, constants.learn_total
+        ).to(device)
+        weights.requires_grad_(variant.learn_phi)
         result.class_weights = weights
         if variant.use_mistakes:
             hooks.append(MistakesHook(w1, arch, weights, stream(val, 2), constants.mistakes))
         gen = generator
+        if variant.generator and variant.augmented_real and gen is None:
+            gen = augmented_real_source(train, num_classes, shape)
         if variant.generator and gen is None:
             gen = ConditionalGenerator(num_classes, shape, constants.noise_dim).to(device)
             disc = ConditionalDiscriminator(num_classes, shape).to(device)
@@ -309,7 +365,12 @@ def build(
         if gen is not None:
             gen = gen.to(device)
             if gen is generator:
-                gen.requires_grad_(False)
+                tune = constants.finetune_generator and hasattr(gen, "negative_elbo") and variant.generator
+                gen.requires_grad_(tune)
+                if tune:
+                    problems.append(ELBOLoss(
+                        "generator", gen, optimizer=torch.optim.Adam(gen.parameters(), 1e-4), data=stream(train, 3)
+                    ))
         result.generator = gen if variant.generator else None
         w2 = supernet().to(device)
         result.w2 = w2
@@ -323,6 +384,7 @@ def build(
                 ValidationLoss(
                     "class_weights", weights, [(1.0, w2)], arch,
                     optimizer=torch.optim.Adam(weights.parameters(), optim.phi_lr), data=stream(val, 6),
+                    transform=_norm_probe(result.phi_grad_norms),
                 )
             )
             result.graph["class_weights"] = ["w2"]
@@ -333,7 +395,7 @@ def build(
         ValidationLoss(
             "architecture", arch, arch_terms, arch,
             optimizer=torch.optim.Adam(arch.parameters(), optim.arch_lr, betas=optim.arch_betas, weight_decay=optim.arch_weight_decay),
-            data=stream(val, 7),
+            data=stream(val, 7), transform=mlo.transforms.clip_by_global_norm(optim.arch_grad_clip),
         )
     )
     result.estimators = {(u, low): estimator for u, lows in result.graph.items() for low in lows}

@@ -1,0 +1,122 @@
+"""The quality gate of a generator: are its images of class k recognisably class k, and diverse?
+
+Two figures, measured before the search and printed:
+
+- agreement: the share of generated images that a classifier trained on real data (a one-hidden-
+  layer MLP on ``train``) labels as the class they were generated for;
+- diversity: the within-class pixel standard deviation of generated images (per class, the
+  mean over pixels of the std across that class's images; then the mean over classes), as a
+  ratio to the same figure on the real ``train`` images.
+
+Defaults: agreement >= 90 % and diversity ratio >= 0.5. The classifier's accuracy on ``val``
+is reported too, so a low agreement can be told apart from a weak classifier.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torch.utils.data import Dataset
+
+from ..data import labels_of
+
+__all__ = ["GateReport", "quality_gate", "within_class_std", "real_classifier", "MIN_AGREEMENT", "MIN_STD_RATIO"]
+
+MIN_AGREEMENT = 0.90
+MIN_STD_RATIO = 0.5
+
+
+@dataclass(frozen=True)
+class GateReport:
+    """The gate's figures; ``passed`` when both thresholds hold."""
+
+    agreement: float  # share of generated images labelled as intended, in [0, 1]
+    per_class_agreement: list[float]
+    generated_std: float
+    real_std: float
+    classifier_val_accuracy: float
+    min_agreement: float = MIN_AGREEMENT
+    min_std_ratio: float = MIN_STD_RATIO
+
+    @property
+    def std_ratio(self) -> float:
+        return self.generated_std / self.real_std if self.real_std > 0 else float("inf")
+
+    @property
+    def passed(self) -> bool:
+        return self.agreement >= self.min_agreement and self.std_ratio >= self.min_std_ratio
+
+    def summary(self) -> str:
+        verdict = "passes" if self.passed else "FAILS"
+        return (
+            f"generator quality gate {verdict}: label agreement {100 * self.agreement:.1f} % (need >= "
+            f"{100 * self.min_agreement:.0f} %; real-trained classifier {100 * self.classifier_val_accuracy:.1f} % on "
+            f"real val), within-class std {self.generated_std:.3f} vs real {self.real_std:.3f} (ratio "
+            f"{self.std_ratio:.2f}, need >= {self.min_std_ratio:g}); worst class agreement "
+            f"{100 * min(self.per_class_agreement):.1f} %"
+        )
+
+    def to_dict(self) -> dict[str, Any]:
+        return {**asdict(self), "std_ratio": self.std_ratio, "passed": self.passed}
+
+
+def _tensors(dataset: Dataset) -> tuple[Tensor, Tensor]:
+    xs = torch.stack([dataset[i][0] for i in range(len(dataset))])  # type: ignore[arg-type]
+    return xs.float(), torch.from_numpy(labels_of(dataset))
+
+
+def within_class_std(images: Tensor, labels: Tensor, num_classes: int) -> float:
+    """Mean over the classes present (with at least 2 images) of the mean pixel std within the class."""
+    flat = images.flatten(1)
+    stds = [flat[labels == k].std(dim=0).mean() for k in range(num_classes) if int((labels == k).sum()) > 1]
+    if not stds:
+        raise ValueError("within_class_std: no class has two images")
+    return float(torch.stack(stds).mean())
+
+
+def real_classifier(train: Dataset, num_classes: int, seed: int = 0, epochs: int = 30) -> nn.Module:
+    """A one-hidden-layer MLP trained on ``train`` with Adam (the gate's judge). Its loss weights
+    each class by the inverse of its frequency, so that a long-tailed ``train`` does not make it
+    deaf to the tail classes it has to recognise in generated images."""
+    x, y = _tensors(train)
+    torch.manual_seed(seed)
+    model = nn.Sequential(nn.Flatten(), nn.Linear(x[0].numel(), 256), nn.ReLU(), nn.Linear(256, num_classes))
+    counts = torch.bincount(y, minlength=num_classes).float()
+    balance = torch.where(counts > 0, counts.sum() / (num_classes * counts.clamp(min=1)), torch.zeros_like(counts))
+    opt = torch.optim.Adam(model.parameters(), 1e-3, weight_decay=1e-4)
+    gen = torch.Generator().manual_seed(seed)
+    for _ in range(epochs):
+        for idx in torch.randperm(len(y), generator=gen).split(128):
+            loss = F.cross_entropy(model(x[idx]), y[idx], weight=balance)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+    return model.eval()
+
+
+def quality_gate(
+    generator: nn.Module, train: Dataset, val: Dataset, num_classes: int, noise_dim: int,
+    per_class: int = 200, seed: int = 0, device: torch.device | str = "cpu", judge: nn.Module | None = None,
+) -> GateReport:
+    """Measure ``generator`` (called ``(noise, labels) -> images``) against the real ``train`` data.
+    ``judge``: a classifier from `real_classifier` to reuse (default: one trained here)."""
+    judge = judge if judge is not None else real_classifier(train, num_classes, seed)
+    xv, yv = _tensors(val)
+    gen = torch.Generator().manual_seed(seed + 1)
+    labels = torch.arange(num_classes).repeat_interleave(per_class)
+    noise = torch.randn(len(labels), noise_dim, generator=gen)
+    with torch.no_grad():
+        val_accuracy = float((judge(xv).argmax(1) == yv).float().mean())
+        fake = generator(noise.to(device), labels.to(device)).float().cpu()
+        hits = (judge(fake).argmax(1) == labels).float()
+    per_class_agreement = [float(hits[labels == k].mean()) for k in range(num_classes)]
+    xt, yt = _tensors(train)
+    return GateReport(
+        agreement=float(hits.mean()), per_class_agreement=per_class_agreement,
+        generated_std=within_class_std(fake, labels, num_classes), real_std=within_class_std(xt, yt, num_classes),
+        classifier_val_accuracy=val_accuracy,
+    )
