@@ -5,9 +5,11 @@ Declare each level as a ``Problem``, wire the levels into a dependency graph, an
 """
 
 from . import checkpoint, config, distributed, estimators, loader, logs, programs, transforms
+from .check import CheckReport, EdgeCheck, check
 from .engine import Engine
 from .errors import (
     CheckpointError,
+    CheckWarning,
     ConvergenceWarning,
     DivergenceError,
     EstimatorError,
@@ -44,5 +46,9 @@ __all__ = [
     "LossError",
     "UnknownLevelError",
     "ConvergenceWarning",
+    "CheckWarning",
+    "check",
+    "CheckReport",
+    "EdgeCheck",
 ]
 __version__ = "0.1.0"

@@ -1,14 +1,19 @@
-"""The `mlo` command: `mlo run PROGRAM` (any program registered with `mlo.programs`) and
-`mlo bench SUITE` (benchmark suites). Argument parsing only: a program parses its own options,
-the suites live in mlo.benchmarks, each imported when its command runs."""
+"""The `mlo` command: `mlo run PROGRAM` (any program registered with `mlo.programs`), `mlo check
+PROGRAM` (its hypergradients against a reference, after a few rounds) and `mlo bench SUITE`
+(benchmark suites). Argument parsing only: a program parses its own options, the suites live in
+mlo.benchmarks, each imported when its command runs."""
 
 from __future__ import annotations
 
 import argparse
 import sys
 from collections.abc import Sequence
+from typing import TYPE_CHECKING
 
-__all__ = ["main", "run"]
+if TYPE_CHECKING:
+    from . import Engine
+
+__all__ = ["main", "run", "check"]
 
 #: the program `mlo run` runs when no name is given
 DEFAULT_PROGRAM = "lfm-cw"
@@ -42,15 +47,90 @@ def run(argv: Sequence[str]) -> int:
     return int(entry.main(name, argv) or 0)
 
 
+def check(argv: Sequence[str]) -> int:
+    """`mlo check PROGRAM [--reference SPEC ...] [--warn-above X] [PROGRAM'S OPTIONS]`: build the
+    registered program's engine (it runs its rounds: `--rounds N` for lfm-cw), or the one that
+    ``FUNCTION()`` in ``FILE.py`` returns (`FILE.py:FUNCTION [--rounds N]`, 1 round by default),
+    then `mlo.check` every level with lowers and print the tables."""
+    from rich.console import Console
+
+    from . import programs
+    from .check import DEFAULT_REFERENCE
+    from .check import check as check_level
+    from .config import ConfigError
+    from .errors import ProgramError
+    from .programs import Parser
+
+    parser = Parser(
+        prog="mlo check",
+        description="Run a program's rounds, then compare each level's configured hypergradient with a "
+        "reference at that state, edge by edge. Options other than these go to the program.",
+    )
+    parser.add_argument("program", help="a registered program (e.g. lfm-cw), or FILE.py:FUNCTION returning an mlo.Engine")
+    parser.add_argument("--reference", action="append", metavar="SPEC",
+                        help=f"a reference estimator (default: {DEFAULT_REFERENCE}, in float64); repeat it to check "
+                        "the same state against several")
+    parser.add_argument("--warn-above", type=float, default=0.1, metavar="X", help="warn when a relative error exceeds X")
+    args, rest = parser.parse_known_args(list(argv))
+    try:
+        if ".py:" in args.program:
+            rounds = Parser(prog=f"mlo check {args.program}")
+            rounds.add_argument("--rounds", type=int, default=1, help="rounds before the check (default 1)")
+            engine = _user_engine(args.program)
+            engine.run(rounds.parse_args(rest).rounds)
+        else:
+            entry = programs.get(args.program)
+            if entry.engine is None:
+                raise ProgramError(f"program {entry.name!r} registers no engine to check (see mlo.programs.register)")
+            engine = entry.engine(args.program, rest)
+        console = Console()
+        for reference in args.reference or [DEFAULT_REFERENCE]:
+            for level in engine.graph.levels:
+                if engine.graph.lowers_of[level]:
+                    console.print(check_level(engine, level, reference=reference, warn_above=args.warn_above))
+    except KeyError as err:  # an unknown program
+        return programs.failed(err.args[0], "mlo check")
+    except (ConfigError, ProgramError, FileNotFoundError) as err:  # bad options, program or data
+        return programs.failed(err, "mlo check")
+    return 0
+
+
+def _user_engine(target: str) -> "Engine":
+    """The Engine returned by ``FUNCTION()`` in ``FILE.py`` (``target`` = ``FILE.py:FUNCTION``)."""
+    import importlib.util
+    from pathlib import Path
+
+    from . import Engine, ProgramError
+
+    path, _, function = target.rpartition(":")
+    file = Path(path)
+    if not file.is_file():
+        raise ProgramError(f"{path!r} is not a file")
+    spec = importlib.util.spec_from_file_location(file.stem, file)
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    build = getattr(module, function, None)
+    if not callable(build):
+        raise ProgramError(f"{path!r} defines no function {function!r}")
+    engine = build()
+    if not isinstance(engine, Engine):
+        raise ProgramError(f"{target} returned {type(engine).__name__}, not an mlo.Engine")
+    return engine
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     from .programs import Parser
 
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv and argv[0] == "run":
         return run(argv[1:])
+    if argv and argv[0] == "check":
+        return check(argv[1:])
     parser = Parser(prog="mlo", description="mlo: multi-level optimization for PyTorch")
     sub = parser.add_subparsers(dest="command", required=True)
     sub.add_parser("run", help="run a registered program (`mlo run --help` lists them)", add_help=False)
+    sub.add_parser("check", help="check a program's hypergradients against a reference (`mlo check --help`)", add_help=False)
     try:
         from mlo.benchmarks import cli as bench_cli
     except ImportError:  # benchmarks are part of the package; absent only in a broken install

@@ -255,30 +255,64 @@ class Engine:
             hook.on_step(self, name, loss)
         return loss
 
-    def hypergradient(self, name: str) -> list[Tensor]:
+    def hypergradient(
+        self,
+        name: str,
+        estimator: EstimatorSpec | Mapping[Edge, EstimatorSpec] | None = None,
+        batches: Mapping[str, Any] | None = None,
+    ) -> list[Tensor]:
         """Level ``name``'s hypergradient at the current state, one tensor per parameter of its
         module (``module.parameters()`` order, trainable ones), as the configured estimators
         compute it. Steps nothing and leaves every parameter and buffer as it was; a level that
-        has drawn no batch yet draws its first."""
+        has drawn no batch yet draws its first.
+
+        ``estimator``: another estimator for every edge, or ``{edge: estimator}`` for some edges
+        (the others keep theirs), for this evaluation only. ``batches``: ``{level: batch}`` used
+        instead of those levels' current batches, for this evaluation only."""
         self.graph.require(name)
         for level in (name, *self.graph.descendants(name)):
-            if self._streams[level].drawn == 0:
+            if self._streams[level].drawn == 0 and (batches is None or level not in batches):
                 self._streams[level].draw()
-        grads, loss = self._hypergradient(name)
+        rule = self._rule if estimator is None and batches is None else self._rule_with(estimator, batches or {})
+        grads, loss = self._hypergradient(name, rule)
         self._check(loss, grads, name)
         return [g.detach() for g in grads]
 
-    def _hypergradient(self, name: str) -> tuple[Tensors, Tensor]:
+    def batch(self, name: str) -> Any:
+        """The batch level ``name`` is on (the last it drew); ``ProgramError`` when it has drawn
+        none yet (a level without data is always on ``None``)."""
+        self.graph.require(name)
+        stream = self._streams[name]
+        if stream.drawn == 0 and self.program.problems[name].data is not None:
+            raise ProgramError(f"level {name!r} has drawn no batch yet: run a round (or engine.step({name!r})) first")
+        return stream.batch
+
+    def _hypergradient(self, name: str, rule: Rule | None = None) -> tuple[Tensors, Tensor]:
         """Level ``name``'s hypergradient and loss at the current state (`mlo.hypergradient`);
         buffers are restored afterwards and the estimators' reports kept in ``diagnostics``."""
         with frozen_buffers(self.program.buffers()):
-            result = self._rule(name, self.program.params)
+            result = (rule or self._rule)(name, self.program.params)
         self.diagnostics.by_edge.update(result.infos)
         return result.gradient, result.loss
 
-    def _loss(self, name: str) -> Loss:
-        """Level ``name``'s loss on its current batch, at any point."""
+    def _rule_with(self, estimator: EstimatorSpec | Mapping[Edge, EstimatorSpec] | None, batches: Mapping[str, Any]) -> Rule:
+        """The rule with some edges' estimators and some levels' batches replaced."""
+        estimators = self.estimators
+        if estimator is not None:
+            chosen = estimator if isinstance(estimator, Mapping) else dict.fromkeys(self.graph.edges, estimator)
+            estimators = self._resolve_estimators({**self.estimators, **chosen})
+        for level in batches:
+            self.graph.require(level)
+        losses = {
+            level: self._loss(level, (batches[level],) if level in batches else None) for level in self.graph.levels
+        }
+        return Rule(self.graph, estimators, losses, self.program.problems, self.program.derive)
+
+    def _loss(self, name: str, fixed: tuple[Any] | None = None) -> Loss:
+        """Level ``name``'s loss on its current batch (or on ``fixed[0]``), at any point."""
         problem_loss = self.program.loss
+        if fixed is not None:
+            return lambda point: problem_loss(name, fixed[0], point)
 
         def loss(point: Point) -> Tensor:
             return problem_loss(name, self._streams[name].batch, point)

@@ -44,3 +44,8 @@ class CheckpointError(MLOError, OSError):
 
 class ConvergenceWarning(UserWarning):
     """An iterative solve stopped far from its answer (for example CG on an indefinite Hessian)."""
+
+
+class CheckWarning(UserWarning):
+    """`mlo.check` found a hypergradient further from its reference than the threshold, or a
+    reference that did not converge."""

@@ -182,6 +182,7 @@ class _Evaluation:
             ahead = est.lookahead(hops[low])
             if ahead is not None:
                 lookaheads[low] = ahead
+                self.infos[(name, low)] = est.lookahead_info(hops[low], ahead)
                 evaluation[low] = ahead if est.attached else tuple(t.detach().requires_grad_() for t in ahead)
         if autodiff.computed(evaluation[level] for level in (name, *below)):
             # Some values were computed from others (an attached look-ahead, or the iterate of an
@@ -245,7 +246,8 @@ class _Evaluation:
 
     def vjp(self, hop: _Hop, adjoint: Tensors, lookahead: Tensors | None) -> Tensors:
         part, info = self.rule.estimators[(hop.upper, hop.lower)].vjp(hop, adjoint, lookahead)
-        self.infos[(hop.upper, hop.lower)] = info
+        edge = (hop.upper, hop.lower)
+        self.infos[edge] = {**self.infos[edge], **info} if edge in self.infos and lookahead is not None else info
         return part
 
     def gradients(

@@ -26,13 +26,16 @@ import sys
 import typing
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import NoReturn, TypeVar
+from typing import TYPE_CHECKING, NoReturn, TypeVar
 
 from .config import ConfigError, assignments, from_toml, updated
 from .errors import ProgramError
 
+if TYPE_CHECKING:
+    from .engine import Engine
+
 __all__ = [
-    "Entry", "register", "program", "get", "names", "entries", "discover", "config_parser", "Parser", "failed",
+    "Entry", "EngineAfter", "register", "program", "get", "names", "entries", "discover", "config_parser", "Parser", "failed",
     "ENTRY_POINT_GROUP",
 ]
 
@@ -41,6 +44,8 @@ ENTRY_POINT_GROUP = "mlo.programs"
 #: ``main(name, argv)``: run the program called ``name`` (or one of its aliases) with the
 #: command-line arguments that follow it; returns the exit status.
 Main = Callable[[str, Sequence[str]], int]
+#: ``engine(name, argv)``: the program's Engine after the rounds its options ask for, for `mlo check`.
+EngineAfter = Callable[[str, Sequence[str]], "Engine"]
 C = TypeVar("C")
 
 
@@ -52,6 +57,8 @@ class Entry:
     summary: str
     main: Main
     aliases: tuple[str, ...] = ()
+    #: for `mlo check NAME`: the program's Engine after its rounds (``None``: it cannot be checked)
+    engine: EngineAfter | None = None
 
 
 _REGISTRY: dict[str, Entry] = {}
@@ -59,11 +66,15 @@ _NAMES: dict[str, str] = {}  # name or alias -> name
 _discovered = False
 
 
-def register(name: str, summary: str, aliases: Sequence[str] = ()) -> Callable[[Main], Main]:
-    """Decorator: register ``main(name, argv) -> int`` as the program ``name`` (and its aliases)."""
+def register(
+    name: str, summary: str, aliases: Sequence[str] = (), engine: EngineAfter | None = None
+) -> Callable[[Main], Main]:
+    """Decorator: register ``main(name, argv) -> int`` as the program ``name`` (and its aliases);
+    with ``engine(name, argv) -> Engine`` (the engine after the rounds its options ask for),
+    `mlo check NAME` can check it."""
 
     def add(main: Main) -> Main:
-        entry = Entry(name, summary, main, tuple(aliases))
+        entry = Entry(name, summary, main, tuple(aliases), engine)
         if name in _REGISTRY and _REGISTRY[name].main is not main:
             raise ValueError(f"program name {name!r} is already registered by {_REGISTRY[name].main.__module__}")
         for alias in (name, *entry.aliases):

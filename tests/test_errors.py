@@ -330,8 +330,9 @@ def test_a_string_as_data_is_refused():
         lambda e: e.step("nope"),
         lambda e: e.hypergradient("nope"),
         lambda e: e.graph.descendants("nope"),
+        lambda e: mlo.check(e, "nope"),
     ],
-    ids=["step", "hypergradient", "descendants"],
+    ids=["step", "hypergradient", "descendants", "check"],
 )
 def test_every_method_taking_a_level_name_lists_the_levels(call):
     lower, upper = _level("weights"), _level("hyper")

@@ -224,3 +224,21 @@ def test_variant_edges_match_the_built_graph_and_bad_edges_are_refused_up_front(
     RunConfig(methods=["lfm-cw", "darts-1st"], edge_estimators={"class_weights->w2": "cg"}).validate()
     with pytest.raises(ConfigError, match="'class_weights->w2' is not an edge of darts-1st"):
         RunConfig(methods=["darts-1st"], edge_estimators={"class_weights->w2": "cg"}).validate()
+
+
+def test_learned_total_weight_is_a_parameter_of_the_class_weights_level(one_thread: None) -> None:
+    from mlo.problems.lfm_cw.program import Constants
+
+    splits = data.digits(seed=0)
+    program = build(
+        splits.train, splits.val, splits.num_classes, splits.input_shape,
+        lambda: SuperNet(C=4, num_classes=10, layers=1, in_channels=1), Variant(),
+        constants=Constants(learn_total=True, synthetic_per_step=8), rounds=2, batch_size=16,
+    )
+    weights = program.class_weights
+    assert weights is not None and weights.log_total is not None
+    mlo.Engine(program.problems, program.graph, program.estimators, hooks=program.hooks).run(1)
+    assert float(weights.log_total.detach()) != 0.0  # it received a hypergradient through w2 and moved
+    assert len(program.phi_grad_norms) == 1 and float(program.phi_grad_norms[0]) > 0
+    with torch.no_grad():
+        assert float(weights().sum()) == pytest.approx(10 * float(weights.log_total.detach().exp()), rel=1e-5)

@@ -76,6 +76,17 @@ def test_cg_estimator_warns_on_an_indefinite_hessian_and_names_damping():
     assert relative_error(got, want) < 1e-9
 
 
+def test_the_cg_warning_is_shown_once_per_edge_in_a_run():
+    _, lower, upper = _indefinite_bilevel()
+    engine = mlo.Engine([lower, upper], {"h": ["w"]}, CG(iterations=3))
+    with warnings.catch_warnings(record=True) as seen:
+        warnings.simplefilter("default")  # Python's own default for warnings: once per text and place
+        engine.run(4)
+    shown = [w for w in seen if issubclass(w.category, mlo.ConvergenceWarning)]
+    assert len(shown) == 1 and "edge 'h' -> 'w'" in str(shown[0].message)
+    assert engine.diagnostics.by_edge[("h", "w")]["converged"] == 0.0  # the numbers are here
+
+
 def test_neumann_stops_at_the_first_term_past_the_growth_bound():
     A = _matrix([0.5, 1.0, 2.0, 4.0])
     b = torch.ones(4)
@@ -145,3 +156,47 @@ def test_neumann_auto_on_an_indefinite_hessian_refuses():
     engine = mlo.Engine([lower, upper], {"h": ["w"]}, Neumann(alpha="auto", iterations=50))
     with pytest.raises(mlo.DivergenceError, match="neumann on edge 'h' -> 'w'"):
         engine.hypergradient("h")
+
+
+def test_cg_can_stop_at_the_first_negative_curvature():
+    A = _matrix([-3.0, 0.5, 1.0, 2.0, 4.0, 6.0, 9.0, 12.0])
+    b = torch.ones(8)
+    (x_on,), on = conjugate_gradient(Counted(A), (b,), iterations=50, tol=1e-12)
+    matvec = Counted(A)
+    (x_stop,), stop = conjugate_gradient(matvec, (b,), iterations=50, tol=1e-12, stop_at_negative_curvature=True)
+    assert stop["negative_curvature"] == 1.0 and stop["converged"] == 0.0
+    k = int(stop["iterations"])
+    assert matvec.calls == k < 8
+    # it kept the iterate (and residual) of the k - 1 steps before that direction
+    (x_before,), before = conjugate_gradient(Counted(A), (b,), iterations=k - 1, tol=0.0)
+    assert torch.equal(x_stop, x_before) and stop["residual"] == before["residual"]
+    assert on["negative_curvature"] == 1.0  # by default it iterates on
+    assert mlo.estimators.parse("cg:indefinite=stop") == CG(indefinite="stop")
+    with pytest.raises(mlo.EstimatorError, match="option 'indefinite' must be one of 'continue', 'stop'"):
+        CG(indefinite="halt")  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize("steps", [1, 3])
+def test_lookahead_estimators_report_their_steps(steps):
+    r = ridge()
+    lr = r.inner.optimizer.param_groups[0]["lr"]
+    w, h = r.w(), r.h()
+    # the look-ahead of `steps` plain SGD steps, written out
+    ahead = w.clone()
+    for _ in range(steps):
+        v = ahead.clone().requires_grad_()
+        (g,) = torch.autograd.grad(r.inner_fn(v, h), v)
+        ahead = ahead - lr * g
+    engine = r.engine(f"unroll:steps={steps}")
+    engine.hypergradient("h")
+    info = engine.diagnostics.by_edge[("h", "w")]
+    assert info["steps"] == steps and info["step_norm"] == pytest.approx(float((ahead - w).norm()), rel=1e-9)
+    if steps == 1:
+        fd = r.engine("finite_difference:radius=0.01")
+        fd.hypergradient("h")
+        info = fd.diagnostics.by_edge[("h", "w")]
+        assert info["step_norm"] == pytest.approx(float((ahead - w).norm()), rel=1e-9)
+        # the central difference along v = lr * a (a the upper gradient at the look-ahead), eps = radius / |v|
+        a = r.validation_gradient(ahead)
+        assert info["direction_norm"] == pytest.approx(lr * float(a.norm()), rel=1e-9)
+        assert info["epsilon"] == pytest.approx(0.01 / info["direction_norm"], rel=1e-12)

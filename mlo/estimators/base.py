@@ -25,6 +25,8 @@ import typing
 from abc import ABC, abstractmethod
 from typing import Any, ClassVar
 
+import torch
+
 from .. import autodiff
 from ..autodiff import Tensors
 from ..errors import EstimatorError
@@ -148,6 +150,12 @@ class Estimator(ABC):
     def lookahead(self, hop: Hop) -> Tensors | None:
         """Lower parameters at which the upper objective is evaluated; ``None``: where they are."""
         return None
+
+    def lookahead_info(self, hop: Hop, lookahead: Tensors) -> Info:
+        """Diagnostics of a look-ahead: its steps and ``step_norm``, how far it moved the lower
+        level (recorded even where ``vjp`` is not called, as for ``unroll`` on a plain edge)."""
+        with torch.no_grad():
+            return {"step_norm": autodiff.norm_value(autodiff.sub(lookahead, hop.lower_params))}
 
     @abstractmethod
     def vjp(self, hop: Hop, adjoint: Tensors, lookahead: Tensors | None) -> tuple[Tensors, Info]:

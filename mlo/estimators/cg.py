@@ -28,7 +28,9 @@ from .solvers import attach, conjugate_gradient
 @dataclass(frozen=True)
 class CG(Estimator):
     """Implicit hypergradient with ``iterations`` CG steps, stopping early at relative residual ``tol``
-    (or machine epsilon, whichever is larger)."""
+    (or machine epsilon, whichever is larger). ``indefinite="stop"`` also stops at the first
+    direction of negative curvature (the lower Hessian is then indefinite and CG may not converge),
+    keeping the iterate before it; ``"continue"`` (default) iterates on."""
 
     name: ClassVar[str] = "cg"
     iterations: int = 10
@@ -36,6 +38,7 @@ class CG(Estimator):
     damping: float = 0.0
     warn_residual: float = 0.1
     hessian: Literal["total", "partial"] = "total"
+    indefinite: Literal["continue", "stop"] = "continue"
 
     def validate(self) -> None:
         self._require(self.iterations >= 1, "iterations", ">= 1")
@@ -51,10 +54,10 @@ class CG(Estimator):
             return autodiff.axpy(self.damping, v, hv) if self.damping else hv
 
         def solve(b: Tensors) -> Tensors:
-            return conjugate_gradient(matvec, b, self.iterations, self.tol)[0]
+            return conjugate_gradient(matvec, b, self.iterations, self.tol, self.indefinite == "stop")[0]
 
         b = tuple(a.detach() for a in adjoint) if hop.create_graph else adjoint
-        x, info = conjugate_gradient(matvec, b, self.iterations, self.tol)
+        x, info = conjugate_gradient(matvec, b, self.iterations, self.tol, self.indefinite == "stop")
         self._warn(hop, info)
         if hop.create_graph:  # differentiable: the solution's derivative, by one more solve backward
             x = attach(x, adjoint, matvec, solve)
@@ -68,10 +71,12 @@ class CG(Estimator):
             if info["negative_curvature"]
             else "an indefinite (or badly conditioned) lower Hessian is the likely cause"
         )
+        # The text names the edge and the cause but no numbers (they are in the diagnostics), so
+        # Python's default filter shows it once per edge and cause, not at every step of a run.
         warnings.warn(
-            f"cg on {hop.where()} did not converge: relative residual {info['residual']:.2g} after "
-            f"{info['iterations']:.0f} iterations; {cause}. Option damping adds damping * I to the Hessian "
-            f"and fixes it (e.g. 'cg:damping=0.1'; damping is {self.damping})",
+            f"cg on {hop.where()} did not converge; {cause}. Option damping adds damping * I to the Hessian "
+            f"and fixes it (e.g. 'cg:damping=0.1'; damping is {self.damping}); the residual of each solve is "
+            "in engine.diagnostics",
             ConvergenceWarning,
             stacklevel=2,
         )

@@ -22,14 +22,18 @@ __all__ = ["conjugate_gradient", "neumann_series", "largest_eigenvalue", "attach
 Matvec = Callable[[Tensors], Tensors]
 
 
-def conjugate_gradient(matvec: Matvec, b: Tensors, iterations: int, tol: float) -> tuple[Tensors, dict[str, float]]:
+def conjugate_gradient(
+    matvec: Matvec, b: Tensors, iterations: int, tol: float, stop_at_negative_curvature: bool = False
+) -> tuple[Tensors, dict[str, float]]:
     """Conjugate gradient for a symmetric positive definite ``matvec`` from ``x0 = 0``.
 
     Stops after ``iterations`` products or once ``||b - A x|| <= max(tol, eps) * ||b||``, ``eps`` the
-    machine epsilon of ``b``'s dtype. Returns the solution and its diagnostics:
+    machine epsilon of ``b``'s dtype; with ``stop_at_negative_curvature``, also at the first
+    search direction with ``p^T A p <= 0``, before stepping along it. Returns the solution and its
+    diagnostics:
 
     - ``residual``: the final relative residual ``||b - A x|| / ||b||``;
-    - ``iterations``: products done; ``converged``: 1.0 when the stop was reached, else 0.0;
+    - ``iterations``: products done; ``converged``: 1.0 when the tolerance was reached, else 0.0;
     - ``negative_curvature``: 1.0 when some search direction had ``p^T A p <= 0``: proof that
       ``A`` is not positive definite, so CG's convergence is no longer guaranteed.
     """
@@ -49,12 +53,16 @@ def conjugate_gradient(matvec: Matvec, b: Tensors, iterations: int, tol: float) 
         ap = matvec(p)
         curvature = autodiff.dot(p, ap)
         alpha = rs / curvature
-        x = autodiff.axpy(alpha, p, x)
+        x_new = autodiff.axpy(alpha, p, x)
         r = autodiff.axpy(-alpha, ap, r)
         rs_new = autodiff.dot(r, r)
         # one host read for both numbers the loop decides on
         rs_value, curvature_value = torch.stack((rs_new.detach(), curvature.detach())).tolist()
-        negative = negative or not curvature_value > 0
+        if not curvature_value > 0:
+            negative = True
+            if stop_at_negative_curvature:  # x and its residual stay those before this direction
+                break
+        x = x_new
         residual = max(rs_value, 0.0) ** 0.5 / b_norm
         if residual <= floor:
             break

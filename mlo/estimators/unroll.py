@@ -54,4 +54,7 @@ class Unroll(Estimator):
         if autodiff.norm_value(adjoint) == 0.0:
             return zero_result(hop)
         grads = autodiff.grad(lookahead, hop.upper_params, adjoint, retain_graph=True, create_graph=hop.create_graph)
-        return grads, {"steps": float(self.steps)}
+        return grads, {"steps": float(self.steps), "adjoint_norm": autodiff.norm_value(adjoint)}
+
+    def lookahead_info(self, hop: Hop, lookahead: Tensors) -> Info:
+        return {"steps": float(self.steps), **super().lookahead_info(hop, lookahead)}

@@ -45,12 +45,15 @@ class AugmentedReal(nn.Module):
         pick = self.starts[labels] + torch.minimum((u[:, 0] * counts).long(), counts - 1)
         x = self.images[pick]  # (B, C, H, W)
         s = self.shift
-        if s:
-            h, w = x.shape[-2:]
+        if s:  # crop each padded image at its own offset, by indexing (no per-image host sync)
+            b, h, w = x.shape[0], x.shape[-2], x.shape[-1]
             padded = nn.functional.pad(x, (s, s, s, s), value=self.background)  # (B, C, H+2s, W+2s)
-            dy = torch.minimum((u[:, 1] * (2 * s + 1)).long(), torch.tensor(2 * s))
-            dx = torch.minimum((u[:, 2] * (2 * s + 1)).long(), torch.tensor(2 * s))
-            x = torch.stack([padded[i, :, int(dy[i]) : int(dy[i]) + h, int(dx[i]) : int(dx[i]) + w] for i in range(len(x))])
+            dy = (u[:, 1] * (2 * s + 1)).long().clamp(max=2 * s)  # (B,)
+            dx = (u[:, 2] * (2 * s + 1)).long().clamp(max=2 * s)
+            rows = (torch.arange(h, device=x.device) + dy[:, None])[:, :, None]  # (B, H, 1)
+            cols = (torch.arange(w, device=x.device) + dx[:, None])[:, None, :]  # (B, 1, W)
+            batch = torch.arange(b, device=x.device)[:, None, None]
+            x = padded.permute(0, 2, 3, 1)[batch, rows, cols].permute(0, 3, 1, 2)  # (B, C, H, W)
         if self.flip:
             mirror = (noise[:, 3] > 0).view(-1, 1, 1, 1)
             x = torch.where(mirror, x.flip(-1), x)

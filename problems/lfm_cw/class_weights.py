@@ -46,7 +46,7 @@ class ClassWeights(nn.Module):
     def observe(self, logits: Tensor, labels: Tensor, kind: str = "ce") -> None:
         """Fold one batch of W1's validation predictions into the mistakes ``m``."""
         batch = class_mistakes(logits, labels, self.num_classes, kind)
-        seen = torch.bincount(labels, minlength=self.num_classes) > 0
+        seen = _counts(labels, self.num_classes, logits.dtype) > 0
         fresh = torch.where(seen, batch, self.mistakes)
         # the first batch sets m, later ones are averaged in; chosen on the device (no host sync)
         averaged = self.momentum * self.mistakes + (1 - self.momentum) * fresh
@@ -63,5 +63,11 @@ def class_mistakes(logits: Tensor, labels: Tensor, num_classes: int, kind: str =
     else:
         raise ValueError(f"mistakes kind must be 'ce' or 'error', got {kind!r}")
     total = torch.zeros(num_classes, dtype=per_sample.dtype, device=per_sample.device).index_add_(0, labels, per_sample)
-    count = torch.bincount(labels, minlength=num_classes).to(per_sample.dtype)
-    return total / count.clamp(min=1)
+    return total / _counts(labels, num_classes, per_sample.dtype).clamp(min=1)
+
+
+def _counts(labels: Tensor, num_classes: int, dtype: torch.dtype) -> Tensor:
+    """Examples per class, (K,); by ``index_add_`` rather than ``bincount``, which on a GPU reads
+    the largest label back to the host."""
+    ones = torch.ones(labels.shape, dtype=dtype, device=labels.device)
+    return torch.zeros(num_classes, dtype=dtype, device=labels.device).index_add_(0, labels, ones)

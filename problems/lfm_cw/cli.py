@@ -8,12 +8,19 @@ from __future__ import annotations
 import argparse
 from collections.abc import Sequence
 
+from typing import TYPE_CHECKING
+
 from mlo import programs
 from mlo.config import ConfigError, assignments
 
 from .methods import METHODS
 
-__all__ = ["main", "parser"]
+if TYPE_CHECKING:
+    import mlo
+
+    from .config import RunConfig
+
+__all__ = ["main", "parser", "engine"]
 
 
 def parser(prog: str = "mlo run lfm-cw") -> argparse.ArgumentParser:
@@ -42,10 +49,40 @@ def parser(prog: str = "mlo run lfm-cw") -> argparse.ArgumentParser:
     return p
 
 
+def _config(name: str, args: argparse.Namespace) -> "RunConfig":
+    """The run config from defaults, ``--config`` and the flags; ``name`` is the method run when
+    ``--methods`` is not given (``darts`` = ``darts-2nd``); with ``--config`` and no name on the
+    command line, the file's methods."""
+    from .config import RunConfig
+
+    config = RunConfig.from_toml(args.config) if args.config else RunConfig()
+    values: dict[str, object] = {}
+    if args.methods is None and (args.config is None or name != "lfm-cw"):
+        values["methods"] = ["darts-2nd" if name == "darts" else name]
+    for key in ("methods", "dataset", "data_root", "imbalance", "space", "search_rounds", "eval_epochs",
+                "estimator", "seeds", "device", "out", "engine"):
+        if getattr(args, key) is not None:
+            values[key] = getattr(args, key)
+    values.update(assignments(args.set))
+    if args.edge_estimator:
+        edges = dict(config.edge_estimators)
+        edges.update({k.strip(): v for k, v in assignments(args.edge_estimator, "--edge-estimator", "UPPER->LOWER=SPEC").items()})
+        values["edge_estimators"] = edges
+    return config.updated(values)
+
+
+def engine(name: str, argv: Sequence[str]) -> "mlo.Engine":
+    """For `mlo check`: the engine of the first method's search after ``--rounds`` rounds."""
+    from .experiment import checked_engine
+
+    return checked_engine(_config(name, parser(f"mlo check {name}").parse_args(list(argv))))
+
+
 @programs.register(
     "lfm-cw",
     "LFM-CW (learning from mistakes with class weighting) on a DARTS search space, its baselines and ablations",
     aliases=("darts", *(m for m in METHODS if m != "lfm-cw")),
+    engine=engine,
 )
 def main(name: str, argv: Sequence[str]) -> int:
     """``name`` is the method run when ``--methods`` is not given (``darts`` = ``darts-2nd``);
@@ -53,26 +90,11 @@ def main(name: str, argv: Sequence[str]) -> int:
     from mlo import ProgramError
     from mlo.problems.data import DataError
 
-    from .config import RunConfig
     from .experiment import run
 
     args = parser(f"mlo run {name}").parse_args(list(argv))
     try:
-        config = RunConfig.from_toml(args.config) if args.config else RunConfig()
-        values: dict[str, object] = {}
-        if args.methods is None and (args.config is None or name != "lfm-cw"):
-            values["methods"] = ["darts-2nd" if name == "darts" else name]
-        for key in ("methods", "dataset", "data_root", "imbalance", "space", "search_rounds", "eval_epochs",
-                    "estimator", "seeds", "device", "out", "engine"):
-            if getattr(args, key) is not None:
-                values[key] = getattr(args, key)
-        values.update(assignments(args.set))
-        if args.edge_estimator:
-            edges = dict(config.edge_estimators)
-            edges.update({k.strip(): v for k, v in assignments(args.edge_estimator, "--edge-estimator", "UPPER->LOWER=SPEC").items()})
-            values["edge_estimators"] = edges
-        config = config.updated(values)
-        run(config)
+        run(_config(name, args))
     except (ConfigError, DataError, ProgramError) as err:
         return programs.failed(err)
     return 0

@@ -69,7 +69,7 @@ class RunConfig:
     finetune_generator: bool = False  # keep training the cVAE as the `generator` level during the search
     unsafe_pickle: bool = False  # let a generator checkpoint be a pickled module (runs the file's code)
     learn_total: bool = False  # learn the total weight of the synthetic data, not only its split
-    w1_warmup: int = 20  # steps of W1 alone before the search, so its mistakes mean something
+    w1_warmup: int = 50  # steps of W1 alone before the search (a few epochs), so its mistakes mean something
     # optimizers
     w_lr: float = Optimizers.w_lr
     arch_lr: float = Optimizers.arch_lr

@@ -22,6 +22,7 @@ import json
 import os
 import platform
 import statistics
+import tempfile
 import time
 from collections import defaultdict
 from datetime import datetime
@@ -48,7 +49,7 @@ from .generator import load_generator
 from .methods import METHODS
 from .program import LFMCW, Constants, Optimizers, augmented_real_source, build
 
-__all__ = ["run", "prepare_output"]
+__all__ = ["run", "prepare", "build_program", "warm_up", "generator_for", "checked_engine", "prepare_output"]
 
 
 class _Recorder(mlo.Hook):
@@ -146,15 +147,47 @@ def _stages(config: RunConfig) -> list[tuple[Stage | None, int]]:
     return [(Stage(config.layers + 2 * i, s.ops_per_edge), r) for i, (s, r) in enumerate(zip(PDARTS_STAGES, rounds))]
 
 
-def _search(
-    config: RunConfig, method: str, seed: int, splits: datasets.DataSplits, generator: Any, progress: Progress
-) -> tuple[LFMCW, _Recorder, float]:
+def build_program(
+    config: RunConfig, method: str, seed: int, splits: datasets.DataSplits, generator: Any, rounds: int,
+    index: int = 0, stage: Stage | None = None, mask: Any = None,
+) -> LFMCW:
+    """The program ``method`` searches with in stage ``index`` under ``config``: its levels, graph,
+    per-edge estimators (``config.estimator`` and ``config.edge_estimators`` applied) and hooks."""
     spec = METHODS[method]
     constants = Constants(
         config.lam, config.gamma, config.beta, config.synthetic_per_step, config.mistakes,
         learn_total=config.learn_total, finetune_generator=config.finetune_generator,
     )
     optim = Optimizers(w_lr=config.w_lr, arch_lr=config.arch_lr, phi_lr=config.phi_lr)
+    program = build(
+        splits.train, splits.val, splits.num_classes, splits.input_shape,
+        _supernet_factory(config, splits, stage, mask), spec.variant, constants, optim,
+        rounds=rounds + (config.w1_warmup if index == 0 else 0), batch_size=config.batch_size,
+        estimator=config.estimator or spec.estimator, generator=generator, device=config.device, seed=seed,
+        workers=config.workers,
+    )
+    for edge, est in config.edge_estimators.items():  # checked against every method's edges
+        upper, _, lower = (s.strip() for s in edge.partition("->"))
+        if (upper, lower) in program.estimators:  # methods without this edge ignore it
+            program.estimators[(upper, lower)] = est
+    return program
+
+
+def warm_up(config: RunConfig, program: LFMCW, gan_hooks: list[mlo.Hook]) -> None:
+    """Before the search: ``config.generator_warmup`` steps of the GAN levels alone (if the
+    program trains one), then ``config.w1_warmup`` steps of W1, so that it learns before its
+    mistakes steer the class weights."""
+    gan = [p for p in program.problems if p.name in ("discriminator", "generator")]
+    if config.generator_warmup and any(p.name == "generator" for p in gan):
+        mlo.Engine(gan, {}, hooks=gan_hooks).run(config.generator_warmup)
+    if config.w1_warmup:
+        w1 = [p for p in program.problems if p.name == "w1"]
+        mlo.Engine(w1, {}, hooks=list(program.hooks)).run(config.w1_warmup)
+
+
+def _search(
+    config: RunConfig, method: str, seed: int, splits: datasets.DataSplits, generator: Any, progress: Progress
+) -> tuple[LFMCW, _Recorder, float]:
     mask = None
     recorder: _Recorder | None = None
     start = time.perf_counter()
@@ -162,29 +195,18 @@ def _search(
     for index, (stage, rounds) in enumerate(_stages(config)):
         if stage is not None and arch_prev is not None:  # P-DARTS: prune before deepening
             _, mask = pdarts_next_stage(arch_prev, stage)
-        program = build(
-            splits.train, splits.val, splits.num_classes, splits.input_shape,
-            _supernet_factory(config, splits, stage, mask), spec.variant, constants, optim,
-            rounds=rounds + (config.w1_warmup if index == 0 else 0), batch_size=config.batch_size,
-            estimator=config.estimator or spec.estimator, generator=generator, device=config.device, seed=seed,
-            workers=config.workers,
-        )
-        for edge, est in config.edge_estimators.items():  # checked against every method's edges
-            upper, _, lower = (s.strip() for s in edge.partition("->"))
-            if (upper, lower) in program.estimators:  # methods without this edge ignore it
-                program.estimators[(upper, lower)] = est
+        program = build_program(config, method, seed, splits, generator, rounds, index, stage, mask)
         new_recorder = _Recorder(program)
         if recorder is not None:  # keep one history across P-DARTS stages
             new_recorder.adopt(recorder)
         recorder = new_recorder
-        if index == 0 and config.generator_warmup and any(p.name == "generator" for p in program.problems):
-            gan = [p for p in program.problems if p.name in ("discriminator", "generator")]
-            task = progress.add_task(f"generator warm-up seed {seed}", total=config.generator_warmup, losses="")
-            warm = _Recorder(program)
-            mlo.Engine(gan, {}, hooks=[warm, _ProgressHook(progress, task, warm)]).run(config.generator_warmup)
-        if index == 0 and config.w1_warmup:  # W1 learns before its mistakes steer the class weights
-            w1 = [p for p in program.problems if p.name == "w1"]
-            mlo.Engine(w1, {}, hooks=list(program.hooks)).run(config.w1_warmup)
+        if index == 0:
+            gan_hooks: list[mlo.Hook] = []
+            if config.generator_warmup and any(p.name == "generator" for p in program.problems):
+                task = progress.add_task(f"generator warm-up seed {seed}", total=config.generator_warmup, losses="")
+                warm = _Recorder(program)
+                gan_hooks = [warm, _ProgressHook(progress, task, warm)]
+            warm_up(config, program, gan_hooks)
         label = f"search {method} seed {seed}" + (f" stage {index + 1}" if stage is not None else "")
         task = progress.add_task(label, total=rounds, losses="")
         hooks = [*program.hooks, recorder, _ProgressHook(progress, task, recorder)]
@@ -337,23 +359,70 @@ def _table(summary: list[dict[str, Any]], imbalanced: bool) -> Table:
     return table
 
 
-def run(config: RunConfig, console: Console | None = None) -> dict[str, Any]:
-    """Run every method and seed of ``config``; returns (and writes) the results."""
-    console = console or Console()
+def prepare(config: RunConfig) -> tuple[datasets.DataSplits, Any]:
+    """Check every option, then load the search data and the generator checkpoint (if one is
+    named): what every search of ``config`` shares."""
     config.validate()  # every option checked before any data is read
     if config.threads:
         torch.set_num_threads(config.threads)
     if torch.device(config.device).type == "cuda":
         torch.backends.cudnn.benchmark = True  # fixed input sizes: let cuDNN pick its fastest kernels once
     splits = datasets.load(config.dataset, config.data_root, config.imbalance, seed=0, **config.data_options(search=True))
+    loaded = None
+    if config.generator not in ("cgan", "cvae"):
+        loaded = load_generator(config.generator, splits.num_classes, splits.input_shape, allow_pickle=config.unsafe_pickle)
+    return splits, loaded
+
+
+def generator_for(
+    config: RunConfig, method: str, seed: int, splits: datasets.DataSplits, loaded: Any, sources: dict[str, Any],
+    out: Path, console: Console, gates: dict[str, Any],
+) -> Any:
+    """The fixed data source of ``method``'s W2 (``None``: none, or a GAN trained as levels):
+    augmented real data, the cached conditional VAE (its quality gate recorded in ``gates``) or
+    the loaded checkpoint; ``sources`` keeps those shared by the methods of one seed."""
+    variant = METHODS[method].variant
+    if not (variant.second_model and variant.generator):
+        return None
+    if variant.augmented_real:
+        if "aug" not in sources:
+            sources["aug"] = augmented_real(splits, config)
+        return sources["aug"]
+    if config.generator == "cvae":
+        if "cvae" not in sources:
+            sources["cvae"], gate = cached_cvae(config, splits, seed, out, console)
+            gates[f"seed{seed}"] = gate.to_dict()
+        return sources["cvae"]
+    return loaded
+
+
+def checked_engine(config: RunConfig, console: Console | None = None) -> mlo.Engine:
+    """The engine of the first method's search under ``config`` (seed 0, stage 1, after its
+    warm-ups), after ``config.search_rounds`` rounds: what `mlo check lfm-cw` inspects. A
+    generator it has to pretrain is kept in a temporary folder."""
+    console = console or Console(stderr=True)
+    splits, loaded = prepare(config)
+    method = config.methods[0]
+    with tempfile.TemporaryDirectory() as folder:
+        generator = generator_for(config, method, 0, splits, loaded, {}, Path(folder), console, {})
+    torch.manual_seed(0)
+    program = build_program(config, method, 0, splits, generator, config.search_rounds)
+    console.print(f"[bold]mlo check[/] {method} on {splits}: {config.search_rounds} rounds", highlight=False)
+    warm_up(config, program, [])
+    engine = mlo.Engine(program.problems, program.graph, program.estimators, hooks=program.hooks)
+    engine.run(config.search_rounds)
+    return engine
+
+
+def run(config: RunConfig, console: Console | None = None) -> dict[str, Any]:
+    """Run every method and seed of ``config``; returns (and writes) the results."""
+    console = console or Console()
+    splits, loaded = prepare(config)
     eval_options = config.data_options()
     eval_splits = (
         splits if eval_options == config.data_options(search=True)
         else datasets.load(config.dataset, config.data_root, config.imbalance, seed=0, **eval_options)
     )
-    loaded = None
-    if config.generator not in ("cgan", "cvae"):
-        loaded = load_generator(config.generator, splits.num_classes, splits.input_shape, allow_pickle=config.unsafe_pickle)
     out = prepare_output(config.out, config.methods)
     console.print(f"[bold]mlo run[/] {', '.join(config.methods)} on {splits} -> {out}")
     results: dict[str, Any] = {
@@ -370,18 +439,7 @@ def run(config: RunConfig, console: Console | None = None) -> dict[str, Any]:
         for seed in range(config.seeds):
             sources: dict[str, Any] = {}
             for method in config.methods:
-                variant = METHODS[method].variant
-                if not (variant.second_model and variant.generator):
-                    generator = None
-                elif variant.augmented_real:
-                    generator = sources.get("aug") or sources.setdefault("aug", augmented_real(splits, config))
-                elif config.generator == "cvae":
-                    if "cvae" not in sources:
-                        sources["cvae"], gate = cached_cvae(config, splits, seed, out, console)
-                        results["gates"][f"seed{seed}"] = gate.to_dict()
-                    generator = sources["cvae"]
-                else:
-                    generator = loaded
+                generator = generator_for(config, method, seed, splits, loaded, sources, out, console, results["gates"])
                 results["runs"].append(_run_one(config, method, seed, splits, generator, out, progress, eval_splits))
                 results["summary"] = _summary(results["runs"])
                 _write_json(out / "results.json", results)
