@@ -31,6 +31,7 @@ from torch import Tensor, nn
 
 import mlo
 from mlo.problems.data import digits_images
+from mlo.problems.reweighting import WeightNet, mlp, weighted_loss
 from mlo.problems.ridge import Ridge, Vector
 
 __all__ = [
@@ -182,22 +183,8 @@ def _batches(x: Tensor, y: Tensor, batch: int) -> list[tuple[Tensor, Tensor]]:
 # ---------------------------------------------------------------------------------------------- reweighting
 
 
-class WeightNet(nn.Module):
-    """Meta-Weight-Net: a per-sample loss (B, 1) -> a weight in (0, 1) (B, 1)."""
-
-    def __init__(self, hidden: int = 100) -> None:
-        super().__init__()
-        self.net = nn.Sequential(nn.Linear(1, hidden), nn.ReLU(), nn.Linear(hidden, 1), nn.Sigmoid())
-
-    def forward(self, losses: Tensor) -> Tensor:
-        return self.net(losses)
-
-
 def _weighted_loss(lower: nn.Module, upper: nn.Module, batch: tuple[Tensor, Tensor]) -> Tensor:
-    x, y = batch
-    losses = F.cross_entropy(lower(x), y, reduction="none")  # (B,)
-    weights = upper(losses.detach().unsqueeze(1)).squeeze(1)  # (B,)
-    return (weights * losses).mean()
+    return weighted_loss(lower, upper, *batch)
 
 
 def _clean_loss(lower: nn.Module, upper: nn.Module, batch: tuple[Tensor, Tensor]) -> Tensor:
@@ -206,9 +193,9 @@ def _clean_loss(lower: nn.Module, upper: nn.Module, batch: tuple[Tensor, Tensor]
 
 
 def reweighting(hidden: int = 100, batch: int = 100, noise: float = 0.4, seed: int = 0,
-                lower_lr: float = 0.1, upper_lr: float = 1e-3) -> Bilevel:
-    """Meta-Weight-Net on digits: MLP 64-hidden-10 on noisy labels, weight net 1-100-1 on
-    clean validation batches (300 images)."""
+                lower_lr: float = 0.1, upper_lr: float = 1e-3, layers: int = 1, name: str = "reweighting") -> Bilevel:
+    """Meta-Weight-Net (`mlo.problems.reweighting`) on digits: an MLP 64-hidden(x layers)-10 on
+    noisy labels, weight net 1-100-1 on clean validation batches (300 images)."""
     x, y = digits(seed=seed)
     x = x.flatten(1)  # (N, 64)
     g = torch.Generator().manual_seed(seed + 1)
@@ -217,9 +204,9 @@ def reweighting(hidden: int = 100, batch: int = 100, noise: float = 0.4, seed: i
     flip = torch.rand(len(noisy), generator=g) < noise
     noisy[flip] = torch.randint(0, 10, (int(flip.sum()),), generator=g)
     torch.manual_seed(seed)
-    classifier = nn.Sequential(nn.Linear(64, hidden), nn.ReLU(), nn.Linear(hidden, 10))
+    classifier = mlp(64, hidden, 10, layers)
     return Bilevel(
-        "reweighting",
+        name,
         classifier,
         WeightNet(),
         _weighted_loss,
@@ -228,8 +215,9 @@ def reweighting(hidden: int = 100, batch: int = 100, noise: float = 0.4, seed: i
         _batches(x[val], y[val], batch),
         lambda ps: torch.optim.SGD(ps, lr=lower_lr),
         lambda ps: torch.optim.Adam(ps, lr=upper_lr),
-        config={"classifier": f"MLP 64-{hidden}-10", "weight_net": "1-100-1 sigmoid", "batch": batch,
-                "label_noise": noise, "lower": f"SGD(lr={lower_lr})", "upper": f"Adam(lr={upper_lr})"},
+        config={"classifier": f"MLP 64-{hidden}x{layers}-10", "weight_net": "1-100-1 sigmoid", "batch": batch,
+                "label_noise": noise, "lower": f"SGD(lr={lower_lr})", "upper": f"Adam(lr={upper_lr})",
+                "classifier_parameters": sum(p.numel() for p in classifier.parameters())},
     )
 
 

@@ -17,14 +17,21 @@ that can run it are timed interleaved in one run (`benchmarks.timing`), then com
   this ratio is what is left of mlo's own overhead, and hand-engine / hand bounds what any
   framework can gain over the hand-written loop.
 
+MAML (`benchmarks.maml`): one meta-step on 16 sinusoid tasks, mlo (the tasks as one level,
+vmapped) against higher's per-task loop (target: mlo / higher <= 1/3) and a hand-written one.
+
 Algorithms: ridge with Neumann (10 terms), CG (10 iterations) and unroll (5 steps);
 reweighting with Neumann (5 terms) and unroll (1 step, the original Meta-Weight-Net update);
+Meta-Weight-Net with a 3.2M-weight classifier ("reweighting-large") with ``sama`` against
+Neumann, CG and unroll, all timed interleaved in one measurement: mlo's sama against Betty's
+(targets time <= 1.0, memory <= 1.0) and against mlo's other estimators (memory <= 0.5);
 DARTS with finite differences (second order) and first order.
 """
 
 from __future__ import annotations
 
 import cProfile
+import dataclasses
 import io
 import pstats
 from collections.abc import Callable, Sequence
@@ -37,6 +44,7 @@ from rich.console import Console
 
 from mlo import estimators
 
+from . import maml as maml_bench
 from . import problems
 from .implementations import NotApplicable, build_round
 from .report import Ratio, make_console, print_tables, ratio, ratios_table, results_table
@@ -49,6 +57,8 @@ IMPLS = ("mlo", "hand", "hand-engine", "betty", "higher", "torchopt")
 #: problem kind -> (mlo/Betty time target, strict "<" comparison)
 TARGETS: dict[str, tuple[float, bool]] = {"ridge": (0.8, False), "reweighting": (1.0, True), "darts": (1.0, True)}
 HAND_TARGET = 1.10
+#: mlo's MAML meta-step (tasks batched with vmap) against higher's per-task loop: at least 3x faster
+MAML_TARGET = 1 / 3
 MEMORY_TARGET = 1.0
 
 
@@ -61,6 +71,9 @@ class Case:
     algorithms: tuple[str, ...]
     repeats: int
     warmup: int = 2
+    #: time every algorithm's contenders interleaved in one measurement, and compare mlo's run
+    #: of this algorithm against mlo's runs of the others (time and peak memory)
+    focus: str | None = None
 
 
 def cases(quick: bool = False) -> list[Case]:
@@ -68,7 +81,8 @@ def cases(quick: bool = False) -> list[Case]:
     if quick:
         return [
             Case("ridge", lambda: problems.ridge(n=100, dim=10), ("neumann:iterations=5,alpha=0.1", "unroll:steps=2"), 5, 1),
-            Case("reweighting", lambda: problems.reweighting(hidden=16, batch=50), ("neumann:iterations=2,alpha=0.1",), 3, 1),
+            Case("reweighting", lambda: problems.reweighting(hidden=16, batch=50),
+                 ("sama", "neumann:iterations=2,alpha=0.1", "unroll:steps=1"), 3, 1, focus="sama"),
             Case("darts", lambda: problems.darts(size=8, C=4, layers=1, batch=2), ("finite_difference",), 2, 1),
         ]
     return [
@@ -76,6 +90,9 @@ def cases(quick: bool = False) -> list[Case]:
              ("neumann:iterations=10,alpha=0.1", "cg:iterations=10", "unroll:steps=5"), 40),
         Case("reweighting", lambda: problems.reweighting(hidden=100, batch=100),
              ("neumann:iterations=5,alpha=0.1", "unroll:steps=1"), 25),
+        # Meta-Weight-Net at a size where the second-order estimators' memory shows (3.2M weights)
+        Case("reweighting", lambda: problems.reweighting(hidden=1024, layers=4, batch=256, name="reweighting-large"),
+             ("sama", "neumann:iterations=5,alpha=0.1", "cg:iterations=5", "unroll:steps=1"), 6, 1, focus="sama"),
         Case("darts", lambda: problems.darts(size=8, C=8, layers=3, batch=32), ("finite_difference", "first_order"), 12, 1),
         Case("darts", lambda: problems.darts(size=32, C=8, layers=2, batch=16), ("finite_difference", "first_order"), 6, 1),
     ]
@@ -119,6 +136,25 @@ def _ratios(kind: str, results: Sequence[Result]) -> list[Ratio]:
     return out
 
 
+#: peak memory of the focus estimator (sama) against each other estimator on the same program
+ESTIMATOR_MEMORY_TARGET = 0.5
+
+
+def _estimator_ratios(results: Sequence[Result], focus: str) -> list[Ratio]:
+    """mlo running ``focus`` against mlo running each other algorithm (measured interleaved):
+    ``num`` and ``den`` are the two algorithms."""
+    mine = [r for r in results if r.impl == "mlo"]
+    chosen = next((r for r in mine if r.algorithm == focus), None)
+    if chosen is None:
+        return []
+    out = []
+    for other in mine:
+        if other is not chosen:
+            q = ratio(chosen, other, memory_target=ESTIMATOR_MEMORY_TARGET)
+            out.append(dataclasses.replace(q, algorithm=focus, num=focus, den=other.algorithm))
+    return out
+
+
 def profile_rounds(contender: Contender, rounds: int, top: int = 15) -> str:
     """cProfile of ``rounds`` untimed rounds of ``contender``: the ``top`` functions by own time."""
     profiler = cProfile.Profile()
@@ -139,20 +175,28 @@ def run(quick: bool = False, json_path: str | Path | None = None, repeats: int |
     console = console or make_console()
     results: list[Result] = []
     ratios: list[Ratio] = []
+    versus: list[Ratio] = []  # one estimator against the others, all run by mlo
     skipped: dict[str, dict[str, str]] = {}
     programs_config: dict[str, Any] = {}
     profiles: dict[str, str] = {}
     for case in cases(quick):
         program = case.build()
         programs_config[program.name] = program.config
+        groups: list[list[Contender]] = []
         for spec in case.algorithms:
             contenders, missing = _contenders(program, spec, impls)
             if missing:
                 skipped[f"{program.name} {_label(spec)}"] = missing
             console.log(f"speed: {program.name} {_label(spec)}: {', '.join(c.impl for c in contenders)}")
-            measured = measure(contenders, repeats or case.repeats, case.warmup)
+            groups.append(contenders)
+        batches = [[c for group in groups for c in group]] if case.focus else groups
+        for batch in batches:
+            measured = measure(batch, repeats or case.repeats, case.warmup)
             results.extend(measured)
-            ratios.extend(_ratios(case.kind, measured))
+            for algorithm in dict.fromkeys(r.algorithm for r in measured):
+                ratios.extend(_ratios(case.kind, [r for r in measured if r.algorithm == algorithm]))
+            if case.focus:
+                versus.extend(_estimator_ratios(measured, _label(case.focus)))
             if profile:
                 for c in contenders:
                     if c.impl == "mlo":
@@ -160,8 +204,19 @@ def run(quick: bool = False, json_path: str | Path | None = None, repeats: int |
                         profiles[key] = profile_rounds(c, max(2, (repeats or case.repeats) // 2))
                         console.rule(f"cProfile of mlo: {key}")
                         console.print(profiles[key], markup=False, highlight=False)
-    print_tables(results_table(results, "speed: time per round (interleaved) and peak memory"),
-                 ratios_table(ratios, "speed: ratios (time: median of per-repetition ratios)"), console=console)
+    # MAML: the tasks of a meta-batch as one vmapped level against per-task loops (higher's, by hand)
+    measured = measure(maml_bench.contenders(quick), 3 if quick else (repeats or 15), 1)
+    results.extend(measured)
+    by_impl = {r.impl: r for r in measured}
+    for peer in ("higher", "hand"):
+        if peer in by_impl:
+            ratios.append(ratio(by_impl["mlo"], by_impl[peer], MAML_TARGET if peer == "higher" else None))
+    programs_config["maml"] = maml_bench.CONFIG
+    tables = [results_table(results, "speed: time per round (interleaved) and peak memory"),
+              ratios_table(ratios, "speed: ratios (time: median of per-repetition ratios)")]
+    if versus:
+        tables.append(ratios_table(versus, "speed: one estimator against the others, each run by mlo (num/den: algorithms)"))
+    print_tables(*tables, console=console)
     if json_path is not None:
         config = {
             "quick": quick,
@@ -174,5 +229,5 @@ def run(quick: bool = False, json_path: str | Path | None = None, repeats: int |
             "torch_threads": torch.get_num_threads(),
         }
         write_json(json_path, "speed", config, results, ratios=[q.as_dict() for q in ratios], skipped=skipped,
-                   profiles=profiles)
+                   profiles=profiles, estimator_ratios=[q.as_dict() for q in versus])
     return results, ratios

@@ -19,6 +19,9 @@ mlo                Betty                    status
 first_order        upper first_order=False  same hypergradient
 neumann            type="neumann"           same series ``alpha * sum_i (I - alpha H)^i a``;
                                             Betty does not detect divergence
+sama               type="sama"              same approximation (``sama_adam_alpha`` = radius);
+                                            Betty keeps Adam's last gradient in the
+                                            optimizer's state, mlo in ``Problem.last_gradient``
 cg                 type="cg"                refused: Betty 0.2.1's CG builds the next search
                                             direction from the previous residual, not the new
                                             one (wrong after the first iteration), and divides by
@@ -72,7 +75,7 @@ from torch import Tensor
 import mlo
 from mlo.errors import ProgramError
 from mlo.functional import frozen_buffers
-from mlo.estimators import CG, Estimator, FiniteDifference, FirstOrder, Neumann, Unroll
+from mlo.estimators import CG, Estimator, FiniteDifference, FirstOrder, Neumann, Sama, Unroll
 
 __all__ = [
     "BettyProgram",
@@ -167,6 +170,8 @@ def betty_method(estimator: EstimatorSpec, allow_inexact: bool = False) -> Betty
         if not isinstance(est.alpha, float):
             raise BettyUnsupported(f"Betty's Neumann takes a numeric alpha; {est} (alpha='auto') cannot run on Betty")
         return BettyMethod("neumann", (("neumann_iterations", est.iterations), ("neumann_alpha", est.alpha)))
+    if isinstance(est, Sama):
+        return BettyMethod("sama", (("sama_adam_alpha", est.radius),))
     if isinstance(est, CG):
         if est.damping:
             raise BettyUnsupported(f"Betty's CG has no damping; {est} cannot run on Betty")
@@ -353,7 +358,7 @@ class BettyProgram:
                 )
             for low in lows:
                 kind = self.methods[(upper, low)].kind
-                if kind in ("neumann", "cg") and g.lowers_of[low]:
+                if kind in ("neumann", "cg", "sama") and g.lowers_of[low]:
                     raise BettyUnsupported(
                         f"edge {upper!r} -> {low!r}: Betty's {kind} only serves a lower level without lowers of "
                         f"its own, and {low!r} has {list(g.lowers_of[low])}"

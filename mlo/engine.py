@@ -113,6 +113,10 @@ class Engine:
             if (scaler := prec.scaler(self.program.params[name][0].device)) is not None
         }
         self._check_starts()
+        #: levels whose last step's gradient an estimator reads (``Problem.last_gradient``)
+        self._keep_gradient = {
+            low for (_, low), est in self.estimators.items() if est.reads_last_gradient(self.program.problems[low])
+        }
         self.hooks = list(hooks)
         for hook in self.hooks:
             if not isinstance(hook, Hook):
@@ -288,6 +292,8 @@ class Engine:
                 if update is not None or overflow:
                     scaler.step(problem.optimizer)  # skips the step after an overflow
                 scaler.update()
+            if update is not None and name in self._keep_gradient:  # as the optimizer left it (Betty's sama reads it so)
+                problem.last_gradient = tuple(p.grad.detach() if p.grad is not None else torch.zeros_like(p) for p in params)
             for p in params:
                 p.grad = None
             if problem.scheduler is not None and update is not None:

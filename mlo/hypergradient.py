@@ -52,7 +52,14 @@ Look-aheads. Estimators with a look-ahead (``finite_difference``, ``unroll``) mo
 to a look-ahead point at which the upper's loss is evaluated; ``unroll``'s look-ahead is
 differentiable in the upper (``attached``), so autograd carries the direct path through it and
 its ``vjp`` receives only what arrives from deeper levels. Each look-ahead step of a level with
-lowers follows that level's own hypergradient through them (the rule, recursively).
+lowers follows that level's own hypergradient through them (the rule, recursively), the levels
+below it staying where they are unless their own edge looks ahead too. So nested ``unroll``
+approaches the exact hypergradient as K grows, while ``unroll`` above an implicit edge does not:
+its look-ahead differentiates the middle level's hypergradient with the levels below held fixed.
+
+"Exact" is the implicit function theorem's promise: it holds where every level below the one
+differentiated is at its best response (a stationary point of its reduced objective) and the
+solves converge; elsewhere the implicit estimators approximate, as at depth 2.
 """
 
 from __future__ import annotations

@@ -58,7 +58,9 @@ class Problem:
 
     ``batch`` is the batch of the level's current step (``None`` before its first): the engine
     sets it whenever the level draws one, so another level's loss may read it (a meta level
-    reads the query sets of the task batch its lower level drew).
+    reads the query sets of the task batch its lower level drew). ``last_gradient`` is the
+    gradient handed to the optimizer at the level's last step, kept by the engine only when an
+    estimator of an edge into this level reads it (``sama``); ``None`` otherwise.
 
     Subclasses must define ``loss``; a subclass that does not is rejected when it is defined.
     Pass ``abstract=True`` in the class statement for an intermediate base class.
@@ -129,6 +131,7 @@ class Problem:
         self.transform = transform
         self.init = init
         self.batch: Any = None
+        self.last_gradient: tuple[Tensor, ...] | None = None
         self._loss_fn = loss
 
     def loss(self, batch: Any) -> Tensor:

@@ -87,12 +87,16 @@ class Ridge:
             raise ValueError("the closed form needs quartic = 0 (a quadratic inner problem)")
 
 
-def program(ridge: Ridge, w0: Tensor, h0: Tensor, lower_lr: float, upper: Callable[..., torch.optim.Optimizer] = torch.optim.Adam,
-            upper_lr: float = 0.05, names: tuple[str, str] = ("weights", "hyper")) -> list[mlo.Problem]:
-    """The two levels, full batch: ``names[0]`` (w, SGD) and ``names[1]`` (h, ``upper``), wired
-    ``{names[1]: [names[0]]}``."""
+Optimizer = Callable[..., torch.optim.Optimizer]
+
+
+def program(ridge: Ridge, w0: Tensor, h0: Tensor, lower_lr: float, upper: Optimizer = torch.optim.Adam,
+            upper_lr: float = 0.05, names: tuple[str, str] = ("weights", "hyper"),
+            lower: Optimizer = torch.optim.SGD) -> list[mlo.Problem]:
+    """The two levels, full batch: ``names[0]`` (w, ``lower``: SGD) and ``names[1]`` (h,
+    ``upper``: Adam), wired ``{names[1]: [names[0]]}``."""
     w, h = Vector(w0), Vector(h0)
     return [
-        mlo.Problem(names[0], w, torch.optim.SGD(w.parameters(), lr=lower_lr), loss=lambda _: ridge.inner(w.value, h.value)),
+        mlo.Problem(names[0], w, lower(w.parameters(), lr=lower_lr), loss=lambda _: ridge.inner(w.value, h.value)),
         mlo.Problem(names[1], h, upper(h.parameters(), lr=upper_lr), loss=lambda _: ridge.outer(w.value, h.value)),
     ]

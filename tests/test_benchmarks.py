@@ -135,6 +135,19 @@ def test_speed_ratios_come_from_the_measured_samples(speed_run: Any) -> None:
         assert 0.05 < q["time_ratio"] < 20  # same work on the same machine: sane, whatever the load
 
 
+def test_speed_compares_sama_with_the_other_estimators_on_one_program(speed_run: Any) -> None:
+    doc, _, _ = speed_run
+    by_key = {(r["problem"], r["algorithm"], r["impl"]): r for r in doc["results"]}
+    versus = doc["estimator_ratios"]
+    assert {q["den"] for q in versus} >= {"neumann(iterations=2,alpha=0.1)", "unroll(steps=1)"}
+    for q in versus:
+        assert q["num"] == "sama" and q["memory_target"] == 0.5
+        num, den = by_key[(q["problem"], q["num"], "mlo")], by_key[(q["problem"], q["den"], "mlo")]
+        assert q["time_ratio"] == pytest.approx(statistics.median(a / b for a, b in zip(num["samples_s"], den["samples_s"])))
+        assert q["memory_ratio"] == pytest.approx(num["peak_mb"] / den["peak_mb"])
+    assert ("reweighting", "sama", "betty") in by_key  # and Betty's sama beside mlo's
+
+
 # ---------------------------------------------------------------------------------------------- estimators
 
 

@@ -147,6 +147,11 @@ class Estimator(ABC):
         """Called when the engine is built, once per edge served: reject a lower level this
         estimator cannot handle (for example an optimizer it cannot differentiate)."""
 
+    def reads_last_gradient(self, lower: Problem) -> bool:
+        """Whether ``vjp`` reads the gradient of ``lower``'s last optimizer step
+        (``Problem.last_gradient``); the engine keeps it only for such levels."""
+        return False
+
     def lookahead(self, hop: Hop) -> Tensors | None:
         """Lower parameters at which the upper objective is evaluated; ``None``: where they are."""
         return None

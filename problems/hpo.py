@@ -1,0 +1,181 @@
+"""Per-layer learning rates and weight decays learned through the validation loss, as a bilevel program.
+
+    rates  (log eta_l, log lambda_l per layer l):  min  L_val(theta after its steps)
+    model  theta:                                  SGD steps  theta_l <- theta_l - eta_l (g_l + lambda_l W_l)
+
+Learning rates shape the path to the optimum, not the optimum, so implicit estimators see no
+gradient for them: they are learned through ``unroll`` (``unroll:steps=1`` is hypergradient
+descent, Baydin et al. 2018). The per-layer rate enters the lower loss through `rescaled`: the
+layer's parameters are used at their value, with their gradient multiplied by ``eta_l``
+(differentiably in ``eta_l``), so the lower optimizer is plain SGD with learning rate 1 and a
+look-ahead step of it is the step with the learned rates. Weight decay is the loss term
+``lambda_l / 2 |W_l|^2`` (weights, not biases).
+
+Baseline: the best fixed (learning rate, weight decay), shared by all layers, from a small grid,
+chosen on the validation error; the learned rates get the same total cost (`HPOConfig`).
+"""
+
+from __future__ import annotations
+
+import itertools
+import math
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torch.utils.data import Subset
+
+import mlo
+from mlo.config import ConfigError
+
+from . import data, runs
+from .reweighting import mlp
+
+__all__ = ["Rates", "rescaled", "train_loss", "levels", "HPOConfig", "run_one", "run"]
+
+
+def rescaled(p: Tensor, scale: Tensor) -> Tensor:
+    """``p`` in value (exactly); its gradient multiplied by ``scale``, differentiably in ``scale``:
+    ``p.detach() + scale (p - p.detach())``, whose derivative in ``p`` is ``scale``."""
+    return p.detach() + scale * (p - p.detach())
+
+
+class Rates(nn.Module):
+    """One log learning rate and one log weight decay per layer."""
+
+    def __init__(self, layers: int, lr: float, weight_decay: float) -> None:
+        super().__init__()
+        self.log_lr = nn.Parameter(torch.full((layers,), math.log(lr)))
+        self.log_wd = nn.Parameter(torch.full((layers,), math.log(weight_decay)))
+
+
+def _linears(model: nn.Module) -> list[tuple[str, nn.Linear]]:
+    return [(name, m) for name, m in model.named_modules() if isinstance(m, nn.Linear)]
+
+
+def train_loss(model: nn.Module, rates: Rates, x: Tensor, y: Tensor) -> Tensor:
+    """Cross-entropy plus per-layer weight decay, each layer's gradient scaled by its learning rate."""
+    lr, wd = rates.log_lr.exp(), rates.log_wd.exp()
+    values: dict[str, Tensor] = {}
+    decay = x.new_zeros(())
+    for layer, (name, linear) in enumerate(_linears(model)):
+        values[f"{name}.weight"] = weight = rescaled(linear.weight, lr[layer])
+        values[f"{name}.bias"] = rescaled(linear.bias, lr[layer])
+        decay = decay + 0.5 * wd[layer] * (weight * weight).sum()
+    return F.cross_entropy(torch.func.functional_call(model, values, (x,)), y) + decay
+
+
+def levels(model: nn.Module, rates: Rates, train: Any, val: Any, meta_lr: float) -> tuple[list[mlo.Problem], dict[str, list[str]]]:
+    """``model`` (SGD at learning rate 1: the rates are in its loss) under ``rates`` (Adam)."""
+    if len(_linears(model)) != rates.log_lr.numel():
+        raise ValueError(f"{rates.log_lr.numel()} rates for a model with {len(_linears(model))} linear layers")
+    lower = mlo.Problem("model", model, torch.optim.SGD(model.parameters(), lr=1.0), train,
+                        loss=lambda batch: train_loss(model, rates, *batch))
+    upper = mlo.Problem("rates", rates, torch.optim.Adam(rates.parameters(), lr=meta_lr), val,
+                        loss=lambda batch: F.cross_entropy(model(batch[0]), batch[1]))
+    return [lower, upper], {"rates": ["model"]}
+
+
+# ---------------------------------------------------------------------------------------------- `mlo run hpo`
+
+
+METHODS = ("learned", "grid")
+
+
+@dataclass
+class HPOConfig:
+    """`mlo run hpo`: learned per-layer rates against the best fixed values of a grid, on a small
+    digits training set (where regularization matters). Each grid point trains ``rounds`` steps;
+    the learned rates get ``rounds * len(grid) / cost`` rounds, ``cost`` being what one of their
+    rounds costs in plain steps (one step, a differentiable look-ahead step and the validation
+    pass through it: about 3), so both use the same total cost."""
+
+    methods: list[str] = field(default_factory=lambda: list(METHODS))
+    seeds: int = 3
+    train_size: int = 300
+    hidden: int = 128
+    layers: int = 2  # hidden layers; the model has layers + 1 linear layers
+    batch_size: int = 64
+    rounds: int = 200
+    lrs: list[str] = field(default_factory=lambda: ["0.03", "0.1", "0.3"])
+    weight_decays: list[str] = field(default_factory=lambda: ["1e-4", "1e-3", "1e-2"])
+    cost: float = 3.0
+    init_lr: float = 0.1
+    init_weight_decay: float = 1e-3
+    meta_lr: float = 0.03
+    estimator: str = "unroll:steps=1"
+    threads: int = 1
+    out: str | None = None
+
+    def validate(self) -> None:
+        unknown = [m for m in self.methods if m not in METHODS]
+        if not self.methods or unknown:
+            raise ConfigError(f"unknown method(s) {unknown or self.methods}; methods: {', '.join(METHODS)}")
+        for name in ("seeds", "train_size", "hidden", "layers", "batch_size", "rounds"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"{name} must be >= 1, got {getattr(self, name)}")
+        for name in ("lrs", "weight_decays"):
+            try:
+                values = [float(v) for v in getattr(self, name)]
+            except ValueError:
+                raise ConfigError(f"{name} must be positive numbers, got {getattr(self, name)}") from None
+            if not values or min(values) <= 0:
+                raise ConfigError(f"{name} must be positive numbers, got {getattr(self, name)}")
+        for name in ("cost", "init_lr", "init_weight_decay", "meta_lr"):
+            if getattr(self, name) <= 0:
+                raise ConfigError(f"{name} must be > 0, got {getattr(self, name)}")
+        if mlo.estimators.parse(self.estimator).name != "unroll":
+            raise ConfigError(f"estimator must be unroll (learning rates do not move the optimum), got {self.estimator!r}")
+
+    def grid(self) -> list[tuple[float, float]]:
+        return list(itertools.product((float(v) for v in self.lrs), (float(v) for v in self.weight_decays)))
+
+
+def _splits(config: HPOConfig, seed: int) -> data.DataSplits:
+    s = data.digits(seed=seed)
+    size = len(s.train)  # type: ignore[arg-type]
+    keep = torch.randperm(size, generator=torch.Generator().manual_seed(seed))[: config.train_size]
+    return data.DataSplits(Subset(s.train, keep.tolist()), s.val, s.test, s.num_classes, s.input_shape, s.name)
+
+
+def _train(config: HPOConfig, s: data.DataSplits, seed: int, rates: Rates, rounds: int, learn: bool) -> nn.Module:
+    torch.manual_seed(seed)
+    model = mlp(64, config.hidden, s.num_classes, config.layers)
+    problems, graph = levels(model, rates, runs.loader(s.train, config.batch_size, seed),
+                             runs.loader(s.val, config.batch_size, seed + 1), config.meta_lr)
+    mlo.Engine(problems if learn else problems[:1], graph if learn else {}, config.estimator).run(rounds)
+    return model
+
+
+def run_one(config: HPOConfig, method: str, seed: int) -> dict[str, float]:
+    """Test error of the learned rates, or of the grid point with the best validation error."""
+    s = _splits(config, seed)
+    layers = config.layers + 1
+    if method == "learned":
+        rates = Rates(layers, config.init_lr, config.init_weight_decay)
+        model = _train(config, s, seed, rates, round(config.rounds * len(config.grid()) / config.cost), learn=True)
+        chosen: dict[str, Any] = {"lr": rates.log_lr.detach().exp().tolist(), "weight_decay": rates.log_wd.detach().exp().tolist()}
+    else:
+        best: tuple[float, nn.Module, dict[str, float]] | None = None
+        for lr, wd in config.grid():
+            model = _train(config, s, seed, Rates(layers, lr, wd), config.rounds, learn=False)
+            val = runs.evaluate(model, s.val, s.num_classes)["test_error"]
+            if best is None or val < best[0]:
+                best = (val, model, {"lr": lr, "weight_decay": wd})
+        assert best is not None
+        _, model, chosen = best
+    metrics = runs.evaluate(model, s.test, s.num_classes)
+    metrics["val_error"] = runs.evaluate(model, s.val, s.num_classes)["test_error"]
+    print(f"  {method} seed {seed}: {chosen}")
+    return metrics
+
+
+@mlo.programs.program("hpo", "per-layer learning rates and weight decays through the validation loss vs the best of a grid",
+                      HPOConfig)
+def run(config: HPOConfig) -> dict[str, Any]:
+    if config.threads:
+        torch.set_num_threads(config.threads)
+    title = f"per-layer HPO on digits ({config.train_size} training images)"
+    return runs.compare(title, config.methods, config.seeds, lambda m, s: run_one(config, m, s), config.out, asdict(config))
