@@ -57,7 +57,7 @@ def _measure(ranks: int, rounds: int, batch: int) -> float:
     with tempfile.TemporaryDirectory() as tmp:
         out = os.path.join(tmp, "rate.json")
         env = {**os.environ, "OMP_NUM_THREADS": "1"}
-        cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(ranks), "--master_port", "0",
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(ranks),
                "-m", "mlo.benchmarks.scaling", "--worker", "--rounds", str(rounds), "--batch", str(batch), "--out", out]
         subprocess.run(cmd, check=True, env=env, stdout=subprocess.DEVNULL)
         return float(json.loads(Path(out).read_text())["rounds_per_second"])
