@@ -136,7 +136,7 @@ def _ratios(kind: str, results: Sequence[Result]) -> list[Ratio]:
     return out
 
 
-#: peak memory of the focus estimator (sama) against each other estimator on the same program
+#: peak memory of the focus estimator (sama) against neumann's on the same program
 ESTIMATOR_MEMORY_TARGET = 0.5
 
 
@@ -150,7 +150,8 @@ def _estimator_ratios(results: Sequence[Result], focus: str) -> list[Ratio]:
     out = []
     for other in mine:
         if other is not chosen:
-            q = ratio(chosen, other, memory_target=ESTIMATOR_MEMORY_TARGET)
+            target = ESTIMATOR_MEMORY_TARGET if other.algorithm.startswith("neumann") else None
+            q = ratio(chosen, other, memory_target=target)
             out.append(dataclasses.replace(q, algorithm=focus, num=focus, den=other.algorithm))
     return out
 
