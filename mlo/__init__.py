@@ -4,7 +4,7 @@ Declare each level as a ``Problem``, wire the levels into a dependency graph, an
 ``Engine`` with a hypergradient estimator from ``mlo.estimators``.
 """
 
-from . import checkpoint, config, distributed, estimators, loader, logs, programs, tasks, transforms
+from . import checkpoint, config, distributed, estimators, loader, logs, precision, programs, tasks, transforms
 from .check import CheckReport, EdgeCheck, check
 from .engine import Engine
 from .errors import (
@@ -36,6 +36,7 @@ __all__ = [
     "checkpoint",
     "loader",
     "logs",
+    "precision",
     "distributed",
     "MLOError",
     "ProgramError",

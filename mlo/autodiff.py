@@ -13,6 +13,8 @@ from collections.abc import Callable, Iterable, Sequence
 import torch
 from torch import Tensor
 
+from . import distributed
+
 Tensors = tuple[Tensor, ...]
 
 #: autograd's engine entry point, where this torch has it (see `_engine`)
@@ -62,7 +64,21 @@ def grad(
     """``torch.autograd.grad`` that returns zeros for inputs the outputs do not depend on.
 
     Outputs that do not require grad (a gradient that is constant in ``inputs``) contribute zero.
+    Inside `mlo.distributed.data_parallel` (the Engine's steps when a process group is
+    initialized) the result is averaged across ranks: every derivative mlo forms goes through
+    here, so gradients, Hessian-vector products, mixed products and hypergradients are all those
+    of the mean loss over the ranks' batches.
     """
+    return distributed.average(_grad(outputs, inputs, grad_outputs, create_graph, retain_graph), differentiable=create_graph)
+
+
+def _grad(
+    outputs: Tensor | Sequence[Tensor],
+    inputs: Sequence[Tensor],
+    grad_outputs: Sequence[Tensor] | None,
+    create_graph: bool,
+    retain_graph: bool | None,
+) -> Tensors:
     outs = (outputs,) if isinstance(outputs, Tensor) else tuple(outputs)
     inputs = tuple(inputs)
     if all(o.requires_grad for o in outs) and all(x.requires_grad for x in inputs):  # the usual case

@@ -13,6 +13,11 @@ payload that is not tensors and plain values (``weights_only``: no pickled code 
 
 `Checkpoint` is the hook that saves every N rounds, keeps the last few, and saves on SIGINT or
 SIGTERM at the end of the round in progress before the process exits.
+
+Several ranks (data-parallel under torchrun): every rank holds the same state (parameters,
+optimizers, generators and data positions are replicated; each rank's data is its share of
+the same batches), so rank 0 writes one file with ``torch.save`` and every rank loads it; no
+state is sharded, so torch.distributed.checkpoint (made for sharded state) is not needed.
 """
 
 from __future__ import annotations
@@ -28,6 +33,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
+from . import distributed
 from .errors import CheckpointError
 from .hooks import Hook
 
@@ -142,17 +148,24 @@ class Checkpoint(Hook):
         return self.directory / f"{self.prefix}-{round:08d}.pt"
 
     def save(self, engine: "Engine") -> Path:
-        """Write a checkpoint of the engine now; drop the oldest beyond ``keep``."""
-        path = save(engine, self.path(engine.round), **self.extra)
-        for _, old in _numbered(self.directory, self.prefix)[: -self.keep]:
-            old.unlink(missing_ok=True)
+        """Write a checkpoint of the engine now; drop the oldest beyond ``keep``. Under a process
+        group the state is the same on every rank (data-parallel), so rank 0 writes it and the
+        others wait for the write to finish."""
+        path = self.path(engine.round)
+        if distributed.is_main():
+            save(engine, path, **self.extra)
+            for _, old in _numbered(self.directory, self.prefix)[: -self.keep]:
+                old.unlink(missing_ok=True)
+        distributed.barrier()
         return path
 
     def on_round(self, engine: "Engine") -> None:
-        if engine.round % self.every == 0 or self.pending is not None:
+        # every rank stops at the same round when any of them was signalled
+        stop = distributed.any_rank(self.pending is not None) if distributed.active() else self.pending is not None
+        if engine.round % self.every == 0 or stop:
             self.save(engine)
-        if self.pending is not None:
-            raise SystemExit(128 + self.pending)
+        if stop:
+            raise SystemExit(128 + (self.pending or signal.SIGTERM))
 
     def on_run_start(self, engine: "Engine") -> None:
         self.pending = None

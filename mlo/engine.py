@@ -27,7 +27,8 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from . import autodiff, rng
+from . import autodiff, distributed, rng
+from . import precision as precisions
 from .autodiff import Tensors
 from .errors import EstimatorError, NonFiniteError, ProgramError
 from .estimators import Estimator, Info, resolve
@@ -41,6 +42,7 @@ from .streams import Stream
 __all__ = ["Engine"]
 
 EstimatorSpec = str | Estimator
+PrecisionSpec = str | precisions.Precision
 Edge = tuple[str, str]
 
 
@@ -62,6 +64,12 @@ class Engine:
         hooks: ``mlo.Hook`` instances (progress, logs, checkpoints; see ``mlo.hooks``).
         check_finite: raise ``NonFiniteError`` naming the level and round when a loss or
             hypergradient is NaN or infinite.
+        precision: ``"fp32"`` (default), ``"bf16"`` or ``"fp16"`` for every level, or a mapping
+            ``{level: precision}``: the forward pass of each level's loss under autocast, fp16
+            with a gradient scaler (`mlo.precision`). Derivatives and solves stay in float32.
+
+    When a process group is initialized, the engine is data-parallel: every rank starts from
+    rank 0's parameters and every derivative is averaged across ranks (`mlo.distributed`).
 
     Every check on the program happens here, before any step.
     """
@@ -73,6 +81,7 @@ class Engine:
         estimator: EstimatorSpec | Mapping[Edge, EstimatorSpec] = "cg",
         hooks: Sequence[Hook] = (),
         check_finite: bool = True,
+        precision: PrecisionSpec | Mapping[str, PrecisionSpec] = "fp32",
     ) -> None:
         problems = list(problems)
         for p in problems:
@@ -84,10 +93,25 @@ class Engine:
                 raise ProgramError(f"level {p.name!r} is listed twice in problems")
         for p in problems:
             p.check_data()
+        for p in problems:
+            distributed.refuse_wrapped(p.name, p.module)
+            distributed.warn_batch_statistics(p.name, p.module)
         self.graph = Graph.build([p.name for p in problems], graph or {})
         self.program = Program(problems)
         self._check_parameters()
         self.estimators = self._resolve_estimators(estimator)
+        self.precision = precisions.per_level(precision, list(self.program.problems))
+        for name, prec in self.precision.items():
+            if prec.scaled and self.graph.lowers_of[name]:
+                raise ProgramError(
+                    f"level {name!r}: fp16 with a gradient scaler is for levels without lowers (a hypergradient's "
+                    "solves are not scaled); use 'bf16' for this level"
+                )
+        self._scalers = {
+            name: scaler
+            for name, prec in self.precision.items()
+            if (scaler := prec.scaler(self.program.params[name][0].device)) is not None
+        }
         self._check_starts()
         #: levels whose last step's gradient an estimator reads (``Problem.last_gradient``)
         self._keep_gradient = {
@@ -100,9 +124,11 @@ class Engine:
         self.check_finite = check_finite
         self.round = 0
         self.diagnostics = Diagnostics()
+        for p in problems:  # every rank starts from rank 0's state, as DDP does
+            distributed.broadcast_module(p.module)
         self._streams = {name: Stream(p) for name, p in self.program.problems.items()}
-        losses = {name: self._loss(name) for name in self.graph.levels}
-        self._rule = Rule(self.graph, self.estimators, losses, self.program.problems, self.program.derive)
+        self._losses = {name: self._loss(name) for name in self.graph.levels}
+        self._rule = Rule(self.graph, self.estimators, self._losses, self.program.problems, self.program.derive)
         self._transform_states: dict[str, Any] = {
             name: p.transform.init(self.program.params[name])
             for name, p in self.program.problems.items()
@@ -233,28 +259,44 @@ class Engine:
         problem = self.program.problems[name]
         if problem.init is None or self._streams[name].drawn == 0:
             self._draw(name)
-        if self.graph.lowers_of[name]:
-            grads, loss = self._hypergradient(name)
-        else:
-            loss = self.program.loss(name, self._streams[name].batch)
-            grads = autodiff.grad(loss, self.program.params[name])
-        self._check(loss, grads, name)
-        for hook in self.hooks:
-            hook.on_gradient(self, name, grads)
         params = self.program.params[name]
-        update: Tensors | None = grads
-        if problem.transform is not None:
+        scaler = self._scalers.get(name)
+        with distributed.data_parallel():
+            if self.graph.lowers_of[name]:
+                grads, loss = self._hypergradient(name)
+            else:
+                loss = self._losses[name]({})
+                grads = autodiff.grad(loss if scaler is None else scaler.scale(loss), params)
+        overflow = False
+        if scaler is not None:  # unscale in .grad; a step whose gradient overflowed is skipped
+            for p, g in zip(params, grads):
+                p.grad = g
+            scaler.unscale_(problem.optimizer)
+            grads = tuple(p.grad for p in params)  # type: ignore[misc]
+            overflow = not autodiff.all_finite(grads)
+        if not overflow:
+            self._check(loss, grads, name)
+            for hook in self.hooks:
+                hook.on_gradient(self, name, grads)
+        update: Tensors | None = None if overflow else grads
+        if problem.transform is not None and update is not None:
             grads = tuple(g.detach() for g in grads)
             update, self._transform_states[name] = problem.transform.update(grads, self._transform_states[name], params)
-        if update is not None:
-            for p, g in zip(params, update):
-                p.grad = g.detach() if g.requires_grad else g
-            problem.optimizer.step()
-            if name in self._keep_gradient:  # as the optimizer left it (Betty's sama reads it so)
+        if update is not None or scaler is not None:
+            if update is not None:
+                for p, g in zip(params, update):
+                    p.grad = g.detach() if g.requires_grad else g
+            if scaler is None:
+                problem.optimizer.step()
+            else:
+                if update is not None or overflow:
+                    scaler.step(problem.optimizer)  # skips the step after an overflow
+                scaler.update()
+            if update is not None and name in self._keep_gradient:  # as the optimizer left it (Betty's sama reads it so)
                 problem.last_gradient = tuple(p.grad.detach() if p.grad is not None else torch.zeros_like(p) for p in params)
             for p in params:
                 p.grad = None
-            if problem.scheduler is not None:
+            if problem.scheduler is not None and update is not None:
                 problem.scheduler.step()
         loss = loss.detach()
         for hook in self.hooks:
@@ -280,7 +322,8 @@ class Engine:
             if self._streams[level].drawn == 0 and (batches is None or level not in batches):
                 self._streams[level].draw()
         rule = self._rule if estimator is None and batches is None else self._rule_with(estimator, batches or {})
-        grads, loss = self._hypergradient(name, rule)
+        with distributed.data_parallel():
+            grads, loss = self._hypergradient(name, rule)
         self._check(loss, grads, name)
         return [g.detach() for g in grads]
 
@@ -315,13 +358,26 @@ class Engine:
         return Rule(self.graph, estimators, losses, self.program.problems, self.program.derive)
 
     def _loss(self, name: str, fixed: tuple[Any] | None = None) -> Loss:
-        """Level ``name``'s loss on its current batch (or on ``fixed[0]``), at any point."""
+        """Level ``name``'s loss on its current batch (or on ``fixed[0]``), at any point, in the
+        level's precision (the forward pass under autocast, the loss returned in float32)."""
         problem_loss = self.program.loss
-        if fixed is not None:
-            return lambda point: problem_loss(name, fixed[0], point)
+        prec, device = self.precision[name], self.program.params[name][0].device
 
-        def loss(point: Point) -> Tensor:
-            return problem_loss(name, self._streams[name].batch, point)
+        def batch() -> Any:
+            return fixed[0] if fixed is not None else self._streams[name].batch
+
+        if prec.dtype is None:
+
+            def loss(point: Point) -> Tensor:  # widened only if a caller's autocast narrowed it
+                return precisions.widen(problem_loss(name, batch(), point))
+
+            return loss
+
+        def low_precision_loss(point: Point) -> Tensor:
+            with prec.autocast(device):
+                return precisions.widen(problem_loss(name, batch(), point))
+
+        return low_precision_loss
 
         return loss
 
@@ -350,6 +406,7 @@ class Engine:
           data position (`mlo.streams.Stream`: a seek for data with ``state_dict``, else a
           replay of the current pass only);
         - ``rng``: the global generators (torch CPU and CUDA, numpy, python);
+        - ``scalers``: the gradient scaler of each fp16 level;
         - ``hooks``: each hook's ``state_dict()`` (``None`` for hooks without state; those with
           state are matched in order when loading).
 
@@ -368,6 +425,7 @@ class Engine:
             "levels": levels,
             "rng": rng.get_state(),
             "hooks": [hook.state_dict() for hook in self.hooks],
+            "scalers": {name: scaler.state_dict() for name, scaler in self._scalers.items()},
         }
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
@@ -397,6 +455,9 @@ class Engine:
             self._streams[name].load_state_dict(saved["data"])
         for hook, hook_state in zip(stateful, saved_hooks):
             hook.load_state_dict(hook_state)
+        for name, scaler_state in state.get("scalers", {}).items():
+            if name in self._scalers:
+                self._scalers[name].load_state_dict(scaler_state)
         self.round = int(state["round"])
         if "rng" in state:
             rng.set_state(state["rng"])

@@ -65,6 +65,7 @@ solves converge; elsewhere the implicit estimators approximate, as at depth 2.
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping
+from contextlib import nullcontext
 from dataclasses import dataclass, field
 
 from torch import Tensor
@@ -74,6 +75,7 @@ from .autodiff import Tensors
 from .estimators.base import Curvature, Estimator, Hop, Info
 from .functional import Point
 from .graph import Graph
+from .precision import full_precision
 from .problem import Problem
 
 __all__ = ["Loss", "Edge", "Result", "Rule", "hypergradient"]
@@ -294,7 +296,9 @@ class _Hop(Hop):
         self.lower_params = tuple(point[lower])
 
     def lower_loss(self, overrides: Mapping[str, Tensors]) -> Tensor:
-        return self.evaluation.rule.losses[self.lower]({**self.point, **overrides})
+        # second derivatives and differences of this loss are taken: never in low precision
+        with full_precision():
+            return self.evaluation.rule.losses[self.lower]({**self.point, **overrides})
 
     def curvature(self, hessian: str = "total") -> Curvature:
         if hessian == "total" and self.evaluation.graph.lowers_of[self.lower]:
@@ -302,7 +306,9 @@ class _Hop(Hop):
         return _PartialCurvature(self.lower_loss({}), self.lower_params, self.upper_params)
 
     def direction(self, values: Tensors, differentiable: bool) -> Tensors:
-        grads, _ = self.evaluation.total(self.lower, {**self.point, self.lower: values}, differentiable)
+        # a step that is differentiated again (unroll) is a second derivative: full precision
+        with full_precision() if differentiable else nullcontext():
+            grads, _ = self.evaluation.total(self.lower, {**self.point, self.lower: values}, differentiable)
         return grads
 
     def upper_gradient(self, lower_values: Tensors) -> Tensors:

@@ -226,6 +226,42 @@ def test_variant_edges_match_the_built_graph_and_bad_edges_are_refused_up_front(
         RunConfig(methods=["darts-1st"], edge_estimators={"class_weights->w2": "cg"}).validate()
 
 
+@pytest.mark.slow
+@pytest.mark.skipif(not __import__("os").environ.get("MLO_LONG_TESTS"),
+                    reason="three tiny `mlo run`s (about 1 min on a quiet 2-core machine, 6 on a busy one); set MLO_LONG_TESTS=1")
+def test_mlo_run_resume_after_kill_minus_9_ends_where_an_uninterrupted_run_ends(tmp_path: Path, one_thread: None) -> None:
+    """`mlo run --checkpoint-every 1` killed with SIGKILL during its search, then `mlo run --resume
+    OUT`: the same genotype, class weights, training history and test error as a run never
+    interrupted."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from mlo.cli import main
+
+    tiny = ["darts-1st", "--rounds", "4", "--eval-epochs", "1", "--set", "batch_size=16", "--set", "layers=2",
+            "--set", "channels=2", "--set", "eval_layers=2", "--set", "eval_channels=4", "--checkpoint-every", "1"]
+    assert main(["run", *tiny, "--out", str(tmp_path / "whole")]) == 0
+    killed = tmp_path / "killed"
+    proc = subprocess.Popen([sys.executable, "-m", "mlo", "run", *tiny, "--out", str(killed)],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    deadline = time.monotonic() + 300
+    while not list(killed.glob("checkpoint-*-search-00000002.pt")) and time.monotonic() < deadline and proc.poll() is None:
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert not (killed / "results.json").exists()  # it died before finishing
+    assert main(["run", "--resume", str(killed)]) == 0
+    a, b = (json.loads((d / "results.json").read_text())["runs"][0] for d in (tmp_path / "whole", killed))
+    for key in ("test_error", "params", "final_class_weights"):
+        assert a[key] == b[key], key
+    assert [{k: v for k, v in h.items() if k != "seconds"} for h in a["history"]] == \
+           [{k: v for k, v in h.items() if k != "seconds"} for h in b["history"]]
+    assert (tmp_path / "whole" / "genotype-darts-1st-seed0.json").read_text() == (killed / "genotype-darts-1st-seed0.json").read_text()
+
+
 def test_learned_total_weight_is_a_parameter_of_the_class_weights_level(one_thread: None) -> None:
     from mlo.problems.lfm_cw.program import Constants
 

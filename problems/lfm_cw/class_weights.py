@@ -17,6 +17,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+import mlo
+
 __all__ = ["ClassWeights", "class_mistakes"]
 
 
@@ -45,8 +47,10 @@ class ClassWeights(nn.Module):
     @torch.no_grad()
     def observe(self, logits: Tensor, labels: Tensor, kind: str = "ce") -> None:
         """Fold one batch of W1's validation predictions into the mistakes ``m``."""
-        batch = class_mistakes(logits, labels, self.num_classes, kind)
-        seen = _counts(labels, self.num_classes, logits.dtype) > 0
+        total, count = _class_sums(logits, labels, self.num_classes, kind)
+        mlo.distributed.all_sum(total, count)  # under a process group: the ranks' batches together
+        batch = total / count.clamp(min=1)
+        seen = count > 0
         fresh = torch.where(seen, batch, self.mistakes)
         # the first batch sets m, later ones are averaged in; chosen on the device (no host sync)
         averaged = self.momentum * self.mistakes + (1 - self.momentum) * fresh
@@ -56,6 +60,12 @@ class ClassWeights(nn.Module):
 
 def class_mistakes(logits: Tensor, labels: Tensor, num_classes: int, kind: str = "ce") -> Tensor:
     """Per-class mean cross-entropy (``"ce"``) or error rate (``"error"``); 0 for absent classes."""
+    total, count = _class_sums(logits, labels, num_classes, kind)
+    return total / count.clamp(min=1)
+
+
+def _class_sums(logits: Tensor, labels: Tensor, num_classes: int, kind: str) -> tuple[Tensor, Tensor]:
+    """Per class: the sum of the per-sample mistakes and the number of samples."""
     if kind == "ce":
         per_sample = F.cross_entropy(logits, labels, reduction="none")
     elif kind == "error":
@@ -63,7 +73,7 @@ def class_mistakes(logits: Tensor, labels: Tensor, num_classes: int, kind: str =
     else:
         raise ValueError(f"mistakes kind must be 'ce' or 'error', got {kind!r}")
     total = torch.zeros(num_classes, dtype=per_sample.dtype, device=per_sample.device).index_add_(0, labels, per_sample)
-    return total / _counts(labels, num_classes, per_sample.dtype).clamp(min=1)
+    return total, _counts(labels, num_classes, per_sample.dtype)
 
 
 def _counts(labels: Tensor, num_classes: int, dtype: torch.dtype) -> Tensor:

@@ -6,7 +6,8 @@ every other field)."""
 from __future__ import annotations
 
 import argparse
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 
 from typing import TYPE_CHECKING
 
@@ -46,6 +47,10 @@ def parser(prog: str = "mlo run lfm-cw") -> argparse.ArgumentParser:
     p.add_argument("--engine", help="mlo (default) | betty")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="any other option of the run config, e.g. --set lam=0.5 (repeatable)")
+    p.add_argument("--checkpoint-every", type=int, metavar="N", help="write OUT/checkpoint-* every N rounds of each phase")
+    p.add_argument("--resume", metavar="OUT", help="continue the run in OUT with its saved config (other options ignored)")
+    p.add_argument("--precision", help="fp32 | bf16 | fp16 (fp16: levels without lowers, with a gradient scaler)")
+    p.add_argument("--tensorboard", action="store_true", default=None, help="also write TensorBoard scalars under OUT/tensorboard")
     return p
 
 
@@ -60,7 +65,7 @@ def _config(name: str, args: argparse.Namespace) -> "RunConfig":
     if args.methods is None and (args.config is None or name != "lfm-cw"):
         values["methods"] = ["darts-2nd" if name == "darts" else name]
     for key in ("methods", "dataset", "data_root", "imbalance", "space", "search_rounds", "eval_epochs",
-                "estimator", "seeds", "device", "out", "engine"):
+                "estimator", "seeds", "device", "out", "engine", "checkpoint_every", "precision", "tensorboard"):
         if getattr(args, key) is not None:
             values[key] = getattr(args, key)
     values.update(assignments(args.set))
@@ -90,11 +95,43 @@ def main(name: str, argv: Sequence[str]) -> int:
     from mlo import ProgramError
     from mlo.problems.data import DataError
 
-    from .experiment import run
+    from .experiment import resume, run
 
     args = parser(f"mlo run {name}").parse_args(list(argv))
     try:
-        run(_config(name, args))
+        if args.resume is not None:
+            with _process_group(str(_saved_field(args.resume, "device") or "cpu")) as device:
+                resume(args.resume, device)
+            return 0
+        config = _config(name, args)
+        with _process_group(config.device) as device:
+            run(config.updated({"device": device}))
     except (ConfigError, DataError, ProgramError) as err:
         return programs.failed(err)
     return 0
+
+
+@contextmanager
+def _process_group(device: str) -> Iterator[str]:
+    """Under torchrun: the process group for the run (gloo on CPU, nccl on CUDA) and this rank's
+    device; destroyed at the end. Without torchrun: nothing, and ``device``."""
+    import torch.distributed as dist
+
+    from mlo import distributed
+
+    started = not dist.is_initialized()
+    device = distributed.init_from_env(device)
+    try:
+        yield device
+    finally:
+        if started and dist.is_initialized():
+            dist.destroy_process_group()
+
+
+def _saved_field(out: str, key: str) -> object:
+    """One field of the config a run saved in ``out`` (None when absent)."""
+    import json
+    from pathlib import Path
+
+    path = Path(out) / "config.json"
+    return json.loads(path.read_text()).get(key) if path.is_file() else None

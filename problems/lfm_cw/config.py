@@ -91,6 +91,9 @@ class RunConfig:
     workers: int = 4  # DataLoader processes on a GPU (pinned memory); 0 on a CPU
     threads: int = 1  # torch intra-op threads; 0 = torch's default. Small CPU models run
     # fastest on one: on a busy 2-core machine two threads were 3-10x slower (OpenMP barriers)
+    checkpoint_every: int = 0  # write OUT/checkpoint-* every N rounds of each engine phase (0: no checkpoints)
+    precision: str = "fp32"  # fp32 | bf16 | fp16 (fp16: the levels without lowers, with a gradient scaler)
+    tensorboard: bool = False  # also write TensorBoard scalars under OUT/tensorboard (needs tensorboard)
 
     @classmethod
     def from_toml(cls, path: str | Path) -> "RunConfig":
@@ -148,8 +151,10 @@ class RunConfig:
                      "eval_epochs", "eval_channels", "eval_layers", "eval_batch_size"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.precision not in ("fp32", "bf16", "fp16"):
+            raise ConfigError(f"precision must be fp32, bf16 or fp16, got {self.precision!r}")
         for name in ("lam", "gamma", "beta", "w_lr", "arch_lr", "phi_lr", "drop_path", "auxiliary_weight", "cutout", "threads", "workers",
-                     "generator_warmup", "w1_warmup"):
+                     "generator_warmup", "w1_warmup", "checkpoint_every"):
             if getattr(self, name) < 0:
                 raise ConfigError(f"{name} must be >= 0, got {getattr(self, name)}")
         if not 0 < self.subset_fraction <= 1:

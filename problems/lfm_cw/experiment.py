@@ -49,11 +49,11 @@ from .generator import load_generator
 from .methods import METHODS
 from .program import LFMCW, Constants, Optimizers, augmented_real_source, build
 
-__all__ = ["run", "prepare", "build_program", "warm_up", "generator_for", "checked_engine", "prepare_output"]
+__all__ = ["run", "resume", "prepare", "build_program", "warm_up", "generator_for", "checked_engine", "prepare_output"]
 
 
 class _Recorder(mlo.Hook):
-    """Per round: each level's mean loss, and the class weights c."""
+    """Per round: each level's mean loss, and the class weights c (saved in checkpoints)."""
 
     def __init__(self, program: LFMCW) -> None:
         self.program = program
@@ -97,31 +97,52 @@ class _Recorder(mlo.Hook):
             for i in range(rounds)
         ]
 
+    def state_dict(self) -> dict[str, Any]:
+        return {"losses": dict(self.losses), "class_weights": self.class_weights, "mistakes": self.mistakes,
+                "phi_grad_norm": self.phi_grad_norm}
 
-class _ProgressHook(mlo.Hook):
-    def __init__(self, progress: Progress, task: Any, recorder: _Recorder) -> None:
-        self.progress, self.task, self.recorder = progress, task, recorder
-
-    def on_round(self, engine: mlo.Engine) -> None:
-        shown = "  ".join(f"{k} {v[-1]:.3f}" for k, v in self.recorder.losses.items() if v)
-        self.progress.update(self.task, advance=1, losses=shown)
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.losses = defaultdict(list, {k: list(v) for k, v in state["losses"].items()})
+        self.class_weights = [list(v) for v in state["class_weights"]]
+        self.mistakes = [list(v) for v in state["mistakes"]]
+        self.phi_grad_norm = list(state["phi_grad_norm"])
 
 
-def prepare_output(out: str | None, methods: list[str]) -> Path:
+def _run_phase(engine: mlo.Engine, rounds: int, saver: mlo.checkpoint.Checkpoint | None) -> None:
+    """``rounds`` rounds of ``engine``; with checkpoints, from the newest one of this phase (a
+    finished phase runs no round) and saving at its end, so a later resume skips it."""
+    if saver is None:
+        engine.run(rounds)
+        return
+    path = mlo.checkpoint.latest(saver.directory, saver.prefix)
+    if path is not None:
+        mlo.checkpoint.load(engine, path)
+    engine.run(rounds - engine.round)
+    if not saver.path(engine.round).exists():
+        saver.save(engine)
+
+
+def prepare_output(out: str | None, methods: list[str], resume: bool = False) -> Path:
     """The output directory: a new timestamped folder under runs/ by default. An existing folder
-    that already holds results is refused, so earlier results are never overwritten."""
+    that already holds results is refused, so earlier results are never overwritten (unless the
+    run resumes there)."""
     if out is None:
         stamp = datetime.now().strftime("%Y%m%d-%H%M%S")
         path = Path("runs") / f"{'+'.join(methods)}-{stamp}"
     else:
         path = Path(out)
-    if (path / "results.json").exists():
-        raise ConfigError(f"output directory {str(path)!r} already holds results.json; choose another --out")
-    path.mkdir(parents=True, exist_ok=True)
+    if (path / "results.json").exists() and not resume:
+        raise ConfigError(f"output directory {str(path)!r} already holds results.json; choose another --out (or --resume it)")
+    if mlo.distributed.is_main():
+        path.mkdir(parents=True, exist_ok=True)
+    mlo.distributed.barrier()
     return path
 
 
 def _write_json(path: Path, data: Any) -> None:
+    """Write ``data`` atomically (rank 0 only)."""
+    if not mlo.distributed.is_main():
+        return
     tmp = path.with_suffix(path.suffix + ".tmp")
     tmp.write_text(json.dumps(data, indent=2))
     os.replace(tmp, path)
@@ -145,6 +166,19 @@ def _stages(config: RunConfig) -> list[tuple[Stage | None, int]]:
     n = len(PDARTS_STAGES)
     rounds = [config.search_rounds // n + (1 if i < config.search_rounds % n else 0) for i in range(n)]
     return [(Stage(config.layers + 2 * i, s.ops_per_edge), r) for i, (s, r) in enumerate(zip(PDARTS_STAGES, rounds))]
+
+
+def _saver(config: RunConfig, out: Path | None, tag: str) -> mlo.checkpoint.Checkpoint | None:
+    every = config.checkpoint_every
+    return mlo.checkpoint.Checkpoint(out, every, prefix=f"checkpoint-{tag}") if every and out is not None else None
+
+
+def _precision(config: RunConfig, program: LFMCW) -> dict[str, str]:
+    """The run's precision per level: fp16 (with a gradient scaler) only where a level has no
+    lowers; levels with lowers take bf16 then."""
+    if config.precision != "fp16":
+        return {p.name: config.precision for p in program.problems}
+    return {p.name: "bf16" if p.name in program.graph else "fp16" for p in program.problems}
 
 
 def build_program(
@@ -186,8 +220,10 @@ def warm_up(config: RunConfig, program: LFMCW, gan_hooks: list[mlo.Hook]) -> Non
 
 
 def _search(
-    config: RunConfig, method: str, seed: int, splits: datasets.DataSplits, generator: Any, progress: Progress
+    config: RunConfig, method: str, seed: int, splits: datasets.DataSplits, generator: Any, progress: Progress,
+    out: Path | None = None,
 ) -> tuple[LFMCW, _Recorder, float]:
+    """The search phases of one run; with an ``out`` folder they write metrics and checkpoints there."""
     mask = None
     recorder: _Recorder | None = None
     start = time.perf_counter()
@@ -200,24 +236,36 @@ def _search(
         if recorder is not None:  # keep one history across P-DARTS stages
             new_recorder.adopt(recorder)
         recorder = new_recorder
-        if index == 0:
-            gan_hooks: list[mlo.Hook] = []
-            if config.generator_warmup and any(p.name == "generator" for p in program.problems):
-                task = progress.add_task(f"generator warm-up seed {seed}", total=config.generator_warmup, losses="")
-                warm = _Recorder(program)
-                gan_hooks = [warm, _ProgressHook(progress, task, warm)]
-            warm_up(config, program, gan_hooks)
+        tag = f"{method}-seed{seed}"
+        precision = _precision(config, program)
+        if index == 0 and config.generator_warmup and any(p.name == "generator" for p in program.problems):
+            gan = [p for p in program.problems if p.name in ("discriminator", "generator")]
+            saver = _saver(config, out, f"{tag}-warmup")
+            shown = mlo.logs.Progress(config.generator_warmup, f"generator warm-up seed {seed}", progress)
+            warm = mlo.Engine(gan, {}, hooks=[shown, *([saver] if saver else [])],
+                              precision={p.name: precision[p.name] for p in gan})
+            _run_phase(warm, config.generator_warmup, saver)
+        if index == 0 and config.w1_warmup:  # W1 learns before its mistakes steer the class weights
+            w1 = [p for p in program.problems if p.name == "w1"]
+            saver = _saver(config, out, f"{tag}-w1warmup")
+            first = mlo.Engine(w1, {}, hooks=[*program.hooks, *([saver] if saver else [])], precision={"w1": precision["w1"]})
+            _run_phase(first, config.w1_warmup, saver)
+        phase = "search" + (f"-stage{index + 1}" if stage is not None else "")
         label = f"search {method} seed {seed}" + (f" stage {index + 1}" if stage is not None else "")
-        task = progress.add_task(label, total=rounds, losses="")
-        hooks = [*program.hooks, recorder, _ProgressHook(progress, task, recorder)]
         if config.engine == "betty":
             from mlo.engines.betty import run_on_betty
 
+            task = progress.add_task(label, total=rounds, losses="")
             run_on_betty(program.problems, program.graph, program.estimators, rounds)
             progress.update(task, completed=rounds, losses="(on Betty's engine: no per-level losses)")
         else:
-            engine = mlo.Engine(program.problems, program.graph, program.estimators, hooks=hooks)
-            engine.run(rounds)
+            saver = _saver(config, out, f"{tag}-{phase}")
+            logs: list[mlo.Hook] = [mlo.logs.JSONLines(out / f"metrics-{tag}-{phase}.jsonl")] if out is not None else []
+            if config.tensorboard and out is not None:
+                logs.append(mlo.logs.TensorBoard(out / "tensorboard" / f"{tag}-{phase}"))
+            hooks = [*program.hooks, recorder, mlo.logs.Progress(rounds, label, progress), *logs, *([saver] if saver else [])]
+            engine = mlo.Engine(program.problems, program.graph, program.estimators, hooks=hooks, precision=precision)
+            _run_phase(engine, rounds, saver)
         arch_prev = program.architecture
         if generator is None and program.generator is not None:  # P-DARTS: later stages keep the trained GAN
             generator = program.generator
@@ -232,11 +280,13 @@ def _run_one(
     """Search on ``splits``, then train the genotype from scratch on ``eval_splits`` (default: the
     same; for CIFAR the evaluation data adds Cutout, which the search never sees)."""
     torch.manual_seed(seed)
-    program, recorder, search_seconds = _search(config, method, seed, splits, generator, progress)
+    program, recorder, search_seconds = _search(config, method, seed, splits, generator, progress, out)
     arch = program.architecture
     genotype = arch.genotype(max_skip=2 if config.space == "p-darts" else None)
     tag = f"{method}-seed{seed}"
-    genotype.save(out / f"genotype-{tag}.json")
+    main = mlo.distributed.is_main()  # every rank evaluates (identically); rank 0 writes
+    if main:
+        genotype.save(out / f"genotype-{tag}.json")
 
     task = progress.add_task(f"evaluate {method} seed {seed}", total=config.eval_epochs, losses="")
     result = train_from_scratch(
@@ -249,6 +299,29 @@ def _run_one(
         ),
     )
 
+    if main:
+        _plots(config, method, seed, splits, program, recorder, result, out)
+    return {
+        "method": method,
+        "seed": seed,
+        "test_error": result.test_error,
+        "balanced_error": result.balanced_error,
+        "search_seconds": search_seconds,
+        "params": result.params,
+        "genotype": f"genotype-{tag}.json",
+        "final_class_weights": recorder.class_weights[-1] if recorder.class_weights else None,
+        "final_total_weight": sum(recorder.class_weights[-1]) if recorder.class_weights else None,
+        "final_w1_mistakes": recorder.mistakes[-1] if recorder.mistakes else None,
+        "history": [vars(r) for r in result.history],
+    }
+
+
+def _plots(
+    config: RunConfig, method: str, seed: int, splits: datasets.DataSplits, program: LFMCW, recorder: _Recorder,
+    result: Any, out: Path,
+) -> None:
+    """The run's plots and class-weight history."""
+    arch, tag = program.architecture, f"{method}-seed{seed}"
     with torch.no_grad():
         weights = arch()
     edge_names = [f"{j}->{i + 2}" for i in range(arch.steps) for j in range(i + 2)]
@@ -275,19 +348,6 @@ def _run_one(
             recorder.class_weights, [str(k) for k in range(splits.num_classes)],
             out / f"class-weights-{tag}.png", f"{method} (seed {seed}): class weights over the search",
         )
-    return {
-        "method": method,
-        "seed": seed,
-        "test_error": result.test_error,
-        "balanced_error": result.balanced_error,
-        "search_seconds": search_seconds,
-        "params": result.params,
-        "genotype": f"genotype-{tag}.json",
-        "final_class_weights": recorder.class_weights[-1] if recorder.class_weights else None,
-        "final_total_weight": sum(recorder.class_weights[-1]) if recorder.class_weights else None,
-        "final_w1_mistakes": recorder.mistakes[-1] if recorder.mistakes else None,
-        "history": [vars(r) for r in result.history],
-    }
 
 
 def augmented_real(splits: datasets.DataSplits, config: RunConfig) -> AugmentedReal:
@@ -316,7 +376,8 @@ def cached_cvae(
             splits.train, splits.num_classes, splits.input_shape, seed=seed, steps=config.generator_warmup,
             noise_dim=Constants().noise_dim, kl_weight=config.kl_weight(), device="cpu",
         )
-        torch.save(vae.state_dict(), path)
+        if mlo.distributed.is_main():
+            torch.save(vae.state_dict(), path)
         console.print(f"generator: conditional VAE pretrained on {splits.name} (seed {seed}) in {time.perf_counter() - start:.1f} s -> {path}")
     gate = quality_gate(vae, splits.train, splits.val, splits.num_classes, vae.noise_dim, seed=seed)
     _write_json(folder / f"gate-{splits.name}-seed{seed}.json", gate.to_dict())
@@ -363,6 +424,8 @@ def prepare(config: RunConfig) -> tuple[datasets.DataSplits, Any]:
     """Check every option, then load the search data and the generator checkpoint (if one is
     named): what every search of ``config`` shares."""
     config.validate()  # every option checked before any data is read
+    if config.engine == "betty" and mlo.distributed.active():
+        raise ConfigError("engine 'betty' does not run data-parallel; run it without torchrun (or use engine 'mlo')")
     if config.threads:
         torch.set_num_threads(config.threads)
     if torch.device(config.device).type == "cuda":
@@ -414,35 +477,64 @@ def checked_engine(config: RunConfig, console: Console | None = None) -> mlo.Eng
     return engine
 
 
-def run(config: RunConfig, console: Console | None = None) -> dict[str, Any]:
-    """Run every method and seed of ``config``; returns (and writes) the results."""
-    console = console or Console()
+def run(config: RunConfig, console: Console | None = None, resume: bool = False) -> dict[str, Any]:
+    """Run every method and seed of ``config``; returns (and writes) the results.
+
+    Its config is written to ``OUT/config.json`` first. With ``checkpoint_every`` every engine
+    phase (generator warm-up, search stages) writes ``OUT/checkpoint-<method>-seed<k>-<phase>-<round>.pt``.
+    ``resume=True`` continues a run in ``config.out``: finished (method, seed) runs are read from
+    results.json, and each phase starts from its newest checkpoint, so the run ends where an
+    uninterrupted one ends. Under a process group (torchrun) every rank runs the program on its
+    share of each batch, and only rank 0 writes files and prints."""
+    main = mlo.distributed.is_main()
+    console = console or Console(quiet=not main)
     splits, loaded = prepare(config)
     eval_options = config.data_options()
     eval_splits = (
         splits if eval_options == config.data_options(search=True)
         else datasets.load(config.dataset, config.data_root, config.imbalance, seed=0, **eval_options)
     )
-    out = prepare_output(config.out, config.methods)
-    console.print(f"[bold]mlo run[/] {', '.join(config.methods)} on {splits} -> {out}")
+    out = prepare_output(config.out, config.methods, resume)
+    config = config.updated({"out": str(out)})
+    _write_json(out / "config.json", config.to_dict())
+    console.print(f"[bold]mlo run[/] {', '.join(config.methods)} on {splits} -> {out}"
+                  + (f" ({mlo.distributed.world_size()} ranks)" if mlo.distributed.active() else ""))
     results: dict[str, Any] = {
         "config": config.to_dict(),
         "data": {"name": splits.name, "num_classes": splits.num_classes, "input_shape": list(splits.input_shape),
                  "sizes": {k: len(getattr(splits, k)) for k in ("train", "val", "test")}},
         "machine": {"python": platform.python_version(), "torch": torch.__version__, "mlo": mlo.__version__,
-                    "platform": platform.platform()},
+                    "platform": platform.platform(), "ranks": mlo.distributed.world_size()},
         "runs": [],
         "gates": {},
     }
+    if resume and (out / "results.json").exists():
+        results["runs"] = json.loads((out / "results.json").read_text())["runs"]
+    done = {(r["method"], r["seed"]) for r in results["runs"]}
     columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(), TextColumn("{task.fields[losses]}"))
-    with Progress(*columns, console=console, transient=False) as progress:
+    with Progress(*columns, console=console, transient=False, disable=not main) as progress:
         for seed in range(config.seeds):
             sources: dict[str, Any] = {}
             for method in config.methods:
+                if (method, seed) in done:
+                    continue
                 generator = generator_for(config, method, seed, splits, loaded, sources, out, console, results["gates"])
                 results["runs"].append(_run_one(config, method, seed, splits, generator, out, progress, eval_splits))
                 results["summary"] = _summary(results["runs"])
                 _write_json(out / "results.json", results)
+    results["summary"] = _summary(results["runs"])
     console.print(_table(results["summary"], imbalanced=config.imbalance is not None))
     console.print(f"results: {out / 'results.json'}")
     return results
+
+
+def resume(out: str | Path, device: str | None = None, console: Console | None = None) -> dict[str, Any]:
+    """Continue the run whose output folder is ``out``, with the config it saved there (on
+    ``device`` when given: each rank's own under torchrun)."""
+    path = Path(out) / "config.json"
+    if not path.is_file():
+        raise ConfigError(f"--resume {str(out)!r}: no config.json there (not an output folder of `mlo run`)")
+    config = RunConfig().updated(json.loads(path.read_text()), source=str(path))
+    if device is not None:
+        config = config.updated({"device": device})
+    return run(config, console, resume=True)

@@ -152,38 +152,59 @@ def _norm_probe(norms: list[Tensor]) -> mlo.transforms.GradientTransform:
     return mlo.transforms.GradientTransform(lambda params: None, update, "norm_probe")
 
 
-def batches(
-    dataset: Dataset, batch_size: int, seed: int, device: torch.device, workers: int = 2
-) -> Iterable[tuple[Tensor, Tensor]]:
-    """An iterable of shuffled (images, labels) batches on ``device``; each pass reshuffles. On a
-    GPU, ``workers`` loader processes fill pinned batches and copies are non-blocking; on a CPU
-    the batches are read in this process (workers would only compete for the cores)."""
-    gen = torch.Generator().manual_seed(seed)
+class _OnDevice:
+    """Batches of a `mlo.loader.SeekableLoader` moved to ``device``; its position is the loader's."""
+
+    def __init__(self, loader: mlo.loader.SeekableLoader, device: torch.device) -> None:
+        self.loader, self.device = loader, device
+
+    def __iter__(self) -> Iterator[tuple[Tensor, Tensor]]:
+        for x, y in self.loader:
+            yield x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)
+
+    def __len__(self) -> int:
+        return len(self.loader)
+
+    def state_dict(self) -> dict[str, int]:
+        return self.loader.state_dict()
+
+    def load_state_dict(self, state: dict[str, int]) -> None:
+        self.loader.load_state_dict(state)
+
+
+def batches(dataset: Dataset, batch_size: int, seed: int, device: torch.device, workers: int = 2) -> _OnDevice:
+    """Shuffled (images, labels) batches on ``device``, a new permutation every epoch; seekable
+    (an exact resume reads no batch twice) and, under a process group, each rank's share of
+    every batch (`mlo.loader.SeekableLoader`). On a GPU, ``workers`` loader processes fill pinned
+    batches and copies are non-blocking; on a CPU the batches are read in this process (workers
+    would only compete for the cores)."""
     size = len(dataset)  # type: ignore[arg-type]  # map-style data sets have a length
-    cuda = device.type == "cuda"  # pinned host memory makes the copies below asynchronous
-    loader = DataLoader(
-        dataset, batch_size=min(batch_size, size), shuffle=True, drop_last=True, generator=gen, pin_memory=cuda,
+    cuda = device.type == "cuda"  # pinned host memory makes the copies asynchronous
+    loader = mlo.loader.SeekableLoader(
+        dataset, min(batch_size, size), seed=seed, pin_memory=cuda,
         num_workers=workers if cuda else 0, persistent_workers=cuda and workers > 0,
     )
-
-    class _OnDevice:
-        def __iter__(self) -> Iterator[tuple[Tensor, Tensor]]:
-            for x, y in loader:
-                yield x.to(device, non_blocking=True), y.to(device, non_blocking=True)
-
-    return _OnDevice()
+    return _OnDevice(loader, device)
 
 
 class _WithNoise:
-    """Each batch of ``base`` (or ``None`` forever) with fresh noise and uniform synthetic labels."""
+    """Each batch of ``base`` (or ``None`` forever) with fresh noise and uniform synthetic labels.
 
-    def __init__(self, base: Iterable[Any] | None, n: int, noise_dim: int, classes: int, seed: int, device: torch.device):
+    Every rank draws the whole batch of ``n`` noise vectors from the same generator and keeps its
+    share (rows ``rank::world``), so the ranks together use exactly the noise one process would.
+    Its position (the generator's state and the base's) is saved for an exact resume."""
+
+    def __init__(self, base: _OnDevice | None, n: int, noise_dim: int, classes: int, seed: int, device: torch.device):
+        world = mlo.distributed.world_size()
+        if n % world:
+            raise ValueError(f"{n} synthetic samples per step do not split evenly over {world} ranks")
         self.base, self.n, self.noise_dim, self.classes, self.device = base, n, noise_dim, classes, device
         self.gen = torch.Generator().manual_seed(seed)
+        self.share = slice(mlo.distributed.rank(), None, world)
 
     def _noise(self) -> tuple[Tensor, Tensor]:
-        z = torch.randn(self.n, self.noise_dim, generator=self.gen).to(self.device)
-        k = torch.randint(self.classes, (self.n,), generator=self.gen).to(self.device)
+        z = torch.randn(self.n, self.noise_dim, generator=self.gen)[self.share].to(self.device)
+        k = torch.randint(self.classes, (self.n,), generator=self.gen)[self.share].to(self.device)
         return z, k
 
     def __iter__(self) -> Iterator[Any]:
@@ -192,6 +213,14 @@ class _WithNoise:
                 yield self._noise()
         for real in self.base:
             yield (*real, *self._noise())
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"noise": self.gen.get_state(), "base": None if self.base is None else self.base.state_dict()}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.gen.set_state(state["noise"])
+        if self.base is not None:
+            self.base.load_state_dict(state["base"])
 
 
 class SupernetLoss(mlo.Problem):
@@ -272,8 +301,8 @@ class ELBOLoss(mlo.Problem):
 class MistakesHook(mlo.Hook):
     """After each step of ``w1``: fold W1's predictions on a validation batch into ``m(W1)``."""
 
-    def __init__(self, w1: SuperNet, arch: Architecture, weights: ClassWeights, val: Iterable[Any], kind: str):
-        self.w1, self.arch, self.weights, self.kind = w1, arch, weights, kind
+    def __init__(self, w1: SuperNet, arch: Architecture, weights: ClassWeights, val: _OnDevice, kind: str):
+        self.w1, self.arch, self.weights, self.kind, self.val = w1, arch, weights, kind, val
         self.stream = mlo.cycle(val, "MistakesHook")
 
     def on_step(self, engine: mlo.Engine, level: str, loss: Tensor) -> None:
@@ -282,6 +311,14 @@ class MistakesHook(mlo.Hook):
         x, y = next(self.stream)
         with torch.no_grad():
             self.weights.observe(self.w1(x, self.arch), y, self.kind)
+
+    def state_dict(self) -> dict[str, int]:
+        """The position of the next validation batch (the mistakes live in the module's buffers)."""
+        return self.val.state_dict()
+
+    def load_state_dict(self, state: dict[str, int]) -> None:
+        self.val.load_state_dict(state)
+        self.stream = mlo.cycle(self.val, "MistakesHook")
 
 
 def augmented_real_source(train: Dataset, num_classes: int, shape: tuple[int, int, int], flip: bool = False) -> AugmentedReal:
@@ -327,7 +364,7 @@ def build(
         opt = torch.optim.SGD(net.parameters(), optim.w_lr, momentum=optim.w_momentum, weight_decay=optim.w_weight_decay)
         return opt, torch.optim.lr_scheduler.CosineAnnealingLR(opt, max(rounds, 1), eta_min=optim.w_lr_min)
 
-    def stream(dataset: Dataset, offset: int) -> Iterable[Any]:
+    def stream(dataset: Dataset, offset: int) -> _OnDevice:
         return batches(dataset, batch_size, seed * 1000 + offset, device, workers)
 
     opt, sched = sgd(w1)
@@ -377,7 +414,7 @@ def build(
         opt, sched = sgd(w2)
         data2: Iterable[Any] = stream(train, 5)
         if result.generator is not None:
-            data2 = _WithNoise(data2, constants.synthetic_per_step, constants.noise_dim, num_classes, seed + 5, device)
+            data2 = _WithNoise(stream(train, 5), constants.synthetic_per_step, constants.noise_dim, num_classes, seed + 5, device)
         problems.append(RetrainLoss(w2, arch, weights, result.generator, constants.lam, optimizer=opt, data=data2, scheduler=sched))
         if variant.learn_phi:
             problems.append(
