@@ -34,6 +34,7 @@ def _configure(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     parser.add_argument("--out", metavar="DIR", default="runs/bench", help="output folder (default runs/bench)")
     parser.add_argument("--repeats", type=int, metavar="N", help="speed: interleaved repetitions per program")
     parser.add_argument("--profile", action="store_true", help="speed: also print a cProfile of mlo's rounds")
+    parser.add_argument("--only", metavar="NAMES", help="speed: only these programs, e.g. reweighting-large,maml")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                         help="lfm-cw: an option of the runs' config (as `mlo run --set`), e.g. search_rounds=15")
     parser.add_argument("--dataset", default="digits", metavar="NAME",
@@ -69,7 +70,7 @@ def main(args: argparse.Namespace) -> int:
         from . import speed
 
         speed.run(quick=args.quick, json_path=json_path, repeats=args.repeats, console=console,
-                  profile=args.profile)
+                  profile=args.profile, only=args.only.split(",") if args.only else None)
     elif args.suite == "estimators":
         from . import estimators
 

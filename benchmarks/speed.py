@@ -136,7 +136,7 @@ def _ratios(kind: str, results: Sequence[Result]) -> list[Ratio]:
     return out
 
 
-#: peak memory of the focus estimator (sama) against each other estimator on the same program
+#: peak memory of the focus estimator (sama) against neumann's on the same program
 ESTIMATOR_MEMORY_TARGET = 0.5
 
 
@@ -150,7 +150,8 @@ def _estimator_ratios(results: Sequence[Result], focus: str) -> list[Ratio]:
     out = []
     for other in mine:
         if other is not chosen:
-            q = ratio(chosen, other, memory_target=ESTIMATOR_MEMORY_TARGET)
+            target = ESTIMATOR_MEMORY_TARGET if other.algorithm.startswith("neumann") else None
+            q = ratio(chosen, other, memory_target=target)
             out.append(dataclasses.replace(q, algorithm=focus, num=focus, den=other.algorithm))
     return out
 
@@ -169,9 +170,11 @@ def profile_rounds(contender: Contender, rounds: int, top: int = 15) -> str:
 
 def run(quick: bool = False, json_path: str | Path | None = None, repeats: int | None = None,
         console: Console | None = None, impls: Sequence[str] = IMPLS,
-        profile: bool = False) -> tuple[list[Result], list[Ratio]]:
+        profile: bool = False, only: Sequence[str] | None = None) -> tuple[list[Result], list[Ratio]]:
     """Run the suite, print its tables, write JSON to ``json_path`` if given. ``profile``: also
-    print (and keep in the JSON) a cProfile of mlo's rounds for every program and algorithm."""
+    print (and keep in the JSON) a cProfile of mlo's rounds for every program and algorithm.
+    ``only``: the programs to run, by name (``ridge``, ``reweighting``, ``reweighting-large``,
+    ``darts8x8``, ``darts32x32``, ``maml``); all by default."""
     console = console or make_console()
     results: list[Result] = []
     ratios: list[Ratio] = []
@@ -181,6 +184,8 @@ def run(quick: bool = False, json_path: str | Path | None = None, repeats: int |
     profiles: dict[str, str] = {}
     for case in cases(quick):
         program = case.build()
+        if only is not None and program.name not in only:
+            continue
         programs_config[program.name] = program.config
         groups: list[list[Contender]] = []
         for spec in case.algorithms:
@@ -205,11 +210,12 @@ def run(quick: bool = False, json_path: str | Path | None = None, repeats: int |
                         console.rule(f"cProfile of mlo: {key}")
                         console.print(profiles[key], markup=False, highlight=False)
     # MAML: the tasks of a meta-batch as one vmapped level against per-task loops (higher's, by hand)
-    measured = measure(maml_bench.contenders(quick), 3 if quick else (repeats or 15), 1)
+    measured = [] if only is not None and "maml" not in only else measure(
+        maml_bench.contenders(quick), 3 if quick else (repeats or 15), 1)
     results.extend(measured)
     by_impl = {r.impl: r for r in measured}
     for peer in ("higher", "hand"):
-        if peer in by_impl:
+        if peer in by_impl and "mlo" in by_impl:
             ratios.append(ratio(by_impl["mlo"], by_impl[peer], MAML_TARGET if peer == "higher" else None))
     programs_config["maml"] = maml_bench.CONFIG
     tables = [results_table(results, "speed: time per round (interleaved) and peak memory"),

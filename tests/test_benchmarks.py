@@ -141,7 +141,7 @@ def test_speed_compares_sama_with_the_other_estimators_on_one_program(speed_run:
     versus = doc["estimator_ratios"]
     assert {q["den"] for q in versus} >= {"neumann(iterations=2,alpha=0.1)", "unroll(steps=1)"}
     for q in versus:
-        assert q["num"] == "sama" and q["memory_target"] == 0.5
+        assert q["num"] == "sama" and q["memory_target"] == (0.5 if q["den"].startswith("neumann") else None)
         num, den = by_key[(q["problem"], q["num"], "mlo")], by_key[(q["problem"], q["den"], "mlo")]
         assert q["time_ratio"] == pytest.approx(statistics.median(a / b for a, b in zip(num["samples_s"], den["samples_s"])))
         assert q["memory_ratio"] == pytest.approx(num["peak_mb"] / den["peak_mb"])
