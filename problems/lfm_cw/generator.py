@@ -117,24 +117,15 @@ def load_generator(
             ) from None
     if isinstance(obj, nn.Module):
         return obj
-    if isinstance(obj, dict) and any(k.startswith("decoder.") for k in obj):
-        vae = ConditionalVAE(num_classes, shape)
-        try:
-            vae.load_state_dict(obj)
-        except RuntimeError as err:
-            raise ValueError(
-                f"generator checkpoint {str(path)!r} is a state dict that does not fit "
-                f"ConditionalVAE({num_classes}, {shape}): {err}"
-            ) from None
-        return vae.eval()
     if isinstance(obj, dict):
-        gen = ConditionalGenerator(num_classes, shape)
+        kind: type[nn.Module] = ConditionalVAE if any(k.startswith("decoder.") for k in obj) else ConditionalGenerator
+        module = kind(num_classes, shape)
         try:
-            gen.load_state_dict(obj)
+            module.load_state_dict(obj)
         except RuntimeError as err:
             raise ValueError(
                 f"generator checkpoint {str(path)!r} is a state dict that does not fit "
-                f"ConditionalGenerator({num_classes}, {shape}): {err}"
+                f"{kind.__name__}({num_classes}, {shape}): {err}"
             ) from None
-        return gen
+        return module.eval() if kind is ConditionalVAE else module
     raise ValueError(f"generator checkpoint {str(path)!r} holds a {type(obj).__name__}, not a module or state dict")
