@@ -14,10 +14,8 @@ median and the largest relative error ``||h - h_fp32|| / ||h_fp32||`` over the s
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 from collections.abc import Callable
-from pathlib import Path
 from typing import Any
 
 import torch
@@ -25,6 +23,7 @@ import torch
 import mlo
 
 from .problems import as_mlo, reweighting
+from .timing import write_json
 
 __all__ = ["ESTIMATORS", "measure", "main"]
 
@@ -77,9 +76,7 @@ def main(argv: list[str] | None = None) -> int:
         results[est] = errs
         table.add_row(est, *(f"{statistics.median(v):.2e} / {max(v):.2e}" for v in errs.values()))
     Console().print(table)
-    path = Path(args.json)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(results, indent=2))
+    write_json(args.json, "precision", {"states": args.states, "estimators": list(ESTIMATORS)}, [], errors=results)
     return 0
 
 

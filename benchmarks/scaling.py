@@ -23,6 +23,8 @@ from pathlib import Path
 
 import torch
 
+from .timing import write_json
+
 __all__ = ["main"]
 
 
@@ -81,13 +83,11 @@ def main(argv: list[str] | None = None) -> int:
             rates[ranks].append(_measure(ranks, args.rounds, args.batch))
             print(f"{ranks} rank(s): {rates[ranks][-1]:.3f} rounds/s", flush=True)
     one, two = statistics.median(rates[1]), statistics.median(rates[2])
-    result = {"rounds_per_second": {"1": one, "2": two}, "all": rates, "efficiency": two / (2 * one), "speedup": two / one,
-              "rounds": args.rounds, "batch": args.batch, "cpus": os.cpu_count(), "load_average": os.getloadavg()}
     print(f"median rounds/s: 1 rank {one:.3f}, 2 ranks {two:.3f}; speed-up {two / one:.2f}x, "
           f"scaling efficiency {two / (2 * one):.0%} (load average {os.getloadavg()[0]:.1f} on {os.cpu_count()} cores)")
-    path = Path(args.json)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(result, indent=2))
+    write_json(args.json, "scaling", {"rounds": args.rounds, "repeats": args.repeats, "batch": args.batch}, [],
+               rounds_per_second={"1": one, "2": two}, all=rates, efficiency=two / (2 * one), speedup=two / one,
+               load_average=os.getloadavg())
     return 0
 
 

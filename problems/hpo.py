@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import itertools
 import math
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -175,7 +175,5 @@ def run_one(config: HPOConfig, method: str, seed: int) -> dict[str, float]:
 @mlo.programs.program("hpo", "per-layer learning rates and weight decays through the validation loss vs the best of a grid",
                       HPOConfig)
 def run(config: HPOConfig) -> dict[str, Any]:
-    if config.threads:
-        torch.set_num_threads(config.threads)
     title = f"per-layer HPO on digits ({config.train_size} training images)"
-    return runs.compare(title, config.methods, config.seeds, lambda m, s: run_one(config, m, s), config.out, asdict(config))
+    return runs.compare_config(title, config, run_one)

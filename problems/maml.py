@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Iterator
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from typing import Any, NamedTuple
 
 import torch
@@ -233,8 +233,5 @@ def run_one(config: MAMLConfig, method: str, seed: int) -> dict[str, float]:
 @mlo.programs.program("maml", "MAML and iMAML on sinusoid regression or N-way K-shot digits, tasks batched with vmap",
                       MAMLConfig)
 def run(config: MAMLConfig) -> dict[str, Any]:
-    if config.threads:
-        torch.set_num_threads(config.threads)
     title = f"few-shot {config.problem}: {config.shots}-shot, {config.tasks} tasks per meta-batch"
-    return runs.compare(title, config.methods, config.seeds, lambda m, s: run_one(config, m, s), config.out,
-                        asdict(config))
+    return runs.compare_config(title, config, run_one)

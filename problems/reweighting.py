@@ -12,7 +12,7 @@ examples with flipped labels, or head classes of a long-tailed training set.
 from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import torch
@@ -154,7 +154,5 @@ def run_one(config: ReweightingConfig, method: str, seed: int) -> dict[str, floa
 @mlo.programs.program("reweighting", "Meta-Weight-Net data reweighting vs uniform and class-balanced weights (digits: noisy or long-tailed)",
                       ReweightingConfig)
 def run(config: ReweightingConfig) -> dict[str, Any]:
-    if config.threads:
-        torch.set_num_threads(config.threads)
     title = f"reweighting on digits, {config.setting} ({config.noise if config.setting == 'noisy' else config.imbalance:g})"
-    return runs.compare(title, config.methods, config.seeds, lambda m, s: run_one(config, m, s), config.out, asdict(config))
+    return runs.compare_config(title, config, run_one)

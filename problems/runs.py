@@ -3,6 +3,7 @@ mean ± std over seeds written as JSON. (LFM-CW has its own, with search and eva
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import statistics
 import time
@@ -38,6 +39,15 @@ def evaluate(model: nn.Module, dataset: Dataset, num_classes: int) -> dict[str, 
     preds = model(x).argmax(1)
     model.train(was_training)
     return {"test_error": error(preds, y), "balanced_error": balanced_error(preds, y, num_classes)}
+
+
+def compare_config(title: str, config: Any, run_one: Callable[[Any, str, int], dict[str, float]]) -> dict[str, Any]:
+    """`compare` driven by a program's config dataclass, whose fields ``methods``, ``seeds``, ``out``
+    and ``threads`` (0: torch's default) it reads; ``run_one(config, method, seed)``."""
+    if config.threads:
+        torch.set_num_threads(config.threads)
+    return compare(title, config.methods, config.seeds, lambda m, s: run_one(config, m, s), config.out,
+                   dataclasses.asdict(config))
 
 
 def compare(
