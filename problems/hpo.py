@@ -93,7 +93,7 @@ class HPOConfig:
     pass through it: about 3), so both use the same total cost."""
 
     methods: list[str] = field(default_factory=lambda: list(METHODS))
-    seeds: int = 3
+    seeds: int = 10  # paired: seed s gives both methods the same training subset, initialisation and batches
     train_size: int = 300
     hidden: int = 128
     layers: int = 2  # hidden layers; the model has layers + 1 linear layers
@@ -176,4 +176,4 @@ def run_one(config: HPOConfig, method: str, seed: int) -> dict[str, float]:
                       HPOConfig)
 def run(config: HPOConfig) -> dict[str, Any]:
     title = f"per-layer HPO on digits ({config.train_size} training images)"
-    return runs.compare_config(title, config, run_one)
+    return runs.compare_config(title, config, run_one, baselines=["grid"])
