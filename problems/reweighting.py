@@ -199,7 +199,7 @@ def _tensors(dataset: Any) -> tuple[Tensor, Tensor]:
 
 class WeightLog(mlo.Hook):
     """Every ``every`` rounds (and after the last), the weight net's weights of the whole training
-    set: their range, per-class means and, given ``corrupted`` (a mask over the training examples),
+    set: their range, per-class means (of weights and of training losses) and, given ``corrupted`` (a mask over the training examples),
     the mean weight of corrupted and clean examples and the AUC of the weights at telling clean from
     corrupted (1: every clean example weighs more than every corrupted one; 0.5: chance)."""
 
@@ -225,9 +225,13 @@ class WeightLog(mlo.Hook):
         losses = F.cross_entropy(self.classifier(self.x), self.y, reduction="none")
         self.classifier.train(was_training)
         w = self.weights(losses.unsqueeze(1)).squeeze(1)
-        per_class = torch.zeros(self.num_classes).index_add_(0, self.y, w) / torch.bincount(self.y, minlength=self.num_classes).clamp(min=1)
+        counts = torch.bincount(self.y, minlength=self.num_classes).clamp(min=1)
+
+        def per_class(values: Tensor) -> list[float]:
+            return (torch.zeros(self.num_classes).index_add_(0, self.y, values) / counts).tolist()
+
         entry: dict[str, Any] = {"round": round, "weight_min": float(w.min()), "weight_max": float(w.max()),
-                                 "class_weights": per_class.tolist()}
+                                 "class_weights": per_class(w), "class_losses": per_class(losses)}
         if self.corrupted is not None and 0 < int(self.corrupted.sum()) < len(w):
             from sklearn.metrics import roc_auc_score
 
