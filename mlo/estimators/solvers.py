@@ -1,7 +1,9 @@
 """Linear solvers over a Hessian-vector product: the shared core of the implicit estimators.
 
 Both approximate ``x = H^{-1} b`` given only ``v -> H v``, and report what they did as a dict of
-floats (the diagnostics an estimator passes on). ``largest_eigenvalue`` estimates the step size
+floats (the diagnostics an estimator passes on). CG also solves a batch of independent systems
+at once (``tasks``: a block-diagonal ``H`` over the leading dimension of every tensor, as a
+`mlo.tasks.TaskBatch` level's), each with its own CG in the same batched products. ``largest_eigenvalue`` estimates the step size
 the Neumann series needs. ``attach`` makes a solution differentiable as a solution.
 """
 
@@ -17,13 +19,14 @@ from .. import autodiff
 from ..autodiff import Tensors
 from ..errors import DivergenceError
 
-__all__ = ["conjugate_gradient", "neumann_series", "largest_eigenvalue", "attach"]
+__all__ = ["conjugate_gradient", "per_task_cg", "neumann_series", "largest_eigenvalue", "attach"]
 
 Matvec = Callable[[Tensors], Tensors]
 
 
 def conjugate_gradient(
-    matvec: Matvec, b: Tensors, iterations: int, tol: float, stop_at_negative_curvature: bool = False
+    matvec: Matvec, b: Tensors, iterations: int, tol: float, stop_at_negative_curvature: bool = False,
+    tasks: int | None = None,
 ) -> tuple[Tensors, dict[str, float]]:
     """Conjugate gradient for a symmetric positive definite ``matvec`` from ``x0 = 0``.
 
@@ -36,7 +39,14 @@ def conjugate_gradient(
     - ``iterations``: products done; ``converged``: 1.0 when the tolerance was reached, else 0.0;
     - ``negative_curvature``: 1.0 when some search direction had ``p^T A p <= 0``: proof that
       ``A`` is not positive definite, so CG's convergence is no longer guaranteed.
+
+    ``tasks``: ``b`` stacks that many independent systems on the leading dimension of every
+    tensor, and ``matvec`` is block-diagonal over it (each task's product reads that task's slice
+    only). Each task then runs its own CG, exactly as if it were solved alone: its own inner
+    products, step sizes ``alpha`` and ``beta``, stopping and diagnostics (`per_task_cg`).
     """
+    if tasks is not None:
+        return per_task_cg(matvec, b, tasks, iterations, tol, stop_at_negative_curvature)
     b_norm = autodiff.norm_value(b)
     x = autodiff.zeros_like(b)
     if b_norm == 0.0:
@@ -75,6 +85,71 @@ def conjugate_gradient(
         "negative_curvature": float(negative),
     }
     return x, info
+
+
+def per_task_cg(
+    matvec: Matvec, b: Tensors, tasks: int, iterations: int, tol: float, stop_at_negative_curvature: bool = False
+) -> tuple[Tensors, dict[str, float]]:
+    """`conjugate_gradient` on ``tasks`` independent systems stacked on the leading dimension.
+
+    Every quantity CG decides on is a vector over tasks: inner products, ``alpha``, ``beta``,
+    the relative residual (against each task's own ``||b_t||``), stopping. A task that stops
+    (converged, or negative curvature with ``stop_at_negative_curvature``) keeps its iterate
+    while the others go on: the products stay batched (one ``matvec`` per iteration for all
+    tasks), the result per task is that of ordinary CG on that task alone. One host read per
+    iteration (whether any task is still running). Diagnostics: ``residual`` (the worst task's),
+    ``iterations`` (the most any task did), ``converged`` (1.0 when every task converged),
+    ``negative_curvature`` (any task), ``converged_tasks``, and per task ``residual[t]`` and
+    ``iterations[t]``.
+    """
+    x = autodiff.zeros_like(b)
+    floor = max(tol, torch.finfo(b[0].dtype).eps)
+    r, p = tuple(b), tuple(b)
+    rs = _task_dot(r, r, tasks)  # (T,)
+    b_norm = rs.sqrt()
+    running = b_norm > 0  # a task with b_t = 0 has x_t = 0 at once
+    residual = running.to(rs.dtype)
+    counts = torch.zeros_like(rs)
+    negative = torch.zeros_like(running)
+    for _ in range(iterations):
+        if not bool(running.any()):
+            break
+        ap = matvec(p)
+        curvature = _task_dot(p, ap, tasks)
+        bad = running & ~(curvature > 0)
+        negative |= bad
+        counts += running
+        stepping = running & ~bad if stop_at_negative_curvature else running
+        alpha = torch.where(stepping, rs / torch.where(stepping, curvature, 1.0), 0.0)
+        x = tuple(torch._foreach_addcmul(list(x), list(p), _per_task(alpha, p)))
+        r = tuple(torch._foreach_addcmul(list(r), list(ap), _per_task(-alpha, ap)))
+        rs_new = torch.where(stepping, _task_dot(r, r, tasks), rs)
+        residual = torch.where(stepping, rs_new.clamp(min=0).sqrt() / torch.where(running, b_norm, 1.0), residual)
+        running = stepping & (residual > floor)
+        beta = torch.where(running, rs_new / torch.where(running, rs, 1.0), 0.0)
+        p = tuple(torch._foreach_addcmul(list(r), list(p), _per_task(beta, p)))
+        rs = rs_new
+    residuals, done = residual.tolist(), counts.tolist()
+    info = {
+        "residual": max(residuals),
+        "iterations": max(done),
+        "converged": float(all(v <= floor for v in residuals)),
+        "negative_curvature": float(bool(negative.any())),
+        "converged_tasks": float(sum(v <= floor for v in residuals)),
+    }
+    info.update({f"residual[{t}]": v for t, v in enumerate(residuals)})
+    info.update({f"iterations[{t}]": v for t, v in enumerate(done)})
+    return x, info
+
+
+def _task_dot(a: Tensors, b: Tensors, tasks: int) -> Tensor:
+    """Each task's inner product of two stacked parameter lists: shape ``(tasks,)``."""
+    return torch.stack([(x * y).reshape(tasks, -1).sum(1) for x, y in zip(a, b)]).sum(0)
+
+
+def _per_task(c: Tensor, like: Tensors) -> list[Tensor]:
+    """A value per task, ``(tasks,)``, shaped to broadcast against each stacked tensor of ``like``."""
+    return [c.reshape(-1, *[1] * (t.dim() - 1)) for t in like]
 
 
 def neumann_series(
