@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import copy
 import importlib.util
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
@@ -32,7 +32,7 @@ from mlo.problems.maml import SinusoidTasks, Tasks, imaml, maml
 from .timing import Contender
 
 __all__ = ["meta_batch", "network", "mlo_step", "hand_step", "higher_step", "mlo_imaml_step", "hand_imaml_step",
-           "hand_imaml_gradient", "contenders", "copies", "CONFIG", "STEPS", "IMAML_STEPS"]
+           "hand_imaml_gradient", "hand_cg", "contenders", "copies", "CONFIG", "STEPS", "IMAML_STEPS"]
 
 CONFIG: dict[str, Any] = {"tasks": 16, "shots": 10, "query": 10, "hidden": 40, "inner_steps": 1, "inner_lr": 0.01, "meta_lr": 1e-3,
                           "imaml_steps": 10, "proximal": 1.0, "cg_iterations": 5}
@@ -106,14 +106,43 @@ def mlo_imaml_step(net: nn.Module, batch: Tasks, inner_steps: int, inner_lr: flo
     return lambda: engine.run(1)
 
 
+#: a linear solve ``(Hessian-vector product, b) -> x`` with ``H x ~ b``, on one task's parameter list
+Solve = Callable[[Callable[[list[torch.Tensor]], Sequence[torch.Tensor]], list[torch.Tensor]], list[torch.Tensor]]
+
+
+def hand_cg(iterations: int) -> Solve:
+    """Conjugate gradient from ``x = 0``, written out, stopping after ``iterations`` products or (as
+    mlo's ``cg`` does) at relative residual ``max(1e-10, machine epsilon)``."""
+
+    def solve(hvp: Callable[[list[torch.Tensor]], Sequence[torch.Tensor]], b: list[torch.Tensor]) -> list[torch.Tensor]:
+        floor = max(1e-10, torch.finfo(b[0].dtype).eps)
+        x = [torch.zeros_like(v) for v in b]
+        r, p = list(b), list(b)
+        rs = sum((v * v).sum() for v in r)
+        b_norm = float(rs) ** 0.5
+        for _ in range(iterations):
+            hp = hvp(p)
+            alpha = rs / sum((u * v).sum() for u, v in zip(p, hp))
+            x = [xi + alpha * pi for xi, pi in zip(x, p)]
+            r = [ri - alpha * hi for ri, hi in zip(r, hp)]
+            rs_new = sum((v * v).sum() for v in r)
+            if float(rs_new) ** 0.5 <= floor * b_norm:
+                break
+            p = [ri + (rs_new / rs) * pi for ri, pi in zip(r, p)]
+            rs = rs_new
+        return x
+
+    return solve
+
+
 def hand_imaml_gradient(net: nn.Module, batch: Tasks, inner_steps: int, inner_lr: float, proximal: float,
-                        cg_iterations: int) -> list[torch.Tensor]:
+                        solve: Solve) -> list[torch.Tensor]:
     """iMAML's meta-gradient by a loop over tasks, each with its own proximal inner steps and its
-    own CG (stopping, as mlo's ``cg`` does, at relative residual ``max(1e-10, machine epsilon)``)."""
+    own ``solve`` of ``(H_t + lam I) x_t = grad L_query,t / T``, Hessian-vector products by
+    ``torch.autograd.grad``; the meta-gradient is ``lam sum_t x_t``."""
     names = [n for n, _ in net.named_parameters()]
     theta = [p.detach() for p in net.parameters()]
     tasks = batch.support_x.shape[0]
-    floor = max(1e-10, torch.finfo(theta[0].dtype).eps)
 
     def fit(params: list[torch.Tensor], x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         return F.mse_loss(torch.func.functional_call(net, dict(zip(names, params)), (x,)), y)
@@ -128,23 +157,9 @@ def hand_imaml_gradient(net: nn.Module, batch: Tasks, inner_steps: int, inner_lr
         for _ in range(inner_steps):
             grads = torch.autograd.grad(support(phi), phi)
             phi = [(p - inner_lr * g).detach().requires_grad_() for p, g in zip(phi, grads)]
-        b = torch.autograd.grad(fit(phi, batch.query_x[t], batch.query_y[t]) / tasks, phi)
-        g = torch.autograd.grad(support(phi), phi, create_graph=True)
-        # CG on (H_t + lam I) x = b, the Hessian of the proximal support loss, from x = 0
-        x = [torch.zeros_like(v) for v in b]
-        r, p = list(b), list(b)
-        rs = sum((v * v).sum() for v in r)
-        b_norm = float(rs) ** 0.5
-        for _ in range(cg_iterations):
-            hp = torch.autograd.grad(g, phi, p, retain_graph=True)
-            alpha = rs / sum((u * v).sum() for u, v in zip(p, hp))
-            x = [xi + alpha * pi for xi, pi in zip(x, p)]
-            r = [ri - alpha * hi for ri, hi in zip(r, hp)]
-            rs_new = sum((v * v).sum() for v in r)
-            if float(rs_new) ** 0.5 <= floor * b_norm:
-                break
-            p = [ri + (rs_new / rs) * pi for ri, pi in zip(r, p)]
-            rs = rs_new
+        b = list(torch.autograd.grad(fit(phi, batch.query_x[t], batch.query_y[t]) / tasks, phi))
+        g = torch.autograd.grad(support(phi), phi, create_graph=True)  # the proximal loss's Hessian: H_t + lam I
+        x = solve(lambda v: torch.autograd.grad(g, phi, v, retain_graph=True), b)
         for m, xi in zip(meta_grad, x):  # the proximal term's mixed derivative is -lam I
             m.add_(xi, alpha=proximal)
     return meta_grad
@@ -152,11 +167,12 @@ def hand_imaml_gradient(net: nn.Module, batch: Tasks, inner_steps: int, inner_lr
 
 def hand_imaml_step(net: nn.Module, batch: Tasks, inner_steps: int, inner_lr: float, meta_lr: float, proximal: float,
                     cg_iterations: int) -> Callable[[], Any]:
-    """One iMAML meta-step as a hand-written per-task loop (`hand_imaml_gradient`), then Adam."""
+    """One iMAML meta-step as a hand-written per-task loop (`hand_imaml_gradient` with `hand_cg`), then Adam."""
     meta_opt = torch.optim.Adam(net.parameters(), lr=meta_lr)
+    solve = hand_cg(cg_iterations)
 
     def step() -> None:
-        for p, g in zip(net.parameters(), hand_imaml_gradient(net, batch, inner_steps, inner_lr, proximal, cg_iterations)):
+        for p, g in zip(net.parameters(), hand_imaml_gradient(net, batch, inner_steps, inner_lr, proximal, solve)):
             p.grad = g
         meta_opt.step()
 

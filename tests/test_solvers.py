@@ -11,7 +11,13 @@ import torch
 
 import mlo
 from mlo.estimators import CG, Neumann
-from mlo.estimators.solvers import conjugate_gradient, largest_eigenvalue, neumann_series
+from mlo.estimators.solvers import (
+    conjugate_gradient,
+    largest_eigenvalue,
+    neumann_series,
+    per_task_largest_eigenvalue,
+    per_task_neumann_series,
+)
 from programs import Vector, relative_error, ridge
 
 pytestmark = pytest.mark.usefixtures("float64", "one_thread")
@@ -242,3 +248,36 @@ def test_per_task_cg_is_a_loop_of_ordinary_cg_at_any_iteration_count(iterations,
     # one CG over all tasks (shared step sizes) is another answer short of convergence
     (joint,), _ = conjugate_gradient(Counted(torch.block_diag(*blocks)), (b.reshape(-1),), iterations, 1e-12)
     assert iterations == 7 or not torch.allclose(joint.reshape(4, 7), got, rtol=1e-6)
+
+
+def test_per_task_power_iteration_and_series_are_those_of_each_task_alone():
+    blocks, b, split, matvec = _task_blocks()
+
+    def flat(x):
+        return torch.cat([x[0], x[1].reshape(4, 4)], dim=1)
+
+    top = per_task_largest_eigenvalue(matvec, split(b), 4, 6)
+    alone = [largest_eigenvalue(Counted(blocks[t]), (b[t],), 6) for t in range(4)]
+    assert torch.allclose(top, torch.tensor(alone), rtol=1e-10) and top[2] == 0.0  # b = 0: no estimate
+    alpha = 1.0 / top.clamp(min=1.0)
+    x, info = per_task_neumann_series(matvec, split(b), 4, 3, alpha, 1e9, "e", scale=-1.0)
+    for t in range(4):
+        (want,), report = neumann_series(Counted(blocks[t]), (b[t],), 3, float(alpha[t]), 1e9, "e", scale=-1.0)
+        assert torch.allclose(flat(x)[t], want, rtol=1e-10, atol=1e-14)
+        assert info[f"last_term[{t}]"] == pytest.approx(report["last_term"], rel=1e-10)
+        assert info[f"alpha[{t}]"] == float(alpha[t])
+
+
+def test_per_task_series_catches_a_diverging_task_that_the_joint_norm_hides():
+    """Task 1 diverges (alpha * 10 = 5: its terms grow 4x each) from a tiny right-hand side; the
+    joint norm, dominated by task 0, stays below 2x its first term for 3 terms."""
+    blocks = torch.stack([torch.eye(3), torch.diag(torch.tensor([10.0, 1.0, 1.0]))])
+    b = torch.tensor([[1.0, 2.0, 3.0], [1e-3, 0.0, 0.0]])
+
+    def matvec(v):
+        return (torch.einsum("tij,tj->ti", blocks, v[0]),)
+
+    alpha = torch.tensor([0.5, 0.5])
+    neumann_series(lambda v: (torch.block_diag(*blocks) @ v[0],), (b.reshape(-1),), 3, 0.5, 2.0, "e")  # no error
+    with pytest.raises(mlo.DivergenceError, match="neumann on e, task 1: term 1 has norm"):
+        per_task_neumann_series(matvec, (b,), 2, 3, alpha, 2.0, "e")

@@ -3,7 +3,8 @@
 Both approximate ``x = H^{-1} b`` given only ``v -> H v``, and report what they did as a dict of
 floats (the diagnostics an estimator passes on). CG also solves a batch of independent systems
 at once (``tasks``: a block-diagonal ``H`` over the leading dimension of every tensor, as a
-`mlo.tasks.TaskBatch` level's), each with its own CG in the same batched products. ``largest_eigenvalue`` estimates the step size
+`mlo.tasks.TaskBatch` level's), each with its own CG in the same batched products; the
+``per_task_*`` Neumann pieces do the same for the series and its step size. ``largest_eigenvalue`` estimates the step size
 the Neumann series needs. ``attach`` makes a solution differentiable as a solution.
 """
 
@@ -19,7 +20,8 @@ from .. import autodiff
 from ..autodiff import Tensors
 from ..errors import DivergenceError
 
-__all__ = ["conjugate_gradient", "per_task_cg", "neumann_series", "largest_eigenvalue", "attach"]
+__all__ = ["conjugate_gradient", "per_task_cg", "neumann_series", "per_task_neumann_series", "largest_eigenvalue",
+           "per_task_largest_eigenvalue", "attach"]
 
 Matvec = Callable[[Tensors], Tensors]
 
@@ -182,6 +184,62 @@ def neumann_series(
             )
         total = autodiff.add(total, term)
     return autodiff.scale(scale * alpha, total), {"terms": float(iterations), "alpha": alpha, "last_term": ratio}
+
+
+def per_task_neumann_series(
+    matvec: Matvec, b: Tensors, tasks: int, iterations: int, alpha: Tensor, growth: float, where: str, scale: float = 1.0,
+) -> tuple[Tensors, dict[str, float]]:
+    """`neumann_series` on ``tasks`` independent systems stacked on the leading dimension (a
+    block-diagonal ``matvec``, as for `per_task_cg`), with a step size per task (``alpha``, shape
+    ``(tasks,)``). The series is linear, so with one ``alpha`` for all tasks its value is the
+    joint series'; what is per task is the step size (``alpha="auto"`` finds one per task) and the
+    divergence test: each task's term against its own first term, so a diverging task is caught
+    even where the others' norms would hide it. Diagnostics: ``terms``, ``alpha`` and
+    ``last_term`` (the largest over tasks), and ``alpha[t]``, ``last_term[t]`` per task.
+    """
+    first = _task_dot(b, b, tasks).sqrt()
+    term, total = tuple(b), tuple(b)
+    size = first
+    for i in range(1, iterations + 1):
+        term = tuple(torch._foreach_addcmul(list(term), list(matvec(term)), _per_task(-alpha, term)))
+        size = _task_dot(term, term, tasks).sqrt()
+        diverged = ~(size <= growth * first)  # also catches NaN
+        if bool(diverged.any()):
+            t = int(diverged.nonzero()[0, 0])
+            value, ratio = float(size[t]), float(size[t]) / max(float(first[t]), 1e-300)
+            raise DivergenceError(
+                f"neumann on {where}, task {t}: term {i} has norm {value:.3g}, {ratio:.3g} x the task's first; the "
+                f"series diverges. Use alpha < 2 / (largest eigenvalue of the task's Hessian) (alpha is "
+                f"{float(alpha[t]):.4g}), alpha='auto', or an estimator that does not need it (cg)."
+            )
+        total = autodiff.add(total, term)
+    ratios = torch.where(first > 0, size / torch.where(first > 0, first, 1.0), 0.0).tolist()
+    alphas = alpha.tolist()
+    info = {"terms": float(iterations), "alpha": max(alphas), "last_term": max(ratios)}
+    info.update({f"alpha[{t}]": a for t, a in enumerate(alphas)})
+    info.update({f"last_term[{t}]": r for t, r in enumerate(ratios)})
+    return tuple(torch._foreach_mul(list(total), _per_task(scale * alpha, total))), info
+
+
+def per_task_largest_eigenvalue(matvec: Matvec, start: Tensors, tasks: int, iterations: int) -> Tensor:
+    """`largest_eigenvalue` of each of ``tasks`` blocks of a block-diagonal ``matvec`` (stacked on
+    the leading dimension), each by its own power iteration from its slice of ``start``, batched:
+    the Rayleigh quotients, shape ``(tasks,)`` (0 for a task whose ``start`` is zero)."""
+    v = tuple(t.detach() for t in start)
+    size = _task_dot(v, v, tasks).sqrt()
+    running = size > 0
+    v = tuple(torch._foreach_div(list(v), _per_task(torch.where(running, size, 1.0), v)))
+    estimate = torch.zeros_like(size)
+    for _ in range(iterations):
+        if not bool(running.any()):
+            break
+        hv = tuple(t.detach() for t in matvec(v))
+        estimate = torch.where(running, _task_dot(v, hv, tasks), estimate)
+        size = _task_dot(hv, hv, tasks).sqrt()
+        running = running & (size > 0)  # A v = 0 (or not finite): that task has learnt all it can
+        scaled = torch._foreach_div(list(hv), _per_task(torch.where(running, size, 1.0), hv))
+        v = tuple(torch.where(keep, new, old) for keep, new, old in zip(_per_task(running, v), scaled, v))
+    return estimate
 
 
 def largest_eigenvalue(matvec: Matvec, start: Tensors, iterations: int) -> float:
