@@ -13,7 +13,8 @@ after every hypergradient); the plain step of a level without lowers updates the
 training step does.
 
 The engine's state is explicit: every level's module, optimizer, scheduler, gradient-transform
-state and data position, the random generators, the hooks' state and the round counter
+state, data position and last gradient (where an estimator reads it), the random generators,
+the gradient scalers, the hooks' state and the round counter
 (``state_dict`` / ``load_state_dict``; `mlo.checkpoint` saves and loads it atomically).
 """
 
@@ -402,9 +403,11 @@ class Engine:
         """Everything needed to resume exactly, as values ``torch.load(weights_only=True)`` reads:
 
         - ``round``: the rounds done;
-        - ``levels``: per level, its module, optimizer, scheduler, gradient-transform state and
+        - ``levels``: per level, its module, optimizer, scheduler, gradient-transform state,
           data position (`mlo.streams.Stream`: a seek for data with ``state_dict``, else a
-          replay of the current pass only);
+          replay of the current pass only) and, where an estimator reads it (``sama`` under
+          Adam), the gradient of its last step (``Problem.last_gradient``; the estimators
+          themselves are frozen and keep nothing between rounds);
         - ``rng``: the global generators (torch CPU and CUDA, numpy, python);
         - ``scalers``: the gradient scaler of each fp16 level;
         - ``hooks``: each hook's ``state_dict()`` (``None`` for hooks without state; those with
@@ -419,6 +422,7 @@ class Engine:
                 "scheduler": problem.scheduler.state_dict() if problem.scheduler is not None else None,
                 "data": self._streams[name].state_dict(),
                 "transform": self._transform_states.get(name),
+                "last_gradient": problem.last_gradient if name in self._keep_gradient else None,
             }
         return {
             "round": self.round,
@@ -453,6 +457,9 @@ class Engine:
             if problem.transform is not None and saved.get("transform") is not None:
                 self._transform_states[name] = saved["transform"]
             self._streams[name].load_state_dict(saved["data"])
+            if name in self._keep_gradient:
+                last = saved.get("last_gradient")
+                problem.last_gradient = None if last is None else tuple(last)
         for hook, hook_state in zip(stateful, saved_hooks):
             hook.load_state_dict(hook_state)
         for name, scaler_state in state.get("scalers", {}).items():

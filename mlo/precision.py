@@ -29,7 +29,7 @@ from torch import Tensor
 
 from .errors import ProgramError
 
-__all__ = ["Precision", "parse", "per_level", "widen", "full_precision", "DTYPES"]
+__all__ = ["Precision", "parse", "per_level", "widen", "full_precision", "no_autocast", "DTYPES"]
 
 _FULL: ContextVar[bool] = ContextVar("mlo_full_precision", default=False)
 
@@ -96,7 +96,14 @@ def full_precision() -> Iterator[None]:
     gradients were 290 % off on the reweighting MLP)."""
     token = _FULL.set(True)
     try:
-        with torch.autocast("cpu", enabled=False), torch.autocast("cuda", enabled=False):
+        with no_autocast():
             yield
     finally:
         _FULL.reset(token)
+
+
+@contextmanager
+def no_autocast() -> Iterator[None]:
+    """Autocast off on the CPU and on GPUs (`mlo.autodiff.grad` forms every derivative so)."""
+    with torch.autocast("cpu", enabled=False), torch.autocast("cuda", enabled=False):
+        yield
