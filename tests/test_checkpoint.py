@@ -60,6 +60,7 @@ def test_resume_is_bit_identical_with_dropout_and_shuffled_data(loader: str, tmp
     torch.testing.assert_close(got, whole.hypergradient("upper"), rtol=0, atol=0)  # same batches in use
 
 
+@pytest.mark.filterwarnings("ignore::mlo.ConvergenceWarning")
 @pytest.mark.parametrize("estimator", mlo.estimators.names())
 def test_resume_is_bit_identical_with_every_registered_estimator(estimator: str, tmp_path: Path) -> None:
     """The contract over the registry: 4 rounds in one go == 2 rounds, save, load into a fresh
