@@ -12,6 +12,8 @@ from __future__ import annotations
 
 import contextlib
 import math
+import subprocess
+import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -568,3 +570,17 @@ class BestResponses:
             if float(r.detach().norm()) <= 1e-13:
                 break
         return point
+
+
+def wait_for_line(proc: subprocess.Popen[str], line: str, timeout: float = 60) -> None:
+    """Read the child's stdout until it prints ``line``; kill it and fail if it never does."""
+    assert proc.stdout is not None
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        got = proc.stdout.readline()
+        if got.strip() == line:
+            return
+        if not got and proc.poll() is not None:
+            break
+    proc.kill()
+    raise AssertionError(f"the child never printed {line!r}")
