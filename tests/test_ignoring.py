@@ -148,7 +148,7 @@ def test_mlo_run_ignoring_end_to_end(tmp_path: Path, capsys: pytest.CaptureFixtu
 
 def test_a_short_run_weighs_the_harmful_source_examples_less() -> None:
     # 5 rounds after the warm-up: on seeds 0-4 the harmful examples' mean weight was 0.46-0.47
-    # against 0.54-0.55 for the clean ones (AUC 0.56-0.70); here seed 0
+    # against 0.54-0.55 for the clean ones (AUC 0.58-0.68); here seed 0
     metrics = ignoring.run_one(ignoring.IgnoringConfig(rounds=5), "lbi", seed=0)
     assert metrics["weight_harmful"] < metrics["weight_clean"] - 0.03 and metrics["auc"] > 0.55
 
