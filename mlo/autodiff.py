@@ -9,11 +9,14 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Iterable, Sequence
+from contextlib import nullcontext
+from typing import ContextManager
 
 import torch
 from torch import Tensor
 
 from . import distributed
+from .precision import no_autocast
 
 Tensors = tuple[Tensor, ...]
 
@@ -69,7 +72,21 @@ def grad(
     here, so gradients, Hessian-vector products, mixed products and hypergradients are all those
     of the mean loss over the ranks' batches.
     """
-    return distributed.average(_grad(outputs, inputs, grad_outputs, create_graph, retain_graph), differentiable=create_graph)
+    with _backward_precision():
+        return distributed.average(_grad(outputs, inputs, grad_outputs, create_graph, retain_graph), differentiable=create_graph)
+
+
+def _backward_precision() -> ContextManager[None]:
+    """Autocast off while a derivative is formed. Autograd runs a backward pass with the autocast
+    state of its caller, so under a caller's ``torch.autocast`` the backward of a forward that ran
+    in full precision (the lower losses the estimators difference or differentiate twice, see
+    `mlo.precision.full_precision`) would run its products in bf16 all the same, and a
+    ``create_graph`` backward would record them so. With autocast off, each backward op runs in
+    the dtype its forward ran in (what PyTorch's autocast documents for backward passes): a
+    caller's autocast reaches the forward passes only."""
+    if torch.is_autocast_enabled("cpu") or torch.is_autocast_enabled("cuda"):
+        return no_autocast()
+    return nullcontext()
 
 
 def _grad(
@@ -97,15 +114,25 @@ def _grad(
 
 
 def all_finite(tensors: Sequence[Tensor]) -> bool:
-    """Whether every element of every tensor is finite: one fused max-abs reduction (NaN
-    propagates through it), then one host read per tensor for a few tensors, or one in all."""
+    """Whether every element of every tensor is finite, with one host read on the common path.
+
+    A Euclidean norm is not finite when an element is not (NaN and infinities propagate through
+    it), so one fused 2-norm per tensor decides when it is finite. It can also overflow on finite
+    elements (squares past the dtype's range); only then is the exact test run, a max-abs norm.
+    The order matters for speed: on a CPU the max-abs reduction is about 13 times slower than the
+    2-norm (10 ms against 0.75 ms for 3.2M float32 gradients, torch 2.14), and the engine runs
+    this check on every step's gradient.
+    """
     if not tensors:
         return True
     with torch.no_grad():  # no graph is recorded, so tensors that require grad need no detach
-        peaks = torch._foreach_norm(list(tensors), float("inf"))
-        if len(peaks) <= 4:
-            return all(math.isfinite(float(p)) for p in peaks)
-        return math.isfinite(float(torch.stack(peaks).max()))
+        flat = list(tensors)
+        return _finite_peak(torch._foreach_norm(flat)) or _finite_peak(torch._foreach_norm(flat, float("inf")))
+
+
+def _finite_peak(norms: Sequence[Tensor]) -> bool:
+    """Whether the largest of ``norms`` is finite (NaN propagates through ``max``): one host read."""
+    return math.isfinite(float(norms[0]) if len(norms) == 1 else float(torch.stack(list(norms)).max()))
 
 
 def dot(a: Sequence[Tensor], b: Sequence[Tensor]) -> Tensor:

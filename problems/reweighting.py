@@ -104,7 +104,6 @@ DATASETS = ("digits", "fashion-mnist")
 SCHEDULES = ("cosine", "constant")
 #: method -> how the training examples are weighted
 METHODS = {"mwn": "Meta-Weight-Net", "uniform": "all examples weight 1", "class-balanced": "weight N / (K n_c)"}
-BASELINES = ("uniform", "class-balanced")
 #: Fashion-MNIST: the fraction of the class-balanced training subset that becomes the clean meta (val) set
 FASHION_VAL_FRACTION = 0.2
 
@@ -126,6 +125,7 @@ class ReweightingConfig:
     noise: float = 0.4  # noisy: fraction of training labels replaced by a uniformly random other class
     imbalance: float = 20.0  # long-tailed: largest / smallest class size
     methods: list[str] = field(default_factory=lambda: list(METHODS))
+    reference: str = "mwn"  # every other method's paired difference to it is reported
     seeds: int = 10
     rounds: int = 400  # every method: this many classifier steps
     batch_size: int = 64
@@ -148,6 +148,8 @@ class ReweightingConfig:
         unknown = [m for m in self.methods if m not in METHODS]
         if not self.methods or unknown:
             raise ConfigError(f"unknown method(s) {unknown or self.methods}; methods: {', '.join(METHODS)}")
+        if self.reference not in self.methods:
+            raise ConfigError(f"reference {self.reference!r} is not among the methods {self.methods}")
         if not 0 <= self.noise < 1:
             raise ConfigError(f"noise must be in [0, 1), got {self.noise}")
         if self.imbalance < 1:
@@ -199,9 +201,10 @@ def _tensors(dataset: Any) -> tuple[Tensor, Tensor]:
 
 class WeightLog(mlo.Hook):
     """Every ``every`` rounds (and after the last), the weight net's weights of the whole training
-    set: their range, per-class means (of weights and of training losses) and, given ``corrupted`` (a mask over the training examples),
-    the mean weight of corrupted and clean examples and the AUC of the weights at telling clean from
-    corrupted (1: every clean example weighs more than every corrupted one; 0.5: chance)."""
+    set: their range, per-class means (of weights and of training losses) and, given ``corrupted``
+    (a mask over the training examples), `runs.separation`: the mean weight of clean and of
+    corrupted ("harmful") examples and the AUC of the weights at telling them apart (1: every
+    clean example weighs more than every corrupted one; 0.5: chance)."""
 
     def __init__(self, classifier: nn.Module, weights: nn.Module, train: Any, num_classes: int,
                  corrupted: Tensor | None, every: int) -> None:
@@ -233,11 +236,8 @@ class WeightLog(mlo.Hook):
         entry: dict[str, Any] = {"round": round, "weight_min": float(w.min()), "weight_max": float(w.max()),
                                  "class_weights": per_class(w), "class_losses": per_class(losses)}
         if self.corrupted is not None and 0 < int(self.corrupted.sum()) < len(w):
-            from sklearn.metrics import roc_auc_score
-
-            entry.update(weight_clean=float(w[~self.corrupted].mean()), weight_corrupted=float(w[self.corrupted].mean()),
-                         weight_auc=float(roc_auc_score((~self.corrupted).numpy(), w.numpy())),
-                         loss_clean=float(losses[~self.corrupted].mean()), loss_corrupted=float(losses[self.corrupted].mean()))
+            entry.update(runs.separation(w, self.corrupted), loss_clean=float(losses[~self.corrupted].mean()),
+                         loss_harmful=float(losses[self.corrupted].mean()))
         return entry
 
 
@@ -278,10 +278,10 @@ def run_one(config: ReweightingConfig, method: str, seed: int) -> dict[str, floa
 
 
 def _diagnostics(record: dict[str, Any], counts: Any) -> dict[str, float]:
-    """The last record's figures: noisy, the clean and corrupted mean weights and their AUC;
+    """The last record's figures: noisy, the clean and corrupted ("harmful") mean weights and their AUC;
     long-tailed, the mean weight of the rarest and of the most common class."""
-    if "weight_auc" in record:
-        return {k: record[k] for k in ("weight_clean", "weight_corrupted", "weight_auc")}
+    if "auc" in record:
+        return {k: record[k] for k in ("weight_clean", "weight_harmful", "auc")}
     by_class = record["class_weights"]
     return {"weight_tail": by_class[int(counts.argmin())], "weight_head": by_class[int(counts.argmax())]}
 
@@ -295,4 +295,4 @@ def run(config: ReweightingConfig) -> dict[str, Any]:
         raise ConfigError(f"dataset {config.dataset!r}: {err}") from None
     corruption = f"noise {config.noise:g}" if config.setting == "noisy" else f"imbalance {config.imbalance:g}"
     title = f"reweighting on {config.dataset}, {config.setting} ({corruption})"
-    return runs.compare_config(title, config, run_one, baselines=BASELINES)
+    return runs.compare_config(title, config, run_one)

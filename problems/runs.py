@@ -1,8 +1,8 @@
 """What the small programs of `mlo run` share: seeded batches, test error, and a results table of
-mean ± std over seeds written as JSON, with each method's paired difference to the baselines
-(`paired_difference`: seed s gives every method the same data, corruption and initialisation, so
-the per-seed differences carry the comparison). LFM-CW has its own runner, with search and
-evaluation phases, and its benchmark reports the same paired differences."""
+mean ± std over seeds, paired differences to a reference method (seed s gives every method the
+same data, corruption and initialisation), written as JSON and printed as Markdown; how well
+learned example weights separate clean from harmful examples. (LFM-CW has its own runner, with
+search and evaluation phases; its benchmark reports the same paired differences.)"""
 
 from __future__ import annotations
 
@@ -18,14 +18,14 @@ from typing import Any
 import torch
 from rich.console import Console
 from rich.table import Table
-from torch import nn
+from torch import Tensor, nn
 from torch.utils.data import DataLoader, Dataset
 
 from mlo.config import ConfigError
 
 from .data import balanced_error, error
 
-__all__ = ["loader", "evaluate", "compare", "compare_config", "paired_difference", "markdown", "output_dir"]
+__all__ = ["loader", "evaluate", "compare", "compare_config", "paired_difference", "markdown", "separation", "output_dir"]
 
 
 def loader(dataset: Dataset, batch_size: int, seed: int) -> DataLoader:
@@ -45,32 +45,14 @@ def evaluate(model: nn.Module, dataset: Dataset, num_classes: int) -> dict[str, 
     return {"test_error": error(preds, y), "balanced_error": balanced_error(preds, y, num_classes)}
 
 
-def compare_config(title: str, config: Any, run_one: Callable[[Any, str, int], dict[str, float]],
-                   baselines: Sequence[str] = ()) -> dict[str, Any]:
-    """`compare` driven by a program's config dataclass, whose fields ``methods``, ``seeds``, ``out``
-    and ``threads`` (0: torch's default) it reads; ``run_one(config, method, seed)``."""
+def compare_config(title: str, config: Any, run_one: Callable[[Any, str, int], dict[str, float]]) -> dict[str, Any]:
+    """`compare` driven by a program's config dataclass, whose fields ``methods``, ``seeds``, ``out``,
+    ``threads`` (0: torch's default) and, if it has one, ``reference`` it reads;
+    ``run_one(config, method, seed)``."""
     if config.threads:
         torch.set_num_threads(config.threads)
     return compare(title, config.methods, config.seeds, lambda m, s: run_one(config, m, s), config.out,
-                   dataclasses.asdict(config), baselines=baselines)
-
-
-def paired_difference(values: Sequence[float], reference: Sequence[float]) -> dict[str, float]:
-    """Mean, std and 95 % confidence interval (Student t, n - 1 degrees of freedom) of
-    ``values[i] - reference[i]`` over paired seeds (NaN interval for one pair)."""
-    if len(values) != len(reference) or not values:
-        raise ValueError(f"paired_difference needs equal, non-empty lists, got {len(values)} and {len(reference)}")
-    diffs = [a - b for a, b in zip(values, reference)]
-    n = len(diffs)
-    mean = statistics.fmean(diffs)
-    std = statistics.stdev(diffs) if n > 1 else float("nan")
-    if n > 1:
-        from scipy.stats import t  # scipy comes with scikit-learn
-
-        half = float(t.ppf(0.975, n - 1)) * std / math.sqrt(n)
-    else:
-        half = float("nan")
-    return {"mean": mean, "std": std, "ci_low": mean - half, "ci_high": mean + half, "n": float(n)}
+                   dataclasses.asdict(config), reference=getattr(config, "reference", None))
 
 
 def compare(
@@ -81,13 +63,17 @@ def compare(
     out: str | None,
     config: dict[str, Any],
     console: Console | None = None,
-    baselines: Sequence[str] = (),
+    reference: str | None = None,
 ) -> dict[str, Any]:
     """``run_one(method, seed)`` for every method and seed 0..seeds-1; prints the mean ± std of each
-    metric per method and, for each of ``baselines`` that was run, every other method's paired
-    difference ``method - baseline`` per metric (mean [95 % CI] over the seeds); writes
-    ``results.json`` (config, per-run metrics, summary) to ``out``. Methods may report different
-    metrics (a diagnostic only one method has): each is summarised where present."""
+    metric per method (a metric some method does not report is left blank for it), and writes
+    ``results.json`` (config, per-run metrics, summary) to ``out``.
+
+    With ``reference`` (one of ``methods``), seeds are paired: every metric of every other method
+    gets its difference ``method - reference`` over seeds (`paired_difference`) in the summary
+    (``row["paired"][metric]``), and the table shows it for the first metric."""
+    if reference is not None and reference not in methods:
+        raise ConfigError(f"reference {reference!r} is not among the methods {list(methods)}")
     console = console or Console()
     folder = output_dir(out) if out is not None else None  # refused before any run, not after
     runs: list[dict[str, Any]] = []
@@ -97,17 +83,32 @@ def compare(
             metrics = run_one(method, seed)
             runs.append({"method": method, "seed": seed, "seconds": time.perf_counter() - start, **metrics})
             console.log(f"{title}: {method} seed {seed}: " + ", ".join(f"{k} {v:.2f}" for k, v in metrics.items()))
-    names = _metric_names(runs)
-    summary = [_summary(method, [r for r in runs if r["method"] == method], names,
-                        {b: [r for r in runs if r["method"] == b] for b in baselines if b in methods and b != method})
-               for method in methods]
+    metrics_names = _metric_names(runs)
+    by_method = {m: [r for r in runs if r["method"] == m] for m in methods}
+    summary = []
+    for method in methods:
+        mine = by_method[method]
+        row: dict[str, Any] = {"method": method, "seeds": len(mine)}
+        for key in metrics_names:
+            if key not in mine[0]:
+                continue
+            values = [float(r[key]) for r in mine]
+            row[key] = statistics.fmean(values)
+            row[key + "_std"] = statistics.stdev(values) if len(values) > 1 else 0.0
+        if reference is not None and method != reference:
+            row["paired"] = {
+                key: paired_difference([float(r[key]) for r in mine], [float(r[key]) for r in by_method[reference]])
+                for key in metrics_names if key in mine[0] and key in by_method[reference][0]
+            }
+        summary.append(row)
+    result = {"config": config, "runs": runs, "summary": summary, "reference": reference}
     table = Table(title=title)
-    for col in _columns(names, summary):
+    columns, rows = _table(result)
+    for col in columns:
         table.add_column(col, justify="left" if col == "method" else "right")
-    for row in _cells(names, summary):
-        table.add_row(*row)
+    for cells in rows:
+        table.add_row(*cells)
     console.print(table)
-    result = {"config": config, "runs": runs, "summary": summary}
     console.print(markdown(result), markup=False, highlight=False, soft_wrap=True)
     if folder is not None:
         path = folder / "results.json"
@@ -120,56 +121,55 @@ def _metric_names(runs: list[dict[str, Any]]) -> list[str]:
     return list(dict.fromkeys(k for r in runs for k in r if k not in ("method", "seed")))
 
 
-def _summary(method: str, mine: list[dict[str, Any]], names: list[str], baselines: dict[str, list[dict[str, Any]]]) -> dict[str, Any]:
-    row: dict[str, Any] = {"method": method, "seeds": len(mine)}
-    for key in names:
-        values = [float(r[key]) for r in mine if key in r]
-        if values:
-            row[key] = statistics.fmean(values)
-            row[key + "_std"] = statistics.stdev(values) if len(values) > 1 else 0.0
-    paired: dict[str, dict[str, dict[str, float]]] = {}
-    for baseline, theirs in baselines.items():
-        by_seed = {r["seed"]: r for r in theirs}
-        shared = [r for r in mine if r["seed"] in by_seed]
-        paired[baseline] = {
-            key: paired_difference([float(r[key]) for r in shared], [float(by_seed[r["seed"]][key]) for r in shared])
-            for key in names if key != "seconds" and shared and all(key in r and key in by_seed[r["seed"]] for r in shared)
-        }
-    if paired:
-        row["paired"] = paired
-    return row
-
-
-def _delta_columns(names: list[str], summary: list[dict[str, Any]]) -> list[tuple[str, str]]:
-    """(baseline, metric) of the paired differences shown: the first metric against each baseline."""
-    first = next((k for k in names if k != "seconds"), None)
-    baselines = list(dict.fromkeys(b for row in summary for b in row.get("paired", {})))
-    return [(b, first) for b in baselines] if first is not None else []
-
-
-def _columns(names: list[str], summary: list[dict[str, Any]]) -> list[str]:
-    return ["method", "seeds", *names, *(f"Δ {k} vs {b} [95 % CI]" for b, k in _delta_columns(names, summary))]
-
-
-def _cells(names: list[str], summary: list[dict[str, Any]]) -> list[list[str]]:
-    def delta(row: dict[str, Any], baseline: str, key: str) -> str:
-        d = row.get("paired", {}).get(baseline, {}).get(key)
-        return f"{d['mean']:+.2f} [{d['ci_low']:+.2f}, {d['ci_high']:+.2f}]" if d else "—"
-
-    return [
-        [row["method"], str(row["seeds"]),
-         *(f"{row[k]:.2f} ± {row[k + '_std']:.2f}" if k in row else "—" for k in names),
-         *(delta(row, b, k) for b, k in _delta_columns(names, summary))]
-        for row in summary
-    ]
+def _table(result: dict[str, Any]) -> tuple[list[str], list[list[str]]]:
+    """The columns and rows of `compare`'s table: each metric's mean ± std and, with a reference,
+    the paired difference of the first metric after ``seconds``."""
+    names, reference = _metric_names(result["runs"]), result.get("reference")
+    first = next((k for k in names if k != "seconds"), names[0])
+    delta = [f"Δ {first} vs {reference} [95 % CI]"] if reference is not None else []
+    rows = []
+    for row in result["summary"]:
+        cells = [f"{row[k]:.2f} ± {row[k + '_std']:.2f}" if k in row else "—" for k in names]
+        if reference is not None:
+            d = row.get("paired", {}).get(first)
+            cells.append(f"{d['mean']:+.2f} [{d['ci_low']:+.2f}, {d['ci_high']:+.2f}]" if d else "—")
+        rows.append([row["method"], str(row["seeds"]), *cells])
+    return ["method", "seeds", *names, *delta], rows
 
 
 def markdown(result: dict[str, Any]) -> str:
-    """What `compare` returned as a Markdown table (the rows of its printed table)."""
-    names, summary = _metric_names(result["runs"]), result["summary"]
-    columns = _columns(names, summary)
-    lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
-    return "\n".join(lines + ["| " + " | ".join(row) + " |" for row in _cells(names, summary)])
+    """What `compare` returned, as a Markdown table (the rows of its printed table)."""
+    columns, rows = _table(result)
+    return "\n".join(["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)] + ["| " + " | ".join(r) + " |" for r in rows])
+
+
+def separation(weights: Tensor, harmful: Tensor) -> dict[str, float]:
+    """Mean weight of the clean and of the harmful examples, and the AUC: the probability
+    that a random clean example weighs more than a random harmful one (ties count half)."""
+    clean, bad = weights[~harmful], weights[harmful]
+    if len(bad) == 0 or len(clean) == 0:
+        return {"weight_clean": float(clean.mean()) if len(clean) else float("nan"),
+                "weight_harmful": float(bad.mean()) if len(bad) else float("nan"), "auc": float("nan")}
+    above = (clean[:, None] > bad[None, :]).double().mean() + 0.5 * (clean[:, None] == bad[None, :]).double().mean()
+    return {"weight_clean": float(clean.mean()), "weight_harmful": float(bad.mean()), "auc": float(above)}
+
+
+def paired_difference(values: list[float], reference: list[float]) -> dict[str, float]:
+    """Mean, std and 95 % CI (Student t on n - 1 degrees of freedom) of ``values[i] - reference[i]``
+    over paired seeds; with one pair, std and the interval are NaN."""
+    if len(values) != len(reference) or not values:
+        raise ValueError(f"paired_difference needs equal, non-empty lists, got {len(values)} and {len(reference)}")
+    diffs = [a - b for a, b in zip(values, reference)]
+    n = len(diffs)
+    mean = statistics.fmean(diffs)
+    std = statistics.stdev(diffs) if n > 1 else float("nan")
+    if n > 1:
+        from scipy.stats import t
+
+        half = float(t.ppf(0.975, n - 1)) * std / math.sqrt(n)
+    else:
+        half = float("nan")
+    return {"mean": mean, "std": std, "ci_low": mean - half, "ci_high": mean + half, "n": float(n)}
 
 
 def output_dir(out: str) -> Path:
