@@ -103,7 +103,8 @@ SETTINGS = ("noisy", "long-tailed")
 DATASETS = ("digits", "fashion-mnist")
 SCHEDULES = ("cosine", "constant")
 #: method -> how the training examples are weighted
-METHODS = {"mwn": "Meta-Weight-Net", "uniform": "all examples weight 1", "class-balanced": "weight N / (K n_c)"}
+METHODS = {"mwn": "Meta-Weight-Net", "uniform": "all examples weight 1", "class-balanced": "weight N / (K n_c)",
+           "oracle": "noisy only: weight 1 for the examples whose label was not corrupted, 0 for the rest"}
 #: Fashion-MNIST: the fraction of the class-balanced training subset that becomes the clean meta (val) set
 FASHION_VAL_FRACTION = 0.2
 
@@ -124,7 +125,7 @@ class ReweightingConfig:
     setting: str = "noisy"  # noisy | long-tailed
     noise: float = 0.4  # noisy: fraction of training labels replaced by a uniformly random other class
     imbalance: float = 20.0  # long-tailed: largest / smallest class size
-    methods: list[str] = field(default_factory=lambda: list(METHODS))
+    methods: list[str] = field(default_factory=lambda: ["mwn", "uniform", "class-balanced"])  # and oracle
     reference: str = "mwn"  # every other method's paired difference to it is reported
     seeds: int = 10
     rounds: int = 400  # every method: this many classifier steps
@@ -150,6 +151,8 @@ class ReweightingConfig:
             raise ConfigError(f"unknown method(s) {unknown or self.methods}; methods: {', '.join(METHODS)}")
         if self.reference not in self.methods:
             raise ConfigError(f"reference {self.reference!r} is not among the methods {self.methods}")
+        if "oracle" in self.methods and self.setting != "noisy":
+            raise ConfigError("method oracle (the uncorrupted examples alone) needs setting noisy")
         if not 0 <= self.noise < 1:
             raise ConfigError(f"noise must be in [0, 1), got {self.noise}")
         if self.imbalance < 1:
@@ -249,7 +252,12 @@ def run_one(config: ReweightingConfig, method: str, seed: int) -> dict[str, floa
     s = corrupt(config, clean, seed)
     torch.manual_seed(seed)
     classifier = mlp(math.prod(s.input_shape), config.hidden, s.num_classes)
-    train = runs.loader(s.train, config.batch_size, seed)
+    corrupted = s.train.tensors[1] != clean.train.tensors[1] if config.setting == "noisy" else None  # type: ignore[attr-defined]
+    if method == "oracle" and corrupted is not None:  # the ideal weights: 1 for the uncorrupted examples, 0 for the rest
+        x, y = s.train.tensors  # type: ignore[attr-defined]
+        train = runs.loader(TensorDataset(x[~corrupted], y[~corrupted]), config.batch_size, seed)
+    else:
+        train = runs.loader(s.train, config.batch_size, seed)
     schedule: Schedule | None = None
     if config.schedule == "cosine":
         schedule = lambda optimizer: torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, config.rounds)  # noqa: E731
@@ -258,7 +266,6 @@ def run_one(config: ReweightingConfig, method: str, seed: int) -> dict[str, floa
         weights = WeightNet()
         problems, graph = levels(classifier, weights, train, runs.loader(s.val, config.batch_size, seed + 1),
                                  config.lr, config.meta_lr, config.momentum, config.normalize, schedule)
-        corrupted = s.train.tensors[1] != clean.train.tensors[1] if config.setting == "noisy" else None  # type: ignore[attr-defined]
         log = WeightLog(classifier, weights, s.train, s.num_classes, corrupted, config.log_every)
         mlo.Engine(problems, graph, config.estimator, hooks=[log]).run(config.rounds)
         metrics = _diagnostics(log.records[-1], data.class_counts(s.train, s.num_classes))

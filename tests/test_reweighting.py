@@ -104,6 +104,8 @@ def test_mlo_run_reweighting_end_to_end(setting: str, tmp_path: Path) -> None:
     assert all(k in rows["mwn"] for k in diagnostics) and not any(k in rows["uniform"] for k in diagnostics)
     log = json.loads((out / "log-mwn-seed1.json").read_text())
     assert [r["round"] for r in log] == [2, 3]
+    if setting == "noisy":  # the oracle trains on the uncorrupted examples alone
+        assert main(["run", "reweighting", "--seeds", "1", "--rounds", "2", "--methods", "oracle,mwn", "--reference", "oracle"]) == 0
     assert main(["run", "reweighting", "--rounds", "3", "--out", str(out)]) == 2  # never overwrites
 
 
@@ -135,3 +137,4 @@ def test_missing_fashion_mnist_is_reported_before_training(tmp_path: Path, capsy
     assert not (tmp_path / "o").exists()
     assert main(["run", "reweighting", "--dataset", "mnist"]) == 2
     assert main(["run", "reweighting", "--methods", "uniform", "--reference", "mwn"]) == 2
+    assert main(["run", "reweighting", "--setting", "long-tailed", "--methods", "mwn,oracle"]) == 2  # no corruption to remove
