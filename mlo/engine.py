@@ -245,7 +245,8 @@ class Engine:
         ``zero_grad()`` does), so no level holds a parameter-sized gradient while others step.
         A gradient transform may absorb the step (it returns ``None`` as the gradient, as
         `mlo.transforms.accumulate` does between micro-batches): then neither the optimizer nor
-        the scheduler steps.
+        the scheduler steps. A level in fp16 whose (hyper)gradient is not finite does not step
+        either; its gradient scaler lowers its scale (`mlo.precision`).
 
         For a level with lowers, the loss returned (and passed to hooks) is its loss at the point
         its hypergradient is evaluated: where an edge's estimator has a look-ahead (``unroll``,
