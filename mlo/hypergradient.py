@@ -77,6 +77,7 @@ from .functional import Point
 from .graph import Graph
 from .precision import full_precision
 from .problem import Problem
+from .tasks import TaskBatch
 
 __all__ = ["Loss", "Edge", "Result", "Rule", "hypergradient"]
 
@@ -303,7 +304,10 @@ class _Hop(Hop):
     def curvature(self, hessian: str = "total") -> Curvature:
         if hessian == "total" and self.evaluation.graph.lowers_of[self.lower]:
             return _ReducedCurvature(self)
-        return _PartialCurvature(self.lower_loss({}), self.lower_params, self.upper_params)
+        curvature = _PartialCurvature(self.lower_loss({}), self.lower_params, self.upper_params)
+        if isinstance(self.problem.module, TaskBatch):  # a sum of per-task losses: one block per task
+            curvature.tasks = self.problem.module.tasks
+        return curvature
 
     def direction(self, values: Tensors, differentiable: bool) -> Tensors:
         # a step that is differentiated again (unroll) is a second derivative: full precision

@@ -10,7 +10,8 @@ depends on its own parameters and data only), batched the same way by autograd.
 
 The task level's loss should be the *sum* over tasks of the per-task losses, so that its
 gradient in each task's parameters is that task's own gradient, and an optimizer step is the
-per-task step. Its ``init`` typically broadcasts the meta-parameters to every task
+per-task step. Its Hessian is then block-diagonal over tasks, and ``cg`` solves each task's
+system with its own conjugate gradient (batched), as a per-task loop would. Its ``init`` typically broadcasts the meta-parameters to every task
 (`TaskBatch.broadcast`)::
 
     net = MLP()                                        # the meta-parameters, one copy

@@ -148,6 +148,13 @@ def test_speed_compares_sama_with_the_other_estimators_on_one_program(speed_run:
     assert ("reweighting", "sama", "betty") in by_key  # and Betty's sama beside mlo's
 
 
+def test_speed_times_maml_and_imaml_against_per_task_loops(speed_run: Any) -> None:
+    doc, _, _ = speed_run
+    pairs = {(q["problem"], q["num"], q["den"]): q for q in doc["ratios"] if "sinusoid" in q["problem"]}
+    assert {("maml sinusoid x4", "mlo", "hand"), ("imaml sinusoid x4", "mlo", "hand")} <= set(pairs)
+    assert pairs[("imaml sinusoid x4", "mlo", "hand")]["time_target"] == pytest.approx(1 / 3)
+
+
 # ---------------------------------------------------------------------------------------------- estimators
 
 

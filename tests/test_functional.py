@@ -4,6 +4,7 @@ public function as the reference."""
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import pytest
@@ -162,3 +163,18 @@ def test_grad_rejects_an_implicit_seed_for_a_complex_output() -> None:
     w = torch.randn(3, dtype=torch.complex128, requires_grad=True)
     with pytest.raises(RuntimeError, match="real scalar outputs"):
         autodiff.grad((w * w).sum(), (w,))
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), -float("inf"), None], ids=["nan", "inf", "-inf", "finite"])
+def test_all_finite_is_exact_even_where_the_fast_norm_overflows(bad: float | None) -> None:
+    """The fast path (2-norms) overflows on finite float32 values near 1e30; the answer must
+    still be that of an element-wise test, for one tensor and for several of mixed dtypes."""
+    big = torch.full((4, 3), 1e30)
+    small = torch.arange(5, dtype=torch.float64)
+    if bad is not None:
+        big[2, 1] = bad
+    assert not math.isfinite(float(torch._foreach_norm([big])[0]))  # the fast path alone would say no
+    want = bool(torch.isfinite(big).all())
+    assert autodiff.all_finite((big,)) is want
+    assert autodiff.all_finite((small, big, torch.tensor(1.0))) is want
+    assert autodiff.all_finite((small,)) and autodiff.all_finite(())

@@ -11,7 +11,13 @@ import torch
 
 import mlo
 from mlo.estimators import CG, Neumann
-from mlo.estimators.solvers import conjugate_gradient, largest_eigenvalue, neumann_series
+from mlo.estimators.solvers import (
+    conjugate_gradient,
+    largest_eigenvalue,
+    neumann_series,
+    per_task_largest_eigenvalue,
+    per_task_neumann_series,
+)
 from programs import Vector, relative_error, ridge
 
 pytestmark = pytest.mark.usefixtures("float64", "one_thread")
@@ -200,3 +206,78 @@ def test_lookahead_estimators_report_their_steps(steps):
         a = r.validation_gradient(ahead)
         assert info["direction_norm"] == pytest.approx(lr * float(a.norm()), rel=1e-9)
         assert info["epsilon"] == pytest.approx(0.01 / info["direction_norm"], rel=1e-12)
+
+
+def _task_blocks():
+    """Four 7-unknown systems stacked as a task batch (parameters (4, 3) and (4, 2, 2)): a generic
+    SPD block, 2 I (converges in one step), b = 0, and an indefinite block."""
+    blocks = torch.stack([_matrix([0.3, 1.0, 2.0, 3.0, 5.0, 8.0, 13.0], seed=2), 2.0 * torch.eye(7),
+                          _matrix([1.0] * 7, seed=3), _matrix([-2.0, 0.5, 1.0, 2.0, 4.0, 6.0, 9.0], seed=4)])
+    b = torch.randn(4, 7, generator=torch.Generator().manual_seed(5))
+    b[2] = 0.0
+
+    def split(flat):
+        return flat[:, :3].clone(), flat[:, 3:].reshape(4, 2, 2)
+
+    def matvec(v):
+        return split(torch.einsum("tij,tj->ti", blocks, torch.cat([v[0], v[1].reshape(4, 4)], dim=1)))
+
+    return blocks, b, split, matvec
+
+
+@pytest.mark.parametrize("stop", [False, True], ids=["continue", "stop"])
+@pytest.mark.parametrize("iterations", [2, 3, 7])
+def test_per_task_cg_is_a_loop_of_ordinary_cg_at_any_iteration_count(iterations, stop):
+    """Each task's result, residual and iteration count are those of CG on that task alone, also
+    short of convergence (2, 3 iterations), where one joint CG over all tasks differs."""
+    blocks, b, split, matvec = _task_blocks()
+    x, info = conjugate_gradient(matvec, split(b), iterations, 1e-12, stop, tasks=4)
+    got = torch.cat([x[0], x[1].reshape(4, 4)], dim=1)
+    alone = []
+    for t in range(4):
+        (want,), report = conjugate_gradient(Counted(blocks[t]), (b[t],), iterations, 1e-12, stop)
+        assert torch.allclose(got[t], want, rtol=1e-10, atol=1e-12)
+        assert info[f"residual[{t}]"] == pytest.approx(report["residual"], rel=1e-9, abs=1e-10)
+        assert info[f"iterations[{t}]"] == report["iterations"]
+        alone.append(report)
+    assert info["iterations[1]"] == 1 and info["iterations[2]"] == 0  # 2 I converged at once; b = 0 needs nothing
+    for key, combine in (("negative_curvature", max), ("converged", min), ("iterations", max)):
+        assert info[key] == combine(report[key] for report in alone)
+    assert info["residual"] == pytest.approx(max(report["residual"] for report in alone), rel=1e-9)
+    assert iterations == 7 or info["converged"] == 0.0
+    # one CG over all tasks (shared step sizes) is another answer short of convergence
+    (joint,), _ = conjugate_gradient(Counted(torch.block_diag(*blocks)), (b.reshape(-1),), iterations, 1e-12)
+    assert iterations == 7 or not torch.allclose(joint.reshape(4, 7), got, rtol=1e-6)
+
+
+def test_per_task_power_iteration_and_series_are_those_of_each_task_alone():
+    blocks, b, split, matvec = _task_blocks()
+
+    def flat(x):
+        return torch.cat([x[0], x[1].reshape(4, 4)], dim=1)
+
+    top = per_task_largest_eigenvalue(matvec, split(b), 4, 6)
+    alone = [largest_eigenvalue(Counted(blocks[t]), (b[t],), 6) for t in range(4)]
+    assert torch.allclose(top, torch.tensor(alone), rtol=1e-10) and top[2] == 0.0  # b = 0: no estimate
+    alpha = 1.0 / top.clamp(min=1.0)
+    x, info = per_task_neumann_series(matvec, split(b), 4, 3, alpha, 1e9, "e", scale=-1.0)
+    for t in range(4):
+        (want,), report = neumann_series(Counted(blocks[t]), (b[t],), 3, float(alpha[t]), 1e9, "e", scale=-1.0)
+        assert torch.allclose(flat(x)[t], want, rtol=1e-10, atol=1e-14)
+        assert info[f"last_term[{t}]"] == pytest.approx(report["last_term"], rel=1e-10)
+        assert info[f"alpha[{t}]"] == float(alpha[t])
+
+
+def test_per_task_series_catches_a_diverging_task_that_the_joint_norm_hides():
+    """Task 1 diverges (alpha * 10 = 5: its terms grow 4x each) from a tiny right-hand side; the
+    joint norm, dominated by task 0, stays below 2x its first term for 3 terms."""
+    blocks = torch.stack([torch.eye(3), torch.diag(torch.tensor([10.0, 1.0, 1.0]))])
+    b = torch.tensor([[1.0, 2.0, 3.0], [1e-3, 0.0, 0.0]])
+
+    def matvec(v):
+        return (torch.einsum("tij,tj->ti", blocks, v[0]),)
+
+    alpha = torch.tensor([0.5, 0.5])
+    neumann_series(lambda v: (torch.block_diag(*blocks) @ v[0],), (b.reshape(-1),), 3, 0.5, 2.0, "e")  # no error
+    with pytest.raises(mlo.DivergenceError, match="neumann on e, task 1: term 1 has norm"):
+        per_task_neumann_series(matvec, (b,), 2, 3, alpha, 2.0, "e")

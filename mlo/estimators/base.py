@@ -46,6 +46,10 @@ class Curvature(ABC):
 
     #: products ``H v`` taken so far (with a reduced Hessian each costs inner solves, not counted)
     hvps: int
+    #: ``T`` when ``H`` is block-diagonal over the leading dimension of every lower parameter:
+    #: ``T`` independent systems, one per task (a `mlo.tasks.TaskBatch` level's own loss), that a
+    #: solver may treat separately; ``None`` for one system
+    tasks: int | None = None
 
     @abstractmethod
     def hvp(self, v: Tensors, create_graph: bool = False) -> Tensors:

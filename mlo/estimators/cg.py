@@ -8,6 +8,12 @@ it held fixed (cheaper; the same when the lower level has no lowers). See `mlo.h
 Reports the final relative residual, and warns (``mlo.ConvergenceWarning``) when the solve met
 negative curvature or ended with a relative residual above ``warn_residual``: an indefinite
 lower Hessian is the usual cause, and ``damping`` fixes it.
+
+Over a `mlo.tasks.TaskBatch` level (a sum of per-task losses: its Hessian is block-diagonal over
+tasks) every task's system is solved by its own CG, batched in the same products: per-task inner
+products, step sizes and stopping, the result a loop over tasks would give at any iteration
+count. The diagnostics then also hold ``residual[t]`` and ``iterations[t]`` per task;
+``residual`` is the worst task's.
 """
 
 from __future__ import annotations
@@ -54,10 +60,10 @@ class CG(Estimator):
             return autodiff.axpy(self.damping, v, hv) if self.damping else hv
 
         def solve(b: Tensors) -> Tensors:
-            return conjugate_gradient(matvec, b, self.iterations, self.tol, self.indefinite == "stop")[0]
+            return conjugate_gradient(matvec, b, self.iterations, self.tol, self.indefinite == "stop", curvature.tasks)[0]
 
         b = tuple(a.detach() for a in adjoint) if hop.create_graph else adjoint
-        x, info = conjugate_gradient(matvec, b, self.iterations, self.tol, self.indefinite == "stop")
+        x, info = conjugate_gradient(matvec, b, self.iterations, self.tol, self.indefinite == "stop", curvature.tasks)
         self._warn(hop, info)
         if hop.create_graph:  # differentiable: the solution's derivative, by one more solve backward
             x = attach(x, adjoint, matvec, solve)

@@ -1,7 +1,10 @@
 """Linear solvers over a Hessian-vector product: the shared core of the implicit estimators.
 
 Both approximate ``x = H^{-1} b`` given only ``v -> H v``, and report what they did as a dict of
-floats (the diagnostics an estimator passes on). ``largest_eigenvalue`` estimates the step size
+floats (the diagnostics an estimator passes on). CG also solves a batch of independent systems
+at once (``tasks``: a block-diagonal ``H`` over the leading dimension of every tensor, as a
+`mlo.tasks.TaskBatch` level's), each with its own CG in the same batched products; the
+``per_task_*`` Neumann pieces do the same for the series and its step size. ``largest_eigenvalue`` estimates the step size
 the Neumann series needs. ``attach`` makes a solution differentiable as a solution.
 """
 
@@ -17,13 +20,15 @@ from .. import autodiff
 from ..autodiff import Tensors
 from ..errors import DivergenceError
 
-__all__ = ["conjugate_gradient", "neumann_series", "largest_eigenvalue", "attach"]
+__all__ = ["conjugate_gradient", "per_task_cg", "neumann_series", "per_task_neumann_series", "largest_eigenvalue",
+           "per_task_largest_eigenvalue", "attach"]
 
 Matvec = Callable[[Tensors], Tensors]
 
 
 def conjugate_gradient(
-    matvec: Matvec, b: Tensors, iterations: int, tol: float, stop_at_negative_curvature: bool = False
+    matvec: Matvec, b: Tensors, iterations: int, tol: float, stop_at_negative_curvature: bool = False,
+    tasks: int | None = None,
 ) -> tuple[Tensors, dict[str, float]]:
     """Conjugate gradient for a symmetric positive definite ``matvec`` from ``x0 = 0``.
 
@@ -36,7 +41,14 @@ def conjugate_gradient(
     - ``iterations``: products done; ``converged``: 1.0 when the tolerance was reached, else 0.0;
     - ``negative_curvature``: 1.0 when some search direction had ``p^T A p <= 0``: proof that
       ``A`` is not positive definite, so CG's convergence is no longer guaranteed.
+
+    ``tasks``: ``b`` stacks that many independent systems on the leading dimension of every
+    tensor, and ``matvec`` is block-diagonal over it (each task's product reads that task's slice
+    only). Each task then runs its own CG, exactly as if it were solved alone: its own inner
+    products, step sizes ``alpha`` and ``beta``, stopping and diagnostics (`per_task_cg`).
     """
+    if tasks is not None:
+        return per_task_cg(matvec, b, tasks, iterations, tol, stop_at_negative_curvature)
     b_norm = autodiff.norm_value(b)
     x = autodiff.zeros_like(b)
     if b_norm == 0.0:
@@ -77,6 +89,71 @@ def conjugate_gradient(
     return x, info
 
 
+def per_task_cg(
+    matvec: Matvec, b: Tensors, tasks: int, iterations: int, tol: float, stop_at_negative_curvature: bool = False
+) -> tuple[Tensors, dict[str, float]]:
+    """`conjugate_gradient` on ``tasks`` independent systems stacked on the leading dimension.
+
+    Every quantity CG decides on is a vector over tasks: inner products, ``alpha``, ``beta``,
+    the relative residual (against each task's own ``||b_t||``), stopping. A task that stops
+    (converged, or negative curvature with ``stop_at_negative_curvature``) keeps its iterate
+    while the others go on: the products stay batched (one ``matvec`` per iteration for all
+    tasks), the result per task is that of ordinary CG on that task alone. One host read per
+    iteration (whether any task is still running). Diagnostics: ``residual`` (the worst task's),
+    ``iterations`` (the most any task did), ``converged`` (1.0 when every task converged),
+    ``negative_curvature`` (any task), ``converged_tasks``, and per task ``residual[t]`` and
+    ``iterations[t]``.
+    """
+    x = autodiff.zeros_like(b)
+    floor = max(tol, torch.finfo(b[0].dtype).eps)
+    r, p = tuple(b), tuple(b)
+    rs = _task_dot(r, r, tasks)  # (T,)
+    b_norm = rs.sqrt()
+    running = b_norm > 0  # a task with b_t = 0 has x_t = 0 at once
+    residual = running.to(rs.dtype)
+    counts = torch.zeros_like(rs)
+    negative = torch.zeros_like(running)
+    for _ in range(iterations):
+        if not bool(running.any()):
+            break
+        ap = matvec(p)
+        curvature = _task_dot(p, ap, tasks)
+        bad = running & ~(curvature > 0)
+        negative |= bad
+        counts += running
+        stepping = running & ~bad if stop_at_negative_curvature else running
+        alpha = torch.where(stepping, rs / torch.where(stepping, curvature, 1.0), 0.0)
+        x = tuple(torch._foreach_addcmul(list(x), list(p), _per_task(alpha, p)))
+        r = tuple(torch._foreach_addcmul(list(r), list(ap), _per_task(-alpha, ap)))
+        rs_new = torch.where(stepping, _task_dot(r, r, tasks), rs)
+        residual = torch.where(stepping, rs_new.clamp(min=0).sqrt() / torch.where(running, b_norm, 1.0), residual)
+        running = stepping & (residual > floor)
+        beta = torch.where(running, rs_new / torch.where(running, rs, 1.0), 0.0)
+        p = tuple(torch._foreach_addcmul(list(r), list(p), _per_task(beta, p)))
+        rs = rs_new
+    residuals, done = residual.tolist(), counts.tolist()
+    info = {
+        "residual": max(residuals),
+        "iterations": max(done),
+        "converged": float(all(v <= floor for v in residuals)),
+        "negative_curvature": float(bool(negative.any())),
+        "converged_tasks": float(sum(v <= floor for v in residuals)),
+    }
+    info.update({f"residual[{t}]": v for t, v in enumerate(residuals)})
+    info.update({f"iterations[{t}]": v for t, v in enumerate(done)})
+    return x, info
+
+
+def _task_dot(a: Tensors, b: Tensors, tasks: int) -> Tensor:
+    """Each task's inner product of two stacked parameter lists: shape ``(tasks,)``."""
+    return torch.stack([(x * y).reshape(tasks, -1).sum(1) for x, y in zip(a, b)]).sum(0)
+
+
+def _per_task(c: Tensor, like: Tensors) -> list[Tensor]:
+    """A value per task, ``(tasks,)``, shaped to broadcast against each stacked tensor of ``like``."""
+    return [c.reshape(-1, *[1] * (t.dim() - 1)) for t in like]
+
+
 def neumann_series(
     matvec: Matvec, b: Tensors, iterations: int, alpha: float, growth: float, where: str, scale: float = 1.0,
 ) -> tuple[Tensors, dict[str, float]]:
@@ -107,6 +184,62 @@ def neumann_series(
             )
         total = autodiff.add(total, term)
     return autodiff.scale(scale * alpha, total), {"terms": float(iterations), "alpha": alpha, "last_term": ratio}
+
+
+def per_task_neumann_series(
+    matvec: Matvec, b: Tensors, tasks: int, iterations: int, alpha: Tensor, growth: float, where: str, scale: float = 1.0,
+) -> tuple[Tensors, dict[str, float]]:
+    """`neumann_series` on ``tasks`` independent systems stacked on the leading dimension (a
+    block-diagonal ``matvec``, as for `per_task_cg`), with a step size per task (``alpha``, shape
+    ``(tasks,)``). The series is linear, so with one ``alpha`` for all tasks its value is the
+    joint series'; what is per task is the step size (``alpha="auto"`` finds one per task) and the
+    divergence test: each task's term against its own first term, so a diverging task is caught
+    even where the others' norms would hide it. Diagnostics: ``terms``, ``alpha`` and
+    ``last_term`` (the largest over tasks), and ``alpha[t]``, ``last_term[t]`` per task.
+    """
+    first = _task_dot(b, b, tasks).sqrt()
+    term, total = tuple(b), tuple(b)
+    size = first
+    for i in range(1, iterations + 1):
+        term = tuple(torch._foreach_addcmul(list(term), list(matvec(term)), _per_task(-alpha, term)))
+        size = _task_dot(term, term, tasks).sqrt()
+        diverged = ~(size <= growth * first)  # also catches NaN
+        if bool(diverged.any()):
+            t = int(diverged.nonzero()[0, 0])
+            value, ratio = float(size[t]), float(size[t]) / max(float(first[t]), 1e-300)
+            raise DivergenceError(
+                f"neumann on {where}, task {t}: term {i} has norm {value:.3g}, {ratio:.3g} x the task's first; the "
+                f"series diverges. Use alpha < 2 / (largest eigenvalue of the task's Hessian) (alpha is "
+                f"{float(alpha[t]):.4g}), alpha='auto', or an estimator that does not need it (cg)."
+            )
+        total = autodiff.add(total, term)
+    ratios = torch.where(first > 0, size / torch.where(first > 0, first, 1.0), 0.0).tolist()
+    alphas = alpha.tolist()
+    info = {"terms": float(iterations), "alpha": max(alphas), "last_term": max(ratios)}
+    info.update({f"alpha[{t}]": a for t, a in enumerate(alphas)})
+    info.update({f"last_term[{t}]": r for t, r in enumerate(ratios)})
+    return tuple(torch._foreach_mul(list(total), _per_task(scale * alpha, total))), info
+
+
+def per_task_largest_eigenvalue(matvec: Matvec, start: Tensors, tasks: int, iterations: int) -> Tensor:
+    """`largest_eigenvalue` of each of ``tasks`` blocks of a block-diagonal ``matvec`` (stacked on
+    the leading dimension), each by its own power iteration from its slice of ``start``, batched:
+    the Rayleigh quotients, shape ``(tasks,)`` (0 for a task whose ``start`` is zero)."""
+    v = tuple(t.detach() for t in start)
+    size = _task_dot(v, v, tasks).sqrt()
+    running = size > 0
+    v = tuple(torch._foreach_div(list(v), _per_task(torch.where(running, size, 1.0), v)))
+    estimate = torch.zeros_like(size)
+    for _ in range(iterations):
+        if not bool(running.any()):
+            break
+        hv = tuple(t.detach() for t in matvec(v))
+        estimate = torch.where(running, _task_dot(v, hv, tasks), estimate)
+        size = _task_dot(hv, hv, tasks).sqrt()
+        running = running & (size > 0)  # A v = 0 (or not finite): that task has learnt all it can
+        scaled = torch._foreach_div(list(hv), _per_task(torch.where(running, size, 1.0), hv))
+        v = tuple(torch.where(keep, new, old) for keep, new, old in zip(_per_task(running, v), scaled, v))
+    return estimate
 
 
 def largest_eigenvalue(matvec: Matvec, start: Tensors, iterations: int) -> float:
