@@ -24,7 +24,7 @@ from mlo.config import ConfigError, assignments
 
 __all__ = ["SUITES", "add_parser", "main"]
 
-SUITES = ("estimators", "speed", "lfm-cw")
+SUITES = ("estimators", "speed", "lfm-cw", "ignoring")
 
 
 def _configure(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
@@ -39,6 +39,7 @@ def _configure(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
                         help="lfm-cw: an option of the runs' config (as `mlo run --set`), e.g. search_rounds=15")
     parser.add_argument("--dataset", default="digits", metavar="NAME",
                         help="lfm-cw: digits (default) or fashion-mnist; each balanced and long-tailed (rho 10)")
+    parser.add_argument("--seeds", type=int, metavar="N", help="ignoring: seeds (default 5)")
     parser.add_argument("--threads", type=int, default=1, metavar="N",
                         help="torch intra-op threads (default 1; 0 keeps torch's default)")
     return parser
@@ -48,9 +49,10 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
     """Add the ``bench`` command to ``subparsers`` (from ``ArgumentParser.add_subparsers()``)."""
     parser = subparsers.add_parser(
         "bench",
-        help="run a benchmark suite (estimators, speed, lfm-cw)",
+        help="run a benchmark suite (estimators, speed, lfm-cw, ignoring)",
         description="Run a benchmark suite: estimator accuracy against cost, speed and memory against "
-        "a hand-written loop and other libraries, or LFM-CW against its baselines.",
+        "a hand-written loop and other libraries, LFM-CW against its baselines, or the exact and per-hop "
+        "hypergradients of learning by ignoring (3 levels) against the exact reference.",
     )
     _configure(parser)
     parser.set_defaults(func=main)
@@ -75,6 +77,10 @@ def main(args: argparse.Namespace) -> int:
         from . import estimators
 
         estimators.run(quick=args.quick, json_path=json_path, png_path=out / "estimators.png", console=console)
+    elif args.suite == "ignoring":
+        from . import ignoring
+
+        ignoring.run(json_path, seeds=args.seeds or 5, quick=args.quick, console=console)
     else:
         from . import lfm_cw
 

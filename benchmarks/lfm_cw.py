@@ -16,7 +16,6 @@ search time of a run, ``extra`` the errors (every seed's), and the paired differ
 from __future__ import annotations
 
 import dataclasses
-import math
 import statistics
 from pathlib import Path
 from typing import Any
@@ -27,6 +26,7 @@ from rich.table import Table
 from mlo.problems.lfm_cw.config import RunConfig
 from mlo.problems.lfm_cw.experiment import run as run_experiment
 from mlo.problems.lfm_cw.methods import METHODS
+from mlo.problems.runs import paired_difference
 
 from .timing import Result, summary, write_json
 
@@ -53,23 +53,6 @@ FASHION_CPU = dict(
     test_per_class=200, generator_warmup=1500, eval_epochs=2, eval_channels=8, eval_layers=3,
 )
 FASHION_TRAIN_PER_CLASS = {"long-tailed": 250, "balanced": 100}
-
-
-def paired_difference(values: list[float], reference: list[float]) -> dict[str, float]:
-    """Mean, std and 95 % CI (Student t) of ``values[i] - reference[i]`` over paired seeds."""
-    if len(values) != len(reference) or not values:
-        raise ValueError(f"paired_difference needs equal, non-empty lists, got {len(values)} and {len(reference)}")
-    diffs = [a - b for a, b in zip(values, reference)]
-    n = len(diffs)
-    mean = statistics.fmean(diffs)
-    std = statistics.stdev(diffs) if n > 1 else float("nan")
-    if n > 1:
-        from scipy.stats import t
-
-        half = float(t.ppf(0.975, n - 1)) * std / math.sqrt(n)
-    else:
-        half = float("nan")
-    return {"mean": mean, "std": std, "ci_low": mean - half, "ci_high": mean + half, "n": float(n)}
 
 
 def _stats(values: list[float]) -> tuple[float, float]:

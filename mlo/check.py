@@ -45,7 +45,7 @@ from rich.console import Console
 from rich.table import Table
 from torch import Tensor, nn
 
-from .errors import CheckWarning, ConvergenceWarning, ProgramError
+from .errors import CheckWarning, ConvergenceWarning, EstimatorError, ProgramError
 from .estimators import Estimator, Info, resolve
 
 if TYPE_CHECKING:
@@ -143,6 +143,7 @@ def check(
     reference: "EstimatorSpec" = DEFAULT_REFERENCE,
     warn_above: float = 0.1,
     dtype: torch.dtype | None = torch.float64,
+    estimator: "EstimatorSpec | Mapping[Edge, EstimatorSpec] | None" = None,
 ) -> CheckReport:
     """Compare ``level``'s configured hypergradient with ``reference`` at the current state.
 
@@ -152,6 +153,10 @@ def check(
         reference: an estimator (name, ``"name:options"`` string or object) used on every edge.
         warn_above: warn (`mlo.CheckWarning`) when ``rel_error`` exceeds this.
         dtype: the reference's dtype; ``None`` keeps the program's.
+        estimator: check this estimator instead of the configured one, at the same state: one for
+            every edge, or ``{edge: estimator}`` for some edges (the others keep theirs), as in
+            `Engine.hypergradient`. E.g. ``estimator="cg:hessian=partial"`` measures the per-hop
+            rule where the program trains with the exact one.
 
     Returns a `CheckReport`; see the module docstring for what is measured and what is kept.
     """
@@ -165,7 +170,15 @@ def check(
     involved = (level, *engine.graph.descendants(level))
     edges = [(v, low) for v in involved for low in engine.graph.lowers_of[v]]
     batches = {name: engine.batch(name) for name in involved}
-    configured = {e: engine.estimators[e] for e in edges}
+    chosen: Mapping["Edge", "EstimatorSpec"] = {}
+    if estimator is not None:
+        chosen = estimator if isinstance(estimator, Mapping) else dict.fromkeys(edges, estimator)
+        stray = [e for e in chosen if e not in edges]
+        if stray:
+            raise EstimatorError(f"estimator names edge(s) {stray} that {level!r}'s hypergradient does not use; edges: {edges}")
+    configured = {e: resolve(chosen[e]) if e in chosen else engine.estimators[e] for e in edges}
+    for (_, lower), est in configured.items():
+        est.check(engine.program.problems[lower])
 
     with _untouched(engine), warnings.catch_warnings():
         # the report carries the solvers' diagnostics; their warnings would only repeat them

@@ -13,7 +13,8 @@ after every hypergradient); the plain step of a level without lowers updates the
 training step does.
 
 The engine's state is explicit: every level's module, optimizer, scheduler, gradient-transform
-state and data position, the random generators, the hooks' state and the round counter
+state, data position and last gradient (where an estimator reads it), the random generators,
+the gradient scalers, the hooks' state and the round counter
 (``state_dict`` / ``load_state_dict``; `mlo.checkpoint` saves and loads it atomically).
 """
 
@@ -68,7 +69,8 @@ class Engine:
             hypergradient is NaN or infinite.
         precision: ``"fp32"`` (default), ``"bf16"`` or ``"fp16"`` for every level, or a mapping
             ``{level: precision}``: the forward pass of each level's loss under autocast, fp16
-            with a gradient scaler (`mlo.precision`). Derivatives and solves stay in float32.
+            with a gradient scaler (any level, upper levels included: their hypergradients'
+            backward passes are scaled; `mlo.precision`). Derivatives and solves stay in float32.
         sync: how ranks synchronize under a process group. ``"exact"`` (default): every
             derivative is averaged across ranks, so W ranks compute what one process computes on
             the whole batch. ``"once"``: only each step's final gradient or hypergradient is
@@ -117,12 +119,6 @@ class Engine:
         self._check_parameters()
         self.estimators = self._resolve_estimators(estimator)
         self.precision = precisions.per_level(precision, list(self.program.problems))
-        for name, prec in self.precision.items():
-            if prec.scaled and self.graph.lowers_of[name]:
-                raise ProgramError(
-                    f"level {name!r}: fp16 with a gradient scaler is for levels without lowers (a hypergradient's "
-                    "solves are not scaled); use 'bf16' for this level"
-                )
         self._scalers = {
             name: scaler
             for name, prec in self.precision.items()
@@ -265,7 +261,8 @@ class Engine:
         ``zero_grad()`` does), so no level holds a parameter-sized gradient while others step.
         A gradient transform may absorb the step (it returns ``None`` as the gradient, as
         `mlo.transforms.accumulate` does between micro-batches): then neither the optimizer nor
-        the scheduler steps.
+        the scheduler steps. A level in fp16 whose (hyper)gradient is not finite does not step
+        either; its gradient scaler lowers its scale (`mlo.precision`).
 
         For a level with lowers, the loss returned (and passed to hooks) is its loss at the point
         its hypergradient is evaluated: where an edge's estimator has a look-ahead (``unroll``,
@@ -282,10 +279,13 @@ class Engine:
                 grads, loss = self._hypergradient(name)
             else:
                 loss = self._losses[name]({})
-                grads = autodiff.grad(loss if scaler is None else scaler.scale(loss), params)
+                grads = autodiff.grad(loss, params)
         overflow = False
-        if scaler is not None:  # unscale in .grad; a step whose gradient overflowed is skipped
-            for p, g in zip(params, grads):
+        if scaler is not None:
+            # The level's loss scaled its backward passes itself (`mlo.precision.scale_backward`),
+            # so ``grads`` are unscaled. They go back into .grad at the scale they were taken at
+            # (a power of two: exact both ways) for GradScaler's own inf check, skip and back-off.
+            for p, g in zip(params, scaler.scale(list(grads))):
                 p.grad = g
             scaler.unscale_(problem.optimizer)
             grads = tuple(p.grad for p in params)  # type: ignore[misc]
@@ -395,13 +395,18 @@ class Engine:
 
             return loss
 
+        scaler, params = self._scalers.get(name), self.program.params
+
         def low_precision_loss(point: Point) -> Tensor:
             with prec.autocast(device):
-                return precisions.widen(problem_loss(name, batch(), point))
+                if scaler is None:
+                    return precisions.widen(problem_loss(name, batch(), point))
+                # fp16: backward passes scaled between the loss and every level's values it reads
+                return precisions.scale_backward(
+                    lambda at: precisions.widen(problem_loss(name, batch(), at)), {**params, **point}, scaler
+                )
 
         return low_precision_loss
-
-        return loss
 
     # ------------------------------------------------------------------ helpers
 
@@ -424,9 +429,11 @@ class Engine:
         """Everything needed to resume exactly, as values ``torch.load(weights_only=True)`` reads:
 
         - ``round``: the rounds done;
-        - ``levels``: per level, its module, optimizer, scheduler, gradient-transform state and
+        - ``levels``: per level, its module, optimizer, scheduler, gradient-transform state,
           data position (`mlo.streams.Stream`: a seek for data with ``state_dict``, else a
-          replay of the current pass only);
+          replay of the current pass only) and, where an estimator reads it (``sama`` under
+          Adam), the gradient of its last step (``Problem.last_gradient``; the estimators
+          themselves are frozen and keep nothing between rounds);
         - ``rng``: the global generators (torch CPU and CUDA, numpy, python);
         - ``scalers``: the gradient scaler of each fp16 level;
         - ``hooks``: each hook's ``state_dict()`` (``None`` for hooks without state; those with
@@ -441,6 +448,7 @@ class Engine:
                 "scheduler": problem.scheduler.state_dict() if problem.scheduler is not None else None,
                 "data": self._streams[name].state_dict(),
                 "transform": self._transform_states.get(name),
+                "last_gradient": problem.last_gradient if name in self._keep_gradient else None,
             }
         return {
             "round": self.round,
@@ -475,6 +483,9 @@ class Engine:
             if problem.transform is not None and saved.get("transform") is not None:
                 self._transform_states[name] = saved["transform"]
             self._streams[name].load_state_dict(saved["data"])
+            if name in self._keep_gradient:
+                last = saved.get("last_gradient")
+                problem.last_gradient = None if last is None else tuple(last)
         for hook, hook_state in zip(stateful, saved_hooks):
             hook.load_state_dict(hook_state)
         for name, scaler_state in state.get("scalers", {}).items():

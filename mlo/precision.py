@@ -4,32 +4,37 @@
 - ``"fp32"`` (default): the loss runs as written.
 - ``"bf16"``: the loss runs under ``torch.autocast(dtype=torch.bfloat16)`` on the device of the
   level's parameters (CPU or GPU).
-- ``"fp16"``: ``torch.autocast(dtype=torch.float16)``, and the level's plain steps scale its loss
-  with a ``torch.amp.GradScaler`` (meant for GPUs; a step whose gradient overflows is skipped
-  and the scale lowered). Only for a level without lowers: a hypergradient's solves are not
-  scaled, so an upper level in fp16 is refused; use bf16 there.
+- ``"fp16"``: ``torch.autocast(dtype=torch.float16)`` with loss scaling by the level's
+  ``torch.amp.GradScaler`` (meant for GPUs; torch's CPU scaler works the same): every backward
+  pass through the level's loss, a plain gradient or the vector-Jacobian products of an upper
+  level's hypergradient, runs multiplied by the scaler's scale between the loss and the
+  parameter values it read (`scale_backward`), so the fp16 part of it neither underflows nor
+  loses digits, and comes out unscaled in the parameters' dtype. So the estimators' solves start
+  from unscaled float32 adjoints. A step whose gradient (or hypergradient) is not finite is
+  skipped and the scale lowered, as ``GradScaler.step``/``update`` do.
 
 Whatever the forward precision, the loss is returned in float32 and every derivative of it is
 taken with respect to the parameters in their own dtype, so gradients, Hessian-vector products,
 the estimators' inner products and solver state (CG's iterate and residual, Neumann's sum) are
 float32 or better. Only the products inside the forward and backward passes run in the low
-precision.
+precision. Derivatives are formed with autocast off (`mlo.autodiff.grad`), so a caller's own
+``torch.autocast`` reaches the forward passes only.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager, nullcontext
 from contextvars import ContextVar
 from dataclasses import dataclass
-from typing import ContextManager
+from typing import Any, ContextManager
 
 import torch
 from torch import Tensor
 
 from .errors import ProgramError
 
-__all__ = ["Precision", "parse", "per_level", "widen", "full_precision", "DTYPES"]
+__all__ = ["Precision", "parse", "per_level", "widen", "full_precision", "no_autocast", "scale_backward", "DTYPES"]
 
 _FULL: ContextVar[bool] = ContextVar("mlo_full_precision", default=False)
 
@@ -48,7 +53,7 @@ class Precision:
 
     @property
     def scaled(self) -> bool:
-        """Whether the level's plain steps use a gradient scaler (fp16)."""
+        """Whether the level's backward passes are scaled by a gradient scaler (fp16)."""
         return self.name == "fp16"
 
     def autocast(self, device: torch.device) -> ContextManager[None]:
@@ -96,7 +101,50 @@ def full_precision() -> Iterator[None]:
     gradients were 290 % off on the reweighting MLP)."""
     token = _FULL.set(True)
     try:
-        with torch.autocast("cpu", enabled=False), torch.autocast("cuda", enabled=False):
+        with no_autocast():
             yield
     finally:
         _FULL.reset(token)
+
+
+@contextmanager
+def no_autocast() -> Iterator[None]:
+    """Autocast off on the CPU and on GPUs (`mlo.autodiff.grad` forms every derivative so)."""
+    with torch.autocast("cpu", enabled=False), torch.autocast("cuda", enabled=False):
+        yield
+
+
+Values = Mapping[str, Sequence[Tensor]]
+
+
+def scale_backward(loss: Callable[[Values], Tensor], point: Values, scaler: torch.amp.GradScaler) -> Tensor:
+    """``loss(point)``, whose backward passes run multiplied by ``scaler``'s current scale ``S``
+    between its output and the values of ``point`` it read: every derivative of the result (of
+    any order) is the unscaled one, while inside the loss's own backward the gradients are ``S``
+    times larger (loss scaling). An overflow there comes out as inf or NaN. Nothing is scaled
+    inside `full_precision` (no fp16 runs there)."""
+    if _FULL.get():
+        return loss(point)
+    live = [t for values in point.values() for t in values if t.requires_grad]
+    if not live:
+        return loss(point)
+    scale = scaler.scale(torch.ones((), device=live[0].device))  # a tensor: no host read
+    unscaled = iter(_GradTimes.apply(scale.reciprocal(), *live))
+    inner = {level: tuple(next(unscaled) if t.requires_grad else t for t in values) for level, values in point.items()}
+    (out,) = _GradTimes.apply(scale, loss(inner))
+    return out
+
+
+class _GradTimes(torch.autograd.Function):
+    """The tensors unchanged; their gradients multiplied by ``factor`` (differentiably, so a
+    derivative taken with ``create_graph`` keeps the factor in its own graph)."""
+
+    @staticmethod
+    def forward(ctx: Any, factor: Tensor, *tensors: Tensor) -> tuple[Tensor, ...]:
+        ctx.save_for_backward(factor)
+        return tuple(t.view_as(t) for t in tensors)
+
+    @staticmethod
+    def backward(ctx: Any, *grads: Tensor | None) -> tuple[Tensor | None, ...]:
+        (factor,) = ctx.saved_tensors
+        return (None, *(None if g is None else g * factor for g in grads))

@@ -35,7 +35,7 @@ if TYPE_CHECKING:
     from .engine import Engine
 
 __all__ = [
-    "Entry", "EngineAfter", "register", "program", "get", "names", "entries", "discover", "config_parser", "Parser", "failed",
+    "Entry", "EngineAfter", "register", "program", "configured", "get", "names", "entries", "discover", "config_parser", "Parser", "failed",
     "ENTRY_POINT_GROUP",
 ]
 
@@ -103,34 +103,47 @@ def failed(error: object, command: str = "mlo run") -> int:
     return 2
 
 
-def program(name: str, summary: str, config: type[C], aliases: Sequence[str] = ()) -> Callable[[Callable[[C], object]], Callable[[C], object]]:
+def program(
+    name: str, summary: str, config: type[C], aliases: Sequence[str] = (), engine: Callable[[C], "Engine"] | None = None,
+) -> Callable[[Callable[[C], object]], Callable[[C], object]]:
     """Decorator: register ``run(config)`` as the program ``name``, its command line made from
     the dataclass ``config`` (`config_parser`). ``config`` may define ``validate()`` (raising
-    `mlo.config.ConfigError`); it is called before ``run``."""
+    `mlo.config.ConfigError`); it is called before ``run``. With ``engine(config) -> Engine``
+    (the program's engine after the rounds ``config`` asks for), `mlo check NAME` reads the same
+    options and checks that engine."""
     if not dataclasses.is_dataclass(config):
         raise TypeError(f"program {name!r}: config must be a dataclass, got {config!r}")
 
     def add(run: Callable[[C], object]) -> Callable[[C], object]:
         def main(called: str, argv: Sequence[str]) -> int:
-            parser = config_parser(config, prog=f"mlo run {called}", description=summary)
-            args = parser.parse_args(list(argv))
             try:
-                chosen = from_toml(config, args.config) if args.config else config()
-                flags = {k: v for k, v in vars(args).items() if k not in ("config", "set") and v is not None}
-                chosen = updated(chosen, flags)
-                chosen = updated(chosen, assignments(args.set))
-                validate = getattr(chosen, "validate", None)
-                if validate is not None:
-                    validate()
-                run(chosen)
+                run(configured(config, f"mlo run {called}", summary, argv))
             except (ConfigError, ProgramError) as err:
                 return failed(err)
             return 0
 
-        register(name, summary, aliases)(main)
+        def engine_after(called: str, argv: Sequence[str]) -> "Engine":
+            assert engine is not None
+            return engine(configured(config, f"mlo check {called}", summary, argv))
+
+        register(name, summary, aliases, engine_after if engine is not None else None)(main)
         return run
 
     return add
+
+
+def configured(config: type[C], prog: str, summary: str, argv: Sequence[str]) -> C:
+    """``config`` from the command line ``argv`` (`config_parser`'s flags, ``--config FILE``,
+    ``--set``), validated; a bad value raises `mlo.config.ConfigError`."""
+    args = config_parser(config, prog=prog, description=summary).parse_args(list(argv))
+    chosen = from_toml(config, args.config) if args.config else config()
+    flags = {k: v for k, v in vars(args).items() if k not in ("config", "set") and v is not None}
+    chosen = updated(chosen, flags)
+    chosen = updated(chosen, assignments(args.set))
+    validate = getattr(chosen, "validate", None)
+    if validate is not None:
+        validate()
+    return chosen
 
 
 def config_parser(config: type, prog: str, description: str = "") -> argparse.ArgumentParser:

@@ -3,4 +3,4 @@
 ``BUNDLED`` names the modules whose import registers the programs that ship with mlo
 (`mlo.programs` imports them when `mlo run` looks a program up)."""
 
-BUNDLED: tuple[str, ...] = ("mlo.problems.lfm_cw.cli", "mlo.problems.reweighting", "mlo.problems.hpo", "mlo.problems.maml")
+BUNDLED: tuple[str, ...] = ("mlo.problems.lfm_cw.cli", "mlo.problems.reweighting", "mlo.problems.hpo", "mlo.problems.maml", "mlo.problems.ignoring")

@@ -12,6 +12,8 @@ from __future__ import annotations
 
 import contextlib
 import math
+import subprocess
+import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -461,12 +463,14 @@ class CountRounds(mlo.Hook):
         self.rounds, self.total = state["rounds"], state["total"]
 
 
-def dropout_program(loader: str = "dataloader", estimator: str = "finite_difference", hooks: Sequence[mlo.Hook] = ()) -> mlo.Engine:
+def dropout_program(
+    loader: str = "dataloader", estimator: str = "finite_difference", hooks: Sequence[mlo.Hook] = (), lower_adam: bool = False
+) -> mlo.Engine:
     """A bilevel MLP program with Dropout, shuffled data (a plain ``DataLoader``, one over a
     shuffled ``DistributedSampler`` (``"distributed"``, under a process group) or a
-    `mlo.loader.SeekableLoader`), momentum, a cosine schedule, Adam above and a clipping
-    transform: every piece of state a resume must restore. Seeded; 20 samples in (global)
-    batches of 4 (5 batches per epoch), the lower level steps twice per round."""
+    `mlo.loader.SeekableLoader`), momentum (or Adam below: ``lower_adam``), a cosine schedule,
+    Adam above and a clipping transform: every piece of state a resume must restore. Seeded; 20
+    samples in (global) batches of 4 (5 batches per epoch), the lower level steps twice per round."""
     from torch.utils.data import DataLoader, DistributedSampler, TensorDataset
 
     torch.manual_seed(0)
@@ -480,7 +484,7 @@ def dropout_program(loader: str = "dataloader", estimator: str = "finite_differe
         data = [DataLoader(d, batch_size=share, sampler=DistributedSampler(d, shuffle=True, seed=s)) for s, d in enumerate((train, val))]
     else:
         data = [mlo.loader.SeekableLoader(d, batch_size=4, seed=s) for s, d in enumerate((train, val))]
-    opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
+    opt = torch.optim.Adam(model.parameters(), lr=0.01) if lower_adam else torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
     lower = mlo.Problem("lower", model, opt, loss=lambda b: mlp_lower_loss(model, hyper, b), data=data[0], steps=2,
                scheduler=torch.optim.lr_scheduler.CosineAnnealingLR(opt, 20))
     upper = mlo.Problem("upper", hyper, torch.optim.Adam(hyper.parameters(), lr=0.01), loss=lambda b: mlp_upper_loss(model, hyper, b),
@@ -589,3 +593,17 @@ class BestResponses:
             if float(r.detach().norm()) <= 1e-13:
                 break
         return point
+
+
+def wait_for_line(proc: subprocess.Popen[str], line: str, timeout: float = 60) -> None:
+    """Read the child's stdout until it prints ``line``; kill it and fail if it never does."""
+    assert proc.stdout is not None
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        got = proc.stdout.readline()
+        if got.strip() == line:
+            return
+        if not got and proc.poll() is not None:
+            break
+    proc.kill()
+    raise AssertionError(f"the child never printed {line!r}")

@@ -11,7 +11,6 @@ import signal
 import subprocess
 import sys
 import textwrap
-import time
 from pathlib import Path
 from typing import Any
 
@@ -20,7 +19,7 @@ import torch
 
 import mlo
 from mlo import checkpoint
-from programs import CountRounds, assert_same, dropout_program, on_two_ranks, snapshot
+from programs import CountRounds, assert_same, dropout_program, on_two_ranks, snapshot, wait_for_line
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -62,6 +61,29 @@ def test_resume_is_bit_identical_with_dropout_and_shuffled_data(loader: str, tmp
     got = resumed.hypergradient("upper")
     torch.manual_seed(5)
     torch.testing.assert_close(got, whole.hypergradient("upper"), rtol=0, atol=0)  # same batches in use
+
+
+@pytest.mark.filterwarnings("ignore::mlo.ConvergenceWarning")
+@pytest.mark.parametrize("estimator", mlo.estimators.names())
+def test_resume_is_bit_identical_with_every_registered_estimator(estimator: str, tmp_path: Path) -> None:
+    """The contract over the registry: 4 rounds in one go == 2 rounds, save, load into a fresh
+    engine, 2 rounds; and the hypergradient right after loading (before the lower level steps
+    again) is the uninterrupted run's, so state an estimator reads from the previous round
+    (``sama``'s ``Problem.last_gradient`` under Adam) is in the checkpoint."""
+    whole = dropout_program("seekable", estimator, lower_adam=True)
+    whole.run(2)
+    checkpoint.save(whole, tmp_path / "ck.pt")
+    with torch.random.fork_rng():  # the same dropout masks for both, the runs' generators untouched
+        torch.manual_seed(5)
+        at_save = whole.hypergradient("upper")
+    whole.run(2)
+    resumed = dropout_program("seekable", estimator, lower_adam=True)
+    checkpoint.load(resumed, tmp_path / "ck.pt")
+    with torch.random.fork_rng():
+        torch.manual_seed(5)
+        torch.testing.assert_close(resumed.hypergradient("upper"), at_save, rtol=0, atol=0)
+    resumed.run(2)
+    _assert_identical(whole, resumed)
 
 
 def test_seekable_loader_seeks_without_replaying(tmp_path: Path) -> None:
@@ -159,23 +181,10 @@ def _child(mode: str, out: Path) -> subprocess.Popen[str]:
                             stdout=subprocess.PIPE, text=True, env=env)
 
 
-def _wait_for(proc: subprocess.Popen[str], line: str) -> None:
-    assert proc.stdout is not None
-    deadline = time.monotonic() + 60
-    while time.monotonic() < deadline:
-        got = proc.stdout.readline()
-        if got.strip() == line:
-            return
-        if not got and proc.poll() is not None:
-            break
-    proc.kill()
-    raise AssertionError(f"the child never printed {line!r}")
-
-
 def test_sigkill_in_the_middle_of_a_write_keeps_the_previous_checkpoint(tmp_path: Path) -> None:
     path = tmp_path / "ck.pt"
     proc = _child("kill", path)
-    _wait_for(proc, "writing")
+    wait_for_line(proc, "writing")
     proc.send_signal(signal.SIGKILL)
     proc.wait(timeout=30)
     assert checkpoint.read(path)["engine"]["round"] == 2  # the new one never replaced it
@@ -189,7 +198,7 @@ def test_sigkill_in_the_middle_of_a_write_keeps_the_previous_checkpoint(tmp_path
 
 def test_sigterm_saves_at_the_end_of_the_round_and_exits(tmp_path: Path) -> None:
     proc = _child("term", tmp_path)
-    _wait_for(proc, "ready")
+    wait_for_line(proc, "ready")
     proc.send_signal(signal.SIGTERM)
     assert proc.wait(timeout=60) == 128 + signal.SIGTERM
     path = checkpoint.latest(tmp_path)

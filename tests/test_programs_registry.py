@@ -91,3 +91,32 @@ def test_a_package_adds_a_program_through_the_entry_point_group(tmp_path: Path, 
         assert main(["run", "from-a-package"]) == 7
     finally:
         sys.modules.pop("my_mlo_program", None)
+
+
+@programs.program("test-toy-checked", "a toy program mlo check can check", _Config,
+                  engine=lambda config: _ridge_engine(config.rounds, config.lr))
+def _toy_checked(config: _Config) -> None:
+    RAN.append(config)
+
+
+def _ridge_engine(rounds: int, lr: float) -> "mlo.Engine":
+    import torch
+
+    import mlo
+    from mlo.problems.ridge import Ridge, program
+
+    g = torch.Generator().manual_seed(0)
+    ridge = Ridge.random(20, 3, generator=g)
+    engine = mlo.Engine(program(ridge, torch.zeros(3), torch.zeros(3), lower_lr=lr), {"hyper": ["weights"]}, "cg:iterations=1")
+    engine.run(rounds)
+    return engine
+
+
+def test_a_config_program_with_an_engine_is_checked_with_its_own_options(capsys: pytest.CaptureFixture[str]) -> None:
+    RAN.clear()
+    assert main(["check", "test-toy-checked", "--rounds", "2", "--set", "lr=0.05", "--warn-above", "inf"]) == 0
+    assert "mlo check: hypergradient of 'hyper'" in capsys.readouterr().out and RAN == []
+    assert main(["check", "test-toy-checked", "--rounds", "0"]) == 2  # validated before the engine is built
+    assert "mlo check: error: rounds must be >= 1, got 0" in capsys.readouterr().err
+    assert main(["check", "test-toy"]) == 2  # registered without an engine
+    assert "registers no engine to check" in capsys.readouterr().err

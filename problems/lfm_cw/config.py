@@ -92,7 +92,7 @@ class RunConfig:
     threads: int = 1  # torch intra-op threads; 0 = torch's default. Small CPU models run
     # fastest on one: on a busy 2-core machine two threads were 3-10x slower (OpenMP barriers)
     checkpoint_every: int = 0  # write OUT/checkpoint-* every N rounds of each engine phase (0: no checkpoints)
-    precision: str = "fp32"  # fp32 | bf16 | fp16 (fp16: the levels without lowers, with a gradient scaler)
+    precision: str = "fp32"  # fp32 | bf16 | fp16 (fp16: every level with a gradient scaler)
     tensorboard: bool = False  # also write TensorBoard scalars under OUT/tensorboard (needs tensorboard)
 
     @classmethod

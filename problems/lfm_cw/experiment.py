@@ -174,11 +174,9 @@ def _saver(config: RunConfig, out: Path | None, tag: str) -> mlo.checkpoint.Chec
 
 
 def _precision(config: RunConfig, program: LFMCW) -> dict[str, str]:
-    """The run's precision per level: fp16 (with a gradient scaler) only where a level has no
-    lowers; levels with lowers take bf16 then."""
-    if config.precision != "fp16":
-        return {p.name: config.precision for p in program.problems}
-    return {p.name: "bf16" if p.name in program.graph else "fp16" for p in program.problems}
+    """The run's precision, the same on every level (fp16: each level with its gradient scaler,
+    the upper levels' hypergradients loss-scaled; `mlo.precision`)."""
+    return {p.name: config.precision for p in program.problems}
 
 
 def build_program(

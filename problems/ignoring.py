@@ -1,0 +1,319 @@
+"""Learning by ignoring (Ban & Xie, 2021) as a 3-level mlo program: learn which source examples to
+ignore for a target domain with few labels.
+
+    source   W:  min_W  mean_i sigmoid(a_i) l(W; source example i) + (wd/2)|W|^2
+    target   V:  min_V  l(V; target train) + (lam/2)|V - W|^2          fine-tune, held close to W
+    weights  a:  min_a  l(V*(W*(a)); target validation)                one logit per source example
+
+The target level reads the source level (its proximal term), the source level reads the weights.
+The graph puts ``source`` below ``target`` and ``weights`` above both (``weights -> target ->
+source`` and ``weights -> source``: the source loss reads the weights). The weights' hypergradient
+flows ``a -> W* -> V* -> validation loss``, i.e. through the *mixed* derivative of the target
+level in ``a``, which exists only through ``W*(a)``: the exact rule (``hessian="total"``) carries
+it; the per-hop rule (``hessian="partial"``) holds ``W`` fixed there and finds no gradient at all.
+The edge ``target -> source`` is first order: ``W``'s loss does not read ``V``, so ``dW*/dV = 0``
+and that edge contributes exactly nothing (any estimator there would solve for a zero).
+
+The domain shift (`shift`): the target domain is the clean data; the source domain is the same
+kind of images shifted by half a pixel (blurred) with Gaussian pixel noise, and a fraction of its examples is
+harmful: wrong labels (``noise``) or inverted images (``off_domain``). The target set is small and
+split into train, validation (the weights' objective) and test (never used for any choice).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torch.utils.data import TensorDataset
+
+import mlo
+from mlo.config import ConfigError
+
+from . import data, runs
+from .reweighting import mlp
+
+__all__ = [
+    "SourceWeights", "Shift", "shift", "levels", "separation", "IgnoringConfig", "build", "engine", "run_one", "run",
+]
+
+
+class SourceWeights(nn.Module):
+    """One logit per source example; ``weights(idx)`` = sigmoid of the logits of examples ``idx``."""
+
+    def __init__(self, n: int, init: float = 0.0) -> None:
+        super().__init__()
+        self.logits = nn.Parameter(torch.full((n,), float(init)))
+
+    def forward(self, idx: Tensor) -> Tensor:
+        return torch.sigmoid(self.logits[idx])
+
+
+@dataclass(frozen=True)
+class Shift:
+    """A domain-shift task: ``source`` items ``(x, y, index)``, which of them are ``harmful``, and
+    the small labelled ``target`` splits (items ``(x, y)``)."""
+
+    source: TensorDataset
+    harmful: Tensor  # (N_source,) bool
+    target: data.DataSplits
+
+
+def _images(dataset: str, seed: int, fashion_per_class: int) -> tuple[Tensor, Tensor]:
+    """Images ``(N, 1, H, W)`` with pixels in [0, 1], and labels."""
+    if dataset == "digits":
+        return data.digits_images()
+    s = data.fashion_mnist(seed=seed, size=14, train_per_class=fashion_per_class, val_fraction=0.5)
+    x = torch.cat([s.train.tensors[0], s.val.tensors[0]])  # type: ignore[attr-defined]
+    x = (x - x.amin()) / (x.amax() - x.amin())  # back to [0, 1]: the shift below is on raw pixels
+    return x, torch.cat([s.train.tensors[1], s.val.tensors[1]])  # type: ignore[attr-defined]
+
+
+def shift(config: "IgnoringConfig", seed: int) -> Shift:
+    """The task of ``config`` for ``seed``: a seeded, class-stratified split of the images into a
+    target part (``target_train``/``target_val`` per class, the rest its test set) and a source
+    part, which is shifted, noised and partly corrupted. Pixels standardised with the source's
+    mean and std."""
+    x, y = _images(config.dataset, seed, config.fashion_per_class)
+    k = int(y.max()) + 1
+    g = torch.Generator().manual_seed(seed)
+    order = torch.randperm(len(y), generator=g)
+    parts: dict[str, list[Tensor]] = {"train": [], "val": [], "test": [], "source": []}
+    for c in range(k):
+        idx = order[y[order] == c]
+        n_target = round(config.target_fraction * len(idx))
+        a, b = config.target_train, config.target_train + config.target_val
+        if n_target <= b:
+            raise ConfigError(f"class {c}: {n_target} target images, need more than target_train + target_val = {b}")
+        for name, chunk in (("train", idx[:a]), ("val", idx[a:b]), ("test", idx[b:n_target]), ("source", idx[n_target:])):
+            parts[name].append(chunk)
+    index = {name: torch.cat(chunks) for name, chunks in parts.items()}
+
+    xs, ys = x[index["source"]], y[index["source"]].clone()
+    xs = 0.5 * (xs + F.pad(xs, (1, 0))[..., :-1])  # half a pixel to the right (a whole pixel breaks 8x8 digits)
+    xs = xs + config.pixel_noise * torch.randn(xs.shape, generator=g)
+    draw = torch.rand(len(ys), generator=g)
+    wrong = draw < config.noise
+    inverted = (draw >= config.noise) & (draw < config.noise + config.off_domain)
+    ys[wrong] = (ys[wrong] + torch.randint(1, k, (int(wrong.sum()),), generator=g)) % k
+    xs[inverted] = 1.0 - xs[inverted]
+    mean, std = float(xs.mean()), float(xs.std())
+
+    def target(name: str) -> TensorDataset:
+        return TensorDataset((x[index[name]] - mean) / std, y[index[name]])
+
+    splits = data.DataSplits(target("train"), target("val"), target("test"), k, tuple(x.shape[1:]),  # type: ignore[arg-type]
+                             f"{config.dataset}-shift")
+    source = TensorDataset((xs - mean) / std, ys, torch.arange(len(ys)))
+    return Shift(source, wrong | inverted, splits)
+
+
+def _batches(dataset: TensorDataset, batch_size: int, seed: int) -> Any:
+    """Shuffled batches of ``batch_size`` (`runs.loader`); 0 or the whole set: the set as one batch
+    (no per-item collation)."""
+    if batch_size and batch_size < len(dataset):
+        return runs.loader(dataset, batch_size, seed)
+    return [dataset.tensors]
+
+
+def proximity(model: nn.Module, anchor: nn.Module) -> Tensor:
+    """``|model - anchor|^2`` over their parameters (same architecture)."""
+    return sum(((p - q) ** 2).sum() for p, q in zip(model.parameters(), anchor.parameters()))  # type: ignore[return-value]
+
+
+def levels(
+    task: Shift, source_model: nn.Module, target_model: nn.Module, weights: SourceWeights, config: "IgnoringConfig", seed: int,
+) -> tuple[list[mlo.Problem], dict[str, list[str]]]:
+    """The three levels (``source``, ``target``, ``weights``) and their graph. The target sets are
+    one full batch each; the source set comes in shuffled batches ``(x, y, index)``."""
+    source_batches = _batches(task.source, config.batch_size, seed)
+    target_train = [task.target.train.tensors]  # type: ignore[attr-defined]
+    target_val = [task.target.val.tensors]  # type: ignore[attr-defined]
+
+    def source_loss(batch: tuple[Tensor, Tensor, Tensor]) -> Tensor:
+        x, y, idx = batch
+        losses = F.cross_entropy(source_model(x), y, reduction="none")
+        decay = sum((p * p).sum() for p in source_model.parameters())
+        return (weights(idx) * losses).mean() + 0.5 * config.weight_decay * decay
+
+    def target_loss(batch: tuple[Tensor, Tensor]) -> Tensor:
+        return F.cross_entropy(target_model(batch[0]), batch[1]) + 0.5 * config.lam * proximity(target_model, source_model)
+
+    problems = [
+        mlo.Problem("source", source_model, torch.optim.SGD(source_model.parameters(), lr=config.lr), source_batches,
+                    steps=config.steps, loss=source_loss),
+        mlo.Problem("target", target_model, torch.optim.SGD(target_model.parameters(), lr=config.lr), target_train,
+                    steps=config.steps, loss=target_loss),
+        mlo.Problem("weights", weights, torch.optim.Adam(weights.parameters(), lr=config.meta_lr), target_val,
+                    loss=lambda batch: F.cross_entropy(target_model(batch[0]), batch[1])),
+    ]
+    return problems, {"weights": ["target", "source"], "target": ["source"]}
+
+
+def estimators(top: str) -> dict[tuple[str, str], Any]:
+    """``top`` on the weights' two edges; first order on ``target -> source`` (exact: ``W`` does
+    not read ``V``)."""
+    return {("weights", "target"): top, ("weights", "source"): top, ("target", "source"): "first_order"}
+
+
+def separation(weights: Tensor, harmful: Tensor) -> dict[str, float]:
+    """Mean weight of the clean and of the harmful source examples, and the AUC: the probability
+    that a random clean example weighs more than a random harmful one (ties count half)."""
+    clean, bad = weights[~harmful], weights[harmful]
+    if len(bad) == 0 or len(clean) == 0:
+        return {"weight_clean": float(clean.mean()) if len(clean) else float("nan"),
+                "weight_harmful": float(bad.mean()) if len(bad) else float("nan"), "auc": float("nan")}
+    above = (clean[:, None] > bad[None, :]).double().mean() + 0.5 * (clean[:, None] == bad[None, :]).double().mean()
+    return {"weight_clean": float(clean.mean()), "weight_harmful": float(bad.mean()), "auc": float(above)}
+
+
+# ---------------------------------------------------------------------------------------------- `mlo run ignoring`
+
+
+#: method -> what it trains
+METHODS = {
+    "lbi": "learned source weights, then the fine-tuned target model (3 levels)",
+    "uniform": "the same 2-stage pipeline, every source example weight sigmoid(0)",
+    "target-only": "the target model on the target train set alone",
+    "pooled": "one model on the source and target train sets together",
+}
+DATASETS = ("digits", "fashion-mnist")
+
+
+@dataclass
+class IgnoringConfig:
+    """`mlo run ignoring`: learning by ignoring against uniform source weights, target-only and
+    pooled training, on a domain shift of digits (or Fashion-MNIST at 14x14). Every method trains
+    each model ``warmup + rounds`` rounds of ``steps`` SGD steps; lbi updates the weights once per
+    round after the warm-up. Differences to ``reference`` are paired over seeds."""
+
+    dataset: str = "digits"
+    fashion_per_class: int = 200  # fashion-mnist: images per class drawn before the split
+    target_fraction: float = 0.4  # of each class, to the target domain (the rest is the source)
+    target_train: int = 5  # labelled target images per class for training
+    target_val: int = 5  # ... and for the weights' validation objective
+    noise: float = 0.3  # source examples with a wrong label
+    off_domain: float = 0.1  # source examples inverted (1 - pixel)
+    pixel_noise: float = 0.2
+    methods: list[str] = field(default_factory=lambda: list(METHODS))
+    reference: str = "lbi"
+    seeds: int = 5
+    warmup: int = 20
+    rounds: int = 40
+    steps: int = 5  # SGD steps of the source and target models per round
+    batch_size: int = 0  # source batch; 0: the whole source set
+    hidden: int = 0  # 0: linear softmax models (convex levels); else one hidden ReLU layer
+    lr: float = 0.5
+    weight_decay: float = 1e-3
+    lam: float = 1.0  # proximal strength of the target model to the source model
+    meta_lr: float = 0.1
+    estimator: str = "cg:iterations=30"  # 10 iterations leave the source solve ~40 % off (mlo bench ignoring)
+    threads: int = 1
+    out: str | None = None
+
+    def validate(self) -> None:
+        if self.dataset not in DATASETS:
+            raise ConfigError(f"dataset must be one of {', '.join(DATASETS)}, got {self.dataset!r}")
+        unknown = [m for m in self.methods if m not in METHODS]
+        if not self.methods or unknown:
+            raise ConfigError(f"unknown method(s) {unknown or self.methods}; methods: {', '.join(METHODS)}")
+        if self.reference not in self.methods:
+            raise ConfigError(f"reference {self.reference!r} is not among the methods {self.methods}")
+        for name in ("noise", "off_domain"):
+            if not 0 <= getattr(self, name) < 1:
+                raise ConfigError(f"{name} must be in [0, 1), got {getattr(self, name)}")
+        if self.noise + self.off_domain >= 1:
+            raise ConfigError(f"noise + off_domain must be < 1, got {self.noise + self.off_domain}")
+        if not 0 < self.target_fraction < 1:
+            raise ConfigError(f"target_fraction must be in (0, 1), got {self.target_fraction}")
+        for name in ("seeds", "rounds", "steps", "target_train", "target_val", "fashion_per_class"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"{name} must be >= 1, got {getattr(self, name)}")
+        for name in ("warmup", "batch_size", "hidden", "pixel_noise", "weight_decay"):
+            if getattr(self, name) < 0:
+                raise ConfigError(f"{name} must be >= 0, got {getattr(self, name)}")
+        for name in ("lr", "lam", "meta_lr"):
+            if getattr(self, name) <= 0:
+                raise ConfigError(f"{name} must be > 0, got {getattr(self, name)}")
+        try:
+            mlo.estimators.parse(self.estimator)
+        except mlo.EstimatorError as err:
+            raise ConfigError(f"estimator: {err}") from None
+
+
+@dataclass(frozen=True)
+class Built:
+    """One seed's program: the task, the three modules, and an engine over all three levels."""
+
+    task: Shift
+    source: nn.Module
+    target: nn.Module
+    weights: SourceWeights
+    engine: mlo.Engine
+
+
+def build(config: IgnoringConfig, seed: int, estimator: str | None = None) -> Built:
+    """The program of ``seed`` after its warm-up (the source and target models trained
+    ``warmup`` rounds, the weights at 0), with ``estimator`` (default ``config.estimator``) on
+    the weights' edges."""
+    task = shift(config, seed)
+    features, k = task.target.input_shape[0] * task.target.input_shape[1] * task.target.input_shape[2], task.target.num_classes
+    torch.manual_seed(seed)
+    source_model, target_model = (mlp(features, config.hidden, k, layers=1 if config.hidden else 0) for _ in range(2))
+    weights = SourceWeights(len(task.source))
+    problems, graph = levels(task, source_model, target_model, weights, config, seed)
+    if config.warmup:
+        mlo.Engine(problems[:2], {"target": ["source"]}, "first_order").run(config.warmup)
+    engine = mlo.Engine(problems, graph, estimators(estimator or config.estimator))
+    return Built(task, source_model, target_model, weights, engine)
+
+
+def engine(config: IgnoringConfig) -> mlo.Engine:
+    """For `mlo check ignoring`: seed 0's program after its warm-up and ``rounds`` rounds."""
+    built = build(config, 0)
+    built.engine.run(config.rounds)
+    return built.engine
+
+
+def _train_one(model: nn.Module, dataset: TensorDataset, config: IgnoringConfig, seed: int) -> None:
+    level = mlo.Problem("model", model, torch.optim.SGD(model.parameters(), lr=config.lr),
+                        _batches(dataset, config.batch_size, seed), steps=config.steps,
+                        loss=lambda batch: F.cross_entropy(model(batch[0]), batch[1])
+                        + 0.5 * config.weight_decay * sum((p * p).sum() for p in model.parameters()))
+    mlo.Engine([level]).run(config.warmup + config.rounds)
+
+
+def run_one(config: IgnoringConfig, method: str, seed: int) -> dict[str, float]:
+    """Test error of ``method``'s final target model (lbi: also how its weights separate the
+    harmful source examples from the clean ones)."""
+    if method in ("lbi", "uniform"):
+        built = build(config, seed)
+        if method == "lbi":
+            built.engine.run(config.rounds)
+        else:  # the same two levels, the weights fixed
+            mlo.Engine([built.engine.program.problems[n] for n in ("source", "target")], {"target": ["source"]},
+                       "first_order").run(config.rounds)
+        metrics = runs.evaluate(built.target, built.task.target.test, built.task.target.num_classes)
+        if method == "lbi":
+            with torch.no_grad():
+                metrics.update(separation(built.weights(torch.arange(len(built.task.source))), built.task.harmful))
+        return metrics
+    task = shift(config, seed)
+    features, k = task.target.input_shape[0] * task.target.input_shape[1] * task.target.input_shape[2], task.target.num_classes
+    torch.manual_seed(seed)
+    model = mlp(features, config.hidden, k, layers=1 if config.hidden else 0)
+    train: TensorDataset = task.target.train  # type: ignore[assignment]
+    if method == "pooled":
+        train = TensorDataset(*(torch.cat(pair) for pair in zip(task.source.tensors[:2], train.tensors)))
+    _train_one(model, train, config, seed)
+    return runs.evaluate(model, task.target.test, k)
+
+
+@mlo.programs.program("ignoring", "learning by ignoring (3 levels): source-example weights for a target domain vs uniform, "
+                      "target-only, pooled", IgnoringConfig, engine=engine)
+def run(config: IgnoringConfig) -> dict[str, Any]:
+    title = f"learning by ignoring on {config.dataset} (noise {config.noise:g}, off-domain {config.off_domain:g})"
+    return runs.compare_config(title, config, run_one)
