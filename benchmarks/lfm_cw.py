@@ -31,7 +31,7 @@ from mlo.problems.runs import paired_difference
 from .timing import Result, summary, write_json
 
 __all__ = [
-    "run", "METHODS_COMPARED", "FASHION_CPU", "FASHION_TRAIN_PER_CLASS", "markdown", "results_of", "report",
+    "run", "METHODS_COMPARED", "FASHION_CPU", "FASHION_TRAIN_PER_CLASS", "paired_difference", "markdown", "results_of", "report",
 ]
 
 REFERENCE = "lfm-cw"
