@@ -336,3 +336,15 @@ def test_two_rank_failed_write_keeps_the_previous_checkpoint(ranks: tuple[Path, 
         assert round_ == 3 and not any(n.startswith(".ck-kept") for n in names)
         assert r["after a good write"] == 4
         assert r["hook"] == [["checkpoint-00000002", "checkpoint-00000004"], "checkpoint-00000004"]
+
+
+def test_dcp_byte_entries_are_refused_unread(tmp_path: Path) -> None:
+    """DCP reads its byte entries with torch.load(weights_only=False); mlo writes none and refuses
+    a checkpoint holding one before DCP reads anything."""
+    import torch.distributed.checkpoint as dcp
+
+    marker = tmp_path / "pickled-code-ran"
+    dcp.save({"rank0": _OpensAFile(str(marker)), "shared/x": torch.ones(2)}, checkpoint_id=tmp_path / "ck", no_dist=True)
+    with pytest.raises(mlo.CheckpointError, match="entry 'rank0' is not a tensor .*refused"):
+        checkpoint.read(tmp_path / "ck")
+    assert not marker.exists()
