@@ -54,12 +54,17 @@ class SourceWeights(nn.Module):
 
 @dataclass(frozen=True)
 class Shift:
-    """A domain-shift task: ``source`` items ``(x, y, index)``, which of them are ``harmful``, and
-    the small labelled ``target`` splits (items ``(x, y)``)."""
+    """A domain-shift task: ``source`` items ``(x, y, index)``, which of them carry a wrong label
+    or an off-domain (inverted) image, and the small labelled ``target`` splits (items ``(x, y)``)."""
 
     source: TensorDataset
-    harmful: Tensor  # (N_source,) bool
+    wrong_label: Tensor  # (N_source,) bool
+    off_domain: Tensor  # (N_source,) bool
     target: data.DataSplits
+
+    @property
+    def harmful(self) -> Tensor:
+        return self.wrong_label | self.off_domain
 
 
 def _images(dataset: str, seed: int, fashion_per_class: int) -> tuple[Tensor, Tensor]:
@@ -108,7 +113,7 @@ def shift(config: "IgnoringConfig", seed: int) -> Shift:
     splits = data.DataSplits(target("train"), target("val"), target("test"), k, tuple(x.shape[1:]),  # type: ignore[arg-type]
                              f"{config.dataset}-shift")
     source = TensorDataset((xs - mean) / std, ys, torch.arange(len(ys)))
-    return Shift(source, wrong | inverted, splits)
+    return Shift(source, wrong, inverted, splits)
 
 
 def _batches(dataset: TensorDataset, batch_size: int, seed: int) -> Any:
@@ -299,7 +304,11 @@ def run_one(config: IgnoringConfig, method: str, seed: int) -> dict[str, float]:
         metrics = runs.evaluate(built.target, built.task.target.test, built.task.target.num_classes)
         if method == "lbi":
             with torch.no_grad():
-                metrics.update(separation(built.weights(torch.arange(len(built.task.source))), built.task.harmful))
+                w = built.weights(torch.arange(len(built.task.source)))
+            metrics.update(separation(w, built.task.harmful))
+            for kind in ("wrong_label", "off_domain"):
+                mask = getattr(built.task, kind)
+                metrics[f"weight_{kind}"] = float(w[mask].mean()) if bool(mask.any()) else float("nan")
         return metrics
     task = shift(config, seed)
     features, k = task.target.input_shape[0] * task.target.input_shape[1] * task.target.input_shape[2], task.target.num_classes

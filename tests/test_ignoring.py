@@ -34,7 +34,8 @@ def _tiny(seed: int = 0) -> tuple[ignoring.Shift, ignoring.IgnoringConfig, dict[
     }
     target = data.DataSplits(TensorDataset(tensors["xt"], tensors["yt"]), TensorDataset(tensors["xv"], tensors["yv"]),
                              TensorDataset(tensors["xv"], tensors["yv"]), K, (1, 1, D), "tiny")
-    task = ignoring.Shift(TensorDataset(tensors["xs"], tensors["ys"], torch.arange(N_SOURCE)), torch.zeros(N_SOURCE, dtype=torch.bool), target)
+    clean = torch.zeros(N_SOURCE, dtype=torch.bool)
+    task = ignoring.Shift(TensorDataset(tensors["xs"], tensors["ys"], torch.arange(N_SOURCE)), clean, clean, target)
     return task, ignoring.IgnoringConfig(weight_decay=0.1, lam=0.5), tensors
 
 
@@ -115,7 +116,12 @@ def test_the_shift_splits_the_classes_and_corrupts_only_the_source() -> None:
         assert data.class_counts(getattr(target, part), 10).tolist() == [per_class] * 10
     n_source = len(task.source)
     assert n_source + sum(len(getattr(target, p)) for p in ("train", "val", "test")) == 1797
-    assert abs(float(task.harmful.float().mean()) - 0.4) < 0.05
+    assert abs(float(task.wrong_label.float().mean()) - 0.3) < 0.05 and abs(float(task.off_domain.float().mean()) - 0.1) < 0.03
+    assert not bool((task.wrong_label & task.off_domain).any())
+    # the wrong labels differ from the true ones: the source images come from the digits in the
+    # seeded split's order, so compare against a run without label noise
+    truth = ignoring.shift(ignoring.IgnoringConfig(noise=0.0, off_domain=0.1), seed=1).source.tensors[1]
+    assert torch.equal(task.source.tensors[1] != truth, task.wrong_label)
     assert torch.equal(task.source.tensors[2], torch.arange(n_source))
     assert ignoring.shift(config, seed=1).source.tensors[0].equal(task.source.tensors[0])  # seeded
 
@@ -129,12 +135,14 @@ def test_separation() -> None:
     assert s["auc"] == pytest.approx(4.5 / 6)
 
 
-def test_mlo_run_ignoring_end_to_end(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+def test_mlo_run_ignoring_end_to_end(tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("COLUMNS", "250")
     assert main(["run", "--help"]) == 0
     assert "  ignoring " in capsys.readouterr().out
     out = tmp_path / "run"
     code = main(["run", "ignoring", "--seeds", "2", "--warmup", "2", "--rounds", "2", "--out", str(out)])
     assert code == 0
+    assert "Δ test_error vs lbi [95 % CI]" in capsys.readouterr().out
     doc = json.loads((out / "results.json").read_text())
     rows = {row["method"]: row for row in doc["summary"]}
     assert list(rows) == ["lbi", "uniform", "target-only", "pooled"] and len(doc["runs"]) == 8
