@@ -14,10 +14,14 @@ payload that is not tensors and plain values (``weights_only``: no pickled code 
 `Checkpoint` is the hook that saves every N rounds, keeps the last few, and saves on SIGINT or
 SIGTERM at the end of the round in progress before the process exits.
 
-Several ranks (data-parallel under torchrun): every rank holds the same state (parameters,
-optimizers, generators and data positions are replicated; each rank's data is its share of
-the same batches), so rank 0 writes one file with ``torch.save`` and every rank loads it; no
-state is sharded, so torch.distributed.checkpoint (made for sharded state) is not needed.
+Several ranks (data-parallel under torchrun): ``save`` and ``load`` are collective, every rank
+calls them, and the checkpoint is a directory written and read with
+``torch.distributed.checkpoint`` (`mlo.distributed_checkpoint`): the state every rank holds
+identically (parameters, optimizers, schedulers, gradient-transform state, scalers) is stored
+once, and each rank's own state (random generators, data position in its shard, hooks' state,
+buffers) once per rank, so that every rank resumes exactly. It is written to a temporary
+directory and renamed by rank 0 when all ranks have written, and read back by as many ranks as
+wrote it. One process keeps the single file.
 """
 
 from __future__ import annotations
@@ -25,6 +29,7 @@ from __future__ import annotations
 import os
 import pickle
 import re
+import shutil
 import signal
 import threading
 from pathlib import Path
@@ -33,8 +38,8 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from . import distributed
-from .errors import CheckpointError
+from . import distributed, distributed_checkpoint
+from .errors import CheckpointError, first_line
 from .hooks import Hook
 
 if TYPE_CHECKING:
@@ -70,8 +75,13 @@ def write_atomic(obj: Any, path: str | Path) -> Path:
 
 
 def read(path: str | Path) -> dict[str, Any]:
-    """A checkpoint's contents, read with ``weights_only=True`` onto the CPU."""
+    """A checkpoint's contents, read with ``weights_only=True`` onto the CPU: a file, or (every
+    rank of a process group) a directory of several ranks, this rank's state."""
     path = Path(path)
+    if path.is_dir():
+        state = distributed_checkpoint.read(path)
+        _check_format(path, state)
+        return state
     if not path.is_file():
         raise CheckpointError(f"checkpoint {str(path)!r} does not exist")
     try:
@@ -80,26 +90,54 @@ def read(path: str | Path) -> dict[str, Any]:
         if "weights only" in str(err).lower() or "weights_only" in str(err):
             raise CheckpointError(
                 f"checkpoint {str(path)!r} holds objects other than tensors and plain values; refused "
-                f"(it is read with torch.load(weights_only=True), which runs no pickled code): {_first_line(err)}"
+                f"(it is read with torch.load(weights_only=True), which runs no pickled code): {first_line(err)}"
             ) from None
-        raise CheckpointError(f"checkpoint {str(path)!r} is corrupt: {_first_line(err)}") from None
+        raise CheckpointError(f"checkpoint {str(path)!r} is corrupt: {first_line(err)}") from None
     except Exception as err:  # zip reader errors, EOFError, ...: all mean a damaged file
         raise CheckpointError(
-            f"checkpoint {str(path)!r} is truncated or corrupt ({type(err).__name__}: {_first_line(err)})"
+            f"checkpoint {str(path)!r} is truncated or corrupt ({type(err).__name__}: {first_line(err)})"
         ) from None
-    if not isinstance(state, dict) or state.get("format") != FORMAT:
-        raise CheckpointError(f"checkpoint {str(path)!r} is not an mlo checkpoint (no {FORMAT!r} tag)")
+    _check_format(path, state)
     return state
 
 
-def _first_line(err: BaseException) -> str:
-    return (str(err).strip().splitlines() or [""])[0]
+def _check_format(path: Path, state: Any) -> None:
+    if not isinstance(state, dict) or state.get("format") != FORMAT:
+        raise CheckpointError(f"checkpoint {str(path)!r} is not an mlo checkpoint (no {FORMAT!r} tag)")
 
 
 def save(engine: "Engine", path: str | Path, **extra: Any) -> Path:
     """Write ``engine.state_dict()`` (and ``extra`` plain values, e.g. a config) to ``path``
-    atomically. Returns the path."""
-    return write_atomic({"format": FORMAT, "engine": engine.state_dict(), "extra": extra}, path)
+    atomically. Returns the path. Under a process group every rank calls it, and ``path`` is a
+    directory (torch.distributed.checkpoint) holding every rank's state."""
+    state = {"format": FORMAT, "engine": engine.state_dict(), "extra": extra}
+    if distributed.active():
+        return distributed_checkpoint.write(state, Path(path), _replicated(engine))
+    return write_atomic(state, path)
+
+
+#: the parts of a level's state that are the same on every rank (derived from averaged gradients)
+_REPLICATED_PARTS = ("optimizer", "scheduler", "transform", "last_gradient")
+
+
+def _replicated(engine: "Engine") -> Any:
+    """Which tensors of ``engine.state_dict()`` are the same on every rank (by their path): each
+    level's parameters, optimizer, scheduler, gradient-transform state and last gradient, and
+    the gradient scalers. Everything else (generators, data positions, hooks' state, buffers) is
+    each rank's own."""
+    parameters = {name: {n for n, _ in p.module.named_parameters()} for name, p in engine.program.problems.items()}
+
+    def replicated(where: tuple[Any, ...]) -> bool:
+        if where[:2] == ("engine", "scalers"):
+            return True
+        if where[:2] != ("engine", "levels") or len(where) < 4:
+            return False
+        level, part = where[2], where[3]
+        if part == "module":
+            return len(where) > 4 and where[4] in parameters[level]
+        return part in _REPLICATED_PARTS
+
+    return replicated
 
 
 def load(engine: "Engine", path: str | Path) -> dict[str, Any]:
@@ -111,9 +149,10 @@ def load(engine: "Engine", path: str | Path) -> dict[str, Any]:
 
 
 def _numbered(directory: Path, prefix: str) -> list[tuple[int, Path]]:
-    pattern = re.compile(re.escape(prefix) + r"-(\d+)\.pt")
+    """The checkpoints ``<prefix>-<round>.pt`` (one process) and ``<prefix>-<round>/`` (several)."""
+    pattern = re.compile(re.escape(prefix) + r"-(\d+)(\.pt)?")
     found = []
-    for path in directory.glob(f"{prefix}-*.pt") if directory.is_dir() else []:
+    for path in directory.glob(f"{prefix}-*") if directory.is_dir() else []:
         match = pattern.fullmatch(path.name)
         if match:
             found.append((int(match.group(1)), path))
@@ -121,14 +160,16 @@ def _numbered(directory: Path, prefix: str) -> list[tuple[int, Path]]:
 
 
 def latest(directory: str | Path, prefix: str = "checkpoint") -> Path | None:
-    """The newest ``<prefix>-<round>.pt`` in ``directory`` (by round), or ``None``."""
+    """The newest checkpoint in ``directory`` (by round): ``<prefix>-<round>.pt``, or the
+    directory ``<prefix>-<round>`` of several ranks; ``None`` if there is none."""
     found = _numbered(Path(directory), prefix)
     return found[-1][1] if found else None
 
 
 class Checkpoint(Hook):
-    """Save the engine to ``directory/<prefix>-<round>.pt`` every ``every`` rounds, keeping the
-    newest ``keep`` files, and on SIGINT/SIGTERM.
+    """Save the engine to ``directory/<prefix>-<round>.pt`` (under a process group: the directory
+    ``directory/<prefix>-<round>``) every ``every`` rounds, keeping the newest ``keep``, and on
+    SIGINT/SIGTERM.
 
     While ``Engine.run`` runs, SIGINT and SIGTERM are caught: the round in progress finishes, a
     checkpoint is written, and the process exits with status 128 + the signal number. A second
@@ -145,17 +186,19 @@ class Checkpoint(Hook):
         self._previous: dict[int, Any] = {}
 
     def path(self, round: int) -> Path:
-        return self.directory / f"{self.prefix}-{round:08d}.pt"
+        """Where the checkpoint of round ``round`` goes: a file, or a directory under a process group."""
+        return self.directory / f"{self.prefix}-{round:08d}{'' if distributed.active() else '.pt'}"
 
     def save(self, engine: "Engine") -> Path:
-        """Write a checkpoint of the engine now; drop the oldest beyond ``keep``. Under a process
-        group the state is the same on every rank (data-parallel), so rank 0 writes it and the
-        others wait for the write to finish."""
-        path = self.path(engine.round)
+        """Write a checkpoint of the engine now (every rank, under a process group); then rank 0
+        drops the oldest beyond ``keep``."""
+        path = save(engine, self.path(engine.round), **self.extra)
         if distributed.is_main():
-            save(engine, path, **self.extra)
             for _, old in _numbered(self.directory, self.prefix)[: -self.keep]:
-                old.unlink(missing_ok=True)
+                if old.is_dir():
+                    shutil.rmtree(old)
+                else:
+                    old.unlink(missing_ok=True)
         distributed.barrier()
         return path
 

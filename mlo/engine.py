@@ -45,6 +45,8 @@ __all__ = ["Engine"]
 EstimatorSpec = str | Estimator
 PrecisionSpec = str | precisions.Precision
 Edge = tuple[str, str]
+#: the values of ``Engine(sync=...)``
+SYNCS = ("exact", "once")
 
 
 @dataclass
@@ -69,9 +71,18 @@ class Engine:
             ``{level: precision}``: the forward pass of each level's loss under autocast, fp16
             with a gradient scaler (any level, upper levels included: their hypergradients'
             backward passes are scaled; `mlo.precision`). Derivatives and solves stay in float32.
+        sync: how ranks synchronize under a process group. ``"exact"`` (default): every
+            derivative is averaged across ranks, so W ranks compute what one process computes on
+            the whole batch. ``"once"``: only each step's final gradient or hypergradient is
+            averaged (as SAMA does); the solves inside a hypergradient (Hessian-vector products,
+            look-aheads, the lower levels' gradients there) use each rank's own share of the
+            batch. Fewer collectives, and approximate: the hypergradient is the mean over ranks
+            of each rank's hypergradient on its share, not the whole batch's. Ranks still hold
+            identical parameters. Without a process group both are the same.
 
     When a process group is initialized, the engine is data-parallel: every rank starts from
-    rank 0's parameters and every derivative is averaged across ranks (`mlo.distributed`).
+    rank 0's parameters and derivatives are averaged across ranks as ``sync`` says
+    (`mlo.distributed`).
 
     Every check on the program happens here, before any step.
     """
@@ -84,7 +95,12 @@ class Engine:
         hooks: Sequence[Hook] = (),
         check_finite: bool = True,
         precision: PrecisionSpec | Mapping[str, PrecisionSpec] = "fp32",
+        sync: str = "exact",
     ) -> None:
+        if sync not in SYNCS:
+            raise ProgramError(f"sync must be one of {SYNCS}, got {sync!r}")
+        #: ``"exact"`` or ``"once"``: which derivatives are averaged across ranks (see the class)
+        self.sync = sync
         problems = list(problems)
         for p in problems:
             if not isinstance(p, Problem):
@@ -245,7 +261,8 @@ class Engine:
         ``zero_grad()`` does), so no level holds a parameter-sized gradient while others step.
         A gradient transform may absorb the step (it returns ``None`` as the gradient, as
         `mlo.transforms.accumulate` does between micro-batches): then neither the optimizer nor
-        the scheduler steps.
+        the scheduler steps. A level in fp16 whose (hyper)gradient is not finite does not step
+        either; its gradient scaler lowers its scale (`mlo.precision`).
 
         For a level with lowers, the loss returned (and passed to hooks) is its loss at the point
         its hypergradient is evaluated: where an edge's estimator has a look-ahead (``unroll``,
@@ -337,11 +354,17 @@ class Engine:
 
     def _hypergradient(self, name: str, rule: Rule | None = None) -> tuple[Tensors, Tensor]:
         """Level ``name``'s hypergradient and loss at the current state (`mlo.hypergradient`);
-        buffers are restored afterwards and the estimators' reports kept in ``diagnostics``."""
-        with frozen_buffers(self.program.buffers()):
+        buffers are restored afterwards and the estimators' reports kept in ``diagnostics``.
+        With ``sync="once"`` the rule runs on this rank's batches alone and only its result is
+        averaged across ranks."""
+        exact = self.sync == "exact"
+        with frozen_buffers(self.program.buffers()), distributed.data_parallel(exact):
             result = (rule or self._rule)(name, self.program.params)
         self.diagnostics.by_edge.update(result.infos)
-        return result.gradient, result.loss
+        if exact:
+            return result.gradient, result.loss
+        with distributed.data_parallel():
+            return distributed.average(result.gradient), result.loss
 
     def _rule_with(self, estimator: EstimatorSpec | Mapping[Edge, EstimatorSpec] | None, batches: Mapping[str, Any]) -> Rule:
         """The rule with some edges' estimators and some levels' batches replaced."""

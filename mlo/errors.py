@@ -42,6 +42,11 @@ class CheckpointError(MLOError, OSError):
     """A checkpoint file is missing, truncated, corrupt, or holds something other than plain values."""
 
 
+def first_line(err: BaseException | None) -> str:
+    """The first line of an exception's message (for errors that quote another)."""
+    return (str(err).strip().splitlines() or [""])[0]
+
+
 class ConvergenceWarning(UserWarning):
     """An iterative solve stopped far from its answer (for example CG on an indefinite Hessian)."""
 

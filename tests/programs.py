@@ -37,6 +37,25 @@ def single_threaded() -> Iterator[None]:
     finally:
         torch.set_num_threads(previous)
 
+
+def on_two_ranks(worker: Callable[..., None], store: str, *args: Any) -> None:
+    """Run ``worker(rank, *args)`` in 2 processes of a gloo process group (loopback, CPU, one
+    thread each) that meet through the file ``store``; returns when both have finished."""
+    import torch.multiprocessing as mp
+
+    mp.spawn(_rank_main, args=(worker, store, args), nprocs=2, join=True)
+
+
+def _rank_main(rank: int, worker: Callable[..., None], store: str, args: tuple[Any, ...]) -> None:
+    import torch.distributed as dist
+
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=2)
+    try:
+        worker(rank, *args)
+    finally:
+        dist.destroy_process_group()
+
 # ---------------------------------------------------------------------------------------------- basics
 
 
@@ -447,11 +466,12 @@ class CountRounds(mlo.Hook):
 def dropout_program(
     loader: str = "dataloader", estimator: str = "finite_difference", hooks: Sequence[mlo.Hook] = (), lower_adam: bool = False
 ) -> mlo.Engine:
-    """A bilevel MLP program with Dropout, shuffled data (a plain ``DataLoader`` or a
+    """A bilevel MLP program with Dropout, shuffled data (a plain ``DataLoader``, one over a
+    shuffled ``DistributedSampler`` (``"distributed"``, under a process group) or a
     `mlo.loader.SeekableLoader`), momentum (or Adam below: ``lower_adam``), a cosine schedule,
     Adam above and a clipping transform: every piece of state a resume must restore. Seeded; 20
-    samples in batches of 4 (5 batches per epoch), the lower level steps twice per round."""
-    from torch.utils.data import DataLoader, TensorDataset
+    samples in (global) batches of 4 (5 batches per epoch), the lower level steps twice per round."""
+    from torch.utils.data import DataLoader, DistributedSampler, TensorDataset
 
     torch.manual_seed(0)
     model, hyper = DropoutMLP(3, 8), Hyper(3, unused=False)
@@ -459,6 +479,9 @@ def dropout_program(
     val = TensorDataset(torch.randn(20, 3), torch.randn(20))
     if loader == "dataloader":
         data = [DataLoader(d, batch_size=4, shuffle=True) for d in (train, val)]
+    elif loader == "distributed":
+        share = 4 // mlo.distributed.world_size()
+        data = [DataLoader(d, batch_size=share, sampler=DistributedSampler(d, shuffle=True, seed=s)) for s, d in enumerate((train, val))]
     else:
         data = [mlo.loader.SeekableLoader(d, batch_size=4, seed=s) for s, d in enumerate((train, val))]
     opt = torch.optim.Adam(model.parameters(), lr=0.01) if lower_adam else torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)

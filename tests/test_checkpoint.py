@@ -3,19 +3,23 @@ Dropout and shuffled data, atomic writes that survive SIGKILL, SIGTERM, damaged 
 
 from __future__ import annotations
 
+import contextlib
 import os
+import pickle
+import shutil
 import signal
 import subprocess
 import sys
 import textwrap
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
 
 import mlo
 from mlo import checkpoint
-from programs import CountRounds, assert_same, dropout_program, snapshot, wait_for_line
+from programs import CountRounds, assert_same, dropout_program, on_two_ranks, snapshot, wait_for_line
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -207,3 +211,128 @@ def test_sigterm_saves_at_the_end_of_the_round_and_exits(tmp_path: Path) -> None
     whole = dropout_program()
     whole.run(done + 2)
     _assert_identical(whole, resumed)
+
+
+# ---------------------------------------------------------------------------------------------- several ranks (DCP)
+
+
+class _OpensAFile:
+    """A pickled payload that, if unpickled, would create the file ``path``."""
+
+    def __init__(self, path: str) -> None:
+        self.path = path
+
+    def __reduce__(self):  # type: ignore[no-untyped-def]
+        return (open, (self.path, "w"))
+
+
+def _errors(load: Any) -> str:
+    try:
+        load()
+    except mlo.CheckpointError as err:
+        return str(err)
+    return "no error"
+
+
+def _ranks_worker(rank: int, folder: str) -> None:
+    """Each rank: exact resume with Dropout (each rank its own masks) and shuffled sharded data;
+    damaged, unsafe and failed checkpoints; the hook's directories."""
+    from unittest import mock
+
+    out, results = Path(folder), {}
+    for loader in ("distributed", "seekable"):
+
+        def build(hooks: Any = ()) -> mlo.Engine:
+            engine = dropout_program(loader, hooks=hooks)
+            torch.manual_seed(100 + rank)  # each rank draws its own Dropout masks
+            return engine
+
+        path = out / f"ck-{loader}"
+        count, resumed_count = CountRounds(), CountRounds()
+        whole = build([count])
+        whole.run(3)
+        checkpoint.save(whole, path)
+        whole.run(2)
+        whole_rng = torch.get_rng_state()
+        torch.manual_seed(1234)  # anything before loading must not matter
+        resumed = build([resumed_count])
+        checkpoint.load(resumed, path)
+        resumed.run(2)
+        results[loader] = {
+            "whole": snapshot(*whole.program.problems.values()), "resumed": snapshot(*resumed.program.problems.values()),
+            "rng": [whole_rng, torch.get_rng_state()], "hooks": [count.state_dict(), resumed_count.state_dict()],
+        }
+    source = out / "ck-seekable"
+    damaged = {"data": out / "truncated-data", "metadata": out / "truncated-metadata", "unsafe": out / "unsafe"}
+    marker = out / "pickled-code-ran"
+    if rank == 0:
+        for copy in damaged.values():
+            shutil.copytree(source, copy)
+        data_file = damaged["data"] / "__1_0.distcp"
+        data_file.write_bytes(data_file.read_bytes()[:100])
+        meta = damaged["metadata"] / ".metadata"
+        meta.write_bytes(meta.read_bytes()[:200])
+        (damaged["unsafe"] / ".metadata").write_bytes(pickle.dumps(_OpensAFile(str(marker))))
+    mlo.distributed.barrier()
+    results["damaged"] = {kind: _errors(lambda: checkpoint.load(dropout_program("seekable"), p)) for kind, p in damaged.items()}
+    results["pickled code ran"] = marker.exists()
+
+    engine = dropout_program("seekable")
+    engine.run(3)
+    kept = out / "ck-kept"
+    checkpoint.save(engine, kept)
+    engine.run(1)
+    with mock.patch("os.fsync", side_effect=OSError("disk full")) if rank == 1 else contextlib.nullcontext():
+        results["failed write"] = _errors(lambda: checkpoint.save(engine, kept))
+    results["after the failed write"] = [checkpoint.read(kept)["engine"]["round"], sorted(os.listdir(out))]
+    checkpoint.save(engine, kept)  # replaces the directory
+    results["after a good write"] = checkpoint.read(kept)["engine"]["round"]
+
+    hooked = dropout_program("seekable", hooks=[checkpoint.Checkpoint(out / "hook", every=2, keep=2)])
+    hooked.run(5)
+    results["hook"] = [sorted(os.listdir(out / "hook")), checkpoint.latest(out / "hook").name]
+    torch.save(results, out / f"rank{rank}.pt")
+
+
+@pytest.fixture(scope="module")
+def ranks(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, list[dict[str, Any]]]:
+    """The folder and what each of 2 ranks recorded (`_ranks_worker`)."""
+    folder = tmp_path_factory.mktemp("dcp")
+    on_two_ranks(_ranks_worker, str(folder / "store"), str(folder))
+    return folder, [torch.load(folder / f"rank{r}.pt", weights_only=True) for r in range(2)]
+
+
+@pytest.mark.parametrize("loader", ["distributed", "seekable"])
+def test_two_ranks_resume_bit_identically_each_rank(ranks: tuple[Path, list[dict[str, Any]]], loader: str) -> None:
+    """k rounds, checkpoint (DCP), m more == restored from the checkpoint, m rounds: on every
+    rank, every parameter, buffer, optimizer state, hook state and the random generator."""
+    _, results = ranks
+    for r in results:
+        assert_same(r[loader]["whole"], r[loader]["resumed"])
+        assert torch.equal(*r[loader]["rng"])
+        assert r[loader]["hooks"][0] == r[loader]["hooks"][1]
+    params = [{k: v for k, v in r[loader]["whole"].items() if ".param." in k} for r in results]
+    assert_same(*params)  # replicated state: the same on both ranks
+    assert not torch.equal(results[0][loader]["rng"][0], results[1][loader]["rng"][0])  # own state: each rank's
+
+
+def test_two_rank_checkpoint_damage_is_named_and_unsafe_metadata_refused(ranks: tuple[Path, list[dict[str, Any]]]) -> None:
+    folder, results = ranks
+    for r in results:
+        errors = r["damaged"]
+        assert "truncated-data/__1_0.distcp" in errors["data"] and "truncated" in errors["data"]
+        assert "truncated-metadata/.metadata" in errors["metadata"] and "truncated or corrupt" in errors["metadata"]
+        assert "unsafe/.metadata" in errors["unsafe"] and "refused" in errors["unsafe"]
+        assert not r["pickled code ran"]
+    with pytest.raises(mlo.CheckpointError, match="written by 2 rank.*not 1"):  # one process, a 2-rank checkpoint
+        checkpoint.load(dropout_program("seekable"), folder / "ck-seekable")
+
+
+def test_two_rank_failed_write_keeps_the_previous_checkpoint(ranks: tuple[Path, list[dict[str, Any]]]) -> None:
+    _, results = ranks
+    for r in results:
+        assert "ck-kept" in r["failed write"] and "not written" in r["failed write"] and "disk full" in results[1]["failed write"]
+        round_, names = r["after the failed write"]
+        assert round_ == 3 and not any(n.startswith(".ck-kept") for n in names)
+        assert r["after a good write"] == 4
+        assert r["hook"] == [["checkpoint-00000002", "checkpoint-00000004"], "checkpoint-00000004"]

@@ -138,3 +138,14 @@ def test_fp16_upper_level_overflow_is_skipped_the_scale_halved_and_resumed(tmp_p
     resumed.run(2)
     assert_same(snapshot(*engine.program.problems.values()), snapshot(*resumed.program.problems.values()))
     assert engine.state_dict()["scalers"] == resumed.state_dict()["scalers"]
+
+
+def test_the_precision_benchmark_covers_every_estimator_with_a_nonzero_hypergradient() -> None:
+    """`mlo.benchmarks.precision` measures every registered estimator (first_order's
+    hypergradient is zero on the reweighting MLP) in each of its ways, at one state."""
+    from mlo.benchmarks import precision
+
+    assert {spec.split(":")[0] for spec in precision.ESTIMATORS} == set(mlo.estimators.names()) - {"first_order"}
+    errors = precision.measure("cg:iterations=2", states=1, rounds_between=1)
+    assert list(errors) == list(precision.WAYS)
+    assert all(len(v) == 1 and 0 < v[0] < 1e-2 for v in errors.values())
