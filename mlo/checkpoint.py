@@ -32,6 +32,7 @@ import re
 import shutil
 import signal
 import threading
+from collections.abc import Callable
 from pathlib import Path
 from types import FrameType
 from typing import TYPE_CHECKING, Any
@@ -120,7 +121,7 @@ def save(engine: "Engine", path: str | Path, **extra: Any) -> Path:
 _REPLICATED_PARTS = ("optimizer", "scheduler", "transform", "last_gradient")
 
 
-def _replicated(engine: "Engine") -> Any:
+def _replicated(engine: "Engine") -> Callable[[tuple[Any, ...]], bool]:
     """Which tensors of ``engine.state_dict()`` are the same on every rank (by their path): each
     level's parameters, optimizer, scheduler, gradient-transform state and last gradient, and
     the gradient scalers. Everything else (generators, data positions, hooks' state, buffers) is

@@ -46,18 +46,13 @@ from torch.distributed.checkpoint.filesystem import _StorageInfo
 from . import distributed
 from .errors import CheckpointError, first_line
 
-__all__ = ["write", "read", "is_checkpoint"]
+__all__ = ["write", "read", "read_metadata"]
 
 #: marks a shared tensor inside a rank's entry: ``{_SHARED: key}``
 _SHARED = "mlo-checkpoint/shared-tensor"
 _METADATA = ".metadata"
 
 Path_ = tuple[Any, ...]
-
-
-def is_checkpoint(path: Path) -> bool:
-    """Whether ``path`` is a directory written by `write` (it holds DCP's ``.metadata``)."""
-    return (path / _METADATA).is_file()
 
 
 # ---------------------------------------------------------------------------------------------- write
@@ -67,7 +62,8 @@ def write(state: dict[str, Any], path: Path, replicated: Callable[[Path_], bool]
     """Every rank: write ``state`` (this rank's) to the directory ``path`` atomically; the
     tensors at paths where ``replicated(path)`` holds are the same on every rank and stored once.
     Raises `CheckpointError` on every rank if any rank fails; the temporary directory is removed
-    and whatever was at ``path`` stays."""
+    and whatever was at ``path`` stays. (A checkpoint replacing one of the same name moves the
+    old one to ``.<name>.old`` for the two renames, then removes it.)"""
     tmp = path.with_name(f".{path.name}.tmp")
     if distributed.is_main():
         shutil.rmtree(tmp, ignore_errors=True)  # left by a crashed write
@@ -87,6 +83,7 @@ def write(state: dict[str, Any], path: Path, replicated: Callable[[Path_], bool]
     distributed.barrier()
     if distributed.is_main():
         old = path.with_name(f".{path.name}.old")
+        _fsync_directory(tmp)  # the files' names are on disk before the directory takes the path
         if path.exists():
             os.replace(path, old)
         os.replace(tmp, path)

@@ -64,10 +64,12 @@ solves converge; elsewhere the implicit estimators approximate, as at depth 2.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Mapping
 from contextlib import nullcontext
 from dataclasses import dataclass, field
 
+import torch
 from torch import Tensor
 
 from . import autodiff
@@ -248,7 +250,11 @@ class _Evaluation:
         return arrived
 
     def vjp(self, hop: _Hop, adjoint: Tensors, lookahead: Tensors | None) -> Tensors:
-        part, info = self.rule.estimators[(hop.upper, hop.lower)].vjp(hop, adjoint, lookahead)
+        if autodiff.all_finite(adjoint):
+            part, info = self.rule.estimators[(hop.upper, hop.lower)].vjp(hop, adjoint, lookahead)
+        else:  # an overflow above (an fp16 level's scaled backward): nothing to solve, the result is
+            # not finite either, so an fp16 step is skipped (and anything else raises NonFiniteError)
+            part, info = tuple(torch.full_like(p, math.nan) for p in hop.upper_params), {"finite_adjoint": 0.0}
         edge = (hop.upper, hop.lower)
         self.infos[edge] = {**self.infos[edge], **info} if edge in self.infos and lookahead is not None else info
         return part
@@ -355,7 +361,8 @@ class _ReducedCurvature(Curvature):
         self.lower, self.upper = hop.lower, hop.upper
         self.below = self.evaluation.graph.descendants(hop.lower)
         self.point = {level: autodiff.alias(values) for level, values in hop.point.items()}
-        self.gradient, _ = self.evaluation.total(hop.lower, self.point, create_graph=True)
+        with full_precision():  # differentiated again: never in low precision (nor loss-scaled)
+            self.gradient, _ = self.evaluation.total(hop.lower, self.point, create_graph=True)
         self.hvps = 0
 
     def _product(self, target: str, v: Tensors, create_graph: bool) -> Tensors:

@@ -119,10 +119,12 @@ Values = Mapping[str, Sequence[Tensor]]
 
 def scale_backward(loss: Callable[[Values], Tensor], point: Values, scaler: torch.amp.GradScaler) -> Tensor:
     """``loss(point)``, whose backward passes run multiplied by ``scaler``'s current scale ``S``
-    between its output and the values of ``point`` it read: every derivative of the result (of
-    any order) is the unscaled one, while inside the loss's own backward the gradients are ``S``
-    times larger (loss scaling). An overflow there comes out as inf or NaN. Nothing is scaled
-    inside `full_precision` (no fp16 runs there)."""
+    between its output and the values of ``point`` it read: its first derivatives are the
+    unscaled ones, while inside the loss's own backward the gradients are ``S`` times larger
+    (loss scaling). An overflow there comes out as inf or NaN. For first derivatives only: a
+    second derivative through it would pass the unscaling twice (it is ``1/S`` times the true
+    one), so the hypergradient rule evaluates every loss it differentiates twice inside
+    `full_precision`, where nothing is scaled (no fp16 runs there)."""
     if _FULL.get():
         return loss(point)
     live = [t for values in point.values() for t in values if t.requires_grad]

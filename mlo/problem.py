@@ -12,6 +12,7 @@ from typing import Any, ClassVar
 
 import torch
 from torch import Tensor, nn
+from torch.utils.data import DataLoader
 
 from .errors import ProgramError
 from .transforms import GradientTransform
@@ -160,24 +161,49 @@ class Problem:
         """The parameters this level optimizes: ``module``'s trainable parameters, in order."""
         return [p for p in self.module.parameters() if p.requires_grad]
 
-    def batches(self, on_pass: Callable[[], None] | None = None) -> Iterator[Any]:
-        """An endless stream of batches: ``data`` restarted whenever it is exhausted.
-        ``on_pass`` is called just before each pass over ``data`` begins."""
-        return cycle(self.data, f"level {self.name!r}", on_pass)
+    def batches(self, on_pass: Callable[[], None] | None = None, first_pass: int = 0) -> Iterator[Any]:
+        """An endless stream of batches: ``data`` restarted whenever it is exhausted (see
+        `cycle`). ``on_pass`` is called just before each pass over ``data`` begins."""
+        return cycle(self.data, f"level {self.name!r}", on_pass, first_pass)
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}(name={self.name!r}, steps={self.steps})"
 
 
-def cycle(data: Iterable[Any] | None, owner: str = "data", on_pass: Callable[[], None] | None = None) -> Iterator[Any]:
+def _epoch_setters(data: Any) -> list[Callable[[int], None]]:
+    """The ``set_epoch`` of the samplers a ``DataLoader`` shuffles with (a ``DistributedSampler``
+    draws the same permutation every pass unless its epoch moves on)."""
+    if not isinstance(data, DataLoader):
+        return []
+    found: dict[int, Callable[[int], None]] = {}
+    for sampler in (data.sampler, getattr(data.batch_sampler, "sampler", None)):
+        set_epoch = getattr(sampler, "set_epoch", None)
+        if callable(set_epoch):
+            found.setdefault(id(sampler), set_epoch)
+    return list(found.values())
+
+
+def cycle(
+    data: Iterable[Any] | None,
+    owner: str = "data",
+    on_pass: Callable[[], None] | None = None,
+    first_pass: int = 0,
+) -> Iterator[Any]:
     """``data``'s items in order, endlessly: a re-iterable (list, DataLoader) is restarted when
     exhausted, an endless iterator is read on; ``None`` yields ``None`` forever. An exhausted
     iterator or an empty iterable raises ``ValueError`` naming ``owner``. ``on_pass`` is called
-    just before each pass over ``data`` begins."""
+    just before each pass over ``data`` begins. A ``DataLoader`` whose sampler has ``set_epoch``
+    (``DistributedSampler``) gets the pass number as its epoch before each pass, counted from
+    ``first_pass``, so each pass is a new permutation, as torch's docs ask of a training loop."""
     if data is None:
         while True:
             yield None
+    setters = _epoch_setters(data)
+    epoch = first_pass
     while True:
+        for set_epoch in setters:
+            set_epoch(epoch)
+        epoch += 1
         if on_pass is not None:
             on_pass()
         empty = True

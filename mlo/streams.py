@@ -9,8 +9,9 @@ drawn so far:
   that batch again;
 - any other data (a ``DataLoader``, a list): the random state at the start of the current pass
   (the global generators, and the generators the ``DataLoader`` and its sampler hold) and the
-  number of batches drawn in it; loading restores that state, restarts the pass (a shuffled
-  ``DataLoader`` draws the same permutation) and replays the pass's batches only.
+  number of batches drawn in it, and the pass's number (a ``DistributedSampler``'s epoch);
+  loading restores that state, restarts the pass (a shuffled ``DataLoader`` draws the same
+  permutation) and replays the pass's batches only.
 
 Data that draws from a generator of its own that it does not expose is exact only with
 ``state_dict`` / ``load_state_dict``.
@@ -54,16 +55,22 @@ class Stream:
         self.drawn = 0
         self._restart()
 
-    def _restart(self) -> None:
+    def _restart(self, first_pass: int = 0) -> None:
         self.problem.batch = None
-        self._iterator = self.problem.batches(on_pass=None if self.seekable else self._on_pass)
+        self._iterator = self.problem.batches(None if self.seekable else self._on_pass, first_pass)
+        self._passes = first_pass  # passes begun, counting from the run's start
         self._pass: dict[str, Any] | None = None
         self._in_pass = 0
         self._before: Any = None
 
     def _on_pass(self) -> None:
         data = self.problem.data
-        self._pass = {"rng": rng.get_state(), "generators": [g.get_state() for g in _generators(data)]}
+        self._pass = {
+            "rng": rng.get_state(),
+            "generators": [g.get_state() for g in _generators(data)],
+            "number": self._passes,
+        }
+        self._passes += 1
         self._in_pass = 0
 
     def draw(self) -> Any:
@@ -84,7 +91,8 @@ class Stream:
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Go to a saved position. Moves the global generators: restore them afterwards."""
-        self._restart()
+        saved_pass = state.get("pass")
+        self._restart(int(saved_pass.get("number", 0)) if saved_pass is not None else 0)
         drawn = int(state["drawn"])
         if self.seekable and state.get("data") is not None:
             self.problem.data.load_state_dict(state["data"])  # type: ignore[union-attr]

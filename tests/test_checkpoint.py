@@ -336,3 +336,59 @@ def test_two_rank_failed_write_keeps_the_previous_checkpoint(ranks: tuple[Path, 
         assert round_ == 3 and not any(n.startswith(".ck-kept") for n in names)
         assert r["after a good write"] == 4
         assert r["hook"] == [["checkpoint-00000002", "checkpoint-00000004"], "checkpoint-00000004"]
+
+
+def test_dcp_byte_entries_are_refused_unread(tmp_path: Path) -> None:
+    """DCP reads its byte entries with torch.load(weights_only=False); mlo writes none and refuses
+    a checkpoint holding one before DCP reads anything."""
+    import torch.distributed.checkpoint as dcp
+
+    marker = tmp_path / "pickled-code-ran"
+    dcp.save({"rank0": _OpensAFile(str(marker)), "shared/x": torch.ones(2)}, checkpoint_id=tmp_path / "ck", no_dist=True)
+    with pytest.raises(mlo.CheckpointError, match="entry 'rank0' is not a tensor .*refused"):
+        checkpoint.read(tmp_path / "ck")
+    assert not marker.exists()
+
+
+def _sharded_level(seen: list[list[int]]) -> mlo.Problem:
+    """One level on rank 0's shard of 8 indices (a shuffled DistributedSampler, 2 replicas, no
+    process group needed), 2 batches a pass; its loss records the batches it is given."""
+    from torch.utils.data import DataLoader, DistributedSampler
+
+    data = list(range(8))
+    sampler: DistributedSampler[int] = DistributedSampler(data, num_replicas=2, rank=0, shuffle=True, seed=1)
+    w = torch.nn.Parameter(torch.ones(1))
+    module = torch.nn.ParameterList([w])
+
+    def loss(batch: torch.Tensor) -> torch.Tensor:
+        seen.append(batch.tolist())
+        return (w**2).sum()
+
+    loader = DataLoader(data, batch_size=2, sampler=sampler)
+    return mlo.Problem("x", module, torch.optim.SGD(module.parameters(), lr=0.1), loss=loss, data=loader)
+
+
+def test_a_distributed_sampler_moves_to_a_new_epoch_each_pass_and_resumes_there(tmp_path: Path) -> None:
+    from torch.utils.data import DistributedSampler
+
+    def permutation(epoch: int) -> list[int]:
+        sampler: DistributedSampler[int] = DistributedSampler(list(range(8)), num_replicas=2, rank=0, shuffle=True, seed=1)
+        sampler.set_epoch(epoch)
+        return list(sampler)
+
+    expected = [permutation(e) for e in range(3)]
+    assert expected[0] != expected[1] != expected[2]  # the reference itself tells the epochs apart
+    seen: list[list[int]] = []
+    whole = mlo.Engine([_sharded_level(seen)])
+    whole.run(6)
+    assert [a + b for a, b in zip(seen[0::2], seen[1::2])] == expected
+
+    part_seen: list[list[int]] = []
+    first = mlo.Engine([_sharded_level(part_seen)])
+    first.run(3)  # in the middle of the second pass (epoch 1)
+    checkpoint.save(first, tmp_path / "ck.pt")
+    resumed_seen: list[list[int]] = []
+    resumed = mlo.Engine([_sharded_level(resumed_seen)])
+    checkpoint.load(resumed, tmp_path / "ck.pt")
+    resumed.run(3)
+    assert part_seen + resumed_seen == seen

@@ -41,6 +41,12 @@ def test_flags_override_a_preset_and_unknown_presets_are_refused() -> None:
         RunConfig().updated({"preset": "cifar7"})
 
 
+def test_sync_is_an_option_of_the_run() -> None:
+    assert RunConfig().sync == "exact" and RunConfig().updated({"sync": "once"}).sync == "once"
+    with pytest.raises(ConfigError, match="sync must be one of .*'twice'"):
+        RunConfig().updated({"sync": "twice"}).validate()
+
+
 def test_one_default_per_constant_and_no_cutout_in_the_search() -> None:
     assert RunConfig().arch_lr == Optimizers().arch_lr and RunConfig().w_lr == Optimizers().w_lr
     cifar = RunConfig(dataset="cifar10", cutout=16)

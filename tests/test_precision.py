@@ -12,7 +12,7 @@ import torch
 from torch import nn
 
 import mlo
-from programs import Vector, assert_same, mlp_program, relative_error, snapshot
+from programs import Vector, assert_same, mlp_program, quadratic, relative_error, snapshot
 
 pytestmark = [pytest.mark.usefixtures("one_thread"), pytest.mark.filterwarnings("ignore::mlo.ConvergenceWarning")]
 
@@ -149,3 +149,24 @@ def test_the_precision_benchmark_covers_every_estimator_with_a_nonzero_hypergrad
     errors = precision.measure("cg:iterations=2", states=1, rounds_between=1)
     assert list(errors) == list(precision.WAYS)
     assert all(len(v) == 1 and 0 < v[0] < 1e-2 for v in errors.values())
+
+
+@pytest.mark.filterwarnings("ignore::mlo.ConvergenceWarning")
+@pytest.mark.parametrize("estimator", ["cg:iterations=8", "neumann:iterations=8,alpha=0.1", "unroll:steps=3",
+                                       "finite_difference", "sama"])
+def test_fp16_on_every_level_of_a_three_level_chain(estimator: str) -> None:
+    """top -> mid -> low, quadratics, every level in fp16: the first steps overflow at the
+    scalers' initial 65536 and are skipped, whatever the estimator (nothing raises), the scales
+    back off; then the top level's hypergradient is fp32's to fp16 accuracy. The middle level's
+    loss, differentiated twice inside the top's reduced curvature (cg, neumann), is evaluated in
+    full precision there: through loss scaling a second derivative would come out 1/S too small."""
+    dims, graph = {"top": 3, "mid": 4, "low": 5}, {"top": ["mid"], "mid": ["low"]}
+    couples = {"top": ["top", "mid", "low"], "mid": ["top", "mid", "low"], "low": ["mid", "low"]}
+    ref, low = (quadratic(dims, couples, graph, seed=1) for _ in range(2))
+    engine = mlo.Engine(list(low.problems.values()), graph, estimator, precision="fp16")
+    engine.run(4)
+    scales = {name: s["scale"] for name, s in engine.state_dict()["scalers"].items()}
+    assert all(s < 2.0**16 for s in scales.values()) and scales["top"] >= 2.0**10
+    fp32 = mlo.Engine(list(ref.problems.values()), graph, estimator)
+    fp32.load_state_dict(engine.state_dict())
+    assert 0 < relative_error(engine.hypergradient("top"), fp32.hypergradient("top")) <= 2e-3

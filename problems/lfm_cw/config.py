@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from mlo import EstimatorError, config, estimators
+from mlo.engine import SYNCS
 from mlo.config import ConfigError
 
 from ..data import DATASETS
@@ -93,6 +94,7 @@ class RunConfig:
     # fastest on one: on a busy 2-core machine two threads were 3-10x slower (OpenMP barriers)
     checkpoint_every: int = 0  # write OUT/checkpoint-* every N rounds of each engine phase (0: no checkpoints)
     precision: str = "fp32"  # fp32 | bf16 | fp16 (fp16: every level with a gradient scaler)
+    sync: str = "exact"  # under torchrun: exact | once (only each step's final (hyper)gradient averaged; approximate)
     tensorboard: bool = False  # also write TensorBoard scalars under OUT/tensorboard (needs tensorboard)
 
     @classmethod
@@ -153,6 +155,8 @@ class RunConfig:
                 raise ConfigError(f"{name} must be >= 1, got {getattr(self, name)}")
         if self.precision not in ("fp32", "bf16", "fp16"):
             raise ConfigError(f"precision must be fp32, bf16 or fp16, got {self.precision!r}")
+        if self.sync not in SYNCS:
+            raise ConfigError(f"sync must be one of {SYNCS}, got {self.sync!r}")
         for name in ("lam", "gamma", "beta", "w_lr", "arch_lr", "phi_lr", "drop_path", "auxiliary_weight", "cutout", "threads", "workers",
                      "generator_warmup", "w1_warmup", "checkpoint_every"):
             if getattr(self, name) < 0:

@@ -262,7 +262,8 @@ def _search(
             if config.tensorboard and out is not None:
                 logs.append(mlo.logs.TensorBoard(out / "tensorboard" / f"{tag}-{phase}"))
             hooks = [*program.hooks, recorder, mlo.logs.Progress(rounds, label, progress), *logs, *([saver] if saver else [])]
-            engine = mlo.Engine(program.problems, program.graph, program.estimators, hooks=hooks, precision=precision)
+            engine = mlo.Engine(program.problems, program.graph, program.estimators, hooks=hooks, precision=precision,
+                                sync=config.sync)
             _run_phase(engine, rounds, saver)
         arch_prev = program.architecture
         if generator is None and program.generator is not None:  # P-DARTS: later stages keep the trained GAN
