@@ -69,7 +69,7 @@ def compare(
 
     With ``reference`` (one of ``methods``), seeds are paired: every metric of every other method
     gets its difference ``method - reference`` over seeds (`paired_difference`) in the summary
-    (``row["paired"][metric]``), and the table shows it for the first metric."""
+    (``row["paired"][metric]``), and the table shows it for the first metric ``run_one`` reports."""
     if reference is not None and reference not in methods:
         raise ConfigError(f"reference {reference!r} is not among the methods {list(methods)}")
     console = console or Console()
@@ -98,7 +98,7 @@ def compare(
                 for key in metrics_names if key in mine[0] and key in by_method[reference][0]
             }
         summary.append(row)
-    first = metrics_names[0]
+    first = next((k for k in metrics_names if k != "seconds"), "seconds")  # the first metric run_one reports
     table = Table(title=title)
     delta = [f"Δ {first} vs {reference} [95 % CI]"] if reference is not None else []
     for col in ("method", "seeds", *metrics_names, *delta):
