@@ -16,7 +16,7 @@ import torch
 from torch import Tensor
 
 from . import distributed
-from .precision import no_autocast
+from .precision import autocast_on, no_autocast
 
 Tensors = tuple[Tensor, ...]
 
@@ -84,7 +84,7 @@ def _backward_precision() -> ContextManager[None]:
     ``create_graph`` backward would record them so. With autocast off, each backward op runs in
     the dtype its forward ran in (what PyTorch's autocast documents for backward passes): a
     caller's autocast reaches the forward passes only."""
-    if torch.is_autocast_enabled("cpu") or torch.is_autocast_enabled("cuda"):
+    if autocast_on():
         return no_autocast()
     return nullcontext()
 
@@ -155,7 +155,7 @@ def norm_values(*lists: Sequence[Tensor]) -> list[float]:
     and one host read for all of them."""
     with torch.no_grad():
         flat = [t for a in lists for t in a]
-        per_tensor = torch.stack(torch._foreach_norm(flat)).tolist() if len(flat) > 1 else [float(flat[0].norm())]
+        per_tensor = torch.stack(torch._foreach_norm(flat)).tolist() if len(flat) > 1 else [float(torch.linalg.vector_norm(flat[0]))]
     out, i = [], 0
     for a in lists:
         out.append(math.hypot(*per_tensor[i : i + len(a)]))  # no overflow in the squares

@@ -15,9 +15,10 @@ The edge ``target -> source`` is first order: ``W``'s loss does not read ``V``, 
 and that edge contributes exactly nothing (any estimator there would solve for a zero).
 
 The domain shift (`shift`): the target domain is the clean data; the source domain is the same
-kind of images shifted by half a pixel (blurred) with Gaussian pixel noise, and a fraction of its examples is
-harmful: wrong labels (``noise``) or inverted images (``off_domain``). The target set is small and
-split into train, validation (the weights' objective) and test (never used for any choice).
+kind of images shifted by half a pixel (blurred) with Gaussian pixel noise, and a fraction of its
+examples is harmful: wrong labels (``noise``) or inverted images (``off_domain``). The target set
+is small and split into train, validation (the weights' objective) and test (never used for any
+choice).
 """
 
 from __future__ import annotations
@@ -55,12 +56,17 @@ class SourceWeights(nn.Module):
 
 @dataclass(frozen=True)
 class Shift:
-    """A domain-shift task: ``source`` items ``(x, y, index)``, which of them are ``harmful``, and
-    the small labelled ``target`` splits (items ``(x, y)``)."""
+    """A domain-shift task: ``source`` items ``(x, y, index)``, which of them carry a wrong label
+    or an off-domain (inverted) image, and the small labelled ``target`` splits (items ``(x, y)``)."""
 
     source: TensorDataset
-    harmful: Tensor  # (N_source,) bool
+    wrong_label: Tensor  # (N_source,) bool
+    off_domain: Tensor  # (N_source,) bool
     target: data.DataSplits
+
+    @property
+    def harmful(self) -> Tensor:
+        return self.wrong_label | self.off_domain
 
 
 def _images(dataset: str, seed: int, fashion_per_class: int) -> tuple[Tensor, Tensor]:
@@ -109,7 +115,7 @@ def shift(config: "IgnoringConfig", seed: int) -> Shift:
     splits = data.DataSplits(target("train"), target("val"), target("test"), k, tuple(x.shape[1:]),  # type: ignore[arg-type]
                              f"{config.dataset}-shift")
     source = TensorDataset((xs - mean) / std, ys, torch.arange(len(ys)))
-    return Shift(source, wrong | inverted, splits)
+    return Shift(source, wrong, inverted, splits)
 
 
 def _batches(dataset: TensorDataset, batch_size: int, seed: int) -> Any:
@@ -118,6 +124,11 @@ def _batches(dataset: TensorDataset, batch_size: int, seed: int) -> Any:
     if batch_size and batch_size < len(dataset):
         return runs.loader(dataset, batch_size, seed)
     return [dataset.tensors]
+
+
+def decay(model: nn.Module, weight_decay: float) -> Tensor:
+    """``(weight_decay / 2) |model|^2`` over its parameters."""
+    return 0.5 * weight_decay * sum((p * p).sum() for p in model.parameters())  # type: ignore[return-value]
 
 
 def proximity(model: nn.Module, anchor: nn.Module) -> Tensor:
@@ -137,8 +148,7 @@ def levels(
     def source_loss(batch: tuple[Tensor, Tensor, Tensor]) -> Tensor:
         x, y, idx = batch
         losses = F.cross_entropy(source_model(x), y, reduction="none")
-        decay = sum((p * p).sum() for p in source_model.parameters())
-        return (weights(idx) * losses).mean() + 0.5 * config.weight_decay * decay
+        return (weights(idx) * losses).mean() + decay(source_model, config.weight_decay)
 
     def target_loss(batch: tuple[Tensor, Tensor]) -> Tensor:
         return F.cross_entropy(target_model(batch[0]), batch[1]) + 0.5 * config.lam * proximity(target_model, source_model)
@@ -245,19 +255,23 @@ class Built:
     engine: mlo.Engine
 
 
-def build(config: IgnoringConfig, seed: int, estimator: str | None = None) -> Built:
-    """The program of ``seed`` after its warm-up (the source and target models trained
-    ``warmup`` rounds, the weights at 0), with ``estimator`` (default ``config.estimator``) on
-    the weights' edges."""
-    task = shift(config, seed)
-    features, k = task.target.input_shape[0] * task.target.input_shape[1] * task.target.input_shape[2], task.target.num_classes
+def _models(task: Shift, config: IgnoringConfig, seed: int, count: int) -> list[nn.Module]:
+    """``count`` freshly initialised classifiers for ``task`` (seeded)."""
+    shape, k = task.target.input_shape, task.target.num_classes
     torch.manual_seed(seed)
-    source_model, target_model = (mlp(features, config.hidden, k, layers=1 if config.hidden else 0) for _ in range(2))
+    return [mlp(shape[0] * shape[1] * shape[2], config.hidden, k, layers=1 if config.hidden else 0) for _ in range(count)]
+
+
+def build(config: IgnoringConfig, seed: int) -> Built:
+    """The program of ``seed`` after its warm-up (the source and target models trained
+    ``warmup`` rounds, the weights at 0), with ``config.estimator`` on the weights' edges."""
+    task = shift(config, seed)
+    source_model, target_model = _models(task, config, seed, 2)
     weights = SourceWeights(len(task.source))
     problems, graph = levels(task, source_model, target_model, weights, config, seed)
     if config.warmup:
         mlo.Engine(problems[:2], {"target": ["source"]}, "first_order").run(config.warmup)
-    engine = mlo.Engine(problems, graph, estimators(estimator or config.estimator))
+    engine = mlo.Engine(problems, graph, estimators(config.estimator))
     return Built(task, source_model, target_model, weights, engine)
 
 
@@ -271,8 +285,7 @@ def engine(config: IgnoringConfig) -> mlo.Engine:
 def _train_one(model: nn.Module, dataset: TensorDataset, config: IgnoringConfig, seed: int) -> None:
     level = mlo.Problem("model", model, torch.optim.SGD(model.parameters(), lr=config.lr),
                         _batches(dataset, config.batch_size, seed), steps=config.steps,
-                        loss=lambda batch: F.cross_entropy(model(batch[0]), batch[1])
-                        + 0.5 * config.weight_decay * sum((p * p).sum() for p in model.parameters()))
+                        loss=lambda batch: F.cross_entropy(model(batch[0]), batch[1]) + decay(model, config.weight_decay))
     mlo.Engine([level]).run(config.warmup + config.rounds)
 
 
@@ -289,17 +302,19 @@ def run_one(config: IgnoringConfig, method: str, seed: int) -> dict[str, float]:
         metrics = runs.evaluate(built.target, built.task.target.test, built.task.target.num_classes)
         if method == "lbi":
             with torch.no_grad():
-                metrics.update(separation(built.weights(torch.arange(len(built.task.source))), built.task.harmful))
+                w = built.weights(torch.arange(len(built.task.source)))
+            metrics.update(separation(w, built.task.harmful))
+            for kind in ("wrong_label", "off_domain"):
+                mask = getattr(built.task, kind)
+                metrics[f"weight_{kind}"] = float(w[mask].mean()) if bool(mask.any()) else float("nan")
         return metrics
     task = shift(config, seed)
-    features, k = task.target.input_shape[0] * task.target.input_shape[1] * task.target.input_shape[2], task.target.num_classes
-    torch.manual_seed(seed)
-    model = mlp(features, config.hidden, k, layers=1 if config.hidden else 0)
+    (model,) = _models(task, config, seed, 1)
     train: TensorDataset = task.target.train  # type: ignore[assignment]
     if method == "pooled":
         train = TensorDataset(*(torch.cat(pair) for pair in zip(task.source.tensors[:2], train.tensors)))
     _train_one(model, train, config, seed)
-    return runs.evaluate(model, task.target.test, k)
+    return runs.evaluate(model, task.target.test, task.target.num_classes)
 
 
 @mlo.programs.program("ignoring", "learning by ignoring (3 levels): source-example weights for a target domain vs uniform, "

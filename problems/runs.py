@@ -71,7 +71,7 @@ def compare(
 
     With ``reference`` (one of ``methods``), seeds are paired: every metric of every other method
     gets its difference ``method - reference`` over seeds (`paired_difference`) in the summary
-    (``row["paired"][metric]``), and the table shows it for the first metric."""
+    (``row["paired"][metric]``), and the table shows it for the first metric ``run_one`` reports."""
     if reference is not None and reference not in methods:
         raise ConfigError(f"reference {reference!r} is not among the methods {list(methods)}")
     console = console or Console()

@@ -330,3 +330,24 @@ def test_learned_total_weight_is_a_parameter_of_the_class_weights_level(one_thre
     assert len(program.phi_grad_norms) == 1 and float(program.phi_grad_norms[0]) > 0
     with torch.no_grad():
         assert float(weights().sum()) == pytest.approx(10 * float(weights.log_total.detach().exp()), rel=1e-5)
+
+
+def test_mlo_check_reference_is_float64_with_a_frozen_generator(one_thread: None) -> None:
+    """A frozen generator (the default conditional VAE, not fine-tuned) is no level's module, so
+    `mlo.check` leaves it in float32; its images are cast like a batch and the reference still
+    runs in float64 instead of falling back to the program's dtype."""
+    from mlo.problems.lfm_cw.cvae import ConditionalVAE
+
+    splits = data.digits(seed=0)
+    program = build(
+        splits.train, splits.val, splits.num_classes, splits.input_shape,
+        lambda: SuperNet(C=4, num_classes=10, layers=1, in_channels=1), Variant(),
+        rounds=2, batch_size=16, generator=ConditionalVAE(10, splits.input_shape, width=16),
+    )
+    assert "generator" not in {p.name for p in program.problems}
+    engine = mlo.Engine(program.problems, program.graph, program.estimators, hooks=program.hooks)
+    engine.run(1)
+    report = mlo.check(engine, "class_weights", reference="cg:iterations=3", warn_above=float("inf"))
+    assert report.dtype == torch.float64 and report.notes == ()
+    assert all(t.dtype == torch.float64 for t in report.reference_hypergradient)
+    assert next(program.generator.parameters()).dtype == torch.float32

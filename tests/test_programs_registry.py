@@ -107,7 +107,7 @@ def _ridge_engine(rounds: int, lr: float) -> "mlo.Engine":
 
     g = torch.Generator().manual_seed(0)
     ridge = Ridge.random(20, 3, generator=g)
-    engine = mlo.Engine(program(ridge, torch.zeros(3), torch.zeros(3), lower_lr=lr), {"hyper": ["weights"]}, "cg:iterations=1")
+    engine = mlo.Engine(program(ridge, torch.zeros(3), torch.zeros(3), lower_lr=lr), {"hyper": ["weights"]}, "cg")
     engine.run(rounds)
     return engine
 

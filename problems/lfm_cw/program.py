@@ -253,9 +253,17 @@ class RetrainLoss(mlo.Problem):
         x, y, z, k = batch
         real = F.cross_entropy(self.module(x, self.arch), y)
         with torch.no_grad():  # no hypergradient flows into the generator
-            fake = self.generator(z, k)  # (n, C, H, W)
+            fake = _generated(self.generator, z, k, x.dtype)  # (n, C, H, W)
         synthetic = F.cross_entropy(self.module(fake, self.arch), k, reduction="none")
         return real + self.lam * (c[k] * synthetic).mean()
+
+
+def _generated(generator: nn.Module, noise: Tensor, labels: Tensor, dtype: torch.dtype) -> Tensor:
+    """``generator(noise, labels)`` as data in ``dtype``: the generator runs in its own dtype and
+    its images are cast like a batch. A frozen generator is no level's module, so `mlo.check`'s
+    float64 reference leaves it in float32 while it converts the noise and the supernets."""
+    own = next((t.dtype for t in (*generator.parameters(), *generator.buffers()) if t.is_floating_point()), noise.dtype)
+    return generator(noise.to(own), labels).to(dtype)
 
 
 class ValidationLoss(mlo.Problem):
