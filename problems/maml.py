@@ -138,20 +138,22 @@ def imaml(net: nn.Module, tasks: int, data: Any, loss: Loss, inner_lr: float = 0
     return problems, {"meta": ["tasks"]}, f"cg:iterations={cg_iterations}"
 
 
-def adapt(net: nn.Module, batch: Tasks, loss: Loss, inner_lr: float, steps: int) -> Tensor:
-    """Meta-test: every task adapted by ``steps`` SGD steps from ``net`` (batched); the per-task
-    query predictions ``(T, Q, ...)``."""
+def adapt(net: nn.Module, batch: Tasks, loss: Loss, inner_lr: float, steps: int, proximal: float = 0.0) -> Tensor:
+    """Meta-test: every task adapted by ``steps`` SGD steps from ``net`` (batched) on its support
+    loss, plus ``proximal / 2 * ||phi - theta||^2`` when ``proximal > 0`` (iMAML's inner problem);
+    the per-task query predictions ``(T, Q, ...)``."""
     tasks = TaskBatch(net, batch.support_x.shape[0])
     per_task = _task_loss(loss)
-    values = [v.detach().clone().requires_grad_() for v in tasks.broadcast(net)]
+    anchor = [v.detach() for v in tasks.broadcast(net)]
+    values = [v.clone().requires_grad_() for v in anchor]
     program = Program([mlo.Problem("tasks", tasks, torch.optim.SGD(tasks.parameters(), lr=inner_lr),
                                                   loss=lambda b: tasks.per_task(per_task, *b).sum())])
     for _ in range(steps):
         grads = torch.autograd.grad(program.loss("tasks", (batch.support_x, batch.support_y), {"tasks": values}), values)
-        values = [(v - inner_lr * g).detach().requires_grad_() for v, g in zip(values, grads)]
+        values = [(v - inner_lr * (g + proximal * (v - a))).detach().requires_grad_()
+                  for v, g, a in zip(values, grads, anchor)]
     with torch.no_grad():
         return program.evaluate(lambda: tasks.per_task(lambda model, x: model(x), batch.query_x), {"tasks": tuple(values)})
-
 
 # ---------------------------------------------------------------------------------------------- `mlo run maml`
 
@@ -161,12 +163,15 @@ METHODS = ("maml", "imaml", "scratch")
 
 @dataclass
 class MAMLConfig:
-    """`mlo run maml`: MAML, iMAML and a randomly initialised network (the same adaptation at
-    meta-test) on sinusoid regression or N-way K-shot digits; the query loss (sinusoid) or error
-    (digits) after adapting to new tasks."""
+    """`mlo run maml`: MAML, iMAML and a randomly initialised network on sinusoid regression or
+    N-way K-shot digits; the query loss (sinusoid) or error (digits) on new tasks after each of two
+    adaptations, for every method: MAML's (``inner_steps`` SGD steps) and iMAML's
+    (``imaml_steps`` SGD steps on the support loss plus the proximal term). Differences to
+    ``reference`` are paired over seeds."""
 
     problem: str = "sinusoid"  # sinusoid | digits
     methods: list[str] = field(default_factory=lambda: list(METHODS))
+    reference: str = "maml"  # every other method's paired difference to it is reported
     seeds: int = 3
     tasks: int = 16
     shots: int = 5
@@ -189,6 +194,8 @@ class MAMLConfig:
         unknown = [m for m in self.methods if m not in METHODS]
         if not self.methods or unknown:
             raise ConfigError(f"unknown method(s) {unknown or self.methods}; methods: {', '.join(METHODS)}")
+        if self.reference not in self.methods:
+            raise ConfigError(f"reference {self.reference!r} is not among the methods {self.methods}")
         for name in ("seeds", "tasks", "shots", "query", "rounds", "inner_steps", "imaml_steps", "test_tasks", "hidden"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"{name} must be >= 1, got {getattr(self, name)}")
@@ -224,10 +231,14 @@ def run_one(config: MAMLConfig, method: str, seed: int) -> dict[str, float]:
         problems, graph, estimator = build(net, config.tasks, train, loss, config.inner_lr, meta_lr=config.meta_lr, **options)
         mlo.Engine(problems, graph, estimator).run(config.rounds)
     batch = next(iter(test))
-    predictions = adapt(net, batch, loss, config.inner_lr, config.inner_steps)
+    adaptations = {
+        "": adapt(net, batch, loss, config.inner_lr, config.inner_steps),
+        "_proximal": adapt(net, batch, loss, config.inner_lr, config.imaml_steps, config.proximal),
+    }
     if config.problem == "sinusoid":
-        return {"query_mse": float(F.mse_loss(predictions, batch.query_y))}
-    return {"query_error": 100.0 * float((predictions.argmax(-1) != batch.query_y).float().mean())}
+        return {f"query_mse{suffix}": float(F.mse_loss(p, batch.query_y)) for suffix, p in adaptations.items()}
+    return {f"query_error{suffix}": 100.0 * float((p.argmax(-1) != batch.query_y).float().mean())
+            for suffix, p in adaptations.items()}
 
 
 @mlo.programs.program("maml", "MAML and iMAML on sinusoid regression or N-way K-shot digits, tasks batched with vmap",

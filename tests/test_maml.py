@@ -144,8 +144,31 @@ def test_mlo_run_maml_end_to_end(tmp_path: Path) -> None:
     assert code == 0
     doc = json.loads((tmp_path / "s" / "results.json").read_text())
     assert [r["method"] for r in doc["summary"]] == ["maml", "imaml", "scratch"]
-    assert all(r["query_mse"] >= 0 for r in doc["runs"])
+    assert all(r["query_mse"] >= 0 and r["query_mse_proximal"] >= 0 for r in doc["runs"])
+    assert "paired" not in doc["summary"][0] and "query_mse_proximal" in doc["summary"][1]["paired"]
+    assert main(["run", "maml", "--methods", "imaml,scratch", "--seeds", "1"]) == 2  # the reference, maml, is not run
     code = main(["run", "maml", "--problem", "digits", "--seeds", "1", "--rounds", "2", "--tasks", "2",
                  "--test-tasks", "3", "--methods", "maml", "--out", str(tmp_path / "d")])
     assert code == 0
     assert 0 <= json.loads((tmp_path / "d" / "results.json").read_text())["runs"][0]["query_error"] <= 100
+
+
+def test_meta_test_adaptation_takes_proximal_sgd_steps_per_task(float64: None) -> None:
+    """`adapt` with ``proximal``: each task's steps on its support loss plus
+    ``proximal / 2 * ||phi - theta||^2``, against a plain loop over tasks."""
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Linear(1, 4), nn.Tanh(), nn.Linear(4, 1))
+    batch = next(iter(maml.SinusoidTasks(3, 5, 4, seed=1)))
+    got = maml.adapt(net, batch, F.mse_loss, inner_lr=0.1, steps=3, proximal=2.0)
+    theta = [p.detach() for p in net.parameters()]
+    for t in range(3):
+        phi = [p.clone().requires_grad_() for p in theta]
+        for _ in range(3):
+            out = torch.func.functional_call(net, dict(zip([n for n, _ in net.named_parameters()], phi)), (batch.support_x[t],))
+            fit = F.mse_loss(out, batch.support_y[t]) + 1.0 * sum(((p - a) ** 2).sum() for p, a in zip(phi, theta))
+            grads = torch.autograd.grad(fit, phi)
+            phi = [(p - 0.1 * g).detach().requires_grad_() for p, g in zip(phi, grads)]
+        query = torch.func.functional_call(net, dict(zip([n for n, _ in net.named_parameters()], phi)), (batch.query_x[t],))
+        torch.testing.assert_close(got[t], query, rtol=1e-10, atol=1e-12)
+    plain = maml.adapt(net, batch, F.mse_loss, inner_lr=0.1, steps=3)
+    assert not torch.allclose(plain, got)
