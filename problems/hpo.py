@@ -93,7 +93,8 @@ class HPOConfig:
     pass through it: about 3), so both use the same total cost."""
 
     methods: list[str] = field(default_factory=lambda: list(METHODS))
-    seeds: int = 3
+    reference: str = "learned"  # the grid's paired difference to it is reported
+    seeds: int = 10  # paired: seed s gives both methods the same training subset, initialisation and batches
     train_size: int = 300
     hidden: int = 128
     layers: int = 2  # hidden layers; the model has layers + 1 linear layers
@@ -113,6 +114,8 @@ class HPOConfig:
         unknown = [m for m in self.methods if m not in METHODS]
         if not self.methods or unknown:
             raise ConfigError(f"unknown method(s) {unknown or self.methods}; methods: {', '.join(METHODS)}")
+        if self.reference not in self.methods:
+            raise ConfigError(f"reference {self.reference!r} is not among the methods {self.methods}")
         for name in ("seeds", "train_size", "hidden", "layers", "batch_size", "rounds"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"{name} must be >= 1, got {getattr(self, name)}")

@@ -35,6 +35,7 @@ import mlo
 from mlo.config import ConfigError
 
 from . import data, runs
+from .runs import separation
 from .reweighting import mlp
 
 __all__ = [
@@ -167,17 +168,6 @@ def estimators(top: str) -> dict[tuple[str, str], Any]:
     """``top`` on the weights' two edges; first order on ``target -> source`` (exact: ``W`` does
     not read ``V``)."""
     return {("weights", "target"): top, ("weights", "source"): top, ("target", "source"): "first_order"}
-
-
-def separation(weights: Tensor, harmful: Tensor) -> dict[str, float]:
-    """Mean weight of the clean and of the harmful source examples, and the AUC: the probability
-    that a random clean example weighs more than a random harmful one (ties count half)."""
-    clean, bad = weights[~harmful], weights[harmful]
-    if len(bad) == 0 or len(clean) == 0:
-        return {"weight_clean": float(clean.mean()) if len(clean) else float("nan"),
-                "weight_harmful": float(bad.mean()) if len(bad) else float("nan"), "auc": float("nan")}
-    above = (clean[:, None] > bad[None, :]).double().mean() + 0.5 * (clean[:, None] == bad[None, :]).double().mean()
-    return {"weight_clean": float(clean.mean()), "weight_harmful": float(bad.mean()), "auc": float(above)}
 
 
 # ---------------------------------------------------------------------------------------------- `mlo run ignoring`

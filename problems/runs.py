@@ -1,6 +1,8 @@
 """What the small programs of `mlo run` share: seeded batches, test error, and a results table of
-mean ± std over seeds, paired differences to a reference method, written as JSON. (LFM-CW has
-its own, with search and evaluation phases.)"""
+mean ± std over seeds, paired differences to a reference method (seed s gives every method the
+same data, corruption and initialisation), written as JSON and printed as Markdown; how well
+learned example weights separate clean from harmful examples. (LFM-CW has its own runner, with
+search and evaluation phases; its benchmark reports the same paired differences.)"""
 
 from __future__ import annotations
 
@@ -16,14 +18,14 @@ from typing import Any
 import torch
 from rich.console import Console
 from rich.table import Table
-from torch import nn
+from torch import Tensor, nn
 from torch.utils.data import DataLoader, Dataset
 
 from mlo.config import ConfigError
 
 from .data import balanced_error, error
 
-__all__ = ["loader", "evaluate", "compare", "compare_config", "paired_difference", "output_dir"]
+__all__ = ["loader", "evaluate", "compare", "compare_config", "paired_difference", "markdown", "separation", "output_dir"]
 
 
 def loader(dataset: Dataset, batch_size: int, seed: int) -> DataLoader:
@@ -73,6 +75,7 @@ def compare(
     if reference is not None and reference not in methods:
         raise ConfigError(f"reference {reference!r} is not among the methods {list(methods)}")
     console = console or Console()
+    folder = output_dir(out) if out is not None else None  # refused before any run, not after
     runs: list[dict[str, Any]] = []
     for method in methods:
         for seed in range(seeds):
@@ -80,7 +83,7 @@ def compare(
             metrics = run_one(method, seed)
             runs.append({"method": method, "seed": seed, "seconds": time.perf_counter() - start, **metrics})
             console.log(f"{title}: {method} seed {seed}: " + ", ".join(f"{k} {v:.2f}" for k, v in metrics.items()))
-    metrics_names = list(dict.fromkeys(k for r in runs for k in r if k not in ("method", "seed")))
+    metrics_names = _metric_names(runs)
     by_method = {m: [r for r in runs if r["method"] == m] for m in methods}
     summary = []
     for method in methods:
@@ -98,24 +101,57 @@ def compare(
                 for key in metrics_names if key in mine[0] and key in by_method[reference][0]
             }
         summary.append(row)
-    first = next((k for k in metrics_names if k != "seconds"), "seconds")  # the first metric run_one reports
+    result = {"config": config, "runs": runs, "summary": summary, "reference": reference}
     table = Table(title=title)
-    delta = [f"Δ {first} vs {reference} [95 % CI]"] if reference is not None else []
-    for col in ("method", "seeds", *metrics_names, *delta):
+    columns, rows = _table(result)
+    for col in columns:
         table.add_column(col, justify="left" if col == "method" else "right")
-    for row in summary:
-        cells = [f"{row[k]:.2f} ± {row[k + '_std']:.2f}" if k in row else "—" for k in metrics_names]
-        if reference is not None:
-            d = row.get("paired", {}).get(first)
-            cells.append(f"{d['mean']:+.2f} [{d['ci_low']:+.2f}, {d['ci_high']:+.2f}]" if d else "—")
-        table.add_row(row["method"], str(row["seeds"]), *cells)
+    for cells in rows:
+        table.add_row(*cells)
     console.print(table)
-    result = {"config": config, "runs": runs, "summary": summary}
-    if out is not None:
-        path = output_dir(out) / "results.json"
+    console.print(markdown(result), markup=False, highlight=False, soft_wrap=True)
+    if folder is not None:
+        path = folder / "results.json"
         path.write_text(json.dumps(result, indent=2))
         console.print(f"results: {path}")
     return result
+
+
+def _metric_names(runs: list[dict[str, Any]]) -> list[str]:
+    return list(dict.fromkeys(k for r in runs for k in r if k not in ("method", "seed")))
+
+
+def _table(result: dict[str, Any]) -> tuple[list[str], list[list[str]]]:
+    """The columns and rows of `compare`'s table: each metric's mean ± std and, with a reference,
+    the paired difference of the first metric after ``seconds``."""
+    names, reference = _metric_names(result["runs"]), result.get("reference")
+    first = next((k for k in names if k != "seconds"), names[0])
+    delta = [f"Δ {first} vs {reference} [95 % CI]"] if reference is not None else []
+    rows = []
+    for row in result["summary"]:
+        cells = [f"{row[k]:.2f} ± {row[k + '_std']:.2f}" if k in row else "—" for k in names]
+        if reference is not None:
+            d = row.get("paired", {}).get(first)
+            cells.append(f"{d['mean']:+.2f} [{d['ci_low']:+.2f}, {d['ci_high']:+.2f}]" if d else "—")
+        rows.append([row["method"], str(row["seeds"]), *cells])
+    return ["method", "seeds", *names, *delta], rows
+
+
+def markdown(result: dict[str, Any]) -> str:
+    """What `compare` returned, as a Markdown table (the rows of its printed table)."""
+    columns, rows = _table(result)
+    return "\n".join(["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)] + ["| " + " | ".join(r) + " |" for r in rows])
+
+
+def separation(weights: Tensor, harmful: Tensor) -> dict[str, float]:
+    """Mean weight of the clean and of the harmful examples, and the AUC: the probability
+    that a random clean example weighs more than a random harmful one (ties count half)."""
+    clean, bad = weights[~harmful], weights[harmful]
+    if len(bad) == 0 or len(clean) == 0:
+        return {"weight_clean": float(clean.mean()) if len(clean) else float("nan"),
+                "weight_harmful": float(bad.mean()) if len(bad) else float("nan"), "auc": float("nan")}
+    above = (clean[:, None] > bad[None, :]).double().mean() + 0.5 * (clean[:, None] == bad[None, :]).double().mean()
+    return {"weight_clean": float(clean.mean()), "weight_harmful": float(bad.mean()), "auc": float(above)}
 
 
 def paired_difference(values: list[float], reference: list[float]) -> dict[str, float]:

@@ -11,13 +11,17 @@ differences written out from their definitions) never reuse mlo's own machinery.
 from __future__ import annotations
 
 import contextlib
+import gzip
 import math
+import struct
 import subprocess
 import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from torch import Tensor, nn
 
@@ -607,3 +611,32 @@ def wait_for_line(proc: subprocess.Popen[str], line: str, timeout: float = 60) -
             break
     proc.kill()
     raise AssertionError(f"the child never printed {line!r}")
+
+
+# ---------------------------------------------------------------------------------------------- data files
+
+
+def idx(array: np.ndarray) -> bytes:
+    """The IDX encoding of a uint8 array: magic (0, 0, 0x08 = uint8, ndim), big-endian dims, data."""
+    header = bytes([0, 0, 0x08, array.ndim]) + b"".join(struct.pack(">I", n) for n in array.shape)
+    return header + array.astype(np.uint8).tobytes()
+
+
+def write_fashion_mnist(folder: Path, per_class: tuple[int, int] = (6, 3), gz: bool = True, seed: int = 0) -> dict[str, np.ndarray]:
+    """Fashion-MNIST's four IDX files in ``folder``: ``per_class`` (train, test) random images of
+    each of the 10 classes, gzipped or plain; returns the arrays written."""
+    rng = np.random.default_rng(seed)
+    folder.mkdir(parents=True, exist_ok=True)
+    arrays = {}
+    for prefix, n in (("train", per_class[0]), ("t10k", per_class[1])):
+        labels = np.repeat(np.arange(10), n)
+        images = rng.integers(0, 256, size=(len(labels), 28, 28)).astype(np.uint8)
+        arrays[prefix] = images
+        arrays[prefix + "-labels"] = labels
+        for name, array in ((f"{prefix}-images-idx3-ubyte", images), (f"{prefix}-labels-idx1-ubyte", labels)):
+            payload = idx(array)
+            if gz:
+                (folder / (name + ".gz")).write_bytes(gzip.compress(payload))
+            else:
+                (folder / name).write_bytes(payload)
+    return arrays

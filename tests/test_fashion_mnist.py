@@ -3,13 +3,13 @@ read through torchvision's MNIST reader; pooling, class-balanced subsets, long t
 
 from __future__ import annotations
 
-import gzip
-import struct
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
+
+from programs import idx, write_fashion_mnist
 
 from mlo.problems import data
 from mlo.problems.data import FASHION_MNIST_FILES, DataError
@@ -17,33 +17,9 @@ from mlo.problems.data import FASHION_MNIST_FILES, DataError
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 
-def _idx(array: np.ndarray) -> bytes:
-    """The IDX encoding of a uint8 array: magic (0, 0, 0x08 = uint8, ndim), big-endian dims, data."""
-    header = bytes([0, 0, 0x08, array.ndim]) + b"".join(struct.pack(">I", n) for n in array.shape)
-    return header + array.astype(np.uint8).tobytes()
-
-
-def _write(folder: Path, per_class: tuple[int, int] = (6, 3), gz: bool = True, seed: int = 0) -> dict[str, np.ndarray]:
-    rng = np.random.default_rng(seed)
-    folder.mkdir(parents=True, exist_ok=True)
-    arrays = {}
-    for prefix, n in (("train", per_class[0]), ("t10k", per_class[1])):
-        labels = np.repeat(np.arange(10), n)
-        images = rng.integers(0, 256, size=(len(labels), 28, 28)).astype(np.uint8)
-        arrays[prefix] = images
-        arrays[prefix + "-labels"] = labels
-        for name, array in ((f"{prefix}-images-idx3-ubyte", images), (f"{prefix}-labels-idx1-ubyte", labels)):
-            payload = _idx(array)
-            if gz:
-                (folder / (name + ".gz")).write_bytes(gzip.compress(payload))
-            else:
-                (folder / name).write_bytes(payload)
-    return arrays
-
-
 @pytest.mark.parametrize("gz", [True, False])
 def test_reads_generated_idx_files_and_pools_exactly(tmp_path: Path, gz: bool) -> None:
-    arrays = _write(tmp_path, gz=gz)
+    arrays = write_fashion_mnist(tmp_path, gz=gz)
     s = data.fashion_mnist(tmp_path, size=14, val_fraction=0.5, seed=0)
     assert s.name == "fashion-mnist" and s.num_classes == 10 and s.input_shape == (1, 14, 14)
     assert (len(s.train), len(s.val), len(s.test)) == (30, 30, 30)
@@ -62,7 +38,7 @@ def test_reads_generated_idx_files_and_pools_exactly(tmp_path: Path, gz: bool) -
 
 
 def test_class_balanced_subsets_and_long_tail(tmp_path: Path) -> None:
-    _write(tmp_path, per_class=(8, 4))
+    write_fashion_mnist(tmp_path, per_class=(8, 4))
     s = data.fashion_mnist(tmp_path, size=7, train_per_class=4, test_per_class=2, seed=1)
     assert s.input_shape == (1, 7, 7)
     assert np.array_equal(data.class_counts(s.train, 10) + data.class_counts(s.val, 10), np.full(10, 4))
@@ -76,18 +52,18 @@ def test_missing_files_say_how_to_install(tmp_path: Path) -> None:
     with pytest.raises(DataError, match="apt-get install dataset-fashion-mnist") as err:
         data.fashion_mnist(tmp_path / "nowhere")
     assert FASHION_MNIST_FILES[0] in str(err.value) and "--data-root" in str(err.value)
-    _write(tmp_path)
+    write_fashion_mnist(tmp_path)
     (tmp_path / "t10k-labels-idx1-ubyte.gz").unlink()
     with pytest.raises(DataError, match="t10k-labels-idx1-ubyte"):
         data.fashion_mnist(tmp_path)
 
 
 def test_malformed_files_and_bad_options_are_refused(tmp_path: Path) -> None:
-    _write(tmp_path, gz=False)
+    write_fashion_mnist(tmp_path, gz=False)
     with pytest.raises(ValueError, match="divide 28"):
         data.fashion_mnist(tmp_path, size=10)
     with pytest.raises(ValueError, match="train_per_class"):
         data.fashion_mnist(tmp_path, train_per_class=1)
-    (tmp_path / "train-labels-idx1-ubyte").write_bytes(_idx(np.zeros(5, dtype=np.uint8)))
+    (tmp_path / "train-labels-idx1-ubyte").write_bytes(idx(np.zeros(5, dtype=np.uint8)))
     with pytest.raises(DataError, match="60|images.*labels|labels"):
         data.fashion_mnist(tmp_path)

@@ -1,5 +1,5 @@
 """LFM-CW's run configuration: presets wired to `mlo run`, the shipped GPU configs, one default per
-constant, no Cutout in the search, and the benchmark's paired statistics."""
+constant, no Cutout in the search, and the benchmark's paired statistics (`runs.paired_difference`)."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from mlo.benchmarks.lfm_cw import paired_difference, results_of
+from mlo.benchmarks.lfm_cw import results_of
 from mlo.problems.darts.presets import PRESETS
 from mlo.problems.lfm_cw.config import ConfigError, RunConfig
 from mlo.problems.lfm_cw.program import Optimizers
@@ -55,16 +55,6 @@ def test_one_default_per_constant_and_no_cutout_in_the_search() -> None:
     assert fashion.data_options() == {"size": 7, "train_per_class": 100, "test_per_class": 200}
     with pytest.raises(ConfigError, match="image_size must divide 28"):
         RunConfig(image_size=10).validate()
-
-
-def test_paired_difference_is_the_t_interval_of_the_differences() -> None:
-    d = paired_difference([3.0, 5.0, 4.0, 8.0], [1.0, 2.0, 2.0, 3.0])  # differences 2, 3, 2, 5
-    mean, std = 3.0, (2.0 / 1.0) ** 0.5  # sum of squared deviations 1 + 0 + 1 + 4 = 6, over n - 1 = 3
-    half = 3.182446305284263 * std / 2.0  # t_{0.975, 3} * std / sqrt(4)
-    assert d["mean"] == pytest.approx(mean) and d["std"] == pytest.approx(std)
-    assert (d["ci_low"], d["ci_high"]) == (pytest.approx(mean - half), pytest.approx(mean + half))
-    with pytest.raises(ValueError, match="equal"):
-        paired_difference([1.0], [1.0, 2.0])
 
 
 def test_results_pair_the_seeds_both_methods_finished() -> None:
