@@ -67,4 +67,6 @@ def test_mlo_run_hpo_end_to_end(tmp_path: Path) -> None:
     doc = json.loads((tmp_path / "results.json").read_text())
     assert [row["method"] for row in doc["summary"]] == ["learned", "grid"] and len(doc["runs"]) == 4
     assert all(0 <= r["test_error"] <= 100 and 0 <= r["val_error"] <= 100 for r in doc["runs"])
+    picked = [(r["log10_lr"], r["log10_weight_decay"]) for r in doc["runs"] if r["method"] == "grid"]
+    assert all(lr == pytest.approx(-1.0) and wd in (pytest.approx(-3.0), pytest.approx(-2.0)) for lr, wd in picked)
     assert main(["run", "hpo", "--estimator", "cg"]) == 2  # learning rates need unroll
