@@ -147,6 +147,8 @@ def norm(a: Sequence[Tensor]) -> Tensor:
 
 def norm_value(a: Sequence[Tensor]) -> float:
     """The Euclidean norm of a parameter list as a float (no graph; one fused reduction)."""
+    if len(a) == 1:  # one tensor, read directly: the solvers test a norm per iteration
+        return float(torch.linalg.vector_norm(a[0].detach()))
     return norm_values(a)[0]
 
 

@@ -67,4 +67,13 @@ def test_mlo_run_hpo_end_to_end(tmp_path: Path) -> None:
     doc = json.loads((tmp_path / "results.json").read_text())
     assert [row["method"] for row in doc["summary"]] == ["learned", "grid"] and len(doc["runs"]) == 4
     assert all(0 <= r["test_error"] <= 100 and 0 <= r["val_error"] <= 100 for r in doc["runs"])
+    picked = [(r["log10_lr"], r["log10_weight_decay"]) for r in doc["runs"] if r["method"] == "grid"]
+    assert all(lr == pytest.approx(-1.0) and wd in (pytest.approx(-3.0), pytest.approx(-2.0)) for lr, wd in picked)
     assert main(["run", "hpo", "--estimator", "cg"]) == 2  # learning rates need unroll
+
+
+def test_a_learned_round_costs_more_than_a_plain_step() -> None:
+    from mlo.benchmarks.hpo_cost import round_cost
+
+    cost = round_cost(hpo.HPOConfig(hidden=16), blocks=3, rounds=3)
+    assert cost["learned_s"] > 0 and cost["plain_s"] > 0 and cost["ratio"] > 1
