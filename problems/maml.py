@@ -181,8 +181,8 @@ class MAMLConfig:
     inner_lr: float = 0.01
     inner_steps: int = 1
     # iMAML's implicit gradient holds at the inner optimum: 20 steps at lr 0.01 with proximal 10
-    # leave 0.89^20 = 0.1 of the way to it along a direction of curvature 1 (10 steps with
-    # proximal 1 left 0.9, and iMAML then learned nothing: README, "MAML and iMAML")
+    # leave about 0.1 of the way to it along directions of curvature 0 to 1 (0.90^20 to 0.89^20);
+    # 10 steps with proximal 1 left 0.8 to 0.9, and iMAML learned nothing (README, "MAML and iMAML")
     imaml_steps: int = 20
     proximal: float = 10.0
     meta_lr: float = 1e-3
