@@ -9,14 +9,12 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Iterable, Sequence
-from contextlib import nullcontext
-from typing import ContextManager
 
 import torch
 from torch import Tensor
 
 from . import distributed
-from .precision import autocast_on, no_autocast
+from .precision import no_autocast
 
 Tensors = tuple[Tensor, ...]
 
@@ -72,21 +70,14 @@ def grad(
     here, so gradients, Hessian-vector products, mixed products and hypergradients are all those
     of the mean loss over the ranks' batches.
     """
-    with _backward_precision():
+    # Autocast off while a derivative is formed. Autograd runs a backward pass with the autocast
+    # state of its caller, so under a caller's ``torch.autocast`` the backward of a forward that
+    # ran in full precision (the lower losses the estimators difference or differentiate twice,
+    # see `mlo.precision.full_precision`) would run its products in bf16 all the same, and a
+    # ``create_graph`` backward would record them so. With autocast off, each backward op runs in
+    # the dtype its forward ran in: a caller's autocast reaches the forward passes only.
+    with no_autocast():
         return distributed.average(_grad(outputs, inputs, grad_outputs, create_graph, retain_graph), differentiable=create_graph)
-
-
-def _backward_precision() -> ContextManager[None]:
-    """Autocast off while a derivative is formed. Autograd runs a backward pass with the autocast
-    state of its caller, so under a caller's ``torch.autocast`` the backward of a forward that ran
-    in full precision (the lower losses the estimators difference or differentiate twice, see
-    `mlo.precision.full_precision`) would run its products in bf16 all the same, and a
-    ``create_graph`` backward would record them so. With autocast off, each backward op runs in
-    the dtype its forward ran in (what PyTorch's autocast documents for backward passes): a
-    caller's autocast reaches the forward passes only."""
-    if autocast_on():
-        return no_autocast()
-    return nullcontext()
 
 
 def _grad(

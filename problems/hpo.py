@@ -121,11 +121,7 @@ class HPOConfig:
     out: str | None = None
 
     def validate(self) -> None:
-        unknown = [m for m in self.methods if m not in METHODS]
-        if not self.methods or unknown:
-            raise ConfigError(f"unknown method(s) {unknown or self.methods}; methods: {', '.join(METHODS)}")
-        if self.reference not in self.methods:
-            raise ConfigError(f"reference {self.reference!r} is not among the methods {self.methods}")
+        runs.check_methods(self.methods, METHODS, self.reference)
         for name in ("seeds", "train_size", "hidden", "layers", "batch_size", "rounds"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"{name} must be >= 1, got {getattr(self, name)}")

@@ -217,11 +217,7 @@ class IgnoringConfig:
     def validate(self) -> None:
         if self.dataset not in DATASETS:
             raise ConfigError(f"dataset must be one of {', '.join(DATASETS)}, got {self.dataset!r}")
-        unknown = [m for m in self.methods if m not in METHODS]
-        if not self.methods or unknown:
-            raise ConfigError(f"unknown method(s) {unknown or self.methods}; methods: {', '.join(METHODS)}")
-        if self.reference not in self.methods:
-            raise ConfigError(f"reference {self.reference!r} is not among the methods {self.methods}")
+        runs.check_methods(self.methods, METHODS, self.reference)
         for name in ("noise", "off_domain"):
             if not 0 <= getattr(self, name) < 1:
                 raise ConfigError(f"{name} must be in [0, 1), got {getattr(self, name)}")

@@ -194,11 +194,7 @@ class MAMLConfig:
     def validate(self) -> None:
         if self.problem not in ("sinusoid", "digits"):
             raise ConfigError(f"problem must be sinusoid or digits, got {self.problem!r}")
-        unknown = [m for m in self.methods if m not in METHODS]
-        if not self.methods or unknown:
-            raise ConfigError(f"unknown method(s) {unknown or self.methods}; methods: {', '.join(METHODS)}")
-        if self.reference not in self.methods:
-            raise ConfigError(f"reference {self.reference!r} is not among the methods {self.methods}")
+        runs.check_methods(self.methods, METHODS, self.reference)
         for name in ("seeds", "tasks", "shots", "query", "rounds", "inner_steps", "imaml_steps", "test_tasks", "hidden"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"{name} must be >= 1, got {getattr(self, name)}")

@@ -146,11 +146,7 @@ class ReweightingConfig:
                                    ("schedule", self.schedule, SCHEDULES)):
             if value not in known:
                 raise ConfigError(f"{name} must be one of {', '.join(known)}, got {value!r}")
-        unknown = [m for m in self.methods if m not in METHODS]
-        if not self.methods or unknown:
-            raise ConfigError(f"unknown method(s) {unknown or self.methods}; methods: {', '.join(METHODS)}")
-        if self.reference not in self.methods:
-            raise ConfigError(f"reference {self.reference!r} is not among the methods {self.methods}")
+        runs.check_methods(self.methods, METHODS, self.reference)
         if "oracle" in self.methods and self.setting != "noisy":
             raise ConfigError("method oracle (the uncorrupted examples alone) needs setting noisy")
         if not 0 <= self.noise < 1:

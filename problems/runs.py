@@ -11,7 +11,7 @@ import json
 import math
 import statistics
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Collection, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -43,6 +43,16 @@ def evaluate(model: nn.Module, dataset: Dataset, num_classes: int) -> dict[str, 
     preds = model(x).argmax(1)
     model.train(was_training)
     return {"test_error": error(preds, y), "balanced_error": balanced_error(preds, y, num_classes)}
+
+
+def check_methods(methods: Sequence[str], known: Collection[str], reference: str | None = None) -> None:
+    """A config's ``methods`` (non-empty, each one of ``known``) and its ``reference`` (one of
+    ``methods``), or `ConfigError` naming what is wrong."""
+    unknown = [m for m in methods if m not in known]
+    if not methods or unknown:
+        raise ConfigError(f"unknown method(s) {unknown or list(methods)}; methods: {', '.join(known)}")
+    if reference is not None and reference not in methods:
+        raise ConfigError(f"reference {reference!r} is not among the methods {list(methods)}")
 
 
 def compare_config(title: str, config: Any, run_one: Callable[[Any, str, int], dict[str, float]]) -> dict[str, Any]:
