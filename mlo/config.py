@@ -16,13 +16,11 @@ from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any, TypeVar
 
+from .errors import ConfigError
+
 __all__ = ["ConfigError", "assignments", "updated", "from_toml", "coerce"]
 
 C = TypeVar("C")
-
-
-class ConfigError(ValueError):
-    """A configuration value is invalid; the message names the option."""
 
 
 def assignments(items: Iterable[str], flag: str = "--set", form: str = "KEY=VALUE") -> dict[str, str]:

@@ -42,6 +42,18 @@ class CheckpointError(MLOError, OSError):
     """A checkpoint file is missing, truncated, corrupt, or holds something other than plain values."""
 
 
+class ConfigError(MLOError, ValueError):
+    """A configuration value is invalid; the message names the option."""
+
+
+class DataError(MLOError, FileNotFoundError, ValueError):
+    """A data directory is missing, incomplete or malformed (the message says how to fix it)."""
+
+
+class GenotypeError(MLOError, ValueError):
+    """A genotype (or a genotype file) is malformed: unknown op, bad index, wrong structure."""
+
+
 def first_line(err: BaseException | None) -> str:
     """The first line of an exception's message (for errors that quote another)."""
     return (str(err).strip().splitlines() or [""])[0]

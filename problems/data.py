@@ -26,6 +26,8 @@ from PIL import Image
 from torch import Tensor
 from torch.utils.data import ConcatDataset, Dataset, Subset, TensorDataset
 
+from mlo.errors import DataError
+
 __all__ = [
     "DataError",
     "DataSplits",
@@ -55,10 +57,6 @@ CIFAR100_STD = (0.26733429, 0.25643846, 0.27615047)
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")
-
-
-class DataError(FileNotFoundError, ValueError):
-    """A data directory is missing, incomplete or malformed (the message says how to fix it)."""
 
 
 @dataclass(frozen=True)
@@ -656,7 +654,7 @@ def load(
     """
     key = name.lower().replace("-", "")
     if key not in {d.replace("-", "") for d in DATASETS}:
-        raise ValueError(f"unknown dataset {name!r}; known: {', '.join(DATASETS)}")
+        raise DataError(f"unknown dataset {name!r}; known: {', '.join(DATASETS)}")
     if key not in ("digits", "fashionmnist") and root is None:
         where = {
             "cifar10": "a directory containing cifar-10-batches-py/ (the CIFAR-10 python version)",

@@ -411,3 +411,24 @@ def test_every_config_error_exits_2_with_one_line(argv, match, capsys, tmp_path)
     assert re.search(match, lines[0]), lines[0]
     assert "Traceback" not in captured.err and captured.out == ""
     assert not (tmp_path / "o").exists()  # nothing started
+
+
+def test_every_deliberate_error_is_an_mlo_error():
+    """Configs, data directories and genotypes raise subclasses of `mlo.MLOError`, so one
+    ``except mlo.MLOError`` catches every error mlo raises on purpose."""
+    from mlo.config import ConfigError
+    from mlo.problems.darts.genotype import Genotype, GenotypeError
+    from mlo.problems.data import DataError, load
+
+    assert ConfigError is mlo.ConfigError and DataError is mlo.DataError and GenotypeError is mlo.GenotypeError
+    with pytest.raises(mlo.MLOError, match="mistakes_weight"):
+        from mlo.problems.lfm_cw.config import RunConfig
+
+        RunConfig().updated({"mistakes_weight": 1})
+    with pytest.raises(mlo.MLOError):
+        Genotype.from_json('{"normal": "nonsense"}')
+    with pytest.raises(mlo.MLOError):
+        load("cifar10", root="/nonexistent/folder")
+    # and each keeps the built-in base that callers may already catch
+    assert issubclass(ConfigError, ValueError) and issubclass(GenotypeError, ValueError)
+    assert issubclass(DataError, FileNotFoundError)

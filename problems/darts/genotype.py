@@ -22,15 +22,13 @@ from os import PathLike
 from pathlib import Path
 from typing import Any
 
+from mlo.errors import GenotypeError
+
 from .ops import PRIMITIVES
 
 __all__ = ["Genotype", "GenotypeError", "DARTS_V2"]
 
 Edge = tuple[str, int]
-
-
-class GenotypeError(ValueError):
-    """A genotype (or a genotype file) is malformed: unknown op, bad index, wrong structure."""
 
 
 @dataclass(frozen=True)
