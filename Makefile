@@ -12,7 +12,7 @@ BIN := $(VENV)/bin
 # and numpy, are already installed by the project and must not be re-resolved (pip could
 # otherwise replace the torch build).
 BETTY := betty-ml==0.2.1
-BETTY_INSTALL := $(BIN)/pip install --quiet --ignore-requires-python --no-deps $(BETTY)
+BETTY_INSTALL := $(BIN)/python -m pip install --quiet --ignore-requires-python --no-deps $(BETTY)
 # Each command's extras, installed once per change of pyproject.toml (a stamp file per set).
 DEMO_STAMP := $(VENV)/.installed-demo
 TEST_STAMP := $(VENV)/.installed-test
@@ -23,26 +23,26 @@ PEERS_STAMP := $(VENV)/.installed-peers
 
 $(BIN)/python:
 	$(PY) -m venv $(VENV)
-	$(BIN)/pip install --quiet --upgrade "pip>=23" "setuptools>=68" wheel
+	$(BIN)/python -m pip install --quiet --upgrade "pip>=23" "setuptools>=68" wheel
 
 # the bundled programs: torchvision, scikit-learn, scipy, matplotlib
 $(DEMO_STAMP): pyproject.toml | $(BIN)/python
-	$(BIN)/pip install --quiet -e ".[programs]"
+	$(BIN)/python -m pip install --quiet -e ".[programs]"
 	touch $@
 
 # what the tests exercise: the programs, TensorBoard logs, the test tools and Betty's engine
 $(TEST_STAMP): pyproject.toml | $(BIN)/python
-	$(BIN)/pip install --quiet -e ".[programs,logs,test]"
+	$(BIN)/python -m pip install --quiet -e ".[programs,logs,test]"
 	$(BETTY_INSTALL)
 	touch $@
 
 $(DOCS_STAMP): pyproject.toml | $(BIN)/python
-	$(BIN)/pip install --quiet -e ".[docs]"
+	$(BIN)/python -m pip install --quiet -e ".[docs]"
 	touch $@
 
 # The peers of the speed benchmarks: higher and TorchOpt (the "bench" extra) and Betty.
 $(PEERS_STAMP): pyproject.toml | $(BIN)/python
-	$(BIN)/pip install --quiet -e ".[programs,bench]"
+	$(BIN)/python -m pip install --quiet -e ".[programs,bench]"
 	$(BETTY_INSTALL)
 	touch $@
 
@@ -52,13 +52,13 @@ demo: $(DEMO_STAMP)
 	$(BIN)/mlo run lfm-cw
 
 test: $(TEST_STAMP)
-	$(BIN)/mypy
+	$(BIN)/python -m mypy
 	$(BIN)/python -m pytest
 
 # The site of README.md and docs/ with the API reference, built offline into site/; --strict
 # fails on a broken link or reference.
 docs: $(DOCS_STAMP)
-	$(BIN)/mkdocs build --strict --quiet --site-dir site
+	NO_MKDOCS_2_WARNING=1 $(BIN)/python -m mkdocs build --strict --quiet --site-dir site
 
 # Every figure the README quotes, recomputed at this commit (results.json records torch, commit
 # and machine); readme-figures-check lists the figures that differ without rewriting anything.
