@@ -80,3 +80,11 @@ def test_the_figures_check_names_each_differing_figure() -> None:
     rewritten = readme_figures.replace_block(readme, "test", produced)
     assert readme_figures.blocks(rewritten)["test"] == produced
     assert rewritten.replace(produced, quoted) == readme
+
+
+def test_every_docs_page_is_in_the_sites_navigation() -> None:
+    """A page added to docs/ must be listed in mkdocs.yml's nav, or the site hides it."""
+    listed = set(re.findall(r":\s*(\S+\.md)\s*$", (ROOT / "mkdocs.yml").read_text(), re.M))
+    pages = {page.relative_to(ROOT / "docs").as_posix() for page in (ROOT / "docs").rglob("*.md")}
+    assert pages - listed == set(), f"docs pages missing from mkdocs.yml nav: {sorted(pages - listed)}"
+    assert listed - pages == set(), f"mkdocs.yml nav names missing pages: {sorted(listed - pages)}"
