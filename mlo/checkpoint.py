@@ -39,7 +39,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from . import distributed, distributed_checkpoint
+from . import distributed
 from .errors import CheckpointError, first_line
 from .hooks import Hook
 
@@ -80,6 +80,8 @@ def read(path: str | Path) -> dict[str, Any]:
     rank of a process group) a directory of several ranks, this rank's state."""
     path = Path(path)
     if path.is_dir():
+        from . import distributed_checkpoint  # imported only here: torch.distributed.checkpoint is slow to import
+
         state = distributed_checkpoint.read(path)
         _check_format(path, state)
         return state
@@ -113,6 +115,8 @@ def save(engine: "Engine", path: str | Path, **extra: Any) -> Path:
     directory (torch.distributed.checkpoint) holding every rank's state."""
     state = {"format": FORMAT, "engine": engine.state_dict(), "extra": extra}
     if distributed.active():
+        from . import distributed_checkpoint  # imported only under a process group (slow to import)
+
         return distributed_checkpoint.write(state, Path(path), _replicated(engine))
     return write_atomic(state, path)
 

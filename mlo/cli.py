@@ -120,9 +120,22 @@ def _user_engine(target: str) -> "Engine":
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    from .programs import Parser
+    from .extras import install_hint
 
     argv = list(sys.argv[1:] if argv is None else argv)
+    try:
+        return _command(argv)
+    except ImportError as err:  # an optional extra the command needs is missing: name the install
+        hint = install_hint(err, " ".join(["mlo", *(word for word in argv[:2] if not word.startswith("-"))]))
+        if hint is None:
+            raise
+        print(f"error: {hint}", file=sys.stderr)
+        return 2
+
+
+def _command(argv: list[str]) -> int:
+    from .programs import Parser
+
     if argv and argv[0] == "run":
         return run(argv[1:])
     if argv and argv[0] == "check":
