@@ -21,12 +21,14 @@ from .errors import (
     UnknownLevelError,
 )
 from .hooks import Hook
+from .hypergradient import hypergradient
 from .problem import Problem, cycle
 
 __all__ = [
     "Problem",
     "cycle",
     "Engine",
+    "hypergradient",
     "Hook",
     "estimators",
     "config",

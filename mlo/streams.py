@@ -56,7 +56,7 @@ class Stream:
         self._restart()
 
     def _restart(self, first_pass: int = 0) -> None:
-        self.problem.batch = None
+        self.batch = None
         self._iterator = self.problem.batches(None if self.seekable else self._on_pass, first_pass)
         self._passes = first_pass  # passes begun, counting from the run's start
         self._pass: dict[str, Any] | None = None
@@ -80,7 +80,6 @@ class Stream:
         if self.seekable:
             self._before = self.problem.data.state_dict()  # type: ignore[union-attr]
         self.batch = next(self._iterator)
-        self.problem.batch = self.batch
         self._in_pass += 1
         self.drawn += 1
         return self.batch
