@@ -32,8 +32,8 @@ __all__ = ["PIECES", "breakdown", "main"]
 #: piece name -> (file suffix, function name) pairs whose cumulative time it is
 PIECES: dict[str, tuple[tuple[str, str], ...]] = {
     "optimizer step": (("torch/optim/optimizer.py", "wrapper"),),
-    "finiteness check": (("mlo/engine.py", "_check"), ("mlo/engine.py", "_watch")),
-    "divergence test": (("mlo/estimators/solvers.py", "_diverged"), ("mlo/autodiff.py", "norm_value")),
+    "finiteness check": (("mlo/engine.py", "_check"), ("mlo/engine.py", "_watch"), ("mlo/autodiff.py", "all_finite")),
+    "divergence test": (("mlo/autodiff.py", "norm_tensor"), ("mlo/autodiff.py", "norm_value")),
     "autograd passes": (("mlo/autodiff.py", "_engine"),),
     "loss forward": (("mlo/functional.py", "loss"),),
     "data": (("mlo/streams.py", "draw"),),

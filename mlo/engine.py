@@ -23,6 +23,8 @@ state and the round counter, that is what ``state_dict`` / ``load_state_dict`` s
 
 from __future__ import annotations
 
+import math
+import warnings
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -33,9 +35,9 @@ from torch import Tensor
 from . import autodiff, distributed, rng
 from . import precision as precisions
 from .autodiff import Tensors
-from .errors import NonFiniteError, ProgramError
+from .errors import DisconnectedEdgeWarning, DivergenceWarning, NonFiniteError, ProgramError, ZeroGradientWarning
 from .estimators import Estimator, Info
-from .functional import Program
+from .functional import Program, frozen_buffers
 from .graph import Graph
 from .hooks import Hook
 from .hypergradient import SYNCS, Rule, level_losses, resolve_edges
@@ -68,6 +70,10 @@ class Engine:
         hooks: ``mlo.Hook`` instances (progress, logs, checkpoints; see ``mlo.hooks``).
         check_finite: raise ``NonFiniteError`` naming the level and round when a loss or
             hypergradient is NaN or infinite.
+        divergence_factor: give a ``DivergenceWarning`` (once per level) when a level's loss
+            exceeds this many times its first value in magnitude: an optimizer diverging is
+            seen long before anything is infinite. ``None``: no such watch. Read in the same host
+            read as the finiteness check, so it costs nothing more.
         precision: ``"fp32"`` (default), ``"bf16"`` or ``"fp16"`` for every level, or a mapping
             ``{level: precision}``: the forward pass of each level's loss under autocast, fp16
             with a gradient scaler (any level, upper levels included: their hypergradients'
@@ -95,6 +101,7 @@ class Engine:
         estimator: EstimatorSpec | Mapping[Edge, EstimatorSpec] = "cg",
         hooks: Sequence[Hook] = (),
         check_finite: bool = True,
+        divergence_factor: float | None = 1e6,
         precision: PrecisionSpec | Mapping[str, PrecisionSpec] = "fp32",
         sync: str = "exact",
     ) -> None:
@@ -126,6 +133,13 @@ class Engine:
             if not isinstance(hook, Hook):
                 raise ProgramError(f"hooks must be mlo.Hook instances, got {type(hook).__name__}: {hook!r}")
         self.check_finite = check_finite
+        if divergence_factor is not None and not (isinstance(divergence_factor, (int, float)) and divergence_factor > 1):
+            raise ProgramError(f"divergence_factor must be a number > 1 or None, got {divergence_factor!r}")
+        self.divergence_factor = divergence_factor
+        #: each level's loss at its first evaluation, and the levels already warned of divergence
+        self._first_loss: dict[str, float] = {}
+        self._diverged: set[str] = set()
+        self._edges_checked: set[str] = set()
         self.round = 0
         self.diagnostics = Diagnostics()
         for p in problems:  # every rank starts from rank 0's state, as DDP does
@@ -254,6 +268,8 @@ class Engine:
         self.graph.require(name)
         if self.program.problems[name].init is None or self.levels[name].stream.drawn == 0:
             self._draw(name)
+        if name not in self._edges_checked:
+            self._check_edges(name)
         grads, loss = self._gradient(name)
         scaler = self.levels[name].scaler
         overflow = False
@@ -261,7 +277,7 @@ class Engine:
             grads, overflow = self._unscale(name, grads, scaler)
         update = None
         if not overflow:
-            self._check(loss, grads, name)
+            self._watch(name, loss, grads, stepping=True)
             for hook in self.hooks:
                 hook.on_gradient(self, name, grads)
             update = self._transform(name, grads)
@@ -364,7 +380,7 @@ class Engine:
             rule = Rule(self.program, self.graph, estimators, self._rule.losses)
         with distributed.data_parallel():
             grads, loss = self._evaluate(name, rule, {**self._batches(), **(batches or {})})
-        self._check(loss, grads, name)
+        self._watch(name, loss, grads, stepping=False)
         return [g.detach() for g in grads]
 
     def batch(self, name: str) -> Any:
@@ -397,15 +413,94 @@ class Engine:
         """Level ``name`` draws its next batch; ``Problem.batch`` shows it to users."""
         self.program.problems[name].batch = self.levels[name].stream.draw()
 
-    def _check(self, loss: Tensor, grads: Tensors, name: str) -> None:
-        """Raise `NonFiniteError` naming the level and round if the loss or a gradient is not
-        finite: one fused check on the common path, the details only when it fails."""
-        if not self.check_finite or autodiff.all_finite((loss, *grads)):
+    def _watch(self, name: str, loss: Tensor, grads: Tensors, stepping: bool) -> None:
+        """The safety of one evaluation of level ``name``, from one host read of its loss and its
+        gradients' norms (`_read`):
+
+        - ``NonFiniteError`` naming the level and round if the loss or a gradient is not finite
+          (``check_finite``);
+        - a ``ZeroGradientWarning`` if every gradient is exactly zero at the level's first
+          evaluation;
+        - a ``DivergenceWarning``, once, if a step's loss exceeds ``divergence_factor`` times
+          the first in magnitude (``stepping``: steps only, not ``Engine.hypergradient``)."""
+        first = name not in self._first_loss
+        growth = stepping and self.divergence_factor is not None and name not in self._diverged
+        if not (self.check_finite or first or growth):
             return
+        value, *norms = _read(loss, grads)  # value: |loss|
+        if self.check_finite and not (math.isfinite(value) and all(map(math.isfinite, norms))):
+            self._raise_non_finite(name, loss, grads)
+        if first:
+            self._first_loss[name] = value
+            if grads and all(n == 0.0 for n in norms):
+                self._warn_zero(name)
+        elif growth:
+            base = self._first_loss[name]
+            assert self.divergence_factor is not None
+            if base != 0.0 and not value <= self.divergence_factor * base:
+                self._diverged.add(name)
+                warnings.warn(
+                    f"level {name!r}: its loss has magnitude {value:.4g} at round {self.round}, more than "
+                    f"{self.divergence_factor:.3g} x its first {base:.4g}: its optimizer is likely diverging "
+                    "(a learning rate too large for the curvature its upper level set); "
+                    "Engine(divergence_factor=...) sets the factor, None turns the watch off",
+                    DivergenceWarning,
+                    stacklevel=4,
+                )
+
+    def _raise_non_finite(self, name: str, loss: Tensor, grads: Tensors) -> None:
+        """Raise `NonFiniteError` for level ``name``, unless only a norm overflowed on finite
+        elements (its squares past the dtype's range), which the exact test tells apart."""
         if not autodiff.all_finite((loss,)):
-            shown = f" = {float(loss.detach()):.4g}" if loss.numel() == 1 else ""
-            raise NonFiniteError(f"level {name!r}: loss is not finite{shown} at round {self.round}")
-        raise NonFiniteError(f"level {name!r}: hypergradient is not finite at round {self.round}")
+            raise NonFiniteError(f"level {name!r}: loss is not finite = {float(loss.detach()):.4g} at round {self.round}")
+        if not autodiff.all_finite(grads):
+            raise NonFiniteError(f"level {name!r}: hypergradient is not finite at round {self.round}")
+
+    def _warn_zero(self, name: str) -> None:
+        what = "hypergradient" if self.graph.lowers_of[name] else "gradient"
+        hint = (
+            "nothing reaches its parameters: its loss does not read them, nor through its lower levels"
+            if self.graph.lowers_of[name]
+            else "its loss does not read its own parameters; a level optimized through another level's "
+            "response needs an edge in the graph (e.g. graph={" + repr(name) + ": [lower]})"
+        )
+        warnings.warn(
+            f"level {name!r}: its {what} is exactly zero at its first evaluation (round {self.round}): {hint}",
+            ZeroGradientWarning,
+            stacklevel=5,
+        )
+
+    def _check_edges(self, name: str) -> None:
+        """Once per level with lowers, at its first step: a `DisconnectedEdgeWarning` for each
+        edge whose lower level's loss does not read ``name``'s parameters (its mixed derivative
+        is zero by construction). Edges whose dependence runs elsewhere are not judged: an
+        attached look-ahead or a lower level with ``init`` (through its start), a lower with
+        lowers of its own (through them), a first-order edge (which ignores it). The loss is
+        evaluated with the random generators and buffers put back, so the run is unchanged."""
+        self._edges_checked.add(name)
+        upper = self.program.params[name]
+        for low in self.graph.lowers_of[name]:
+            est, problem = self.estimators[(name, low)], self.program.problems[low]
+            if not est.uses_adjoint or est.attached or problem.init is not None or self.graph.lowers_of[low]:
+                continue
+            if self.levels[low].stream.drawn == 0:
+                self._draw(low)
+            batches = self._batches()
+            cuda = sorted({p.device.index or 0 for p in upper if p.device.type == "cuda"})
+            with frozen_buffers(self.program.buffers()), torch.random.fork_rng(devices=cuda), batches_in_use(batches):
+                loss = self.program.loss(low, batches[low])
+                reached = (
+                    torch.autograd.grad(loss, upper, allow_unused=True) if loss.requires_grad else (None,) * len(upper)
+                )
+            if all(g is None for g in reached):
+                warnings.warn(
+                    f"edge {name!r} -> {low!r}: the loss of {low!r} does not read the parameters of {name!r}, so "
+                    f"{low!r}'s best response does not depend on them and the edge adds exactly zero to {name!r}'s "
+                    f"hypergradient; make the loss of {low!r} read {name!r} (a closure over its module), or drop the edge",
+                    DisconnectedEdgeWarning,
+                    stacklevel=4,
+                )
+
 
     # ------------------------------------------------------------------ state
 
@@ -481,3 +576,12 @@ class Engine:
         self.round = int(state["round"])
         if "rng" in state:
             rng.set_state(state["rng"])
+
+
+def _read(loss: Tensor, grads: Tensors) -> list[float]:
+    """``[|loss|, norm of each gradient]`` as floats: one fused norm over them all and one host read."""
+    with torch.no_grad():
+        norms = list(torch._foreach_norm([loss.detach(), *grads]))
+        if any(n.dtype != norms[0].dtype for n in norms):
+            norms = [n.double() for n in norms]
+        return torch.stack(norms).tolist()
