@@ -139,10 +139,9 @@ def norm(a: Sequence[Tensor]) -> Tensor:
 def norm_tensor(a: Sequence[Tensor]) -> Tensor:
     """The Euclidean norm of a parameter list as a 0-d tensor on its device (no graph, no host
     read): for tests that read several norms at once."""
-    with torch.no_grad():
-        if len(a) == 1:
-            return torch.linalg.vector_norm(a[0])
-        return torch.linalg.vector_norm(torch.stack(torch._foreach_norm(list(a))))
+    if len(a) == 1:
+        return torch.linalg.vector_norm(a[0].detach())
+    return torch.linalg.vector_norm(torch.stack(torch._foreach_norm([t.detach() for t in a])))
 
 
 def norm_value(a: Sequence[Tensor]) -> float:

@@ -26,6 +26,7 @@ from __future__ import annotations
 import math
 import warnings
 from collections.abc import Mapping, Sequence
+from contextlib import nullcontext
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -293,10 +294,10 @@ class Engine:
     def _gradient(self, name: str) -> tuple[Tensors, Tensor]:
         """Level ``name``'s gradient (a level without lowers) or hypergradient, and its loss, on
         the current batches at the current state."""
-        with distributed.data_parallel():
-            if self.graph.lowers_of[name]:
-                return self._evaluate(name, self._rule, self._batches())
+        with distributed.data_parallel() if distributed.active() else nullcontext():
             batches = self._batches()
+            if self.graph.lowers_of[name]:
+                return self._evaluate(name, self._rule, batches)
             with batches_in_use(batches):
                 loss = self._rule.losses[name](batches[name], {})
             return autodiff.grad(loss, self.program.params[name]), loss
@@ -581,7 +582,4 @@ class Engine:
 def _read(loss: Tensor, grads: Tensors) -> list[float]:
     """``[|loss|, norm of each gradient]`` as floats: one fused norm over them all and one host read."""
     with torch.no_grad():
-        norms = list(torch._foreach_norm([loss.detach(), *grads]))
-        if any(n.dtype != norms[0].dtype for n in norms):
-            norms = [n.double() for n in norms]
-        return torch.stack(norms).tolist()
+        return torch.stack(torch._foreach_norm([loss.detach(), *grads])).tolist()  # stack promotes dtypes

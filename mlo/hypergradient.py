@@ -261,7 +261,9 @@ class Rule:
         move BatchNorm statistics) and the derivatives averaged across ranks as ``sync`` says:
         ``"exact"`` every one, ``"once"`` only the result (the solves use each rank's own
         batch), ``None`` none. Without a process group the three are the same."""
-        with frozen_buffers(self.program.buffers()), distributed.data_parallel(sync == "exact"):
+        buffers = self.program.buffers()
+        averaging = distributed.data_parallel(sync == "exact") if distributed.active() else nullcontext()
+        with frozen_buffers(buffers) if buffers else nullcontext(), averaging:
             result = self(level, point, batches, last_gradients)
         if sync != "once":
             return result

@@ -51,6 +51,8 @@ class Stream:
     def __init__(self, problem: Problem) -> None:
         self.problem = problem
         self.seekable = _stateful(problem.data)
+        #: the generators the data draws from, found once (a list or tuple draws from none)
+        self._generators = [] if isinstance(problem.data, (list, tuple)) else _generators(problem.data)
         self.batch: Any = None
         self.drawn = 0
         self._restart()
@@ -69,7 +71,7 @@ class Stream:
             # a list or tuple draws no random numbers when iterated, so there is nothing to replay;
             # capturing the global generators costs ~0.2 ms, once per pass: every round for a full batch
             "rng": None if isinstance(data, (list, tuple)) else rng.get_state(),
-            "generators": [g.get_state() for g in _generators(data)],
+            "generators": [g.get_state() for g in self._generators],
             "number": self._passes,
         }
         self._passes += 1
@@ -102,7 +104,7 @@ class Stream:
             saved = state["pass"]
             if saved["rng"] is not None:
                 rng.set_state(saved["rng"])
-            generators = _generators(self.problem.data)
+            generators = self._generators
             if len(generators) != len(saved["generators"]):
                 raise ValueError(
                     f"level {self.problem.name!r}: its data holds {len(generators)} generator(s), "
