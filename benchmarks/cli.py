@@ -35,6 +35,9 @@ def _configure(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     parser.add_argument("--repeats", type=int, metavar="N", help="speed: interleaved repetitions per program")
     parser.add_argument("--profile", action="store_true", help="speed: also print a cProfile of mlo's rounds")
     parser.add_argument("--only", metavar="NAMES", help="speed: only these programs, e.g. reweighting-large,maml")
+    parser.add_argument("--check", action="store_true",
+                        help="speed: exit 1, naming the rows, when a time ratio is past its bound "
+                        "(mlo / hand-engine <= 1.05 and mlo / hand <= 1.0 on every row, mlo / Betty <= 0.90 on ridge neumann)")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                         help="lfm-cw: an option of the runs' config (as `mlo run --set`), e.g. search_rounds=15")
     parser.add_argument("--dataset", default="digits", metavar="NAME",
@@ -71,8 +74,14 @@ def main(args: argparse.Namespace) -> int:
     if args.suite == "speed":
         from . import speed
 
-        speed.run(quick=args.quick, json_path=json_path, repeats=args.repeats, console=console,
-                  profile=args.profile, only=args.only.split(",") if args.only else None)
+        _, ratios = speed.run(quick=args.quick, json_path=json_path, repeats=args.repeats, console=console,
+                              profile=args.profile, only=args.only.split(",") if args.only else None)
+        failed = speed.check(ratios) if args.check else []
+        for row in failed:
+            console.print(f"[red]mlo bench speed --check: past its bound:[/] {row}")
+        if failed:
+            console.print(f"results written to {json_path}")
+            return 1
     elif args.suite == "estimators":
         from . import estimators
 

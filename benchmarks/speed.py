@@ -35,6 +35,7 @@ from __future__ import annotations
 import cProfile
 import dataclasses
 import io
+import math
 import pstats
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -52,7 +53,7 @@ from .implementations import NotApplicable, build_round
 from .report import Ratio, make_console, print_tables, ratio, ratios_table, results_table
 from .timing import MEMORY_METHOD, Contender, Result, measure, write_json
 
-__all__ = ["Case", "cases", "run", "TARGETS"]
+__all__ = ["Case", "cases", "run", "check", "TARGETS", "CHECK_BOUNDS", "BETTY_CHECK_BOUNDS"]
 
 IMPLS = ("mlo", "hand", "hand-engine", "betty", "higher", "torchopt")
 
@@ -62,6 +63,12 @@ HAND_TARGET = 1.10
 #: mlo's MAML meta-step (tasks batched with vmap) against higher's per-task loop: at least 3x faster
 MAML_TARGET = 1 / 3
 MEMORY_TARGET = 1.0
+
+#: the bounds ``mlo bench speed --check`` holds mlo's time ratios to, by peer: against the
+#: hand-engine floor on every row, against the hand-written loop where both run the program
+CHECK_BOUNDS: dict[str, float] = {"hand-engine": 1.05, "hand": 1.0}
+#: (program, algorithm prefix) -> bound of mlo / Betty under ``--check``
+BETTY_CHECK_BOUNDS: dict[tuple[str, str], float] = {("ridge", "neumann"): 0.90}
 
 
 @dataclass(frozen=True)
@@ -158,6 +165,27 @@ def _estimator_ratios(results: Sequence[Result], focus: str) -> list[Ratio]:
     return out
 
 
+def check(ratios: Sequence[Ratio]) -> list[str]:
+    """The rows whose time ratio is past its ``--check`` bound, each named with its ratio and
+    bound (`CHECK_BOUNDS`, `BETTY_CHECK_BOUNDS`); empty when every row is within. The bound on
+    the hand-written loop applies where the hand-engine loop runs the same row (the bilevel
+    programs; MAML's per-task loops have their own targets)."""
+    floors = {(q.problem, q.algorithm) for q in ratios if q.num == "mlo" and q.den == "hand-engine"}
+    failed = []
+    for q in ratios:
+        if q.num != "mlo" or math.isnan(q.time_ratio):
+            continue
+        bound = None
+        if q.den == "hand-engine" or (q.den == "hand" and (q.problem, q.algorithm) in floors):
+            bound = CHECK_BOUNDS[q.den]
+        elif q.den == "betty":
+            bound = next((b for (problem, prefix), b in BETTY_CHECK_BOUNDS.items()
+                          if q.problem == problem and q.algorithm.startswith(prefix)), None)
+        if bound is not None and q.time_ratio > bound:
+            failed.append(f"{q.problem} {q.algorithm}: mlo / {q.den} = {q.time_ratio:.3f} > {bound:.2f}")
+    return failed
+
+
 def profile_rounds(contender: Contender, rounds: int, top: int = 15) -> str:
     """cProfile of ``rounds`` untimed rounds of ``contender``: the ``top`` functions by own time."""
     profiler = cProfile.Profile()
@@ -204,10 +232,10 @@ def run(quick: bool = False, json_path: str | Path | None = None, repeats: int |
                 ratios.extend(_ratios(case.kind, [r for r in measured if r.algorithm == algorithm]))
             if case.focus:
                 versus.extend(_estimator_ratios(measured, _label(case.focus)))
-            if profile:
-                for c in contenders:
+            if profile:  # every algorithm measured in this batch, not only the last one built
+                for c in batch:
                     if c.impl == "mlo":
-                        key = f"{program.name} {_label(spec)}"
+                        key = f"{program.name} {c.algorithm}"
                         profiles[key] = profile_rounds(c, max(2, (repeats or case.repeats) // 2))
                         console.rule(f"cProfile of mlo: {key}")
                         console.print(profiles[key], markup=False, highlight=False)

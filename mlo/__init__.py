@@ -13,23 +13,29 @@ from .errors import (
     ConfigError,
     ConvergenceWarning,
     DataError,
+    DisconnectedEdgeWarning,
     DivergenceError,
+    DivergenceWarning,
     EstimatorError,
     GenotypeError,
     GraphError,
     LossError,
     MLOError,
+    MLOWarning,
     NonFiniteError,
     ProgramError,
     UnknownLevelError,
+    ZeroGradientWarning,
 )
 from .hooks import Hook
+from .hypergradient import hypergradient
 from .problem import Problem, cycle
 
 __all__ = [
     "Problem",
     "cycle",
     "Engine",
+    "hypergradient",
     "Hook",
     "estimators",
     "config",
@@ -53,8 +59,12 @@ __all__ = [
     "GenotypeError",
     "LossError",
     "UnknownLevelError",
+    "MLOWarning",
     "ConvergenceWarning",
     "CheckWarning",
+    "ZeroGradientWarning",
+    "DisconnectedEdgeWarning",
+    "DivergenceWarning",
     "check",
     "CheckReport",
     "EdgeCheck",

@@ -12,16 +12,21 @@ Buffers: estimator evaluations never move module buffers (BatchNorm statistics a
 after every hypergradient); the plain step of a level without lowers updates them as a normal
 training step does.
 
-The engine's state is explicit: every level's module, optimizer, scheduler, gradient-transform
-state, data position and last gradient (where an estimator reads it), the random generators,
-the gradient scalers, the hooks' state and the round counter
-(``state_dict`` / ``load_state_dict``; `mlo.checkpoint` saves and loads it atomically).
+The engine's state is explicit. Each level's runtime state is in one place, its
+`mlo.state.LevelState` (``engine.levels[name]``): the batch in use and the data position, the
+last gradient (where an estimator reads it), the gradient-transform state and the gradient
+scaler; the engine hands the hypergradient rule what it needs of it as arguments
+(`mlo.hypergradient`). With the modules, optimizers, schedulers, random generators, hooks'
+state and the round counter, that is what ``state_dict`` / ``load_state_dict`` save and restore
+(`mlo.checkpoint` saves and loads it atomically).
 """
 
 from __future__ import annotations
 
 import math
+import warnings
 from collections.abc import Mapping, Sequence
+from contextlib import nullcontext
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -31,13 +36,14 @@ from torch import Tensor
 from . import autodiff, distributed, rng
 from . import precision as precisions
 from .autodiff import Tensors
-from .errors import EstimatorError, NonFiniteError, ProgramError
-from .estimators import Estimator, Info, resolve
-from .functional import Point, Program, frozen_buffers
+from .errors import DisconnectedEdgeWarning, DivergenceWarning, NonFiniteError, ProgramError, ZeroGradientWarning
+from .estimators import Estimator, Info
+from .functional import Program, frozen_buffers
 from .graph import Graph
 from .hooks import Hook
-from .hypergradient import Loss, Rule
-from .problem import Problem
+from .hypergradient import SYNCS, Rule, level_losses, resolve_edges
+from .problem import Problem, batches_in_use
+from .state import LevelState
 from .streams import Stream
 
 __all__ = ["Engine"]
@@ -45,8 +51,6 @@ __all__ = ["Engine"]
 EstimatorSpec = str | Estimator
 PrecisionSpec = str | precisions.Precision
 Edge = tuple[str, str]
-#: the values of ``Engine(sync=...)``
-SYNCS = ("exact", "once")
 
 
 @dataclass
@@ -67,6 +71,10 @@ class Engine:
         hooks: ``mlo.Hook`` instances (progress, logs, checkpoints; see ``mlo.hooks``).
         check_finite: raise ``NonFiniteError`` naming the level and round when a loss or
             hypergradient is NaN or infinite.
+        divergence_factor: give a ``DivergenceWarning`` (once per level) when a level's loss
+            exceeds this many times its first value in magnitude: an optimizer diverging is
+            seen long before anything is infinite. ``None``: no such watch. Read in the same host
+            read as the finiteness check, so it costs nothing more.
         precision: ``"fp32"`` (default), ``"bf16"`` or ``"fp16"`` for every level, or a mapping
             ``{level: precision}``: the forward pass of each level's loss under autocast, fp16
             with a gradient scaler (any level, upper levels included: their hypergradients'
@@ -94,6 +102,7 @@ class Engine:
         estimator: EstimatorSpec | Mapping[Edge, EstimatorSpec] = "cg",
         hooks: Sequence[Hook] = (),
         check_finite: bool = True,
+        divergence_factor: float | None = 1e6,
         precision: PrecisionSpec | Mapping[str, PrecisionSpec] = "fp32",
         sync: str = "exact",
     ) -> None:
@@ -117,35 +126,41 @@ class Engine:
         self.graph = Graph.build([p.name for p in problems], graph or {})
         self.program = Program(problems)
         self._check_parameters()
-        self.estimators = self._resolve_estimators(estimator)
+        self.estimators = resolve_edges(self.graph, estimator, self.program.problems)
         self.precision = precisions.per_level(precision, list(self.program.problems))
-        self._scalers = {
-            name: scaler
-            for name, prec in self.precision.items()
-            if (scaler := prec.scaler(self.program.params[name][0].device)) is not None
-        }
         self._check_starts()
-        #: levels whose last step's gradient an estimator reads (``Problem.last_gradient``)
-        self._keep_gradient = {
-            low for (_, low), est in self.estimators.items() if est.reads_last_gradient(self.program.problems[low])
-        }
         self.hooks = list(hooks)
         for hook in self.hooks:
             if not isinstance(hook, Hook):
                 raise ProgramError(f"hooks must be mlo.Hook instances, got {type(hook).__name__}: {hook!r}")
         self.check_finite = check_finite
+        if divergence_factor is not None and not (isinstance(divergence_factor, (int, float)) and divergence_factor > 1):
+            raise ProgramError(f"divergence_factor must be a number > 1 or None, got {divergence_factor!r}")
+        self.divergence_factor = divergence_factor
+        #: each level's loss at its first evaluation, and the levels already warned of divergence
+        self._first_loss: dict[str, float] = {}
+        self._diverged: set[str] = set()
+        self._edges_checked: set[str] = set()
         self.round = 0
         self.diagnostics = Diagnostics()
         for p in problems:  # every rank starts from rank 0's state, as DDP does
             distributed.broadcast_module(p.module)
-        self._streams = {name: Stream(p) for name, p in self.program.problems.items()}
-        self._losses = {name: self._loss(name) for name in self.graph.levels}
-        self._rule = Rule(self.graph, self.estimators, self._losses, self.program.problems, self.program.derive)
-        self._transform_states: dict[str, Any] = {
-            name: p.transform.init(self.program.params[name])
-            for name, p in self.program.problems.items()
-            if p.transform is not None
-        }
+        #: each level's runtime state (`mlo.state.LevelState`): batch, data position, last
+        #: gradient, transform state, gradient scaler
+        self.levels: dict[str, LevelState] = {name: self._level_state(name) for name in self.graph.levels}
+        scalers = {name: state.scaler for name, state in self.levels.items() if state.scaler is not None}
+        self._rule = Rule(self.program, self.graph, self.estimators, level_losses(self.program, self.precision, scalers))
+
+    def _level_state(self, name: str) -> LevelState:
+        problem, params = self.program.problems[name], self.program.params[name]
+        return LevelState(
+            stream=Stream(problem),
+            keep_gradient=any(
+                est.reads_last_gradient(problem) for (_, low), est in self.estimators.items() if low == name
+            ),
+            transform=problem.transform.init(params) if problem.transform is not None else None,
+            scaler=self.precision[name].scaler(params[0].device),
+        )
 
     # ------------------------------------------------------------------ building
 
@@ -195,23 +210,6 @@ class Engine:
                         f"edge {upper!r} -> {name!r}: level {name!r} takes no steps of its own (steps=0), so its "
                         f"estimator must step it through a differentiable look-ahead (unroll); got {est.name!r}"
                     )
-
-    def _resolve_estimators(self, spec: EstimatorSpec | Mapping[Edge, EstimatorSpec]) -> dict[Edge, Estimator]:
-        edges = self.graph.edges
-        if isinstance(spec, Mapping):
-            unknown = [e for e in spec if e not in edges]
-            if unknown:
-                raise EstimatorError(f"estimator mapping names edge(s) {unknown} not in the graph; edges: {list(edges)}")
-            missing = [e for e in edges if e not in spec]
-            if missing:
-                raise EstimatorError(f"estimator mapping has no estimator for edge(s) {missing}")
-            chosen = {e: resolve(spec[e]) for e in edges}
-        else:
-            one = resolve(spec)
-            chosen = {e: one for e in edges}
-        for (_, lower), est in chosen.items():
-            est.check(self.program.problems[lower])
-        return chosen
 
     # ------------------------------------------------------------------ running
 
@@ -269,55 +267,91 @@ class Engine:
         ``finite_difference``) that lower level is at its look-ahead parameters, not its current
         ones. Evaluate the loss yourself in a hook for its value at the current state."""
         self.graph.require(name)
-        problem = self.program.problems[name]
-        if problem.init is None or self._streams[name].drawn == 0:
+        if self.program.problems[name].init is None or self.levels[name].stream.drawn == 0:
             self._draw(name)
-        params = self.program.params[name]
-        scaler = self._scalers.get(name)
-        with distributed.data_parallel():
-            if self.graph.lowers_of[name]:
-                grads, loss = self._hypergradient(name)
-            else:
-                loss = self._losses[name]({})
-                grads = autodiff.grad(loss, params)
+        if name not in self._edges_checked:
+            self._check_edges(name)
+        grads, loss = self._gradient(name)
+        scaler = self.levels[name].scaler
         overflow = False
         if scaler is not None:
-            # The level's loss scaled its backward passes itself (`mlo.precision.scale_backward`),
-            # so ``grads`` are unscaled. They go back into .grad at the scale they were taken at
-            # (a power of two: exact both ways) for GradScaler's own inf check, skip and back-off.
-            for p, g in zip(params, scaler.scale(list(grads))):
-                p.grad = g
-            scaler.unscale_(problem.optimizer)
-            grads = tuple(p.grad for p in params)  # type: ignore[misc]
-            overflow = not autodiff.all_finite(grads)
+            grads, overflow = self._unscale(name, grads, scaler)
+        update = None
         if not overflow:
-            self._check(loss, grads, name)
+            self._watch(name, loss, grads, stepping=True)
             for hook in self.hooks:
                 hook.on_gradient(self, name, grads)
-        update: Tensors | None = None if overflow else grads
-        if problem.transform is not None and update is not None:
-            grads = tuple(g.detach() for g in grads)
-            update, self._transform_states[name] = problem.transform.update(grads, self._transform_states[name], params)
-        if update is not None or scaler is not None:
-            if update is not None:
-                for p, g in zip(params, update):
-                    p.grad = g.detach() if g.requires_grad else g
-            if scaler is None:
-                problem.optimizer.step()
-            else:
-                if update is not None or overflow:
-                    scaler.step(problem.optimizer)  # skips the step after an overflow
-                scaler.update()
-            if update is not None and name in self._keep_gradient:  # as the optimizer left it (Betty's sama reads it so)
-                problem.last_gradient = tuple(p.grad.detach() if p.grad is not None else torch.zeros_like(p) for p in params)
-            for p in params:
-                p.grad = None
-            if problem.scheduler is not None and update is not None:
-                problem.scheduler.step()
+            update = self._transform(name, grads)
+        if scaler is not None:
+            self._scaled_step(name, update, overflow, scaler)
+        elif update is not None:
+            self._optimizer_step(name, update, self.program.problems[name].optimizer.step)
         loss = loss.detach()
         for hook in self.hooks:
             hook.on_step(self, name, loss)
         return loss
+
+    def _gradient(self, name: str) -> tuple[Tensors, Tensor]:
+        """Level ``name``'s gradient (a level without lowers) or hypergradient, and its loss, on
+        the current batches at the current state."""
+        with distributed.data_parallel() if distributed.active() else nullcontext():
+            batches = self._batches()
+            if self.graph.lowers_of[name]:
+                return self._evaluate(name, self._rule, batches)
+            with batches_in_use(batches):
+                loss = self._rule.losses[name](batches[name], {})
+            return autodiff.grad(loss, self.program.params[name]), loss
+
+    def _unscale(self, name: str, grads: Tensors, scaler: torch.amp.GradScaler) -> tuple[Tensors, bool]:
+        """fp16: ``grads`` through the scaler's own inf check; the unscaled gradients and whether
+        they overflowed. The level's loss scaled its backward passes itself
+        (`mlo.precision.scale_backward`), so ``grads`` are unscaled; they go back into .grad at
+        the scale they were taken at (a power of two: exact both ways) for GradScaler's check,
+        skip and back-off."""
+        params = self.program.params[name]
+        for p, g in zip(params, scaler.scale(list(grads))):
+            p.grad = g
+        scaler.unscale_(self.program.problems[name].optimizer)
+        grads = tuple(p.grad for p in params)  # type: ignore[misc]
+        return grads, not autodiff.all_finite(grads)
+
+    def _transform(self, name: str, grads: Tensors) -> Tensors | None:
+        """The update the optimizer gets: ``grads`` through the level's gradient transform, if it
+        has one (``None``: the transform absorbed the step)."""
+        transform = self.program.problems[name].transform
+        if transform is None:
+            return grads
+        state = self.levels[name]
+        update, state.transform = transform.update(tuple(g.detach() for g in grads), state.transform, self.program.params[name])
+        return update
+
+    def _optimizer_step(self, name: str, update: Tensors, step: Any) -> None:
+        """Hand ``update`` to the optimizer in .grad and run ``step``; keep the gradient where an
+        estimator reads it, release .grad, step the scheduler."""
+        params, state = self.program.params[name], self.levels[name]
+        for p, g in zip(params, update):
+            p.grad = g.detach() if g.requires_grad else g
+        step()
+        if state.keep_gradient:  # as the optimizer left it (Betty's sama reads it so)
+            state.last_gradient = tuple(p.grad.detach() if p.grad is not None else torch.zeros_like(p) for p in params)
+        for p in params:
+            p.grad = None
+        scheduler = self.program.problems[name].scheduler
+        if scheduler is not None:
+            scheduler.step()
+
+    def _scaled_step(self, name: str, update: Tensors | None, overflow: bool, scaler: torch.amp.GradScaler) -> None:
+        """fp16: the optimizer step through the scaler (skipped after an overflow), then the
+        scaler's update (its scale lowered after an overflow)."""
+        optimizer = self.program.problems[name].optimizer
+        if update is not None:
+            self._optimizer_step(name, update, lambda: scaler.step(optimizer))
+        else:
+            if overflow:
+                scaler.step(optimizer)  # records the skipped step
+            for p in self.program.params[name]:
+                p.grad = None
+        scaler.update()
 
     def hypergradient(
         self,
@@ -327,101 +361,147 @@ class Engine:
     ) -> list[Tensor]:
         """Level ``name``'s hypergradient at the current state, one tensor per parameter of its
         module (``module.parameters()`` order, trainable ones), as the configured estimators
-        compute it. Steps nothing and leaves every parameter and buffer as it was; a level that
-        has drawn no batch yet draws its first.
+        compute it (`mlo.hypergradient` with this engine's batches and state). Steps nothing and
+        leaves every parameter and buffer as it was; a level that has drawn no batch yet draws
+        its first.
 
         ``estimator``: another estimator for every edge, or ``{edge: estimator}`` for some edges
         (the others keep theirs), for this evaluation only. ``batches``: ``{level: batch}`` used
         instead of those levels' current batches, for this evaluation only."""
         self.graph.require(name)
+        for level in batches or {}:
+            self.graph.require(level)
         for level in (name, *self.graph.descendants(name)):
-            if self._streams[level].drawn == 0 and (batches is None or level not in batches):
-                self._streams[level].draw()
-        rule = self._rule if estimator is None and batches is None else self._rule_with(estimator, batches or {})
+            if self.levels[level].stream.drawn == 0 and (batches is None or level not in batches):
+                self._draw(level)
+        rule = self._rule
+        if estimator is not None:
+            chosen = estimator if isinstance(estimator, Mapping) else dict.fromkeys(self.graph.edges, estimator)
+            estimators = resolve_edges(self.graph, {**self.estimators, **chosen}, self.program.problems)
+            rule = Rule(self.program, self.graph, estimators, self._rule.losses)
         with distributed.data_parallel():
-            grads, loss = self._hypergradient(name, rule)
-        self._check(loss, grads, name)
+            grads, loss = self._evaluate(name, rule, {**self._batches(), **(batches or {})})
+        self._watch(name, loss, grads, stepping=False)
         return [g.detach() for g in grads]
 
     def batch(self, name: str) -> Any:
         """The batch level ``name`` is on (the last it drew); ``ProgramError`` when it has drawn
         none yet (a level without data is always on ``None``)."""
         self.graph.require(name)
-        stream = self._streams[name]
+        stream = self.levels[name].stream
         if stream.drawn == 0 and self.program.problems[name].data is not None:
             raise ProgramError(f"level {name!r} has drawn no batch yet: run a round (or engine.step({name!r})) first")
         return stream.batch
 
-    def _hypergradient(self, name: str, rule: Rule | None = None) -> tuple[Tensors, Tensor]:
-        """Level ``name``'s hypergradient and loss at the current state (`mlo.hypergradient`);
-        buffers are restored afterwards and the estimators' reports kept in ``diagnostics``.
-        With ``sync="once"`` the rule runs on this rank's batches alone and only its result is
-        averaged across ranks."""
-        exact = self.sync == "exact"
-        with frozen_buffers(self.program.buffers()), distributed.data_parallel(exact):
-            result = (rule or self._rule)(name, self.program.params)
+    def _batches(self) -> dict[str, Any]:
+        """Every level's batch in use."""
+        return {name: state.stream.batch for name, state in self.levels.items()}
+
+    def _last_gradients(self) -> dict[str, Tensors]:
+        """The last step's gradient of every level whose estimator reads it (and that has stepped)."""
+        return {name: s.last_gradient for name, s in self.levels.items() if s.last_gradient is not None}
+
+    def _evaluate(self, name: str, rule: Rule, batches: Mapping[str, Any]) -> tuple[Tensors, Tensor]:
+        """Level ``name``'s hypergradient and loss at the current state (`mlo.hypergradient`),
+        the estimators' reports kept in ``diagnostics``."""
+        result = rule.evaluate(name, self.program.params, batches, self._last_gradients(), self.sync)
         self.diagnostics.by_edge.update(result.infos)
-        if exact:
-            return result.gradient, result.loss
-        with distributed.data_parallel():
-            return distributed.average(result.gradient), result.loss
-
-    def _rule_with(self, estimator: EstimatorSpec | Mapping[Edge, EstimatorSpec] | None, batches: Mapping[str, Any]) -> Rule:
-        """The rule with some edges' estimators and some levels' batches replaced."""
-        estimators = self.estimators
-        if estimator is not None:
-            chosen = estimator if isinstance(estimator, Mapping) else dict.fromkeys(self.graph.edges, estimator)
-            estimators = self._resolve_estimators({**self.estimators, **chosen})
-        for level in batches:
-            self.graph.require(level)
-        losses = {
-            level: self._loss(level, (batches[level],) if level in batches else None) for level in self.graph.levels
-        }
-        return Rule(self.graph, estimators, losses, self.program.problems, self.program.derive)
-
-    def _loss(self, name: str, fixed: tuple[Any] | None = None) -> Loss:
-        """Level ``name``'s loss on its current batch (or on ``fixed[0]``), at any point, in the
-        level's precision (the forward pass under autocast, the loss returned in float32)."""
-        problem_loss = self.program.loss
-        prec, device = self.precision[name], self.program.params[name][0].device
-
-        def batch() -> Any:
-            return fixed[0] if fixed is not None else self._streams[name].batch
-
-        if prec.dtype is None:
-
-            def loss(point: Point) -> Tensor:  # widened only if a caller's autocast narrowed it
-                return precisions.widen(problem_loss(name, batch(), point))
-
-            return loss
-
-        scaler, params = self._scalers.get(name), self.program.params
-
-        def low_precision_loss(point: Point) -> Tensor:
-            with prec.autocast(device):
-                if scaler is None:
-                    return precisions.widen(problem_loss(name, batch(), point))
-                # fp16: backward passes scaled between the loss and every level's values it reads
-                return precisions.scale_backward(
-                    lambda at: precisions.widen(problem_loss(name, batch(), at)), {**params, **point}, scaler
-                )
-
-        return low_precision_loss
+        return result.gradient, result.loss
 
     # ------------------------------------------------------------------ helpers
 
     def _draw(self, name: str) -> None:
-        self._streams[name].draw()
+        """Level ``name`` draws its next batch; ``Problem.batch`` shows it to users."""
+        self.program.problems[name].batch = self.levels[name].stream.draw()
 
-    def _check(self, loss: Tensor, grads: Tensors, name: str) -> None:
-        """Raise `NonFiniteError` naming the level and round if the loss or a gradient is not
-        finite: one fused check on the common path, the details only when it fails."""
-        if not self.check_finite or autodiff.all_finite((loss, *grads)):
+    def _watch(self, name: str, loss: Tensor, grads: Tensors, stepping: bool) -> None:
+        """The safety of one evaluation of level ``name``, from one host read of its loss and its
+        gradients' norms (`_read`):
+
+        - ``NonFiniteError`` naming the level and round if the loss or a gradient is not finite
+          (``check_finite``);
+        - a ``ZeroGradientWarning`` if every gradient is exactly zero at the level's first
+          evaluation;
+        - a ``DivergenceWarning``, once, if a step's loss exceeds ``divergence_factor`` times
+          the first in magnitude (``stepping``: steps only, not ``Engine.hypergradient``)."""
+        first = name not in self._first_loss
+        growth = stepping and self.divergence_factor is not None and name not in self._diverged
+        if not (self.check_finite or first or growth):
             return
+        value, *norms = _read(loss, grads)  # value: |loss|
+        if self.check_finite and not (math.isfinite(value) and all(map(math.isfinite, norms))):
+            self._raise_non_finite(name, loss, grads)
+        if first:
+            self._first_loss[name] = value
+            if grads and all(n == 0.0 for n in norms):
+                self._warn_zero(name)
+        elif growth:
+            base = self._first_loss[name]
+            assert self.divergence_factor is not None
+            if base != 0.0 and not value <= self.divergence_factor * base:
+                self._diverged.add(name)
+                warnings.warn(
+                    f"level {name!r}: its loss has magnitude {value:.4g} at round {self.round}, more than "
+                    f"{self.divergence_factor:.3g} x its first {base:.4g}: its optimizer is likely diverging "
+                    "(a learning rate too large for the curvature its upper level set); "
+                    "Engine(divergence_factor=...) sets the factor, None turns the watch off",
+                    DivergenceWarning,
+                    stacklevel=4,
+                )
+
+    def _raise_non_finite(self, name: str, loss: Tensor, grads: Tensors) -> None:
+        """Raise `NonFiniteError` for level ``name``, unless only a norm overflowed on finite
+        elements (its squares past the dtype's range), which the exact test tells apart."""
         if not autodiff.all_finite((loss,)):
-            shown = f" = {float(loss.detach()):.4g}" if loss.numel() == 1 else ""
-            raise NonFiniteError(f"level {name!r}: loss is not finite{shown} at round {self.round}")
-        raise NonFiniteError(f"level {name!r}: hypergradient is not finite at round {self.round}")
+            raise NonFiniteError(f"level {name!r}: loss is not finite = {float(loss.detach()):.4g} at round {self.round}")
+        if not autodiff.all_finite(grads):
+            raise NonFiniteError(f"level {name!r}: hypergradient is not finite at round {self.round}")
+
+    def _warn_zero(self, name: str) -> None:
+        what = "hypergradient" if self.graph.lowers_of[name] else "gradient"
+        hint = (
+            "nothing reaches its parameters: its loss does not read them, nor through its lower levels"
+            if self.graph.lowers_of[name]
+            else "its loss does not read its own parameters; a level optimized through another level's "
+            "response needs an edge in the graph (e.g. graph={" + repr(name) + ": [lower]})"
+        )
+        warnings.warn(
+            f"level {name!r}: its {what} is exactly zero at its first evaluation (round {self.round}): {hint}",
+            ZeroGradientWarning,
+            stacklevel=5,
+        )
+
+    def _check_edges(self, name: str) -> None:
+        """Once per level with lowers, at its first step: a `DisconnectedEdgeWarning` for each
+        edge whose lower level's loss does not read ``name``'s parameters (its mixed derivative
+        is zero by construction). Edges whose dependence runs elsewhere are not judged: an
+        attached look-ahead or a lower level with ``init`` (through its start), a lower with
+        lowers of its own (through them), a first-order edge (which ignores it). The loss is
+        evaluated with the random generators and buffers put back, so the run is unchanged."""
+        self._edges_checked.add(name)
+        upper = self.program.params[name]
+        for low in self.graph.lowers_of[name]:
+            est, problem = self.estimators[(name, low)], self.program.problems[low]
+            if not est.uses_adjoint or est.attached or problem.init is not None or self.graph.lowers_of[low]:
+                continue
+            if self.levels[low].stream.drawn == 0:
+                self._draw(low)
+            batches = self._batches()
+            cuda = sorted({p.device.index or 0 for p in upper if p.device.type == "cuda"})
+            with frozen_buffers(self.program.buffers()), torch.random.fork_rng(devices=cuda), batches_in_use(batches):
+                loss = self.program.loss(low, batches[low])
+                reached = (
+                    torch.autograd.grad(loss, upper, allow_unused=True) if loss.requires_grad else (None,) * len(upper)
+                )
+            if all(g is None for g in reached):
+                warnings.warn(
+                    f"edge {name!r} -> {low!r}: the loss of {low!r} does not read the parameters of {name!r}, so "
+                    f"{low!r}'s best response does not depend on them and the edge adds exactly zero to {name!r}'s "
+                    f"hypergradient; make the loss of {low!r} read {name!r} (a closure over its module), or drop the edge",
+                    DisconnectedEdgeWarning,
+                    stacklevel=4,
+                )
+
 
     # ------------------------------------------------------------------ state
 
@@ -432,7 +512,7 @@ class Engine:
         - ``levels``: per level, its module, optimizer, scheduler, gradient-transform state,
           data position (`mlo.streams.Stream`: a seek for data with ``state_dict``, else a
           replay of the current pass only) and, where an estimator reads it (``sama`` under
-          Adam), the gradient of its last step (``Problem.last_gradient``; the estimators
+          Adam), the gradient of its last step (``LevelState.last_gradient``; the estimators
           themselves are frozen and keep nothing between rounds);
         - ``rng``: the global generators (torch CPU and CUDA, numpy, python);
         - ``scalers``: the gradient scaler of each fp16 level;
@@ -442,20 +522,21 @@ class Engine:
         `mlo.checkpoint.save` / `mlo.checkpoint.load` write and read it atomically."""
         levels = {}
         for name, problem in self.program.problems.items():
+            state = self.levels[name]
             levels[name] = {
                 "module": problem.module.state_dict(),
                 "optimizer": problem.optimizer.state_dict(),
                 "scheduler": problem.scheduler.state_dict() if problem.scheduler is not None else None,
-                "data": self._streams[name].state_dict(),
-                "transform": self._transform_states.get(name),
-                "last_gradient": problem.last_gradient if name in self._keep_gradient else None,
+                "data": state.stream.state_dict(),
+                "transform": state.transform,
+                "last_gradient": state.last_gradient if state.keep_gradient else None,
             }
         return {
             "round": self.round,
             "levels": levels,
             "rng": rng.get_state(),
             "hooks": [hook.state_dict() for hook in self.hooks],
-            "scalers": {name: scaler.state_dict() for name, scaler in self._scalers.items()},
+            "scalers": {name: s.scaler.state_dict() for name, s in self.levels.items() if s.scaler is not None},
         }
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
@@ -475,22 +556,30 @@ class Engine:
                 f"{[type(h).__name__ for h in stateful]}"
             )
         for name, problem in self.program.problems.items():
-            saved = levels[name]
+            saved, level = levels[name], self.levels[name]
             problem.module.load_state_dict(saved["module"])
             problem.optimizer.load_state_dict(saved["optimizer"])
             if problem.scheduler is not None and saved["scheduler"] is not None:
                 problem.scheduler.load_state_dict(saved["scheduler"])
             if problem.transform is not None and saved.get("transform") is not None:
-                self._transform_states[name] = saved["transform"]
-            self._streams[name].load_state_dict(saved["data"])
-            if name in self._keep_gradient:
+                level.transform = saved["transform"]
+            level.stream.load_state_dict(saved["data"])
+            problem.batch = level.stream.batch
+            if level.keep_gradient:
                 last = saved.get("last_gradient")
-                problem.last_gradient = None if last is None else tuple(last)
+                level.last_gradient = None if last is None else tuple(last)
         for hook, hook_state in zip(stateful, saved_hooks):
             hook.load_state_dict(hook_state)
         for name, scaler_state in state.get("scalers", {}).items():
-            if name in self._scalers:
-                self._scalers[name].load_state_dict(scaler_state)
+            scaler = self.levels[name].scaler if name in self.levels else None
+            if scaler is not None:
+                scaler.load_state_dict(scaler_state)
         self.round = int(state["round"])
         if "rng" in state:
             rng.set_state(state["rng"])
+
+
+def _read(loss: Tensor, grads: Tensors) -> list[float]:
+    """``[|loss|, norm of each gradient]`` as floats: one fused norm over them all and one host read."""
+    with torch.no_grad():
+        return torch.stack(torch._foreach_norm([loss.detach(), *grads])).tolist()  # stack promotes dtypes

@@ -59,10 +59,33 @@ def first_line(err: BaseException | None) -> str:
     return (str(err).strip().splitlines() or [""])[0]
 
 
-class ConvergenceWarning(UserWarning):
+class MLOWarning(UserWarning):
+    """Base class of every warning mlo gives: filter them all with
+    ``warnings.simplefilter("ignore", mlo.MLOWarning)`` (or ``"error"`` to stop at the first)."""
+
+
+class ConvergenceWarning(MLOWarning):
     """An iterative solve stopped far from its answer (for example CG on an indefinite Hessian)."""
 
 
-class CheckWarning(UserWarning):
+class CheckWarning(MLOWarning):
     """`mlo.check` found a hypergradient further from its reference than the threshold, or a
     reference that did not converge."""
+
+
+class ZeroGradientWarning(MLOWarning):
+    """A level's gradient or hypergradient is exactly zero at its first evaluation: its loss
+    reads none of its own parameters, or nothing reaches them through its lower levels (a graph
+    forgotten, ``graph={}``). Given once per level."""
+
+
+class DisconnectedEdgeWarning(ZeroGradientWarning):
+    """An edge's mixed derivative is zero by construction: the lower level's loss does not read
+    the upper level's parameters, so the upper's hypergradient gets nothing through that edge.
+    Given once per edge, at the upper level's first step."""
+
+
+class DivergenceWarning(MLOWarning):
+    """A level's loss grew by more than ``Engine(divergence_factor=...)`` over its first value:
+    its optimizer is likely diverging (a learning rate too large for the curvature its upper
+    level set), long before anything becomes infinite. Given once per level."""

@@ -65,28 +65,36 @@ solves converge; elsewhere the implicit estimators approximate, as at depth 2.
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from contextlib import nullcontext
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
+from typing import Any
 
 import torch
 from torch import Tensor
 
-from . import autodiff
+from . import autodiff, distributed
+from . import precision as precisions
 from .autodiff import Tensors
-from .estimators.base import Curvature, Estimator, Hop, Info
-from .functional import Point
+from .errors import EstimatorError, ProgramError
+from .estimators import Estimator, resolve
+from .estimators.base import Curvature, Hop, Info
+from .functional import Point, Program, frozen_buffers
 from .graph import Graph
 from .precision import full_precision
-from .problem import Problem
+from .problem import Problem, batches_in_use
 from .tasks import TaskBatch
 
-__all__ = ["Loss", "Edge", "Result", "Rule", "hypergradient"]
+__all__ = ["Loss", "Edge", "Result", "Rule", "hypergradient", "level_losses", "resolve_edges", "SYNCS"]
 
-#: A level's loss on its current batch, with the levels named in the point at the given values
-#: and every other level at its own parameters.
-Loss = Callable[[Point], Tensor]
+#: A level's loss on a batch at a point: the levels named in the point at the given values and
+#: every other level at its own parameters.
+Loss = Callable[[Any, Point], Tensor]
 Edge = tuple[str, str]
+EstimatorSpec = str | Estimator
+PrecisionSpec = str | precisions.Precision
+#: how derivatives are averaged across ranks under a process group (``None``: not at all)
+SYNCS = ("exact", "once")
 
 
 @dataclass(frozen=True)
@@ -101,44 +109,166 @@ class Result:
 
 def hypergradient(
     level: str,
-    point: Mapping[str, Tensors],
-    graph: Graph,
-    estimators: Mapping[Edge, Estimator],
-    losses: Mapping[str, Loss],
-    problems: Mapping[str, Problem],
-    create_graph: bool = False,
-    start: Callable[[Mapping[str, Tensors]], Mapping[str, Tensors]] | None = None,
+    problems: Sequence[Problem],
+    graph: Mapping[str, Sequence[str]] | None = None,
+    estimator: EstimatorSpec | Mapping[Edge, EstimatorSpec] = "cg",
+    *,
+    batches: Mapping[str, Any],
+    point: Mapping[str, Sequence[Tensor]] | None = None,
+    last_gradients: Mapping[str, Sequence[Tensor]] | None = None,
+    precision: PrecisionSpec | Mapping[str, PrecisionSpec] = "fp32",
+    scalers: Mapping[str, torch.amp.GradScaler] | None = None,
+    sync: str | None = "exact",
 ) -> Result:
-    """The hypergradient of ``level`` at ``point`` (every level's parameter values), by the rule
-    in this module's docstring. ``problems`` gives each level's optimizer (for the estimators
-    that step it: ``finite_difference``, ``unroll``); ``start`` completes ``point`` with the values
-    of levels that are functions of others (``steps=0``, ``mlo.Problem``)."""
-    return Rule(graph, estimators, losses, problems, start)(level, point, create_graph)
+    """The hypergradient of ``level`` in the program ``problems`` wired by ``graph``, with
+    ``estimator`` on every edge (or ``{edge: estimator}``), as a pure function of its arguments:
+    the rule stated in this module's docstring. ``mlo.Engine`` computes its steps by the same
+    call, so with the engine's batches (``Engine.batch``) and state the two agree bit for bit.
+
+    Args:
+        batches: ``{level: batch}`` for ``level`` and every level below it (a level whose
+            ``data`` is ``None`` may be left out: its batch is ``None``). A loss reading another
+            level's ``Problem.batch`` sees the batch given here.
+        point: ``{level: values}``, one tensor per trainable parameter, for the levels to be
+            evaluated elsewhere than at their modules' parameters; the others are where they are.
+        last_gradients: ``{level: gradient of its last step}`` for the levels whose estimator
+            reads it (``sama`` under Adam); a level left out counts as zero.
+        precision: ``"fp32"``, ``"bf16"``, ``"fp16"``, or ``{level: precision}``, as for the Engine.
+        scalers: the gradient scaler of each fp16 level (its current scale); a fresh one if absent.
+        sync: ``"exact"`` (every derivative averaged across ranks under a process group),
+            ``"once"`` (only the result) or ``None`` (no averaging), as ``Engine(sync=...)``.
+
+    Returns a `Result`: ``gradient`` (one tensor per trainable parameter of ``level``), ``loss``
+    (the level's loss where it was evaluated) and ``infos`` (the estimators' reports per edge).
+    Module parameters, buffers and optimizer states are left as they were."""
+    problems = list(problems)
+    if sync is not None and sync not in SYNCS:
+        raise ProgramError(f"sync must be one of {SYNCS} or None, got {sync!r}")
+    built = Graph.build([p.name for p in problems], graph or {})
+    built.require(level)
+    program = Program(problems)
+    chosen = resolve_edges(built, estimator, program.problems)
+    levels = precisions.per_level(precision, list(program.problems))
+    given = dict(scalers or {})
+    scaling = {
+        name: scaler
+        for name, prec in levels.items()
+        if (scaler := given.get(name) or prec.scaler(program.params[name][0].device)) is not None
+    }
+    rule = Rule(program, built, chosen, level_losses(program, levels, scaling))
+    used: dict[str, Any] = {}
+    for name in (level, *built.descendants(level)):
+        if name in batches:
+            used[name] = batches[name]
+        elif program.problems[name].data is None:
+            used[name] = None
+        else:
+            raise ProgramError(f"mlo.hypergradient: no batch for level {name!r}; pass batches={{{name!r}: batch, ...}}")
+    at: dict[str, Tensors] = dict(program.params)
+    for name, values in (point or {}).items():
+        built.require(name)
+        at[name] = tuple(values)
+    last = {name: tuple(g) for name, g in (last_gradients or {}).items()}
+    return rule.evaluate(level, at, {**batches, **used}, last, sync)
+
+
+def resolve_edges(
+    graph: Graph, spec: EstimatorSpec | Mapping[Edge, EstimatorSpec], problems: Mapping[str, Problem]
+) -> dict[Edge, Estimator]:
+    """The estimator of every edge of ``graph`` from one spec for all or ``{edge: spec}`` covering
+    every edge; each checked against the lower level it serves."""
+    edges = graph.edges
+    if isinstance(spec, Mapping):
+        unknown = [e for e in spec if e not in edges]
+        if unknown:
+            raise EstimatorError(f"estimator mapping names edge(s) {unknown} not in the graph; edges: {list(edges)}")
+        missing = [e for e in edges if e not in spec]
+        if missing:
+            raise EstimatorError(f"estimator mapping has no estimator for edge(s) {missing}")
+        chosen = {e: resolve(spec[e]) for e in edges}
+    else:
+        one = resolve(spec)
+        chosen = {e: one for e in edges}
+    for (_, lower), est in chosen.items():
+        est.check(problems[lower])
+    return chosen
+
+
+def level_losses(
+    program: Program, levels: Mapping[str, precisions.Precision], scalers: Mapping[str, torch.amp.GradScaler]
+) -> dict[str, Loss]:
+    """Each level's loss as a function of its batch and the point, in the level's precision: the
+    forward pass under autocast, the loss returned in float32; for fp16, the backward passes
+    scaled by the level's scaler between the loss and every level's values it reads."""
+    return {name: _level_loss(program, name, prec, scalers.get(name)) for name, prec in levels.items()}
+
+
+def _level_loss(program: Program, name: str, prec: precisions.Precision, scaler: torch.amp.GradScaler | None) -> Loss:
+    problem_loss = program.loss
+    if prec.dtype is None:
+
+        def loss(batch: Any, point: Point) -> Tensor:  # widened only if a caller's autocast narrowed it
+            return precisions.widen(problem_loss(name, batch, point))
+
+        return loss
+
+    device, params = program.params[name][0].device, program.params
+
+    def low_precision_loss(batch: Any, point: Point) -> Tensor:
+        with prec.autocast(device):
+            if scaler is None:
+                return precisions.widen(problem_loss(name, batch, point))
+            return precisions.scale_backward(
+                lambda at: precisions.widen(problem_loss(name, batch, at)), {**params, **point}, scaler
+            )
+
+    return low_precision_loss
 
 
 class Rule:
-    """The rule bound to one program: its graph, estimators, losses and levels. Holds no state
-    between calls; what it derives from the graph (which partial derivatives each level's
-    hypergradient reads) is derived once, here."""
+    """The rule bound to one program: its graph, estimators and losses. Holds no state between
+    calls: the point, the batches and the last gradients are arguments. What it derives from the
+    graph (which partial derivatives each level's hypergradient reads) is derived once, here."""
 
-    def __init__(
-        self,
-        graph: Graph,
-        estimators: Mapping[Edge, Estimator],
-        losses: Mapping[str, Loss],
-        problems: Mapping[str, Problem],
-        start: Callable[[Mapping[str, Tensors]], Mapping[str, Tensors]] | None = None,
-    ) -> None:
-        self.graph, self.estimators, self.losses, self.problems = graph, estimators, losses, problems
-        #: completes the point an evaluation starts at: the levels that take no steps of their
-        #: own (steps=0) get their values from the others (``Program.derive``)
-        self.start = start
+    def __init__(self, program: Program, graph: Graph, estimators: Mapping[Edge, Estimator], losses: Mapping[str, Loss]) -> None:
+        self.program, self.graph, self.estimators, self.losses = program, graph, estimators, losses
+        self.problems = program.problems
         self.plans = {name: self._plan(name) for name in graph.levels}
 
-    def __call__(self, level: str, point: Mapping[str, Tensors], create_graph: bool = False) -> Result:
-        evaluation = _Evaluation(self)
-        gradient, loss = evaluation.total(level, point, create_graph)
+    def __call__(
+        self,
+        level: str,
+        point: Mapping[str, Tensors],
+        batches: Mapping[str, Any],
+        last_gradients: Mapping[str, Tensors] | None = None,
+        create_graph: bool = False,
+    ) -> Result:
+        """``level``'s hypergradient at ``point`` (every level's values) on ``batches``."""
+        evaluation = _Evaluation(self, batches, last_gradients or {})
+        with batches_in_use(batches):
+            gradient, loss = evaluation.total(level, point, create_graph)
         return Result(gradient, loss, evaluation.infos)
+
+    def evaluate(
+        self,
+        level: str,
+        point: Mapping[str, Tensors],
+        batches: Mapping[str, Any],
+        last_gradients: Mapping[str, Tensors] | None = None,
+        sync: str | None = "exact",
+    ) -> Result:
+        """As a call, with every module buffer restored afterwards (estimator evaluations never
+        move BatchNorm statistics) and the derivatives averaged across ranks as ``sync`` says:
+        ``"exact"`` every one, ``"once"`` only the result (the solves use each rank's own
+        batch), ``None`` none. Without a process group the three are the same."""
+        buffers = self.program.buffers()
+        averaging = distributed.data_parallel(sync == "exact") if distributed.active() else nullcontext()
+        with frozen_buffers(buffers) if buffers else nullcontext(), averaging:
+            result = self(level, point, batches, last_gradients)
+        if sync != "once":
+            return result
+        with distributed.data_parallel():
+            return replace(result, gradient=distributed.average(result.gradient))
 
     def _plan(self, name: str) -> tuple[tuple[str, ...], tuple[str, ...]]:
         """For level ``name``: the levels below it (bottom-up), and those whose partial
@@ -154,11 +284,17 @@ class Rule:
 class _Evaluation:
     """One call of the rule: the recursion, and what the estimators reported during it."""
 
-    def __init__(self, rule: Rule) -> None:
+    def __init__(self, rule: Rule, batches: Mapping[str, Any], last_gradients: Mapping[str, Tensors]) -> None:
         self.rule = rule
         self.graph = rule.graph
+        self.batches = batches
+        self.last_gradients = last_gradients
         self.infos: dict[Edge, Info] = {}
-        self.started = rule.start is None
+        self.started = False
+
+    def loss(self, name: str, point: Point) -> Tensor:
+        """Level ``name``'s loss on its batch at ``point``."""
+        return self.rule.losses[name](self.batches[name], point)
 
     def total(self, name: str, point: Mapping[str, Tensors], create_graph: bool) -> tuple[Tensors, Tensor]:
         """``(dR_name/dtheta_name, L_name)`` at ``point``: the level's hypergradient through every
@@ -169,13 +305,11 @@ class _Evaluation:
             # rule's partial derivatives require.
             point = {level: autodiff.alias(values) for level, values in point.items()}
         if not self.started:  # the outermost call: derived levels from the point, differentiably
-            assert self.rule.start is not None
             self.started = True
-            point = self.rule.start(point)
+            point = self.rule.program.derive(point)
         lowers = self.graph.lowers_of[name]
-        loss_at = self.rule.losses[name]
         if not lowers:
-            loss = loss_at(point)
+            loss = self.loss(name, point)
             return autodiff.grad(loss, point[name], create_graph=create_graph), loss
 
         below, needed = self.rule.plans[name]
@@ -196,7 +330,7 @@ class _Evaluation:
             for level in below:
                 if level not in lookaheads:
                     evaluation[level] = autodiff.alias(evaluation[level])
-        loss = loss_at(evaluation)
+        loss = self.loss(name, evaluation)
         levels = (name, *needed)
         # an attached look-ahead's graph is read again only to carry adjoints from below it
         keep = create_graph or any(
@@ -298,6 +432,7 @@ class _Hop(Hop):
         self.upper, self.lower = upper, lower
         self.point = point
         self.problem = evaluation.rule.problems[lower]
+        self.last_gradient = evaluation.last_gradients.get(lower)
         self.create_graph = create_graph
         self.upper_params = tuple(point[upper])
         self.lower_params = tuple(point[lower])
@@ -305,7 +440,7 @@ class _Hop(Hop):
     def lower_loss(self, overrides: Mapping[str, Tensors]) -> Tensor:
         # second derivatives and differences of this loss are taken: never in low precision
         with full_precision():
-            return self.evaluation.rule.losses[self.lower]({**self.point, **overrides})
+            return self.evaluation.loss(self.lower, {**self.point, **overrides})
 
     def curvature(self, hessian: str = "total") -> Curvature:
         if hessian == "total" and self.evaluation.graph.lowers_of[self.lower]:

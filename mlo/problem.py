@@ -7,7 +7,8 @@ define ``loss(self, batch) -> Tensor``.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Iterator, Sequence, Sized
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence, Sized
+from contextvars import ContextVar
 from typing import Any, ClassVar
 
 import torch
@@ -17,12 +18,31 @@ from torch.utils.data import DataLoader
 from .errors import ProgramError
 from .transforms import GradientTransform
 
-__all__ = ["Problem", "cycle"]
+__all__ = ["Problem", "cycle", "batches_in_use"]
 
 #: A level's loss as a function of its batch (a closure over the modules it reads).
 LossFn = Callable[[Any], Tensor]
 #: Starting values of a level's parameters, computed from other levels' modules.
 InitFn = Callable[[], Sequence[Tensor]]
+
+#: the batches an evaluation runs on (level name -> batch), for the length of that evaluation
+_IN_USE: ContextVar[Mapping[str, Any] | None] = ContextVar("mlo_batches_in_use", default=None)
+
+
+class batches_in_use:  # noqa: N801 (used as a function: ``with batches_in_use(batches):``)
+    """Inside: ``Problem.batch`` of each level named in ``batches`` is that batch. The
+    hypergradient rule and the engine's plain steps enter it with the batches they were given,
+    so that a loss reading another level's batch sees the one the evaluation runs on. (A class:
+    it is entered on every step, and costs less than a generator-based context manager.)"""
+
+    def __init__(self, batches: Mapping[str, Any]) -> None:
+        self.batches = batches
+
+    def __enter__(self) -> None:
+        self.token = _IN_USE.set(self.batches)
+
+    def __exit__(self, *exc: object) -> None:
+        _IN_USE.reset(self.token)
 
 
 class Problem:
@@ -57,11 +77,13 @@ class Problem:
     its K differentiable steps from there: MAML's inner loop from the initialisation the upper
     level provides. A level with ``steps=0`` needs ``init`` and an upper level that reads it.
 
-    ``batch`` is the batch of the level's current step (``None`` before its first): the engine
-    sets it whenever the level draws one, so another level's loss may read it (a meta level
-    reads the query sets of the task batch its lower level drew). ``last_gradient`` is the
-    gradient handed to the optimizer at the level's last step, kept by the engine only when an
-    estimator of an edge into this level reads it (``sama``); ``None`` otherwise.
+    ``batch`` is the batch the level is on, for another level's loss to read (a meta level reads
+    the query sets of the task batch its lower level drew): inside an evaluation (the engine's
+    steps, ``mlo.hypergradient``) the batch that evaluation was given for this level; elsewhere
+    the last batch the engine drew for it (``None`` before its first). It is a view for users:
+    the hypergradient rule takes every batch as an argument and never reads it. The rest of a
+    level's runtime state (data position, last gradient, transform and scaler state) is the
+    engine's (``Engine.levels``).
 
     Subclasses must define ``loss``; a subclass that does not is rejected when it is defined.
     Pass ``abstract=True`` in the class statement for an intermediate base class.
@@ -131,9 +153,21 @@ class Problem:
         self.scheduler = scheduler
         self.transform = transform
         self.init = init
-        self.batch: Any = None
-        self.last_gradient: tuple[Tensor, ...] | None = None
+        self._drawn: Any = None
         self._loss_fn = loss
+
+    @property
+    def batch(self) -> Any:
+        """The batch this level is on (see the class docstring)."""
+        in_use = _IN_USE.get()
+        if in_use is not None and self.name in in_use:
+            return in_use[self.name]
+        return self._drawn
+
+    @batch.setter
+    def batch(self, value: Any) -> None:
+        """Set by whoever draws the level's batches (the engine) when it draws one."""
+        self._drawn = value
 
     def loss(self, batch: Any) -> Tensor:
         """This level's objective on one batch (``None`` when the level has no data)."""

@@ -51,12 +51,14 @@ class Stream:
     def __init__(self, problem: Problem) -> None:
         self.problem = problem
         self.seekable = _stateful(problem.data)
+        #: the generators the data draws from, found once (a list or tuple draws from none)
+        self._generators = [] if isinstance(problem.data, (list, tuple)) else _generators(problem.data)
         self.batch: Any = None
         self.drawn = 0
         self._restart()
 
     def _restart(self, first_pass: int = 0) -> None:
-        self.problem.batch = None
+        self.batch = None
         self._iterator = self.problem.batches(None if self.seekable else self._on_pass, first_pass)
         self._passes = first_pass  # passes begun, counting from the run's start
         self._pass: dict[str, Any] | None = None
@@ -69,7 +71,7 @@ class Stream:
             # a list or tuple draws no random numbers when iterated, so there is nothing to replay;
             # capturing the global generators costs ~0.2 ms, once per pass: every round for a full batch
             "rng": None if isinstance(data, (list, tuple)) else rng.get_state(),
-            "generators": [g.get_state() for g in _generators(data)],
+            "generators": [g.get_state() for g in self._generators],
             "number": self._passes,
         }
         self._passes += 1
@@ -80,7 +82,6 @@ class Stream:
         if self.seekable:
             self._before = self.problem.data.state_dict()  # type: ignore[union-attr]
         self.batch = next(self._iterator)
-        self.problem.batch = self.batch
         self._in_pass += 1
         self.drawn += 1
         return self.batch
@@ -103,7 +104,7 @@ class Stream:
             saved = state["pass"]
             if saved["rng"] is not None:
                 rng.set_state(saved["rng"])
-            generators = _generators(self.problem.data)
+            generators = self._generators
             if len(generators) != len(saved["generators"]):
                 raise ValueError(
                     f"level {self.problem.name!r}: its data holds {len(generators)} generator(s), "

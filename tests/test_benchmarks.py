@@ -6,6 +6,7 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -242,3 +243,34 @@ def test_lfm_cw_suite_quick_through_the_mlo_command(tmp_path: Path) -> None:
         assert r["median_s"] > 0 and r["samples_s"] and "peak_mb" in r
         assert 0 <= r["extra"]["test_error_mean"] <= 100 and len(r["extra"]["test_errors"]) == 1
     assert (tmp_path / "lfm-cw" / "digits-lt10" / "results.json").is_file()
+
+
+def test_speed_check_names_each_row_past_its_bound() -> None:
+    """``mlo bench speed --check``: the rows past their bound, named; none when all are within."""
+    from mlo.benchmarks.report import Ratio
+
+    def row(problem: str, algorithm: str, den: str, time_ratio: float) -> Ratio:
+        return Ratio(problem, algorithm, "mlo", den, time_ratio, time_ratio, 1.0)
+
+    within = [row("ridge", "neumann(iterations=10,alpha=0.1)", "hand-engine", speed.CHECK_BOUNDS["hand-engine"]),
+              row("ridge", "neumann(iterations=10,alpha=0.1)", "hand", speed.CHECK_BOUNDS["hand"]),
+              row("ridge", "neumann(iterations=10,alpha=0.1)", "betty", speed.BETTY_CHECK_BOUNDS[("ridge", "neumann")]),
+              row("maml", "maml", "hand", 5.0)]  # MAML's per-task loop is held to its own target
+    assert speed.check(within) == []
+    past = [row("reweighting", "unroll(steps=1)", "hand-engine", speed.CHECK_BOUNDS["hand-engine"] + 0.01),
+            row("ridge", "neumann(iterations=10,alpha=0.1)", "betty", 0.95)]
+    failed = speed.check(within + past)
+    assert len(failed) == 2
+    assert failed[0].startswith("reweighting unroll(steps=1): mlo / hand-engine = ")
+    assert failed[1].startswith("ridge neumann(iterations=10,alpha=0.1): mlo / betty = 0.950")
+
+
+def test_speed_profile_covers_every_algorithm(tmp_path: Path) -> None:
+    """``--profile`` profiles mlo's rounds of each algorithm of a program, not only the last."""
+    path = tmp_path / "speed.json"
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        speed.run(quick=True, json_path=path, repeats=1, impls=("mlo",), profile=True, only=["ridge"])
+    profiles = json.loads(path.read_text())["profiles"]
+    algorithms = [speed._label(spec) for spec in speed.cases(quick=True)[0].algorithms]
+    assert sorted(profiles) == sorted(f"ridge {a}" for a in algorithms)

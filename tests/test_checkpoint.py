@@ -69,7 +69,7 @@ def test_resume_is_bit_identical_with_every_registered_estimator(estimator: str,
     """The contract over the registry: 4 rounds in one go == 2 rounds, save, load into a fresh
     engine, 2 rounds; and the hypergradient right after loading (before the lower level steps
     again) is the uninterrupted run's, so state an estimator reads from the previous round
-    (``sama``'s ``Problem.last_gradient`` under Adam) is in the checkpoint."""
+    (``sama``'s ``LevelState.last_gradient`` under Adam) is in the checkpoint."""
     whole = dropout_program("seekable", estimator, lower_adam=True)
     whole.run(2)
     checkpoint.save(whole, tmp_path / "ck.pt")

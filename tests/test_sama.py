@@ -43,7 +43,7 @@ def test_adam_preconditioner_is_the_derivative_of_adams_last_update(float64: Non
     engine.run(3)
     lower = problems[0]
     opt, (w,) = lower.optimizer, lower.parameters()
-    state, (g,) = opt.state[w], lower.last_gradient
+    state, (g,) = opt.state[w], engine.levels[lower.name].last_gradient
     b1, b2 = opt.param_groups[0]["betas"]
     m_old = (state["exp_avg"] - (1 - b1) * g) / b1
     v_old = (state["exp_avg_sq"] - (1 - b2) * g * g) / b2
@@ -54,7 +54,7 @@ def test_adam_preconditioner_is_the_derivative_of_adams_last_update(float64: Non
     jacobian = torch.autograd.functional.jacobian(update, g)
     assert torch.count_nonzero(jacobian - torch.diag(torch.diagonal(jacobian))) == 0
     a = torch.randn(5, dtype=torch.float64, generator=torch.Generator().manual_seed(3))
-    (got,) = precondition(lower, (a,))
+    (got,) = precondition(lower, (a,), (g,))
     assert torch.allclose(got, torch.diagonal(jacobian) * a, rtol=1e-10, atol=0)
 
 

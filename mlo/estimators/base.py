@@ -70,6 +70,9 @@ class Hop(ABC):
     lower_params: Tensors
     #: the lower level (its optimizer: learning rates, update rule)
     problem: Problem
+    #: the gradient of the lower level's last optimizer step, where ``reads_last_gradient`` asked
+    #: for it (the engine's `mlo.state.LevelState`); ``None`` otherwise or before its first step
+    last_gradient: Tensors | None
     #: whether the estimator's result must stay differentiable (inside a look-ahead or a curvature)
     create_graph: bool
 
@@ -153,7 +156,7 @@ class Estimator(ABC):
 
     def reads_last_gradient(self, lower: Problem) -> bool:
         """Whether ``vjp`` reads the gradient of ``lower``'s last optimizer step
-        (``Problem.last_gradient``); the engine keeps it only for such levels."""
+        (``Hop.last_gradient``); the engine keeps it only for such levels."""
         return False
 
     def lookahead(self, hop: Hop) -> Tensors | None:

@@ -18,8 +18,8 @@ An approximation, not a converging estimator. The implicit hypergradient
 
 So it costs two first-order gradient evaluations of the lower loss and keeps no double-backward
 graph: its memory is that of a first-order step. It reads the gradient of the lower level's
-last optimizer step, which the engine keeps for the levels this estimator serves
-(``Problem.last_gradient``). Matches Betty's ``sama`` to rounding (tests/test_sama.py).
+last optimizer step, which the engine keeps for the levels this estimator serves and hands it
+(``Hop.last_gradient``). Matches Betty's ``sama`` to rounding (tests/test_sama.py).
 """
 
 from __future__ import annotations
@@ -64,7 +64,7 @@ class Sama(Estimator):
         return isinstance(lower.optimizer, (torch.optim.Adam, torch.optim.AdamW))  # SGD: P = I
 
     def vjp(self, hop: Hop, adjoint: Tensors, lookahead: Tensors | None) -> tuple[Tensors, Info]:
-        v = precondition(hop.problem, adjoint)
+        v = precondition(hop.problem, adjoint, hop.last_gradient)
         size = autodiff.norm_value(v)
         if size == 0.0:
             return zero_result(hop)
@@ -72,13 +72,13 @@ class Sama(Estimator):
         return minus_mixed(hop, v, eps), {"epsilon": eps, "direction_norm": size}
 
 
-def precondition(problem: Problem, vector: Tensors) -> Tensors:
-    """``P vector`` for the lower level ``problem`` (see the module docstring)."""
+def precondition(problem: Problem, vector: Tensors, last: Tensors | None) -> Tensors:
+    """``P vector`` for the lower level ``problem`` whose last step's gradient was ``last``
+    (``None``: zero, before its first step; see the module docstring)."""
     optimizer = problem.optimizer
     if not isinstance(optimizer, (torch.optim.Adam, torch.optim.AdamW)):
         return tuple(vector)
     params = problem.parameters()
-    last = problem.last_gradient
     group_of = {id(p): g for g in optimizer.param_groups for p in g["params"]}
     out = []
     with torch.no_grad():
