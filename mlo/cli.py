@@ -123,10 +123,17 @@ def main(argv: Sequence[str] | None = None) -> int:
     from .programs import Parser
 
     argv = list(sys.argv[1:] if argv is None else argv)
-    if argv and argv[0] == "run":
-        return run(argv[1:])
-    if argv and argv[0] == "check":
-        return check(argv[1:])
+    if argv and argv[0] in ("run", "check"):
+        try:
+            return run(argv[1:]) if argv[0] == "run" else check(argv[1:])
+        except KeyboardInterrupt:  # a program that does not report Ctrl-C itself: one line, no traceback
+            print(f"mlo {argv[0]}: interrupted", file=sys.stderr)
+            return 130
+        except SystemExit as stop:  # a Checkpoint hook's stop on SIGINT/SIGTERM: where its checkpoint is
+            saving = sys.modules.get("mlo.checkpoint")  # loaded whenever such a stop was raised
+            if saving is not None and isinstance(stop, saving.Interrupted):
+                print(f"mlo {argv[0]}: {stop}", file=sys.stderr)
+            raise
     parser = Parser(prog="mlo", description="mlo: multi-level optimization for PyTorch")
     sub = parser.add_subparsers(dest="command", required=True)
     sub.add_parser("run", help="run a registered program (`mlo run --help` lists them)", add_help=False)

@@ -132,6 +132,23 @@ def test_truncated_checkpoint_is_a_clear_error_and_the_previous_is_kept(tmp_path
         checkpoint.read(tmp_path / "nothing.pt")
 
 
+def test_load_latest_skips_a_damaged_newest_checkpoint_naming_it(tmp_path: Path) -> None:
+    engine = dropout_program(hooks=[checkpoint.Checkpoint(tmp_path, every=1, keep=3)])
+    engine.run(3)
+    newest = tmp_path / "checkpoint-00000003.pt"
+    newest.write_bytes(newest.read_bytes()[:500])
+    fresh = dropout_program()
+    with pytest.warns(checkpoint.CheckpointWarning, match=r"checkpoint-00000003\.pt.*truncated or corrupt.*skipped, "
+                      r"resuming from the older .*checkpoint-00000002\.pt"):
+        assert checkpoint.load_latest(fresh, tmp_path) == tmp_path / "checkpoint-00000002.pt"
+    assert fresh.round == 2
+    for older in ("checkpoint-00000001.pt", "checkpoint-00000002.pt"):
+        (tmp_path / older).write_bytes(b"")
+    with pytest.raises(mlo.CheckpointError, match=r"no checkpoint checkpoint-\* in .* could be read: .*00000003.*00000002.*00000001"):
+        checkpoint.load_latest(dropout_program(), tmp_path)
+    assert checkpoint.load_latest(dropout_program(), tmp_path / "empty") is None
+
+
 class Payload:
     def __reduce__(self):  # type: ignore[no-untyped-def]
         return (print, ("pickled code ran",))

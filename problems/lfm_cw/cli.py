@@ -21,7 +21,7 @@ if TYPE_CHECKING:
 
     from .config import RunConfig
 
-__all__ = ["main", "parser", "engine"]
+__all__ = ["main", "parser", "engine", "ignored_by_resume"]
 
 
 def parser(prog: str = "mlo run lfm-cw") -> argparse.ArgumentParser:
@@ -91,24 +91,82 @@ def engine(name: str, argv: Sequence[str]) -> "mlo.Engine":
 )
 def main(name: str, argv: Sequence[str]) -> int:
     """``name`` is the method run when ``--methods`` is not given (``darts`` = ``darts-2nd``);
-    with ``--config`` and no name on the command line, the file's methods are run."""
+    with ``--config`` and no name on the command line, the file's methods are run. Ctrl-C (or
+    SIGTERM) ends with one line saying what was kept and how to resume; exit status 130 (143)."""
     from mlo import ProgramError
+    from mlo.checkpoint import Interrupted
     from mlo.problems.data import DataError
 
-    from .experiment import resume, run
+    from .experiment import default_out, resume, run
 
-    args = parser(f"mlo run {name}").parse_args(list(argv))
+    p = parser(f"mlo run {name}")
+    args = p.parse_args(list(argv))
+    out, checkpoints = args.resume, True
     try:
         if args.resume is not None:
-            with _process_group(str(_saved_field(args.resume, "device") or "cpu")) as device:
+            ignored = ignored_by_resume(p, args, name)
+            if ignored:
+                _say(f"mlo run: --resume {args.resume} continues with the config saved in {args.resume}/config.json; "
+                     f"ignored: {', '.join(ignored)}")
+            with _process_group(args.device or str(_saved_field(args.resume, "device") or "cpu")) as device:
                 resume(args.resume, device)
             return 0
         config = _config(name, args)
+        if config.out is None:  # named now, so that an interrupted run can say where it was
+            config = config.updated({"out": str(default_out(config.methods))})
+        out, checkpoints = config.out, bool(config.checkpoint_every)
         with _process_group(config.device) as device:
             run(config.updated({"device": device}))
     except (ConfigError, DataError, ProgramError) as err:
         return programs.failed(err)
+    except Interrupted as stop:
+        _say(f"mlo run: {stop}\nresume with: {_resume_command(out)}")
+        return int(stop.code or 130)
+    except KeyboardInterrupt:
+        if checkpoints:
+            _say(f"mlo run: interrupted; the checkpoints written so far are in {out}; resume with: {_resume_command(out)}")
+        else:
+            _say(f"mlo run: interrupted; no checkpoint was written, so this run cannot be resumed (--checkpoint-every N "
+                 f"writes them); finished (method, seed) runs, if any, are in {out}/results.json")
+        return 130
     return 0
+
+
+def ignored_by_resume(p: argparse.ArgumentParser, args: argparse.Namespace, name: str) -> list[str]:
+    """The options given with ``--resume`` that it ignores (it runs the saved config; ``--device``
+    is kept), as written on a command line, e.g. ``--rounds 50``."""
+    ignored = [] if name == "lfm-cw" else [f"the method name {name!r}"]
+    for action in p._actions:
+        value = getattr(args, action.dest, None)
+        if action.dest in ("help", "resume", "device") or value in (None, []) or not action.option_strings:
+            continue
+        flag = action.option_strings[-1]
+        if isinstance(value, list):
+            ignored.extend(f"{flag} {v}" for v in value)
+        elif value is True and action.nargs == 0:
+            ignored.append(flag)
+        else:
+            ignored.append(f"{flag} {value}")
+    return ignored
+
+
+def _resume_command(out: str | None) -> str:
+    """The command that resumes the run in ``out`` (under torchrun, with as many ranks)."""
+    import os
+    import shlex
+
+    ranks = int(os.environ.get("WORLD_SIZE", "1"))
+    launcher = f"torchrun --nproc-per-node {ranks} -m mlo" if ranks > 1 else "mlo"
+    return f"{launcher} run --resume {shlex.quote(str(out))}"
+
+
+def _say(line: str) -> None:
+    """A line on stderr, from rank 0 only (torchrun sets RANK; the process group may be gone)."""
+    import os
+    import sys
+
+    if os.environ.get("RANK", "0") == "0":
+        print(line, file=sys.stderr, flush=True)
 
 
 @contextmanager
