@@ -36,22 +36,40 @@ def parser(prog: str = "mlo run lfm-cw") -> argparse.ArgumentParser:
     p.add_argument("--data-root", metavar="DIR", help="directory holding Fashion-MNIST, CIFAR or ImageNet (nothing is downloaded)")
     p.add_argument("--imbalance", type=float, metavar="RHO", help="long-tailed variant with imbalance factor RHO")
     p.add_argument("--space", help="darts | pc-darts | p-darts")
-    p.add_argument("--rounds", dest="search_rounds", type=int, help="search budget in rounds (every level steps once)")
-    p.add_argument("--eval-epochs", type=int, help="epochs to train the derived genotype from scratch")
+    p.add_argument("--rounds", dest="search_rounds", type=int, metavar="N", help="search budget in rounds (every level steps once)")
+    p.add_argument("--eval-epochs", type=int, metavar="N", help="epochs to train the derived genotype from scratch")
     p.add_argument("--estimator", help="estimator on every edge, e.g. finite_difference, cg:iterations=5")
     p.add_argument("--edge-estimator", action="append", default=[], metavar="UPPER->LOWER=SPEC",
                    help="estimator of one edge, e.g. 'class_weights->w2=cg:iterations=5' (repeatable)")
-    p.add_argument("--seeds", type=int, help="repeat every method with seeds 0..N-1 and report mean ± std")
+    p.add_argument("--seeds", type=int, metavar="N", help="repeat every method with seeds 0..N-1 and report mean ± std")
     p.add_argument("--device", help="cpu | cuda | cuda:N")
-    p.add_argument("--out", metavar="DIR", help="output directory (default: runs/<methods>-<time>)")
-    p.add_argument("--engine", help="mlo (default) | betty")
+    p.add_argument("--out", metavar="DIR", help="output directory")
+    p.add_argument("--engine", help="mlo | betty (Betty's engine, installed separately)")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                   help="any other option of the run config, e.g. --set lam=0.5 (repeatable)")
+                   help="any other option of the run config, e.g. --set lam=0.5 (repeatable; --help-all lists them)")
     p.add_argument("--checkpoint-every", type=int, metavar="N", help="write OUT/checkpoint-* every N rounds of each phase")
     p.add_argument("--resume", metavar="OUT", help="continue the run in OUT with its saved config (other options ignored)")
     p.add_argument("--precision", help="fp32 | bf16 | fp16 (fp16: every level with a gradient scaler)")
     p.add_argument("--tensorboard", action="store_true", default=None, help="also write TensorBoard scalars under OUT/tensorboard")
+    _with_defaults(p)
     return p
+
+
+def _with_defaults(p: argparse.ArgumentParser) -> None:
+    """Each flag's help ends with its `RunConfig` default; ``--help-all`` lists every field."""
+    from mlo.config import describe
+
+    from .config import RunConfig
+
+    defaults = {f.name: f.default_text for f in describe(RunConfig)}
+    defaults["methods"] = "the program's name: lfm-cw; darts runs darts-2nd"
+    defaults["out"] = "runs/<methods>-<date>-<time>"
+    defaults["estimator"] = "each method's own"
+    defaults["edge_estimator"] = "none"
+    for action in p._actions:
+        if action.dest in defaults and action.help:
+            action.help += f" (default: {defaults[action.dest]})".replace("%", "%%")
+    programs.add_help_all(p, RunConfig)
 
 
 def _config(name: str, args: argparse.Namespace) -> "RunConfig":
