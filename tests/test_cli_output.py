@@ -80,3 +80,15 @@ def test_one_seed_prints_dashes_not_nan_and_a_narrow_table_keeps_whole_headers(c
 def test_interval_has_a_dash_for_one_pair_and_numbers_for_several() -> None:
     assert runs.interval(runs.paired_difference([1.0], [2.0])) == "-1.00 [—]"
     assert runs.interval(runs.paired_difference([1.0, 2.0, 4.0], [0.0, 0.0, 0.0])).startswith("+2.33 [")
+
+
+def test_betty_refusal_gives_the_command_line_remedy_and_the_remedy_works(capsys: pytest.CaptureFixture[str]) -> None:
+    from mlo.engines.betty import betty_available
+
+    if not betty_available():
+        pytest.skip("betty-ml is not installed")
+    assert main(["run", "lfm-cw", "--engine", "betty", "--rounds", "1"]) == 2
+    err = capsys.readouterr().err
+    assert "--set allow_inexact=true" in err and "allow_inexact=True" not in err
+    assert len(err.strip().splitlines()) == 1
+    RunConfig(engine="betty", allow_inexact=True).validate()  # accepted: Betty's method runs, with a warning

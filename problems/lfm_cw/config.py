@@ -89,6 +89,7 @@ class RunConfig:
     device: str = "cpu"  # cpu | cuda | cuda:N
     out: str | None = None  # output folder (none: runs/<methods>-<date>-<time>)
     engine: str = "mlo"  # mlo | betty
+    allow_inexact: bool = False  # engine betty: run Betty's methods that differ from mlo's estimator (its CG, its finite difference), with a warning
     workers: int = 4  # DataLoader processes on a GPU (pinned memory); 0 on a CPU
     threads: int = 1  # torch intra-op threads; 0 = torch's default. Small CPU models run
     # fastest on one: on a busy 2-core machine two threads were 3-10x slower (OpenMP barriers)
@@ -206,9 +207,17 @@ class RunConfig:
         for method in self.methods:
             for spec in [self.estimator or METHODS[method].estimator, *self.edge_estimators.values()]:
                 try:
-                    betty_method(spec)
+                    betty_method(spec, self.allow_inexact)
                 except BettyUnsupported as err:
-                    raise ConfigError(f"engine 'betty' cannot run method {method!r}: {err}") from None
+                    try:
+                        inexact = betty_method(spec, allow_inexact=True)
+                    except BettyUnsupported:
+                        raise ConfigError(f"engine 'betty' cannot run method {method!r}: {err}") from None
+                    raise ConfigError(
+                        f"engine 'betty' would not compute the hypergradient of method {method!r} as mlo does with {spec}: "
+                        f"{inexact.mismatch}. Add --set allow_inexact=true to run Betty's method anyway (with a warning), "
+                        f"or choose an estimator Betty computes as mlo does (--estimator first_order, neumann or sama)"
+                    ) from None
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

@@ -254,7 +254,7 @@ def _search(
             from mlo.engines.betty import run_on_betty
 
             task = progress.add_task(label, total=rounds, losses="")
-            run_on_betty(program.problems, program.graph, program.estimators, rounds)
+            run_on_betty(program.problems, program.graph, program.estimators, rounds, config.allow_inexact)
             progress.update(task, completed=rounds, losses="(on Betty's engine: no per-level losses)")
         else:
             saver = _saver(config, out, f"{tag}-{phase}")
