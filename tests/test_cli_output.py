@@ -6,6 +6,7 @@ location."""
 from __future__ import annotations
 
 import dataclasses
+from pathlib import Path
 
 import pytest
 
@@ -92,3 +93,47 @@ def test_betty_refusal_gives_the_command_line_remedy_and_the_remedy_works(capsys
     assert "--set allow_inexact=true" in err and "allow_inexact=True" not in err
     assert len(err.strip().splitlines()) == 1
     RunConfig(engine="betty", allow_inexact=True).validate()  # accepted: Betty's method runs, with a warning
+
+
+def _batch_statistics_worker(rank: int, folder: str) -> None:
+    """Each rank: the warnings and stderr of building an engine with BatchNorm inside and outside
+    `batch_statistics_explained`."""
+    import contextlib
+    import io
+    import warnings
+    from pathlib import Path
+
+    import torch
+    from torch import nn
+
+    import mlo
+
+    def build() -> None:
+        module = nn.Sequential(nn.Linear(2, 2), nn.BatchNorm1d(2))
+        batch = torch.ones(4, 2)
+        level = mlo.Problem("w", module, torch.optim.SGD(module.parameters(), lr=0.1), [batch], loss=lambda x: module(x).sum())
+        mlo.Engine([level], {})
+
+    err = io.StringIO()
+    with warnings.catch_warnings(record=True) as seen, contextlib.redirect_stderr(err):
+        warnings.simplefilter("always")
+        with lfm_cli.batch_statistics_explained():
+            build()
+        inside = [str(w.message) for w in seen]
+        build()
+    outside = [str(w.message) for w in seen][len(inside):]
+    torch.save({"inside": inside, "outside": outside, "stderr": err.getvalue()}, Path(folder) / f"rank{rank}.pt")
+
+
+def test_under_several_ranks_the_batchnorm_warning_is_explained_once(tmp_path: Path) -> None:
+    import torch
+
+    from programs import on_two_ranks
+
+    on_two_ranks(_batch_statistics_worker, str(tmp_path / "store"), str(tmp_path))
+    ranks = [torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in range(2)]
+    for r in ranks:
+        assert r["inside"] == []
+        assert len(r["outside"]) == 1 and "BatchNorm layer(s)" in r["outside"][0]  # what it hides
+    assert ranks[0]["stderr"].count("BatchNorm") == 1 and "2 ranks" in ranks[0]["stderr"]
+    assert ranks[1]["stderr"] == ""

@@ -6,17 +6,19 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
 import sys
 import time
+import warnings
 from pathlib import Path
 
 import pytest
 
 from mlo.checkpoint import CheckpointWarning
-from mlo.cli import main
+from mlo.cli import main, one_line_warnings
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -66,8 +68,13 @@ def test_a_truncated_newest_checkpoint_is_skipped_for_the_previous_one_saying_so
     copy = _unfinished_copy(whole, tmp_path / "copy")
     newest = sorted(copy.glob("checkpoint-*-search-*.pt"))[-1]
     newest.write_bytes(newest.read_bytes()[:300])
-    with pytest.warns(CheckpointWarning, match=rf"{newest.name}.*truncated or corrupt.*skipped, resuming from .*-00000002\.pt"):
+    with pytest.warns(CheckpointWarning) as caught:
         assert main(["run", "--resume", str(copy)]) == 0
+    (warned,) = [w for w in caught if w.category is CheckpointWarning]
+    with one_line_warnings("mlo run"):  # as the command shows it: one line naming the file and why
+        line = warnings.formatwarning(warned.message, warned.category, warned.filename, warned.lineno)
+    assert line.startswith(f"mlo run: warning: CheckpointWarning: checkpoint {str(newest)!r} is truncated or corrupt (")
+    assert re.search(r"; skipped, resuming from the older '[^']*-00000002\.pt'\n$", line) and line.count("\n") == 1
     assert _outcome(copy) == _outcome(whole)  # one round run again from round 2: the same run
 
 

@@ -21,7 +21,7 @@ if TYPE_CHECKING:
 
     from .config import RunConfig
 
-__all__ = ["main", "parser", "engine", "ignored_by_resume"]
+__all__ = ["main", "parser", "engine", "ignored_by_resume", "batch_statistics_explained"]
 
 
 def parser(prog: str = "mlo run lfm-cw") -> argparse.ArgumentParser:
@@ -179,11 +179,13 @@ def _resume_command(out: str | None) -> str:
 
 
 def _say(line: str) -> None:
-    """A line on stderr, from rank 0 only (torchrun sets RANK; the process group may be gone)."""
+    """A line on stderr, from rank 0 only (the process group's, or torchrun's RANK once it is gone)."""
     import os
     import sys
 
-    if os.environ.get("RANK", "0") == "0":
+    from mlo import distributed
+
+    if distributed.is_main() if distributed.active() else os.environ.get("RANK", "0") == "0":
         print(line, file=sys.stderr, flush=True)
 
 
@@ -198,10 +200,34 @@ def _process_group(device: str) -> Iterator[str]:
     started = not dist.is_initialized()
     device = distributed.init_from_env(device)
     try:
-        yield device
+        with batch_statistics_explained():
+            yield device
     finally:
         if started and dist.is_initialized():
             dist.destroy_process_group()
+
+
+#: what `mlo.distributed.warn_batch_statistics` says of each level with BatchNorm, once per engine and rank
+_BATCH_STATISTICS = r"level '[^']*': BatchNorm layer"
+
+
+@contextmanager
+def batch_statistics_explained() -> Iterator[None]:
+    """Under several ranks: say once (rank 0) that the DARTS networks' BatchNorm layers normalise
+    by each rank's own batch, which is expected here, instead of the warning each engine of each
+    level gives on each rank; the warning stays hidden while the run lasts. One process: nothing."""
+    import warnings
+
+    from mlo import distributed
+
+    if not distributed.active():
+        yield
+        return
+    _say(f"mlo run: {distributed.world_size()} ranks: the networks' BatchNorm layers normalise each rank's share of a "
+         "batch by its own statistics, so the run differs slightly from one process on the whole batch (expected)")
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=_BATCH_STATISTICS, category=UserWarning)
+        yield
 
 
 def _saved_field(out: str, key: str) -> object:
