@@ -48,7 +48,7 @@ def parser(prog: str = "mlo run lfm-cw") -> argparse.ArgumentParser:
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="any other option of the run config, e.g. --set lam=0.5 (repeatable; --help-all lists them)")
     p.add_argument("--checkpoint-every", type=int, metavar="N", help="write OUT/checkpoint-* every N rounds of each phase")
-    p.add_argument("--resume", metavar="OUT", help="continue the run in OUT with its saved config (other options ignored)")
+    p.add_argument("--resume", metavar="OUT", help="continue the run in OUT with the config saved there (other options but --device are ignored, and named)")
     p.add_argument("--precision", help="fp32 | bf16 | fp16 (fp16: every level with a gradient scaler)")
     p.add_argument("--tensorboard", action="store_true", default=None, help="also write TensorBoard scalars under OUT/tensorboard")
     _with_defaults(p)
