@@ -17,10 +17,6 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import inspect
-import io
-import textwrap
-import tokenize
 import tomllib
 import types
 import typing
@@ -139,6 +135,11 @@ def _kind(hint: Any) -> str:
 def _comments(cls: type) -> dict[str, str]:
     """``{field: the comment ending its line}`` from the source of the class ``cls`` (empty when
     the source cannot be read, e.g. a class made at run time)."""
+    import inspect  # only for help texts
+    import io
+    import textwrap
+    import tokenize
+
     try:
         source = textwrap.dedent(inspect.getsource(cls))
     except (OSError, TypeError):

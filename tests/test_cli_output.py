@@ -12,7 +12,7 @@ import pytest
 
 from mlo import programs
 from mlo.cli import main
-from mlo.config import describe
+from mlo.config import ConfigError, describe, option, updated
 from mlo.problems import hpo, ignoring, maml, reweighting, runs
 from mlo.problems.lfm_cw import cli as lfm_cli
 from mlo.problems.lfm_cw.config import RunConfig
@@ -137,3 +137,20 @@ def test_under_several_ranks_the_batchnorm_warning_is_explained_once(tmp_path: P
         assert len(r["outside"]) == 1 and "BatchNorm layer(s)" in r["outside"][0]  # what it hides
     assert ranks[0]["stderr"].count("BatchNorm") == 1 and "2 ranks" in ranks[0]["stderr"]
     assert ranks[1]["stderr"] == ""
+
+
+@dataclasses.dataclass
+class _Example:
+    mode: str = option("fast", "how it runs", choices=("fast", "exact"))
+    rate: float = 0.1  # the learning rate
+    names: list[str] = dataclasses.field(default_factory=lambda: ["a", "b"])
+
+
+def test_describe_reads_option_and_line_comments_and_updated_checks_choices() -> None:
+    fields = {f.name: f for f in describe(_Example)}
+    assert (fields["mode"].help, fields["mode"].choices, fields["mode"].default_text) == ("how it runs", ("fast", "exact"), "fast")
+    assert (fields["rate"].help, fields["rate"].kind, fields["rate"].choices) == ("the learning rate", "float", None)
+    assert (fields["names"].help, fields["names"].default_text) == ("", "a,b")
+    assert updated(_Example(), {"mode": "exact"}).mode == "exact"
+    with pytest.raises(ConfigError, match=r"option 'mode' must be one of fast, exact, got 'slow'"):
+        updated(_Example(), {"mode": "slow"})
