@@ -214,7 +214,7 @@ class RunConfig:
                     except BettyUnsupported:
                         raise ConfigError(f"engine 'betty' cannot run method {method!r}: {err}") from None
                     raise ConfigError(
-                        f"engine 'betty' would not compute the hypergradient of method {method!r} as mlo does with {spec}: "
+                        f"engine 'betty' cannot run method {method!r} as mlo does with {spec}: "
                         f"{inexact.mismatch}. Add --set allow_inexact=true to run Betty's method anyway (with a warning), "
                         f"or choose an estimator Betty computes as mlo does (--estimator first_order, neumann or sama)"
                     ) from None
