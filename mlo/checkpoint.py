@@ -12,7 +12,9 @@ Loading refuses a truncated or corrupt file with `CheckpointError` naming it, an
 payload that is not tensors and plain values (``weights_only``: no pickled code runs).
 
 `Checkpoint` is the hook that saves every N rounds, keeps the last few, and saves on SIGINT or
-SIGTERM at the end of the round in progress before the process exits.
+SIGTERM at the end of the round in progress before the process exits (raising `Interrupted`,
+which names the checkpoint). `load_latest` restores the newest checkpoint that reads intact,
+warning (`CheckpointWarning`) about each newer one it had to skip and why.
 
 Several ranks (data-parallel under torchrun): ``save`` and ``load`` are collective, every rank
 calls them, and the checkpoint is a directory written and read with
@@ -32,6 +34,7 @@ import re
 import shutil
 import signal
 import threading
+import warnings
 from collections.abc import Callable
 from pathlib import Path
 from types import FrameType
@@ -46,10 +49,29 @@ from .hooks import Hook
 if TYPE_CHECKING:
     from .engine import Engine
 
-__all__ = ["save", "load", "read", "write_atomic", "latest", "Checkpoint", "FORMAT"]
+__all__ = [
+    "save", "load", "load_latest", "read", "write_atomic", "latest", "Checkpoint", "Interrupted", "CheckpointWarning", "FORMAT",
+]
 
 #: the format tag stored in every checkpoint
 FORMAT = "mlo-checkpoint/1"
+
+
+class CheckpointWarning(UserWarning):
+    """A checkpoint was skipped (truncated or corrupt) and an older intact one used instead."""
+
+
+class Interrupted(SystemExit):
+    """A run stopped by SIGINT or SIGTERM after `Checkpoint` wrote ``path`` (the exit status is
+    128 + the signal number, as a shell reports a process killed by it)."""
+
+    def __init__(self, signum: int, path: Path, round: int) -> None:
+        super().__init__(128 + signum)
+        self.signum, self.path, self.round = signum, path, round
+
+    def __str__(self) -> str:
+        return (f"interrupted by {signal.Signals(self.signum).name} at round {self.round}; "
+                f"checkpoint written: {self.path}")
 
 
 def write_atomic(obj: Any, path: str | Path) -> Path:
@@ -153,6 +175,28 @@ def load(engine: "Engine", path: str | Path) -> dict[str, Any]:
     return dict(state.get("extra", {}))
 
 
+def load_latest(engine: "Engine", directory: str | Path, prefix: str = "checkpoint") -> Path | None:
+    """Restore ``engine`` from the newest checkpoint in ``directory`` (`latest`'s naming) that
+    reads intact; returns its path, or ``None`` when there is no checkpoint. Each newer one that
+    is truncated or corrupt is skipped with a `CheckpointWarning` naming it and why; when none
+    reads, `CheckpointError` lists them all."""
+    found = [path for _, path in reversed(_numbered(Path(directory), prefix))]
+    problems = []
+    for path in found:
+        try:
+            state = read(path)
+        except CheckpointError as err:
+            problems.append(str(err))
+            continue
+        for problem in problems:
+            warnings.warn(f"{problem}; skipped, resuming from the older {str(path)!r}", CheckpointWarning, stacklevel=2)
+        engine.load_state_dict(state["engine"])
+        return path
+    if problems:
+        raise CheckpointError(f"no checkpoint {prefix}-* in {str(directory)!r} could be read: " + "; ".join(problems))
+    return None
+
+
 def _numbered(directory: Path, prefix: str) -> list[tuple[int, Path]]:
     """The checkpoints ``<prefix>-<round>.pt`` (one process) and ``<prefix>-<round>/`` (several)."""
     pattern = re.compile(re.escape(prefix) + r"-(\d+)(\.pt)?")
@@ -211,9 +255,9 @@ class Checkpoint(Hook):
         # every rank stops at the same round when any of them was signalled
         stop = distributed.any_rank(self.pending is not None) if distributed.active() else self.pending is not None
         if engine.round % self.every == 0 or stop:
-            self.save(engine)
+            path = self.save(engine)
         if stop:
-            raise SystemExit(128 + (self.pending or signal.SIGTERM))
+            raise Interrupted(self.pending or signal.SIGTERM, path, engine.round)
 
     def on_run_start(self, engine: "Engine") -> None:
         self.pending = None

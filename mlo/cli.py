@@ -7,7 +7,9 @@ from __future__ import annotations
 
 import argparse
 import sys
-from collections.abc import Sequence
+import warnings
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
@@ -119,6 +121,29 @@ def _user_engine(target: str) -> "Engine":
     return engine
 
 
+@contextmanager
+def one_line_warnings(command: str) -> Iterator[None]:
+    """While it lasts, mlo's own warnings (their classes are defined in mlo) are shown as one line,
+    ``mlo run: warning: CheckpointWarning: ...`` (with the rank under torchrun), without the
+    source location and line Python adds; other warnings as Python shows them. (It sets
+    ``warnings.formatwarning``, so warnings recorded instead of shown stay as they are.)"""
+    import os
+
+    python = warnings.formatwarning
+    rank = f" (rank {os.environ['RANK']})" if int(os.environ.get("WORLD_SIZE", "1")) > 1 and "RANK" in os.environ else ""
+
+    def one_line(message: Warning | str, category: type[Warning], filename: str, lineno: int, line: str | None = None) -> str:
+        if category.__module__.split(".")[0] != "mlo":
+            return python(message, category, filename, lineno, line)
+        return f"{command}: warning{rank}: {category.__name__}: {' '.join(str(message).split())}\n"
+
+    warnings.formatwarning = one_line
+    try:
+        yield
+    finally:
+        warnings.formatwarning = python
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     from .extras import install_hint
 
@@ -136,10 +161,18 @@ def main(argv: Sequence[str] | None = None) -> int:
 def _command(argv: list[str]) -> int:
     from .programs import Parser
 
-    if argv and argv[0] == "run":
-        return run(argv[1:])
-    if argv and argv[0] == "check":
-        return check(argv[1:])
+    if argv and argv[0] in ("run", "check"):
+        try:
+            with one_line_warnings(f"mlo {argv[0]}"):
+                return run(argv[1:]) if argv[0] == "run" else check(argv[1:])
+        except KeyboardInterrupt:  # a program that does not report Ctrl-C itself: one line, no traceback
+            print(f"mlo {argv[0]}: interrupted", file=sys.stderr)
+            return 130
+        except SystemExit as stop:  # a Checkpoint hook's stop on SIGINT/SIGTERM: where its checkpoint is
+            saving = sys.modules.get("mlo.checkpoint")  # loaded whenever such a stop was raised
+            if saving is not None and isinstance(stop, saving.Interrupted):
+                print(f"mlo {argv[0]}: {stop}", file=sys.stderr)
+            raise
     parser = Parser(prog="mlo", description="mlo: multi-level optimization for PyTorch")
     sub = parser.add_subparsers(dest="command", required=True)
     sub.add_parser("run", help="run a registered program (`mlo run --help` lists them)", add_help=False)

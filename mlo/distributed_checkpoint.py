@@ -22,7 +22,18 @@ paths, so it runs no code. DCP reads tensor data with ``torch.load(weights_only=
 rank's entry is read the same way. DCP's own byte entries (read with
 ``torch.load(weights_only=False)``) are never written by mlo, and a checkpoint holding any is
 refused. The files' sizes are checked against ``.metadata`` first, so a truncated file is
-named; a file damaged inside a tensor's bytes is not detected (no checksums).
+named.
+
+The unpickler's allow-list names torch internals (``_StorageInfo``, ``_MEM_FORMAT_ENCODING``,
+``_get_layout``). A torch that renamed one of them cannot read these checkpoints with this mlo:
+the error names the torch version and the missing name, rather than failing somewhere inside
+the unpickler. A metadata file naming a DCP class the list does not hold (written by another
+torch) is refused with the same details.
+
+Checksums: each rank also writes ``checksums/rank<r>``, the CRC-32 of every entry it holds (the
+shared tensors and its own entry), as JSON bytes. Reading verifies every entry read against
+them, so a byte flipped inside a tensor's data is named (entry and file) instead of loading
+silently. Checkpoints written before checksums existed are read without the check.
 """
 
 from __future__ import annotations
@@ -31,9 +42,12 @@ import copy
 import io
 import os
 import pickle
+import importlib
+import json
 import re
 import shutil
-from collections.abc import Callable
+import zlib
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -41,16 +55,31 @@ import torch
 import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint import metadata as dcp_metadata
 from torch.distributed.checkpoint.api import CheckpointException
-from torch.distributed.checkpoint.filesystem import _StorageInfo
 
 from . import distributed
 from .errors import CheckpointError, first_line
 
-__all__ = ["write", "read", "read_metadata"]
+__all__ = ["write", "read", "read_metadata", "METADATA_NAMES", "missing_names", "checksum"]
 
 #: marks a shared tensor inside a rank's entry: ``{_SHARED: key}``
 _SHARED = "mlo-checkpoint/shared-tensor"
 _METADATA = ".metadata"
+#: the entry holding rank r's checksums: ``_CHECKSUMS + "rank<r>"``
+_CHECKSUMS = "checksums/"
+
+#: the globals DCP's ``.metadata`` pickle may name, by module; the only ones the reader builds.
+#: Some are torch internals that a torch release may rename (`read_metadata` then says which).
+METADATA_NAMES: Mapping[str, frozenset[str]] = {
+    "torch.distributed.checkpoint.metadata": frozenset({
+        "Metadata", "TensorStorageMetadata", "BytesStorageMetadata", "TensorProperties", "ChunkStorageMetadata",
+        "MetadataIndex", "StorageMeta", "_MEM_FORMAT_ENCODING",
+    }),
+    "torch.distributed.checkpoint.filesystem": frozenset({"_StorageInfo"}),
+    "torch.serialization": frozenset({"_get_layout"}),
+    "torch": frozenset({"Size"}),
+    "pathlib": frozenset({"Path", "PosixPath", "PurePosixPath"}),
+    "collections": frozenset({"OrderedDict"}),
+}
 
 Path_ = tuple[Any, ...]
 
@@ -133,7 +162,17 @@ def _entries(state: dict[str, Any], replicated: Callable[[Path_], bool]) -> dict
     own = _map_tensors(state, (), take)
     buffer = io.BytesIO()
     torch.save(own, buffer)
-    return {**shared, f"rank{distributed.rank()}": torch.frombuffer(bytearray(buffer.getvalue()), dtype=torch.uint8)}
+    mine = f"rank{distributed.rank()}"
+    entries = {**shared, mine: torch.frombuffer(bytearray(buffer.getvalue()), dtype=torch.uint8)}
+    sums = json.dumps({key: checksum(t) for key, t in entries.items()}, sort_keys=True).encode()
+    entries[_CHECKSUMS + mine] = torch.frombuffer(bytearray(sums), dtype=torch.uint8)
+    return entries
+
+
+def checksum(t: torch.Tensor) -> int:
+    """The CRC-32 of a tensor's bytes (its dtype's bytes in memory order, on the CPU)."""
+    data = t.detach().to("cpu").contiguous().reshape(-1).view(torch.uint8)
+    return zlib.crc32(data.numpy().tobytes())
 
 
 def _map_tensors(value: Any, where: Path_, fn: Callable[[Path_, torch.Tensor], Any]) -> Any:
@@ -159,26 +198,38 @@ class _Refused(pickle.UnpicklingError):
     """A global that DCP's metadata does not use."""
 
 
-class _MetadataUnpickler(pickle.Unpickler):
-    """Rebuilds DCP's metadata and nothing else: any other global in the pickle is refused."""
+class _UnknownDCPName(pickle.UnpicklingError):
+    """A global of torch's DCP modules that the allow-list does not hold (another torch version's)."""
 
-    _ALLOWED: dict[str, set[str]] = {
-        "torch.distributed.checkpoint.metadata": {
-            "Metadata", "TensorStorageMetadata", "BytesStorageMetadata", "TensorProperties", "ChunkStorageMetadata",
-            "MetadataIndex", "StorageMeta", "_MEM_FORMAT_ENCODING",
-        },
-        "torch.distributed.checkpoint.filesystem": {"_StorageInfo"},
-        "torch.serialization": {"_get_layout"},
-        "torch": {"Size"},
-        "pathlib": {"Path", "PosixPath", "PurePosixPath"},
-        "collections": {"OrderedDict"},
-    }
+
+def missing_names(allowed: Mapping[str, frozenset[str]] = METADATA_NAMES) -> list[str]:
+    """The names of ``allowed`` that this torch does not have (``module.name``): the torch internals
+    DCP's metadata was built from, renamed or removed by a torch release."""
+    missing: list[str] = []
+    for module, names in allowed.items():
+        try:
+            found = importlib.import_module(module)
+        except ImportError:
+            missing.extend(f"{module}.{name}" for name in sorted(names))
+            continue
+        missing.extend(f"{module}.{name}" for name in sorted(names) if not hasattr(found, name))
+    return missing
+
+
+class _MetadataUnpickler(pickle.Unpickler):
+    """Rebuilds DCP's metadata and nothing else: any global not in ``allowed`` is refused."""
+
+    def __init__(self, file: Any, allowed: Mapping[str, frozenset[str]]) -> None:
+        super().__init__(file)
+        self.allowed = allowed
 
     def find_class(self, module: str, name: str) -> Any:
-        if name in self._ALLOWED.get(module, ()):
+        if name in self.allowed.get(module, ()):
             return super().find_class(module, name)
         if module == "torch" and isinstance(getattr(torch, name, None), torch.dtype):
             return getattr(torch, name)
+        if module.startswith("torch.distributed.checkpoint") or module == "torch.serialization":
+            raise _UnknownDCPName(f"{module}.{name}")
         raise _Refused(f"{module}.{name} is not part of DCP's metadata")
 
 
@@ -193,14 +244,29 @@ class _Reader(dcp.FileSystemReader):
         return metadata
 
 
-def read_metadata(path: Path) -> dcp_metadata.Metadata:
-    """The checkpoint's DCP metadata, read without running code; `CheckpointError` naming the file."""
+def read_metadata(path: Path, allowed: Mapping[str, frozenset[str]] = METADATA_NAMES) -> dcp_metadata.Metadata:
+    """The checkpoint's DCP metadata, read without running code, building only the globals of
+    ``allowed``; `CheckpointError` naming the file, or the torch version and the name when this
+    torch lacks a name of ``allowed`` or the file names a DCP global ``allowed`` does not hold."""
+    missing = missing_names(allowed)
+    if missing:
+        raise CheckpointError(
+            f"torch {torch.__version__} has no {', '.join(missing)}, which mlo's reader of multi-rank checkpoint "
+            f"metadata rebuilds (DCP's metadata classes; this torch renamed or removed them): checkpoint "
+            f"{str(path)!r} cannot be read with this torch and mlo; read it with the torch version that wrote it, "
+            f"or an mlo that knows this torch"
+        )
     file = path / _METADATA
     try:
         with open(file, "rb") as f:
-            metadata = _MetadataUnpickler(f).load()
+            metadata = _MetadataUnpickler(f, allowed).load()
     except FileNotFoundError:
         raise CheckpointError(f"checkpoint {str(path)!r} has no {_METADATA} (an unfinished write, or not a checkpoint)") from None
+    except _UnknownDCPName as err:
+        raise CheckpointError(
+            f"checkpoint file {str(file)!r} names {err}, which mlo's reader of DCP metadata does not know under torch "
+            f"{torch.__version__} (written by another torch version?); refused, nothing in it was run"
+        ) from None
     except _Refused as err:
         raise CheckpointError(f"checkpoint file {str(file)!r} holds objects other than DCP's metadata; refused, "
                               f"nothing in it was run ({err})") from None
@@ -243,7 +309,7 @@ def _templates(path: Path) -> dict[str, torch.Tensor]:
         raise CheckpointError(f"checkpoint {str(path)!r} does not exist")
     metadata = read_metadata(path)
     for info in metadata.storage_data.values():
-        if not isinstance(info, _StorageInfo):
+        if not all(isinstance(getattr(info, a, None), k) for a, k in (("relative_path", str), ("offset", int), ("length", int))):
             raise CheckpointError(f"checkpoint file {str(path / _METADATA)!r} is not DCP metadata")
         file = path / info.relative_path
         if not file.is_file():
@@ -260,15 +326,48 @@ def _templates(path: Path) -> dict[str, torch.Tensor]:
     mine = f"rank{distributed.rank()}"
     out = {}
     for key, meta in metadata.state_dict_metadata.items():
-        if key == mine or key.startswith("shared/"):
+        if key in (mine, _CHECKSUMS + mine) or key.startswith("shared/"):
             if not isinstance(meta, dcp_metadata.TensorStorageMetadata):
                 raise CheckpointError(f"checkpoint {str(path)!r}: entry {key!r} is not a tensor (mlo writes none); refused")
             out[key] = torch.empty(meta.size, dtype=meta.properties.dtype)
     return out
 
 
+def _verify(path: Path, entries: dict[str, torch.Tensor]) -> None:
+    """Every entry this rank read against the checksums its rank wrote (none: an older checkpoint,
+    not checked); a mismatch is a `CheckpointError` naming the entry and the file holding it."""
+    key = _CHECKSUMS + f"rank{distributed.rank()}"
+    if key not in entries:
+        return
+    try:
+        sums = json.loads(entries[key].numpy().tobytes())
+        if not isinstance(sums, dict):
+            raise ValueError("not a table")
+    except ValueError as err:
+        raise CheckpointError(f"checkpoint {str(path)!r}: entry {key!r} (the checksums) is corrupt ({first_line(err)})") from None
+    for name, tensor in entries.items():
+        if name == key:
+            continue
+        if name not in sums:
+            raise CheckpointError(f"checkpoint {str(path)!r}: entry {name!r} has no checksum in {key!r}; the checkpoint is damaged")
+        if checksum(tensor) != sums[name]:
+            raise CheckpointError(
+                f"checkpoint {str(path)!r}: entry {name!r} does not match its checksum (stored in {_files_of(path, name)}): "
+                f"its bytes were damaged on disk (or the checksums in {key!r} were)"
+            )
+
+
+def _files_of(path: Path, key: str) -> str:
+    """The data file(s) holding the entry ``key``, as the metadata says."""
+    metadata = read_metadata(path)
+    files = sorted({str(path / info.relative_path) for index, info in metadata.storage_data.items() if index.fqn == key})
+    return ", ".join(repr(f) for f in files) or "no file"
+
+
 def _assemble(path: Path, entries: dict[str, torch.Tensor]) -> dict[str, Any]:
-    """This rank's entry read with ``weights_only=True``, its references to shared tensors resolved."""
+    """This rank's entry read with ``weights_only=True`` after every entry was checked against its
+    checksum, its references to shared tensors resolved."""
+    _verify(path, entries)
     key = f"rank{distributed.rank()}"
     try:
         own = torch.load(io.BytesIO(entries[key].numpy().tobytes()), map_location="cpu", weights_only=True)

@@ -23,19 +23,18 @@ import dataclasses
 import importlib
 import importlib.metadata
 import sys
-import typing
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, NoReturn, TypeVar
 
-from .config import ConfigError, assignments, from_toml, updated
+from .config import ConfigError, assignments, describe, from_toml, listing, updated
 from .errors import ProgramError
 
 if TYPE_CHECKING:
     from .engine import Engine
 
 __all__ = [
-    "Entry", "EngineAfter", "register", "program", "configured", "get", "names", "entries", "discover", "config_parser", "Parser", "failed",
+    "Entry", "EngineAfter", "register", "program", "configured", "get", "names", "entries", "discover", "config_parser", "add_help_all", "Parser", "failed",
     "ENTRY_POINT_GROUP",
 ]
 
@@ -147,21 +146,35 @@ def configured(config: type[C], prog: str, summary: str, argv: Sequence[str]) ->
 
 
 def config_parser(config: type, prog: str, description: str = "") -> argparse.ArgumentParser:
-    """A parser with one ``--field-name`` flag per field of the dataclass ``config`` (its default
-    in the help), ``--config FILE`` (TOML) and ``--set KEY=VALUE``. Flags are read as text and
-    converted by `mlo.config.updated`; an absent flag is ``None``."""
+    """A parser with one ``--field-name`` flag per field of the dataclass ``config`` (its
+    description, allowed values and default in the help: `mlo.config.describe`), ``--config FILE``
+    (TOML), ``--set KEY=VALUE`` and ``--help-all`` (every field, as `--set` takes it). Flags are
+    read as text and converted by `mlo.config.updated`; an absent flag is ``None``."""
     parser = Parser(prog=prog, description=description)
-    hints = typing.get_type_hints(config)
-    for f in dataclasses.fields(config):
-        default = f.default if f.default is not dataclasses.MISSING else (
-            f.default_factory() if f.default_factory is not dataclasses.MISSING else None  # type: ignore[misc]
-        )
-        kind = getattr(hints[f.name], "__name__", str(hints[f.name]))
-        parser.add_argument(f"--{f.name.replace('_', '-')}", dest=f.name, metavar=kind.upper(),
-                            help=f"(default: {default})")
+    for f in describe(config):
+        metavar = "{" + ",".join(map(str, f.choices)) + "}" if f.choices else f.kind.upper()
+        if f.choices and f.kind.startswith("list"):
+            metavar = f"LIST of {metavar}"
+        parser.add_argument(f"--{f.name.replace('_', '-')}", dest=f.name, metavar=metavar,
+                            help=f"{f.help + ' ' if f.help else ''}(default: {f.default_text})".replace("%", "%%"))
     parser.add_argument("--config", metavar="FILE", help="TOML file with options (flags override it)")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="any option, repeatable")
+    add_help_all(parser, config)
     return parser
+
+
+def add_help_all(parser: argparse.ArgumentParser, config: type) -> None:
+    """Add ``--help-all`` to ``parser``: print every field of the dataclass ``config`` (type,
+    allowed values, default, description: `mlo.config.listing`) and exit."""
+    text = f"every option of {parser.prog} (--set KEY=VALUE, or KEY = VALUE in a --config TOML file):\n{listing(config)}"
+
+    class HelpAll(argparse.Action):
+        def __call__(self, parser: argparse.ArgumentParser, *args: object, **kwargs: object) -> None:
+            print(text)
+            parser.exit()
+
+    parser.add_argument("--help-all", nargs=0, action=HelpAll, help="list every option --set takes, with its type, "
+                        "allowed values, default and description, and exit")
 
 
 def discover(again: bool = False) -> None:

@@ -28,7 +28,7 @@ from torch import Tensor, nn
 from torch.utils.data import Subset
 
 import mlo
-from mlo.config import ConfigError
+from mlo.config import ConfigError, option
 
 from . import data, runs
 from .reweighting import mlp
@@ -102,23 +102,24 @@ class HPOConfig:
     times on a shared machine are not a fair measure of it: every run's ``seconds`` in results.json
     is there to read, not to match."""
 
-    methods: list[str] = field(default_factory=lambda: list(METHODS))
-    reference: str = "learned"  # the grid's paired difference to it is reported
+    methods: list[str] = option(help="the methods compared, comma-separated: learned rates, and the best point of the grid",
+                                choices=METHODS, default_factory=lambda: list(METHODS))
+    reference: str = "learned"  # one of the methods: the grid's paired difference to it is reported
     seeds: int = 10  # paired: seed s gives both methods the same training subset, initialisation and batches
-    train_size: int = 300
-    hidden: int = 128
+    train_size: int = 300  # digits training examples (small, so that regularization matters)
+    hidden: int = 128  # units per hidden layer
     layers: int = 2  # hidden layers; the model has layers + 1 linear layers
-    batch_size: int = 64
-    rounds: int = 200
-    lrs: list[str] = field(default_factory=lambda: ["0.03", "0.1", "0.3", "1.0"])
-    weight_decays: list[str] = field(default_factory=lambda: ["1e-5", "1e-4", "1e-3", "1e-2"])
-    cost: float = 3.0  # measured: see the docstring
-    init_lr: float = 0.1
-    init_weight_decay: float = 1e-3
-    meta_lr: float = 0.03
-    estimator: str = "unroll:steps=1"
-    threads: int = 1
-    out: str | None = None
+    batch_size: int = 64  # training examples per step
+    rounds: int = 200  # plain training steps of each grid point (the learned rates get the same cost)
+    lrs: list[str] = field(default_factory=lambda: ["0.03", "0.1", "0.3", "1.0"])  # the grid's learning rates, comma-separated
+    weight_decays: list[str] = field(default_factory=lambda: ["1e-5", "1e-4", "1e-3", "1e-2"])  # the grid's weight decays, comma-separated
+    cost: float = 3.0  # what one learned-rates round costs in plain steps (measured: python -m mlo.benchmarks.hpo_cost)
+    init_lr: float = 0.1  # learned: every layer's starting learning rate
+    init_weight_decay: float = 1e-3  # learned: every layer's starting weight decay
+    meta_lr: float = 0.03  # learned: Adam learning rate of the log rates
+    estimator: str = "unroll:steps=1"  # learned: the hypergradient estimator (learning rates need unroll)
+    threads: int = 1  # torch intra-op threads (0: torch's default)
+    out: str | None = None  # folder for results.json (none: nothing written)
 
     def validate(self) -> None:
         runs.check_methods(self.methods, METHODS, self.reference)

@@ -23,7 +23,7 @@ choice).
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -32,7 +32,7 @@ from torch import Tensor, nn
 from torch.utils.data import TensorDataset
 
 import mlo
-from mlo.config import ConfigError
+from mlo.config import ConfigError, option
 
 from . import data, runs
 from .runs import separation
@@ -190,29 +190,30 @@ class IgnoringConfig:
     each model ``warmup + rounds`` rounds of ``steps`` SGD steps; lbi updates the weights once per
     round after the warm-up. Differences to ``reference`` are paired over seeds."""
 
-    dataset: str = "digits"
+    dataset: str = option("digits", "the data set (fashion-mnist at 14x14)", choices=DATASETS)
     fashion_per_class: int = 200  # fashion-mnist: images per class drawn before the split
     target_fraction: float = 0.4  # of each class, to the target domain (the rest is the source)
     target_train: int = 5  # labelled target images per class for training
     target_val: int = 5  # ... and for the weights' validation objective
     noise: float = 0.3  # source examples with a wrong label
     off_domain: float = 0.1  # source examples inverted (1 - pixel)
-    pixel_noise: float = 0.2
-    methods: list[str] = field(default_factory=lambda: list(METHODS))
-    reference: str = "lbi"
-    seeds: int = 5
-    warmup: int = 20
-    rounds: int = 40
+    pixel_noise: float = 0.2  # std of the Gaussian noise added to every source image (with a half-pixel shift: the domain shift)
+    methods: list[str] = option(help="the methods compared, comma-separated", choices=tuple(METHODS),
+                                default_factory=lambda: list(METHODS))
+    reference: str = "lbi"  # one of the methods: every other method's paired difference to it is reported
+    seeds: int = 5  # paired seeds 0..N-1
+    warmup: int = 20  # rounds before the weights are first updated
+    rounds: int = 40  # rounds after the warm-up (lbi: one weight update each)
     steps: int = 5  # SGD steps of the source and target models per round
     batch_size: int = 0  # source batch; 0: the whole source set
     hidden: int = 0  # 0: linear softmax models (convex levels); else one hidden ReLU layer
-    lr: float = 0.5
-    weight_decay: float = 1e-3
+    lr: float = 0.5  # SGD learning rate of the source and target models
+    weight_decay: float = 1e-3  # L2 penalty of the source and target models
     lam: float = 1.0  # proximal strength of the target model to the source model
-    meta_lr: float = 0.1
-    estimator: str = "cg:iterations=30"  # 10 iterations leave the source solve ~40 % off (mlo bench ignoring)
-    threads: int = 1
-    out: str | None = None
+    meta_lr: float = 0.1  # lbi: learning rate of the source weights
+    estimator: str = "cg:iterations=30"  # lbi: the hypergradient estimator; 10 iterations leave the source solve ~40 % off (mlo bench ignoring)
+    threads: int = 1  # torch intra-op threads (0: torch's default)
+    out: str | None = None  # folder for results.json (none: nothing written)
 
     def validate(self) -> None:
         if self.dataset not in DATASETS:

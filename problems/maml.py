@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, NamedTuple
 
 import torch
@@ -28,7 +28,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 import mlo
-from mlo.config import ConfigError
+from mlo.config import ConfigError, option
 from mlo.functional import Program
 from mlo.tasks import TaskBatch
 
@@ -169,27 +169,29 @@ class MAMLConfig:
     (``imaml_steps`` SGD steps on the support loss plus the proximal term). Differences to
     ``reference`` are paired over seeds."""
 
-    problem: str = "sinusoid"  # sinusoid | digits
-    methods: list[str] = field(default_factory=lambda: list(METHODS))
-    reference: str = "maml"  # every other method's paired difference to it is reported
-    seeds: int = 3
-    tasks: int = 16
-    shots: int = 5
-    query: int = 10
-    ways: int = 3  # digits
-    rounds: int = 300
-    inner_lr: float = 0.01
-    inner_steps: int = 1
+    problem: str = option("sinusoid", "the task family: sinusoid regression, or N-way K-shot digits",
+                          choices=("sinusoid", "digits"))
+    methods: list[str] = option(help="the methods compared, comma-separated", choices=METHODS,
+                                default_factory=lambda: list(METHODS))
+    reference: str = "maml"  # one of the methods: every other method's paired difference to it is reported
+    seeds: int = 3  # paired seeds 0..N-1
+    tasks: int = 16  # tasks per meta-batch
+    shots: int = 5  # support examples per task (per class for digits)
+    query: int = 10  # query examples per task (per class for digits)
+    ways: int = 3  # digits: classes per task (2 or 3)
+    rounds: int = 300  # meta-training steps
+    inner_lr: float = 0.01  # SGD learning rate of the adaptation to a task
+    inner_steps: int = 1  # MAML's adaptation: SGD steps on the support set
     # iMAML's implicit gradient holds at the inner optimum: 20 steps at lr 0.01 with proximal 10
     # leave about 0.1 of the way to it along directions of curvature 0 to 1 (0.90^20 to 0.89^20);
     # 10 steps with proximal 1 left 0.8 to 0.9, and iMAML learned nothing (README, "MAML and iMAML")
-    imaml_steps: int = 20
-    proximal: float = 10.0
-    meta_lr: float = 1e-3
-    test_tasks: int = 200
-    hidden: int = 40
-    threads: int = 1
-    out: str | None = None
+    imaml_steps: int = 20  # iMAML's adaptation: SGD steps on the support loss plus the proximal term
+    proximal: float = 10.0  # iMAML: strength of the proximal term to the meta-parameters
+    meta_lr: float = 1e-3  # Adam learning rate of the meta-parameters
+    test_tasks: int = 200  # new tasks the methods are tested on
+    hidden: int = 40  # units per hidden layer
+    threads: int = 1  # torch intra-op threads (0: torch's default)
+    out: str | None = None  # folder for results.json (none: nothing written)
 
     def validate(self) -> None:
         if self.problem not in ("sinusoid", "digits"):

@@ -19,7 +19,7 @@ from __future__ import annotations
 import json
 import math
 from collections.abc import Callable, Iterable, Sequence
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -29,7 +29,7 @@ from torch import Tensor, nn
 from torch.utils.data import DataLoader, TensorDataset
 
 import mlo
-from mlo.config import ConfigError
+from mlo.config import ConfigError, option
 
 from . import data, runs
 
@@ -117,29 +117,32 @@ class ReweightingConfig:
     corruption, initialisation and batch order, so the methods are compared seed by seed.
     Defaults: seconds per run on a CPU for digits, about ten for Fashion-MNIST."""
 
-    dataset: str = "digits"  # digits | fashion-mnist
+    dataset: str = option("digits", "the data set (fashion-mnist: the Debian package's IDX files)", choices=DATASETS)
     data_root: str | None = None  # fashion-mnist: the folder of its IDX files (default: Debian's dataset-fashion-mnist)
     image_size: int = 14  # fashion-mnist: images average-pooled to this size (divides 28)
     train_per_class: int = 500  # fashion-mnist: training images per class, 20 % of them the clean meta set
     test_per_class: int = 200  # fashion-mnist: test images per class
-    setting: str = "noisy"  # noisy | long-tailed
+    setting: str = option("noisy", "how the training set is corrupted: noisy labels, or a long-tailed class distribution",
+                          choices=SETTINGS)
     noise: float = 0.4  # noisy: fraction of training labels replaced by a uniformly random other class
     imbalance: float = 20.0  # long-tailed: largest / smallest class size
-    methods: list[str] = field(default_factory=lambda: ["mwn", "uniform", "class-balanced"])  # and oracle
-    reference: str = "mwn"  # every other method's paired difference to it is reported
-    seeds: int = 10
+    methods: list[str] = option(help="the methods compared, comma-separated (oracle: noisy only)", choices=tuple(METHODS),
+                                default_factory=lambda: ["mwn", "uniform", "class-balanced"])
+    reference: str = "mwn"  # one of the methods: every other method's paired difference to it is reported
+    seeds: int = 10  # paired seeds 0..N-1: seed s gives every method the same split, corruption, initialisation and batches
     rounds: int = 400  # every method: this many classifier steps
-    batch_size: int = 64
-    hidden: int = 64
-    lr: float = 0.1
-    momentum: float = 0.9
-    schedule: str = "cosine"  # the classifier's learning rate: cosine from lr to 0 over the rounds, or constant
-    meta_lr: float = 1e-3
+    batch_size: int = 64  # training examples per classifier step
+    hidden: int = 64  # hidden units of the classifier (an MLP)
+    lr: float = 0.1  # the classifier's SGD learning rate
+    momentum: float = 0.9  # the classifier's SGD momentum
+    schedule: str = option("cosine", "the classifier's learning rate: cosine from lr to 0 over the rounds, or constant",
+                           choices=SCHEDULES)
+    meta_lr: float = 1e-3  # mwn: Adam learning rate of the weighting network
     normalize: bool = True  # mwn: weights normalised within each batch (the paper's code)
-    estimator: str = "unroll:steps=1"  # the original update; sama, neumann, cg also serve
+    estimator: str = "unroll:steps=1"  # mwn: the hypergradient estimator (unroll:steps=1 is the original update; sama, neumann, cg also serve)
     log_every: int = 20  # mwn: rounds between two records of the weights (log-mwn-seed<k>.json in out)
-    threads: int = 1
-    out: str | None = None
+    threads: int = 1  # torch intra-op threads (0: torch's default)
+    out: str | None = None  # folder for results.json and logs (none: nothing written)
 
     def validate(self) -> None:
         for name, value, known in (("dataset", self.dataset, DATASETS), ("setting", self.setting, SETTINGS),

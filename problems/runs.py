@@ -25,7 +25,8 @@ from mlo.config import ConfigError
 
 from .data import balanced_error, error
 
-__all__ = ["loader", "evaluate", "compare", "compare_config", "paired_difference", "markdown", "separation", "output_dir"]
+__all__ = ["loader", "evaluate", "compare", "compare_config", "paired_difference", "interval", "fitted_table", "markdown", "separation",
+           "output_dir"]
 
 
 def loader(dataset: Dataset, batch_size: int, seed: int) -> DataLoader:
@@ -84,7 +85,7 @@ def compare(
     (``row["paired"][metric]``), and the table shows it for the first metric ``run_one`` reports."""
     if reference is not None and reference not in methods:
         raise ConfigError(f"reference {reference!r} is not among the methods {list(methods)}")
-    console = console or Console()
+    console = console or Console(log_path=False)  # log lines without this file's name and line
     folder = output_dir(out) if out is not None else None  # refused before any run, not after
     runs: list[dict[str, Any]] = []
     for method in methods:
@@ -112,13 +113,7 @@ def compare(
             }
         summary.append(row)
     result = {"config": config, "runs": runs, "summary": summary, "reference": reference}
-    table = Table(title=title)
-    columns, rows = _table(result)
-    for col in columns:
-        table.add_column(col, justify="left" if col == "method" else "right")
-    for cells in rows:
-        table.add_row(*cells)
-    console.print(table)
+    console.print(fitted_table(title, *_table(result), console))
     console.print(markdown(result), markup=False, highlight=False, soft_wrap=True)
     if folder is not None:
         path = folder / "results.json"
@@ -139,12 +134,49 @@ def _table(result: dict[str, Any]) -> tuple[list[str], list[list[str]]]:
     delta = [f"Δ {first} vs {reference} [95 % CI]"] if reference is not None else []
     rows = []
     for row in result["summary"]:
-        cells = [f"{row[k]:.2f} ± {row[k + '_std']:.2f}" if k in row else "—" for k in names]
+        cells = [(f"{row[k]:.2f} ± {row[k + '_std']:.2f}" if row["seeds"] > 1 else f"{row[k]:.2f} ± —") if k in row else "—"
+                 for k in names]
         if reference is not None:
             d = row.get("paired", {}).get(first)
-            cells.append(f"{d['mean']:+.2f} [{d['ci_low']:+.2f}, {d['ci_high']:+.2f}]" if d else "—")
+            cells.append(interval(d) if d else "—")
         rows.append([row["method"], str(row["seeds"]), *cells])
     return ["method", "seeds", *names, *delta], rows
+
+
+def interval(d: dict[str, float]) -> str:
+    """A `paired_difference` as ``+mean [low, high]``; ``+mean [—]`` when there is no interval
+    (one seed)."""
+    if math.isnan(d["ci_low"]) or math.isnan(d["ci_high"]):
+        return f"{d['mean']:+.2f} [—]"
+    return f"{d['mean']:+.2f} [{d['ci_low']:+.2f}, {d['ci_high']:+.2f}]"
+
+
+def fitted_table(title: str, columns: list[str], rows: list[list[str]], console: Console) -> Table:
+    """``rows`` (a method each, ``columns[0]`` naming it) as a rich Table whose headers stay whole
+    words: one row per method when that fits the console's width, else transposed (one row per
+    column, one column per method), as in an 80-column pipe; a word longer than its column folds
+    onto the next line rather than ending in '…'."""
+    if _narrowest(columns, rows) <= console.width:
+        return _rich_table(title, columns, rows)
+    return _rich_table(title, [columns[0], *(r[0] for r in rows)], [[c, *(r[i] for r in rows)] for i, c in enumerate(columns) if i])
+
+
+def _narrowest(columns: list[str], rows: list[list[str]]) -> int:
+    """The width of a table of these columns where no word is cut: each column as wide as its
+    longest word (in its header or cells), plus rich's padding and borders."""
+    longest = [max(len(w) for text in (col.replace("_", " "), *(r[i] for r in rows)) for w in text.split() or [""])
+               for i, col in enumerate(columns)]
+    return sum(n + 3 for n in longest) + 1
+
+
+def _rich_table(title: str, columns: list[str], rows: list[list[str]]) -> Table:
+    table = Table(title=title)
+    for i, col in enumerate(columns):
+        header = col.replace("_", " ")
+        table.add_column(header, justify="left" if i == 0 else "right", overflow="fold", min_width=max(map(len, header.split())))
+    for cells in rows:
+        table.add_row(*cells)
+    return table
 
 
 def markdown(result: dict[str, Any]) -> str:

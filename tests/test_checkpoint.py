@@ -4,8 +4,10 @@ Dropout and shuffled data, atomic writes that survive SIGKILL, SIGTERM, damaged 
 from __future__ import annotations
 
 import contextlib
+import io
 import os
 import pickle
+import re
 import shutil
 import signal
 import subprocess
@@ -18,7 +20,7 @@ import pytest
 import torch
 
 import mlo
-from mlo import checkpoint
+from mlo import checkpoint, distributed_checkpoint
 from programs import CountRounds, assert_same, dropout_program, on_two_ranks, snapshot, wait_for_line
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -130,6 +132,23 @@ def test_truncated_checkpoint_is_a_clear_error_and_the_previous_is_kept(tmp_path
         checkpoint.read(tmp_path / "nothing.pt")
 
 
+def test_load_latest_skips_a_damaged_newest_checkpoint_naming_it(tmp_path: Path) -> None:
+    engine = dropout_program(hooks=[checkpoint.Checkpoint(tmp_path, every=1, keep=3)])
+    engine.run(3)
+    newest = tmp_path / "checkpoint-00000003.pt"
+    newest.write_bytes(newest.read_bytes()[:500])
+    fresh = dropout_program()
+    with pytest.warns(checkpoint.CheckpointWarning, match=r"checkpoint-00000003\.pt.*truncated or corrupt.*skipped, "
+                      r"resuming from the older .*checkpoint-00000002\.pt"):
+        assert checkpoint.load_latest(fresh, tmp_path) == tmp_path / "checkpoint-00000002.pt"
+    assert fresh.round == 2
+    for older in ("checkpoint-00000001.pt", "checkpoint-00000002.pt"):
+        (tmp_path / older).write_bytes(b"")
+    with pytest.raises(mlo.CheckpointError, match=r"no checkpoint checkpoint-\* in .* could be read: .*00000003.*00000002.*00000001"):
+        checkpoint.load_latest(dropout_program(), tmp_path)
+    assert checkpoint.load_latest(dropout_program(), tmp_path / "empty") is None
+
+
 class Payload:
     def __reduce__(self):  # type: ignore[no-untyped-def]
         return (print, ("pickled code ran",))
@@ -149,7 +168,7 @@ _CHILD = textwrap.dedent(
     sys.path.insert(0, {tests!r})
     import torch
     torch.set_num_threads(1)
-    from mlo import checkpoint
+    from mlo import checkpoint, distributed_checkpoint
     from programs import dropout_program
     mode, out = sys.argv[1], sys.argv[2]
     if mode == "kill":
@@ -273,8 +292,14 @@ def _ranks_worker(rank: int, folder: str) -> None:
         meta = damaged["metadata"] / ".metadata"
         meta.write_bytes(meta.read_bytes()[:200])
         (damaged["unsafe"] / ".metadata").write_bytes(pickle.dumps(_OpensAFile(str(marker))))
+    flipped = {"shared": out / "flipped-shared", "rank": out / "flipped-rank1"}
+    if rank == 0:
+        for kind, copy in flipped.items():
+            shutil.copytree(source, copy)
+            _flip_a_byte(copy, _largest_entry(copy, "shared/") if kind == "shared" else "rank1")
     mlo.distributed.barrier()
     results["damaged"] = {kind: _errors(lambda: checkpoint.load(dropout_program("seekable"), p)) for kind, p in damaged.items()}
+    results["flipped"] = {kind: _errors(lambda: checkpoint.read(p)) for kind, p in flipped.items()}
     results["pickled code ran"] = marker.exists()
 
     engine = dropout_program("seekable")
@@ -292,6 +317,28 @@ def _ranks_worker(rank: int, folder: str) -> None:
     hooked.run(5)
     results["hook"] = [sorted(os.listdir(out / "hook")), checkpoint.latest(out / "hook").name]
     torch.save(results, out / f"rank{rank}.pt")
+
+
+def _largest_entry(path: Path, prefix: str) -> str:
+    """The key of the largest entry of a DCP checkpoint whose key starts with ``prefix``."""
+    metadata = distributed_checkpoint.read_metadata(path)
+    return max((i for i in metadata.storage_data.items() if i[0].fqn.startswith(prefix)), key=lambda i: i[1].length)[0].fqn
+
+
+def _flip_a_byte(path: Path, key: str) -> Path:
+    """Invert one byte in the middle of the entry ``key``'s tensor data in its .distcp file (DCP
+    stores each tensor as a ``torch.save`` record, headers around the data); returns the file."""
+    metadata = distributed_checkpoint.read_metadata(path)
+    info = next(info for index, info in metadata.storage_data.items() if index.fqn == key)
+    file = path / info.relative_path
+    data = bytearray(file.read_bytes())
+    record = bytes(data[info.offset: info.offset + info.length])
+    values = torch.load(io.BytesIO(record), weights_only=True).contiguous().reshape(-1).view(torch.uint8).numpy().tobytes()
+    start = record.find(values)
+    assert start >= 0 and len(values) > 0
+    data[info.offset + start + len(values) // 2] ^= 0xFF
+    file.write_bytes(bytes(data))
+    return file
 
 
 @pytest.fixture(scope="module")
@@ -326,6 +373,43 @@ def test_two_rank_checkpoint_damage_is_named_and_unsafe_metadata_refused(ranks: 
         assert not r["pickled code ran"]
     with pytest.raises(mlo.CheckpointError, match="written by 2 rank.*not 1"):  # one process, a 2-rank checkpoint
         checkpoint.load(dropout_program("seekable"), folder / "ck-seekable")
+
+
+def test_two_rank_checkpoint_a_flipped_byte_is_named_by_its_checksum(ranks: tuple[Path, list[dict[str, Any]]]) -> None:
+    """A byte flipped inside a tensor's data (a shared parameter; one rank's own entry) is found by
+    its checksum, and the error names the entry and its file, on every rank."""
+    folder, results = ranks
+    shared = _largest_entry(folder / "ck-seekable", "shared/")
+    for r in results:
+        assert f"entry {shared!r} does not match its checksum" in r["flipped"]["shared"]
+        assert "flipped-shared/__" in r["flipped"]["shared"] and ".distcp" in r["flipped"]["shared"]
+    assert "entry 'rank1' does not match its checksum" in results[1]["flipped"]["rank"]
+    assert "flipped-rank1/__1_0.distcp" in results[1]["flipped"]["rank"]
+
+
+def test_dcp_metadata_names_renamed_in_torch_are_named_with_the_torch_version(
+    ranks: tuple[Path, list[dict[str, Any]]], tmp_path: Path
+) -> None:
+    """A torch that lost one of the internals the metadata reader admits (simulated: an allow-list
+    naming one torch lacks), and metadata naming a DCP class the reader does not know (simulated:
+    the name changed in the file): each error names the torch version and the name."""
+    from mlo import distributed_checkpoint as dc
+
+    folder, _ = ranks
+    renamed = {**dc.METADATA_NAMES, "torch.distributed.checkpoint.filesystem": frozenset({"_StorageInfoV2"})}
+    assert dc.missing_names() == []
+    assert dc.missing_names(renamed) == ["torch.distributed.checkpoint.filesystem._StorageInfoV2"]
+    with pytest.raises(mlo.CheckpointError, match=rf"torch {re.escape(torch.__version__)} has no "
+                       r"torch\.distributed\.checkpoint\.filesystem\._StorageInfoV2"):
+        dc.read_metadata(folder / "ck-seekable", renamed)
+    copy = tmp_path / "ck"
+    shutil.copytree(folder / "ck-seekable", copy)
+    meta = copy / ".metadata"
+    assert b"_StorageInfo" in meta.read_bytes()
+    meta.write_bytes(meta.read_bytes().replace(b"_StorageInfo", b"_StorageInfZ"))  # same length: the pickle stays well-formed
+    with pytest.raises(mlo.CheckpointError, match=rf"names torch\.distributed\.checkpoint\.filesystem\._StorageInfZ.*"
+                       rf"torch {re.escape(torch.__version__)}.*nothing in it was run"):
+        checkpoint.read(copy)
 
 
 def test_two_rank_failed_write_keeps_the_previous_checkpoint(ranks: tuple[Path, list[dict[str, Any]]]) -> None:

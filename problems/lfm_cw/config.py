@@ -36,34 +36,34 @@ class RunConfig:
     """Everything `mlo run` needs. Defaults are sized for digits on a 2-core CPU (a few minutes)."""
 
     # a network-size preset of `mlo.problems.darts.presets.PRESETS` (applied before the other options)
-    preset: str | None = None
+    preset: str | None = None  # a network-size preset (mlo.problems.darts.presets), applied before the other options
     # what to run
-    methods: list[str] = field(default_factory=lambda: ["lfm-cw"])
-    seeds: int = 1
+    methods: list[str] = field(default_factory=lambda: ["lfm-cw"])  # comma-separated methods run on the same budget
+    seeds: int = 1  # every method with seeds 0..N-1; mean ± std reported
     # data
-    dataset: str = "digits"
-    data_root: str | None = None
-    imbalance: float | None = None
+    dataset: str = "digits"  # digits | fashion-mnist | cifar10 | cifar100 | imagenet
+    data_root: str | None = None  # folder of Fashion-MNIST, CIFAR or ImageNet (nothing is downloaded)
+    imbalance: float | None = None  # long-tailed variant: largest / smallest class size (none: balanced)
     # Fashion-MNIST sizing (None: the data set's CPU default, `DATA_DEFAULTS`)
-    image_size: int | None = None
-    train_per_class: int | None = None
-    test_per_class: int | None = None
+    image_size: int | None = None  # Fashion-MNIST: images pooled to this size (none: 14)
+    train_per_class: int | None = None  # Fashion-MNIST: training images per class (none: 100)
+    test_per_class: int | None = None  # Fashion-MNIST: test images per class (none: 200)
     # search
     space: str = "darts"  # darts | pc-darts | p-darts
-    search_rounds: int = 30
-    batch_size: int = 64
-    channels: int = 4
-    layers: int = 3
+    search_rounds: int = 30  # search budget in rounds (every level steps once)
+    batch_size: int = 64  # search batch size
+    channels: int = 4  # search network: initial channels
+    layers: int = 3  # search network: cells
     cell_steps: int = 4  # intermediate nodes per cell (DARTS: 4, i.e. 14 edges; 2 gives 5 edges, ~2.5x faster)
     pc_k: int = 2  # PC-DARTS channel proportion 1/K
     estimator: str | None = None  # overrides the method's estimator on every edge
     edge_estimators: dict[str, str] = field(default_factory=dict)  # {"upper->lower": "cg:iterations=5"}
     # LFM-CW constants (see mlo.problems.lfm_cw.program.Constants)
-    lam: float = 1.0
-    gamma: float = 1.0
-    beta: float = 1.0
-    synthetic_per_step: int = 32
-    mistakes: str = "ce"
+    lam: float = 1.0  # weight of the synthetic data's loss in W2's objective
+    gamma: float = 1.0  # weight of W2's validation loss in the architecture's objective
+    beta: float = 1.0  # sharpness of the class weights in W1's per-class mistakes
+    synthetic_per_step: int = 32  # synthetic images drawn per W2 step
+    mistakes: str = "ce"  # how W1's per-class mistakes are measured: ce (cross-entropy) | error (error rate)
     generator: str = "cvae"  # "cvae" (pretrained, cached, gated), "cgan" (trained as levels) or a checkpoint
     generator_warmup: int = 1500  # pretraining batches of the cVAE (GAN steps for "cgan") before the search
     generator_kl_weight: float | None = None  # cVAE KL weight; None: 0.5 on digits, 1.5 elsewhere
@@ -72,23 +72,24 @@ class RunConfig:
     learn_total: bool = False  # learn the total weight of the synthetic data, not only its split
     w1_warmup: int = 50  # steps of W1 alone before the search (a few epochs), so its mistakes mean something
     # optimizers
-    w_lr: float = Optimizers.w_lr
-    arch_lr: float = Optimizers.arch_lr
-    phi_lr: float = Optimizers.phi_lr
+    w_lr: float = Optimizers.w_lr  # learning rate of the network weights (W1, W2)
+    arch_lr: float = Optimizers.arch_lr  # learning rate of the architecture weights
+    phi_lr: float = Optimizers.phi_lr  # learning rate of the class-weight parameters phi
     # evaluation of the derived genotype, trained from scratch
-    eval_epochs: int = 10
-    eval_channels: int = 8
-    eval_layers: int = 3
-    eval_batch_size: int = 64
-    eval_lr: float = 0.05
-    drop_path: float = 0.0
-    auxiliary_weight: float = 0.4
+    eval_epochs: int = 10  # epochs of training the derived genotype from scratch
+    eval_channels: int = 8  # evaluation network: initial channels
+    eval_layers: int = 3  # evaluation network: cells
+    eval_batch_size: int = 64  # evaluation batch size
+    eval_lr: float = 0.05  # evaluation: SGD learning rate (cosine schedule)
+    drop_path: float = 0.0  # evaluation: drop-path probability
+    auxiliary_weight: float = 0.4  # evaluation: weight of the auxiliary head's loss (0: no auxiliary head)
     cutout: int = 16  # CIFAR only, evaluation only (the search sees no Cutout)
     subset_fraction: float = 1.0  # ImageNet: share of the training set searched on (PC-DARTS: 0.125)
     # runtime
-    device: str = "cpu"
-    out: str | None = None
+    device: str = "cpu"  # cpu | cuda | cuda:N
+    out: str | None = None  # output folder (none: runs/<methods>-<date>-<time>)
     engine: str = "mlo"  # mlo | betty
+    allow_inexact: bool = False  # engine betty: run Betty's methods that differ from mlo's estimator (its CG, its finite difference), with a warning
     workers: int = 4  # DataLoader processes on a GPU (pinned memory); 0 on a CPU
     threads: int = 1  # torch intra-op threads; 0 = torch's default. Small CPU models run
     # fastest on one: on a busy 2-core machine two threads were 3-10x slower (OpenMP barriers)
@@ -206,9 +207,17 @@ class RunConfig:
         for method in self.methods:
             for spec in [self.estimator or METHODS[method].estimator, *self.edge_estimators.values()]:
                 try:
-                    betty_method(spec)
+                    betty_method(spec, self.allow_inexact)
                 except BettyUnsupported as err:
-                    raise ConfigError(f"engine 'betty' cannot run method {method!r}: {err}") from None
+                    try:
+                        inexact = betty_method(spec, allow_inexact=True)
+                    except BettyUnsupported:
+                        raise ConfigError(f"engine 'betty' cannot run method {method!r}: {err}") from None
+                    raise ConfigError(
+                        f"engine 'betty' cannot run method {method!r} as mlo does with {spec}: "
+                        f"{inexact.mismatch}. Add --set allow_inexact=true to run Betty's method anyway (with a warning), "
+                        f"or choose an estimator Betty computes as mlo does (--estimator first_order, neumann or sama)"
+                    ) from None
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

@@ -22,6 +22,7 @@ import json
 import os
 import platform
 import statistics
+import sys
 import tempfile
 import time
 from collections import defaultdict
@@ -49,7 +50,7 @@ from .generator import load_generator
 from .methods import METHODS
 from .program import LFMCW, Constants, Optimizers, augmented_real_source, build
 
-__all__ = ["run", "resume", "prepare", "build_program", "warm_up", "generator_for", "checked_engine", "prepare_output"]
+__all__ = ["run", "resume", "default_out", "prepare", "build_program", "warm_up", "generator_for", "checked_engine", "prepare_output"]
 
 
 class _Recorder(mlo.Hook):
@@ -114,9 +115,7 @@ def _run_phase(engine: mlo.Engine, rounds: int, saver: mlo.checkpoint.Checkpoint
     if saver is None:
         engine.run(rounds)
         return
-    path = mlo.checkpoint.latest(saver.directory, saver.prefix)
-    if path is not None:
-        mlo.checkpoint.load(engine, path)
+    mlo.checkpoint.load_latest(engine, saver.directory, saver.prefix)  # skips a damaged newest one, saying so
     engine.run(rounds - engine.round)
     if not saver.path(engine.round).exists():
         saver.save(engine)
@@ -126,17 +125,18 @@ def prepare_output(out: str | None, methods: list[str], resume: bool = False) ->
     """The output directory: a new timestamped folder under runs/ by default. An existing folder
     that already holds results is refused, so earlier results are never overwritten (unless the
     run resumes there)."""
-    if out is None:
-        stamp = datetime.now().strftime("%Y%m%d-%H%M%S")
-        path = Path("runs") / f"{'+'.join(methods)}-{stamp}"
-    else:
-        path = Path(out)
+    path = default_out(methods) if out is None else Path(out)
     if (path / "results.json").exists() and not resume:
         raise ConfigError(f"output directory {str(path)!r} already holds results.json; choose another --out (or --resume it)")
     if mlo.distributed.is_main():
         path.mkdir(parents=True, exist_ok=True)
     mlo.distributed.barrier()
     return path
+
+
+def default_out(methods: list[str]) -> Path:
+    """The output folder of a run given no ``out``: ``runs/<methods>-<date>-<time>``."""
+    return Path("runs") / f"{'+'.join(methods)}-{datetime.now().strftime('%Y%m%d-%H%M%S')}"
 
 
 def _write_json(path: Path, data: Any) -> None:
@@ -254,7 +254,7 @@ def _search(
             from mlo.engines.betty import run_on_betty
 
             task = progress.add_task(label, total=rounds, losses="")
-            run_on_betty(program.problems, program.graph, program.estimators, rounds)
+            run_on_betty(program.problems, program.graph, program.estimators, rounds, config.allow_inexact)
             progress.update(task, completed=rounds, losses="(on Betty's engine: no per-level losses)")
         else:
             saver = _saver(config, out, f"{tag}-{phase}")
@@ -534,6 +534,11 @@ def resume(out: str | Path, device: str | None = None, console: Console | None =
     if not path.is_file():
         raise ConfigError(f"--resume {str(out)!r}: no config.json there (not an output folder of `mlo run`)")
     config = RunConfig().updated(json.loads(path.read_text()), source=str(path))
+    if config.out is not None and Path(config.out).resolve() != Path(out).resolve():  # a copied or moved folder
+        if mlo.distributed.is_main():
+            print(f"mlo run: --resume {str(out)!r}: its config.json names the folder {config.out!r}; "
+                  f"resuming in {str(out)!r}, where its checkpoints are read and its results written", file=sys.stderr)
+    config = config.updated({"out": str(out)})
     if device is not None:
         config = config.updated({"device": device})
     return run(config, console, resume=True)
