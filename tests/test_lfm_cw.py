@@ -351,3 +351,36 @@ def test_mlo_check_reference_is_float64_with_a_frozen_generator(one_thread: None
     assert report.dtype == torch.float64 and report.notes == ()
     assert all(t.dtype == torch.float64 for t in report.reference_hypergradient)
     assert next(program.generator.parameters()).dtype == torch.float32
+
+
+@pytest.mark.parametrize("method", ["lfm-cw", "darts-2nd"])
+def test_clipping_is_darts_s_the_weights_at_norm_5_the_architecture_only_by_option(method: str) -> None:
+    """DARTS clips the network weights' gradient at global norm 5 and leaves the architecture's
+    step unclipped; ``arch_grad_clip`` clips the architecture too."""
+    from mlo.problems.lfm_cw.program import Optimizers
+
+    def clipped_norm(problem: mlo.Problem) -> float:
+        params = tuple(problem.parameters())
+        big = tuple(torch.full_like(p, 100.0) for p in params)
+        if problem.transform is None:
+            return float(torch.linalg.vector_norm(torch.cat([g.reshape(-1) for g in big])))
+        grads, _ = problem.transform.update(big, problem.transform.init(params), params)
+        return float(torch.linalg.vector_norm(torch.cat([g.reshape(-1) for g in grads])))
+
+    splits = data.digits(seed=0)
+    for optim, arch_limit in ((Optimizers(), None), (Optimizers(arch_grad_clip=2.0), 2.0)):
+        program = build(
+            splits.train, splits.val, splits.num_classes, splits.input_shape,
+            lambda: SuperNet(C=4, num_classes=10, layers=1, in_channels=1), METHODS[method].variant,
+            optim=optim, rounds=2, batch_size=16,
+        )
+        levels = {p.name: p for p in program.problems}
+        for name in ("w1", "w2") if "w2" in levels else ("w1",):
+            assert clipped_norm(levels[name]) == pytest.approx(5.0, rel=1e-4)
+        arch = clipped_norm(levels["architecture"])
+        assert arch == pytest.approx(arch_limit, rel=1e-4) if arch_limit else arch > 100.0
+    with pytest.raises(ValueError, match="arch_grad_clip"):
+        Optimizers(arch_grad_clip=0.0)
+    with pytest.raises(ConfigError, match="w_grad_clip"):
+        RunConfig(w_grad_clip=-1.0).validate()
+    assert RunConfig().updated({"w_grad_clip": "none"}).w_grad_clip is None

@@ -74,6 +74,8 @@ class RunConfig:
     # optimizers
     w_lr: float = Optimizers.w_lr
     arch_lr: float = Optimizers.arch_lr
+    w_grad_clip: float | None = Optimizers.w_grad_clip  # w1's and w2's gradients clipped at this global norm (None: not)
+    arch_grad_clip: float | None = Optimizers.arch_grad_clip  # the architecture's (default None: unclipped, as DARTS)
     phi_lr: float = Optimizers.phi_lr
     # evaluation of the derived genotype, trained from scratch
     eval_epochs: int = 10
@@ -161,6 +163,9 @@ class RunConfig:
                      "generator_warmup", "w1_warmup", "checkpoint_every"):
             if getattr(self, name) < 0:
                 raise ConfigError(f"{name} must be >= 0, got {getattr(self, name)}")
+        for name in ("w_grad_clip", "arch_grad_clip"):
+            if getattr(self, name) is not None and not getattr(self, name) > 0:
+                raise ConfigError(f"{name} must be > 0 (or absent: not clipped), got {getattr(self, name)}")
         if not 0 < self.subset_fraction <= 1:
             raise ConfigError(f"subset_fraction must be in (0, 1], got {self.subset_fraction}")
         if self.imbalance is not None and self.imbalance < 1:

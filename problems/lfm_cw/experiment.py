@@ -190,7 +190,8 @@ def build_program(
         config.lam, config.gamma, config.beta, config.synthetic_per_step, config.mistakes,
         learn_total=config.learn_total, finetune_generator=config.finetune_generator,
     )
-    optim = Optimizers(w_lr=config.w_lr, arch_lr=config.arch_lr, phi_lr=config.phi_lr)
+    optim = Optimizers(w_lr=config.w_lr, arch_lr=config.arch_lr, phi_lr=config.phi_lr,
+                       w_grad_clip=config.w_grad_clip, arch_grad_clip=config.arch_grad_clip)
     program = build(
         splits.train, splits.val, splits.num_classes, splits.input_shape,
         _supernet_factory(config, splits, stage, mask), spec.variant, constants, optim,

@@ -85,22 +85,41 @@ class Constants:
 
 @dataclass(frozen=True)
 class Optimizers:
-    """Optimizer settings; defaults are DARTS's search settings (weights SGD, architecture Adam,
-    architecture gradients clipped at global norm 5), except ``arch_lr``: 3e-3, ten times DARTS's
-    3e-4, because the CPU searches here last tens of rounds, not DARTS's ~20k steps (the GPU
-    configurations in configs/ set 3e-4). `RunConfig` reads its defaults from here."""
+    """Optimizer settings; defaults are DARTS's search settings (weights SGD with their gradients
+    clipped at global norm 5, architecture Adam unclipped), except ``arch_lr``: 3e-3, ten times
+    DARTS's 3e-4, because the CPU searches here last tens of rounds, not DARTS's ~20k steps (the
+    GPU configurations in configs/ set 3e-4). `RunConfig` reads its defaults from here.
+
+    w_grad_clip: global norm at which the gradients of ``w1`` and ``w2`` are clipped before their
+        optimizer steps (a gradient transform, so finite differences' look-aheads use the unclipped
+        gradient, as DARTS's do); ``None``: not clipped.
+    arch_grad_clip: the same for the architecture's hypergradient; ``None`` (default): not
+        clipped, as in DARTS.
+    """
 
     w_lr: float = 0.025
     w_lr_min: float = 0.001
     w_momentum: float = 0.9
     w_weight_decay: float = 3e-4
+    w_grad_clip: float | None = 5.0
     arch_lr: float = 3e-3
-    arch_grad_clip: float = 5.0
+    arch_grad_clip: float | None = None
     arch_betas: tuple[float, float] = (0.5, 0.999)
     arch_weight_decay: float = 1e-3
     phi_lr: float = 1e-2
     gan_lr: float = 2e-4
     gan_betas: tuple[float, float] = (0.5, 0.999)
+
+    def __post_init__(self) -> None:
+        for name in ("w_grad_clip", "arch_grad_clip"):
+            value = getattr(self, name)
+            if value is not None and not value > 0:
+                raise ValueError(f"{name} must be > 0 or None (not clipped), got {value}")
+
+
+def _clipped(max_norm: float | None) -> mlo.transforms.GradientTransform | None:
+    """``clip_by_global_norm(max_norm)``, or no transform when ``max_norm`` is None."""
+    return None if max_norm is None else mlo.transforms.clip_by_global_norm(max_norm)
 
 
 @dataclass(frozen=True)
@@ -376,7 +395,9 @@ def build(
         return batches(dataset, batch_size, seed * 1000 + offset, device, workers)
 
     opt, sched = sgd(w1)
-    problems: list[mlo.Problem] = [SupernetLoss("w1", w1, arch, optimizer=opt, data=stream(train, 1), scheduler=sched)]
+    problems: list[mlo.Problem] = [SupernetLoss(
+        "w1", w1, arch, optimizer=opt, data=stream(train, 1), scheduler=sched, transform=_clipped(optim.w_grad_clip)
+    )]
     hooks: list[mlo.Hook] = []
     arch_terms: list[tuple[float, SuperNet]] = [(1.0, w1)]
     result = LFMCW(problems, {"architecture": ["w1"]}, {}, hooks, arch, w1)
@@ -423,7 +444,8 @@ def build(
         data2: Iterable[Any] = stream(train, 5)
         if result.generator is not None:
             data2 = _WithNoise(stream(train, 5), constants.synthetic_per_step, constants.noise_dim, num_classes, seed + 5, device)
-        problems.append(RetrainLoss(w2, arch, weights, result.generator, constants.lam, optimizer=opt, data=data2, scheduler=sched))
+        problems.append(RetrainLoss(w2, arch, weights, result.generator, constants.lam, optimizer=opt, data=data2, scheduler=sched,
+                                    transform=_clipped(optim.w_grad_clip)))
         if variant.learn_phi:
             problems.append(
                 ValidationLoss(
@@ -440,7 +462,7 @@ def build(
         ValidationLoss(
             "architecture", arch, arch_terms, arch,
             optimizer=torch.optim.Adam(arch.parameters(), optim.arch_lr, betas=optim.arch_betas, weight_decay=optim.arch_weight_decay),
-            data=stream(val, 7), transform=mlo.transforms.clip_by_global_norm(optim.arch_grad_clip),
+            data=stream(val, 7), transform=_clipped(optim.arch_grad_clip),
         )
     )
     result.estimators = {(u, low): estimator for u, lows in result.graph.items() for low in lows}
