@@ -384,3 +384,12 @@ def test_clipping_is_darts_s_the_weights_at_norm_5_the_architecture_only_by_opti
     with pytest.raises(ConfigError, match="w_grad_clip"):
         RunConfig(w_grad_clip=-1.0).validate()
     assert RunConfig().updated({"w_grad_clip": "none"}).w_grad_clip is None
+
+
+def test_mlo_check_rejects_a_bad_reference_before_it_builds_or_trains(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """The reference is read first: with data that does not exist, a check that built the
+    program first would fail on the data instead."""
+    missing = tmp_path / "nowhere"
+    code = main(["check", "lfm-cw", "--reference", "cg:iterations=0", "--dataset", "cifar10", "--data-root", str(missing)])
+    err = capsys.readouterr().err
+    assert code == 2 and "iterations" in err and str(missing) not in err
