@@ -393,3 +393,14 @@ def test_mlo_check_rejects_a_bad_reference_before_it_builds_or_trains(tmp_path: 
     code = main(["check", "lfm-cw", "--reference", "cg:iterations=0", "--dataset", "cifar10", "--data-root", str(missing)])
     err = capsys.readouterr().err
     assert code == 2 and "iterations" in err and str(missing) not in err
+
+
+def test_mlo_check_builds_the_engine_mlo_run_builds(one_thread: None) -> None:
+    """`checked_engine` (what `mlo check lfm-cw` inspects) takes the run's precision and sync."""
+    from mlo.problems.lfm_cw.experiment import checked_engine
+
+    config = RunConfig(methods=["darts-2nd"], search_rounds=1, channels=2, layers=1, batch_size=8, w1_warmup=1,
+                       precision="bf16", sync="once")
+    engine = checked_engine(config)
+    assert engine.sync == "once" and engine.round == 1
+    assert {name: prec.dtype for name, prec in engine.precision.items()} == {"w1": torch.bfloat16, "architecture": torch.bfloat16}
