@@ -404,3 +404,68 @@ def test_mlo_check_builds_the_engine_mlo_run_builds(one_thread: None) -> None:
     engine = checked_engine(config)
     assert engine.sync == "once" and engine.round == 1
     assert {name: prec.dtype for name, prec in engine.precision.items()} == {"w1": torch.bfloat16, "architecture": torch.bfloat16}
+
+
+def _mistakes_path_program(mistakes_grad: bool = True):
+    """LFM-CW without a generator on 64 digits in float64 (the default dtype of the caller), SGD
+    without momentum or weight decay, after one round."""
+    from torch.utils.data import TensorDataset
+
+    from mlo.problems.lfm_cw.program import Constants, Optimizers
+
+    splits = data.digits(seed=0)
+    x = torch.stack([splits.train[i][0] for i in range(64)]).to(torch.float64)
+    y = torch.tensor([int(splits.train[i][1]) for i in range(64)])
+    train, val = TensorDataset(x[:32], y[:32]), TensorDataset(x[32:], y[32:])
+    program = build(
+        train, val, 10, splits.input_shape, lambda: SuperNet(C=2, num_classes=10, layers=1, in_channels=1),
+        Variant(generator=False), constants=Constants(mistakes_grad=mistakes_grad),
+        optim=Optimizers(w_momentum=0.0, w_weight_decay=0.0), rounds=4, batch_size=8,
+    )
+    engine = mlo.Engine(program.problems, program.graph, program.estimators, hooks=program.hooks)
+    engine.run(1)
+    return program, engine
+
+
+def test_mistakes_path_is_the_edge_w1_to_w2_and_equals_its_autograd_reference(float64: None, one_thread: None) -> None:
+    """With ``mistakes_grad``, the architecture's hypergradient has the path A -> W1' -> m -> c
+    -> W2' -> L_val(W2'): with one-step look-aheads (``unroll:steps=1``) it is
+    ``(dW1'/dA)^T (dW2'/dW1)^T dL_arch/dW2'``, ``W' = W - xi grad L``, here by explicit autograd."""
+    program, engine = _mistakes_path_program()
+    assert program.graph["w1"] == ["w2"] and ("w1", "w2") in program.estimators
+    edges = list(program.estimators)
+    exact = dict.fromkeys(edges, "unroll:steps=1")
+    full = engine.hypergradient("architecture", estimator=exact)
+    cut = engine.hypergradient("architecture", estimator={**exact, ("w1", "w2"): "first_order"})
+    fd = engine.hypergradient("architecture", estimator={**exact, ("w1", "w2"): "finite_difference:radius=1e-6"})
+    path = [f - c for f, c in zip(full, cut)]
+
+    levels = {p.name: p for p in program.problems}
+    w1, w2, arch = (list(levels[n].parameters()) for n in ("w1", "w2", "architecture"))
+    xi1, xi2 = (levels[n].optimizer.param_groups[0]["lr"] for n in ("w1", "w2"))
+    batch = {n: engine.batch(n) for n in ("w1", "w2", "architecture")}
+    with mlo.functional.frozen_buffers(list(program.w1.buffers()) + list(program.w2.buffers())):
+        g1 = torch.autograd.grad(levels["w1"].loss(batch["w1"]), w1, create_graph=True)
+        g2 = torch.autograd.grad(levels["w2"].loss(batch["w2"]), w2, create_graph=True)
+        # the architecture's loss at W2's look-ahead point, through the supernet's functional form
+        ahead2 = {n: p - xi2 * g for (n, p), g in zip(program.w2.named_parameters(), g2)}
+        xa, ya = batch["architecture"]
+        val2 = torch.func.functional_call(program.w2, ahead2, (xa, program.architecture))
+        loss_w2_ahead = torch.nn.functional.cross_entropy(val2, ya)
+        adj2 = torch.autograd.grad(loss_w2_ahead, list(ahead2.values()), retain_graph=True)
+        adj2 = [a.detach() for a in adj2]  # gamma = 1
+        u = torch.autograd.grad(g2, w1, [-xi2 * a for a in adj2], retain_graph=True, allow_unused=True, materialize_grads=True)
+        want = torch.autograd.grad(g1, arch, [-xi1 * t for t in u], retain_graph=True, allow_unused=True, materialize_grads=True)
+    size = float(torch.cat([t.reshape(-1) for t in want]).norm())
+    assert size > 1e-6 * float(torch.cat([t.reshape(-1) for t in full]).norm())  # the path is there
+    assert relative_error(path, want) < 1e-8
+    assert relative_error([f - c for f, c in zip(fd, cut)], want) < 1e-3  # a central difference on this edge (ReLU kinks: not O(radius^2))
+    # without the option the edge is absent and the path cut
+    plain, _ = _mistakes_path_program(mistakes_grad=False)
+    assert "w1" not in plain.graph and ("w1", "w2") not in plain.estimators
+
+
+def relative_error(got, want) -> float:
+    g = torch.cat([t.reshape(-1) for t in got])
+    w = torch.cat([t.reshape(-1) for t in want])
+    return float((g - w).norm() / w.norm())

@@ -195,7 +195,7 @@ def build_program(
     spec = METHODS[method]
     constants = Constants(
         config.lam, config.gamma, config.beta, config.synthetic_per_step, config.mistakes,
-        learn_total=config.learn_total, finetune_generator=config.finetune_generator,
+        learn_total=config.learn_total, finetune_generator=config.finetune_generator, mistakes_grad=config.mistakes_grad,
     )
     optim = Optimizers(w_lr=config.w_lr, arch_lr=config.arch_lr, phi_lr=config.phi_lr,
                        w_grad_clip=config.w_grad_clip, arch_grad_clip=config.arch_grad_clip)
