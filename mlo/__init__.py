@@ -4,8 +4,8 @@ Declare each level as a ``Problem``, wire the levels into a dependency graph, an
 ``Engine`` with a hypergradient estimator from ``mlo.estimators``.
 """
 
-from . import checkpoint, config, distributed, estimators, loader, logs, precision, programs, tasks, transforms
-from .check import CheckReport, EdgeCheck, check
+from . import checking, checkpoint, config, distributed, estimators, loader, logs, precision, programs, tasks, transforms
+from .checking import CheckReport, EdgeCheck, check
 from .engine import Engine
 from .errors import (
     CheckpointError,

@@ -57,10 +57,11 @@ def check(argv: Sequence[str]) -> int:
     from rich.console import Console
 
     from . import programs
-    from .check import DEFAULT_REFERENCE
-    from .check import check as check_level
+    from .checking import DEFAULT_REFERENCE
+    from .checking import check as check_level
     from .config import ConfigError
     from .errors import ProgramError
+    from .estimators import resolve
     from .programs import Parser
 
     parser = Parser(
@@ -75,6 +76,7 @@ def check(argv: Sequence[str]) -> int:
     parser.add_argument("--warn-above", type=float, default=0.1, metavar="X", help="warn when a relative error exceeds X")
     args, rest = parser.parse_known_args(list(argv))
     try:
+        references = [resolve(spec) for spec in args.reference or [DEFAULT_REFERENCE]]  # before any training
         if ".py:" in args.program:
             rounds = Parser(prog=f"mlo check {args.program}")
             rounds.add_argument("--rounds", type=int, default=1, help="rounds before the check (default 1)")
@@ -86,7 +88,7 @@ def check(argv: Sequence[str]) -> int:
                 raise ProgramError(f"program {entry.name!r} registers no engine to check (see mlo.programs.register)")
             engine = entry.engine(args.program, rest)
         console = Console()
-        for reference in args.reference or [DEFAULT_REFERENCE]:
+        for reference in references:
             for level in engine.graph.levels:
                 if engine.graph.lowers_of[level]:
                     console.print(check_level(engine, level, reference=reference, warn_above=args.warn_above))

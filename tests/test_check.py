@@ -230,3 +230,21 @@ def test_the_command_refuses_a_bad_lfm_cw_config_in_one_line(capsys):
     assert main(["check", "lfm-cw", "--set", "dataset=mnist"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("mlo check: error: unknown dataset 'mnist'; known: digits, ")
+
+
+def test_a_loss_that_cannot_run_in_float64_gets_the_reference_in_its_own_dtype_with_a_note():
+    """The ridge losses read their data from a closure (float32, no level's batch): the float64
+    reference cannot run them, so it is computed in float32 and the report says which level's
+    loss failed; the module `mlo.checking` holds the function `mlo.check`, which it does not shadow."""
+    import importlib
+
+    r = ridge()
+    assert r.data.X.dtype == torch.float32
+    engine = r.engine("cg:iterations=20")
+    engine.run(1)
+    report = mlo.check(engine, "h", warn_above=float("inf"))
+    assert report.dtype == torch.float32 and report.reference_hypergradient[0].dtype == torch.float32
+    assert len(report.notes) == 1 and "level 'h'" in report.notes[0] and "program's dtype" in report.notes[0]
+    own = engine.hypergradient("h", estimator=mlo.checking.DEFAULT_REFERENCE)
+    assert relative_error(report.reference_hypergradient, own) < 1e-5
+    assert importlib.import_module("mlo.checking").check is mlo.check and callable(mlo.check)

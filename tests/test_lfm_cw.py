@@ -351,3 +351,121 @@ def test_mlo_check_reference_is_float64_with_a_frozen_generator(one_thread: None
     assert report.dtype == torch.float64 and report.notes == ()
     assert all(t.dtype == torch.float64 for t in report.reference_hypergradient)
     assert next(program.generator.parameters()).dtype == torch.float32
+
+
+@pytest.mark.parametrize("method", ["lfm-cw", "darts-2nd"])
+def test_clipping_is_darts_s_the_weights_at_norm_5_the_architecture_only_by_option(method: str) -> None:
+    """DARTS clips the network weights' gradient at global norm 5 and leaves the architecture's
+    step unclipped; ``arch_grad_clip`` clips the architecture too."""
+    from mlo.problems.lfm_cw.program import Optimizers
+
+    def clipped_norm(problem: mlo.Problem) -> float:
+        params = tuple(problem.parameters())
+        big = tuple(torch.full_like(p, 100.0) for p in params)
+        if problem.transform is None:
+            return float(torch.linalg.vector_norm(torch.cat([g.reshape(-1) for g in big])))
+        grads, _ = problem.transform.update(big, problem.transform.init(params), params)
+        return float(torch.linalg.vector_norm(torch.cat([g.reshape(-1) for g in grads])))
+
+    splits = data.digits(seed=0)
+    for optim, arch_limit in ((Optimizers(), None), (Optimizers(arch_grad_clip=2.0), 2.0)):
+        program = build(
+            splits.train, splits.val, splits.num_classes, splits.input_shape,
+            lambda: SuperNet(C=4, num_classes=10, layers=1, in_channels=1), METHODS[method].variant,
+            optim=optim, rounds=2, batch_size=16,
+        )
+        levels = {p.name: p for p in program.problems}
+        for name in ("w1", "w2") if "w2" in levels else ("w1",):
+            assert clipped_norm(levels[name]) == pytest.approx(5.0, rel=1e-4)
+        arch = clipped_norm(levels["architecture"])
+        assert arch == pytest.approx(arch_limit, rel=1e-4) if arch_limit else arch > 100.0
+    with pytest.raises(ValueError, match="arch_grad_clip"):
+        Optimizers(arch_grad_clip=0.0)
+    with pytest.raises(ConfigError, match="w_grad_clip"):
+        RunConfig(w_grad_clip=-1.0).validate()
+    assert RunConfig().updated({"w_grad_clip": "none"}).w_grad_clip is None
+
+
+def test_mlo_check_rejects_a_bad_reference_before_it_builds_or_trains(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """The reference is read first: with data that does not exist, a check that built the
+    program first would fail on the data instead."""
+    missing = tmp_path / "nowhere"
+    code = main(["check", "lfm-cw", "--reference", "cg:iterations=0", "--dataset", "cifar10", "--data-root", str(missing)])
+    err = capsys.readouterr().err
+    assert code == 2 and "iterations" in err and str(missing) not in err
+
+
+def test_mlo_check_builds_the_engine_mlo_run_builds(one_thread: None) -> None:
+    """`checked_engine` (what `mlo check lfm-cw` inspects) takes the run's precision and sync."""
+    from mlo.problems.lfm_cw.experiment import checked_engine
+
+    config = RunConfig(methods=["darts-2nd"], search_rounds=1, channels=2, layers=1, batch_size=8, w1_warmup=1,
+                       precision="bf16", sync="once")
+    engine = checked_engine(config)
+    assert engine.sync == "once" and engine.round == 1
+    assert {name: prec.dtype for name, prec in engine.precision.items()} == {"w1": torch.bfloat16, "architecture": torch.bfloat16}
+
+
+def _mistakes_path_program(mistakes_grad: bool = True):
+    """LFM-CW without a generator on 64 digits in float64 (the default dtype of the caller), SGD
+    without momentum or weight decay, after one round."""
+    from torch.utils.data import TensorDataset
+
+    from mlo.problems.lfm_cw.program import Constants, Optimizers
+
+    splits = data.digits(seed=0)
+    x = torch.stack([splits.train[i][0] for i in range(64)]).to(torch.float64)
+    y = torch.tensor([int(splits.train[i][1]) for i in range(64)])
+    train, val = TensorDataset(x[:32], y[:32]), TensorDataset(x[32:], y[32:])
+    program = build(
+        train, val, 10, splits.input_shape, lambda: SuperNet(C=2, num_classes=10, layers=1, in_channels=1),
+        Variant(generator=False), constants=Constants(mistakes_grad=mistakes_grad),
+        optim=Optimizers(w_momentum=0.0, w_weight_decay=0.0), rounds=4, batch_size=8,
+    )
+    engine = mlo.Engine(program.problems, program.graph, program.estimators, hooks=program.hooks)
+    engine.run(1)
+    return program, engine
+
+
+def test_mistakes_path_is_the_edge_w1_to_w2_and_equals_its_autograd_reference(float64: None, one_thread: None) -> None:
+    """With ``mistakes_grad``, the architecture's hypergradient has the path A -> W1' -> m -> c
+    -> W2' -> L_val(W2'): with one-step look-aheads (``unroll:steps=1``) it is
+    ``(dW1'/dA)^T (dW2'/dW1)^T dL_arch/dW2'``, ``W' = W - xi grad L``, here by explicit autograd."""
+    program, engine = _mistakes_path_program()
+    assert program.graph["w1"] == ["w2"] and ("w1", "w2") in program.estimators
+    edges = list(program.estimators)
+    exact = dict.fromkeys(edges, "unroll:steps=1")
+    full = engine.hypergradient("architecture", estimator=exact)
+    cut = engine.hypergradient("architecture", estimator={**exact, ("w1", "w2"): "first_order"})
+    fd = engine.hypergradient("architecture", estimator={**exact, ("w1", "w2"): "finite_difference:radius=1e-6"})
+    path = [f - c for f, c in zip(full, cut)]
+
+    levels = {p.name: p for p in program.problems}
+    w1, w2, arch = (list(levels[n].parameters()) for n in ("w1", "w2", "architecture"))
+    xi1, xi2 = (levels[n].optimizer.param_groups[0]["lr"] for n in ("w1", "w2"))
+    batch = {n: engine.batch(n) for n in ("w1", "w2", "architecture")}
+    with mlo.functional.frozen_buffers(list(program.w1.buffers()) + list(program.w2.buffers())):
+        g1 = torch.autograd.grad(levels["w1"].loss(batch["w1"]), w1, create_graph=True)
+        g2 = torch.autograd.grad(levels["w2"].loss(batch["w2"]), w2, create_graph=True)
+        # the architecture's loss at W2's look-ahead point, through the supernet's functional form
+        ahead2 = {n: p - xi2 * g for (n, p), g in zip(program.w2.named_parameters(), g2)}
+        xa, ya = batch["architecture"]
+        val2 = torch.func.functional_call(program.w2, ahead2, (xa, program.architecture))
+        loss_w2_ahead = torch.nn.functional.cross_entropy(val2, ya)
+        adj2 = torch.autograd.grad(loss_w2_ahead, list(ahead2.values()), retain_graph=True)
+        adj2 = [a.detach() for a in adj2]  # gamma = 1
+        u = torch.autograd.grad(g2, w1, [-xi2 * a for a in adj2], retain_graph=True, allow_unused=True, materialize_grads=True)
+        want = torch.autograd.grad(g1, arch, [-xi1 * t for t in u], retain_graph=True, allow_unused=True, materialize_grads=True)
+    size = float(torch.cat([t.reshape(-1) for t in want]).norm())
+    assert size > 1e-6 * float(torch.cat([t.reshape(-1) for t in full]).norm())  # the path is there
+    assert relative_error(path, want) < 1e-8
+    assert relative_error([f - c for f, c in zip(fd, cut)], want) < 1e-3  # a central difference on this edge (ReLU kinks: not O(radius^2))
+    # without the option the edge is absent and the path cut
+    plain, _ = _mistakes_path_program(mistakes_grad=False)
+    assert "w1" not in plain.graph and ("w1", "w2") not in plain.estimators
+
+
+def relative_error(got, want) -> float:
+    g = torch.cat([t.reshape(-1) for t in got])
+    w = torch.cat([t.reshape(-1) for t in want])
+    return float((g - w).norm() / w.norm())

@@ -4,7 +4,10 @@
 the mistakes of the first model on class k of the validation data: its mean cross-entropy on
 that class (``kind="ce"``) or its error rate (``kind="error"``). ``m`` is a buffer refreshed after
 every step of ``w1`` on that step's validation batch and smoothed by an exponential moving
-average (``momentum``); it carries no gradient into W1. A class W1 gets wrong has a larger
+average (``momentum``); by itself it carries no gradient into W1. `ClassWeights.tracked` gives
+``m`` as a differentiable function of W1's logits on a validation batch (the mistakes path,
+LFM-CW's option ``mistakes_grad``): its value is the moving average, its derivative that of the
+batch's per-class mistakes, an estimate of ``dm/dW1`` at the current W1. A class W1 gets wrong has a larger
 ``m_k``, hence a larger weight ``c_k``, hence more weight on its synthetic images in ``w2``.
 The weights sum to K, so uniform weights are all ones; with ``learn_total`` a learned scalar
 ``log_total`` (starting at 0) scales them, ``c = K exp(log_total) softmax(...)``, so that the total
@@ -40,9 +43,20 @@ class ClassWeights(nn.Module):
         self.register_buffer("mistakes", torch.zeros(num_classes))
         self.register_buffer("measured", torch.zeros((), dtype=torch.bool))
 
-    def forward(self) -> Tensor:
-        split = self.num_classes * torch.softmax(self.phi + self.beta * self.mistakes, dim=0)  # (K,)
+    def forward(self, mistakes: Tensor | None = None) -> Tensor:
+        """``c`` with the mistakes ``m`` given (e.g. `tracked`), by default the buffer."""
+        m = self.mistakes if mistakes is None else mistakes
+        split = self.num_classes * torch.softmax(self.phi + self.beta * m, dim=0)  # (K,)
         return split if self.log_total is None else torch.exp(self.log_total) * split
+
+    def tracked(self, logits: Tensor, labels: Tensor) -> Tensor:
+        """``m`` as a function of W1's validation ``logits`` (per-class cross-entropy): the value
+        of the moving average ``mistakes`` plus ``b - b.detach()``, ``b`` this batch's per-class
+        mean cross-entropy, so that its derivative is the batch's (zero for a class the batch
+        lacks). Before any mistakes were measured, the value is the batch's own."""
+        batch = class_mistakes(logits, labels, self.num_classes, "ce")
+        value = torch.where(self.measured, self.mistakes.to(batch.dtype), batch.detach())
+        return value + (batch - batch.detach())
 
     @torch.no_grad()
     def observe(self, logits: Tensor, labels: Tensor, kind: str = "ce") -> None:

@@ -64,6 +64,7 @@ class RunConfig:
     beta: float = 1.0  # sharpness of the class weights in W1's per-class mistakes
     synthetic_per_step: int = 32  # synthetic images drawn per W2 step
     mistakes: str = "ce"  # how W1's per-class mistakes are measured: ce (cross-entropy) | error (error rate)
+    mistakes_grad: bool = False  # the mistakes path A -> W1* -> m -> c -> W2* (Constants.mistakes_grad; edge w1 -> w2)
     generator: str = "cvae"  # "cvae" (pretrained, cached, gated), "cgan" (trained as levels) or a checkpoint
     generator_warmup: int = 1500  # pretraining batches of the cVAE (GAN steps for "cgan") before the search
     generator_kl_weight: float | None = None  # cVAE KL weight; None: 0.5 on digits, 1.5 elsewhere
@@ -74,6 +75,8 @@ class RunConfig:
     # optimizers
     w_lr: float = Optimizers.w_lr  # learning rate of the network weights (W1, W2)
     arch_lr: float = Optimizers.arch_lr  # learning rate of the architecture weights
+    w_grad_clip: float | None = Optimizers.w_grad_clip  # w1's and w2's gradients clipped at this global norm (None: not)
+    arch_grad_clip: float | None = Optimizers.arch_grad_clip  # the architecture's (default None: unclipped, as DARTS)
     phi_lr: float = Optimizers.phi_lr  # learning rate of the class-weight parameters phi
     # evaluation of the derived genotype, trained from scratch
     eval_epochs: int = 10  # epochs of training the derived genotype from scratch
@@ -150,6 +153,8 @@ class RunConfig:
             raise ConfigError(f"engine must be 'mlo' or 'betty', got {self.engine!r}")
         if self.mistakes not in ("ce", "error"):
             raise ConfigError(f"mistakes must be 'ce' or 'error', got {self.mistakes!r}")
+        if self.mistakes_grad and self.mistakes != "ce":
+            raise ConfigError("mistakes_grad needs mistakes = 'ce': an error rate has no derivative in W1")
         for name in ("seeds", "search_rounds", "batch_size", "channels", "layers", "cell_steps", "pc_k", "synthetic_per_step",
                      "eval_epochs", "eval_channels", "eval_layers", "eval_batch_size"):
             if getattr(self, name) < 1:
@@ -162,6 +167,9 @@ class RunConfig:
                      "generator_warmup", "w1_warmup", "checkpoint_every"):
             if getattr(self, name) < 0:
                 raise ConfigError(f"{name} must be >= 0, got {getattr(self, name)}")
+        for name in ("w_grad_clip", "arch_grad_clip"):
+            if getattr(self, name) is not None and not getattr(self, name) > 0:
+                raise ConfigError(f"{name} must be > 0 (or absent: not clipped), got {getattr(self, name)}")
         if not 0 < self.subset_fraction <= 1:
             raise ConfigError(f"subset_fraction must be in (0, 1], got {self.subset_fraction}")
         if self.imbalance is not None and self.imbalance < 1:
@@ -174,7 +182,7 @@ class RunConfig:
                 estimators.parse(spec)
             except EstimatorError as err:
                 raise ConfigError(f"estimator {spec!r}: {err}") from None
-        edges = {f"{u}->{low}" for m in self.methods for u, low in METHODS[m].variant.edges()}
+        edges = {f"{u}->{low}" for m in self.methods for u, low in METHODS[m].variant.edges(self.mistakes_grad)}
         for edge in self.edge_estimators:
             if edge.replace(" ", "") not in edges:
                 raise ConfigError(

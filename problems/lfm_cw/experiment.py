@@ -179,6 +179,13 @@ def _precision(config: RunConfig, program: LFMCW) -> dict[str, str]:
     return {p.name: config.precision for p in program.problems}
 
 
+def search_engine(config: RunConfig, program: LFMCW, hooks: list[mlo.Hook]) -> mlo.Engine:
+    """The engine of a search phase: ``program``'s levels, graph and estimators, the run's
+    precision and sync; `mlo run` and `mlo check` both build it here."""
+    return mlo.Engine(program.problems, program.graph, program.estimators, hooks=hooks,
+                      precision=_precision(config, program), sync=config.sync)
+
+
 def build_program(
     config: RunConfig, method: str, seed: int, splits: datasets.DataSplits, generator: Any, rounds: int,
     index: int = 0, stage: Stage | None = None, mask: Any = None,
@@ -188,9 +195,10 @@ def build_program(
     spec = METHODS[method]
     constants = Constants(
         config.lam, config.gamma, config.beta, config.synthetic_per_step, config.mistakes,
-        learn_total=config.learn_total, finetune_generator=config.finetune_generator,
+        learn_total=config.learn_total, finetune_generator=config.finetune_generator, mistakes_grad=config.mistakes_grad,
     )
-    optim = Optimizers(w_lr=config.w_lr, arch_lr=config.arch_lr, phi_lr=config.phi_lr)
+    optim = Optimizers(w_lr=config.w_lr, arch_lr=config.arch_lr, phi_lr=config.phi_lr,
+                       w_grad_clip=config.w_grad_clip, arch_grad_clip=config.arch_grad_clip)
     program = build(
         splits.train, splits.val, splits.num_classes, splits.input_shape,
         _supernet_factory(config, splits, stage, mask), spec.variant, constants, optim,
@@ -210,11 +218,12 @@ def warm_up(config: RunConfig, program: LFMCW, gan_hooks: list[mlo.Hook]) -> Non
     program trains one), then ``config.w1_warmup`` steps of W1, so that it learns before its
     mistakes steer the class weights."""
     gan = [p for p in program.problems if p.name in ("discriminator", "generator")]
+    precision = _precision(config, program)
     if config.generator_warmup and any(p.name == "generator" for p in gan):
-        mlo.Engine(gan, {}, hooks=gan_hooks).run(config.generator_warmup)
+        mlo.Engine(gan, {}, hooks=gan_hooks, precision={p.name: precision[p.name] for p in gan}).run(config.generator_warmup)
     if config.w1_warmup:
         w1 = [p for p in program.problems if p.name == "w1"]
-        mlo.Engine(w1, {}, hooks=list(program.hooks)).run(config.w1_warmup)
+        mlo.Engine(w1, {}, hooks=list(program.hooks), precision={"w1": precision["w1"]}).run(config.w1_warmup)
 
 
 def _search(
@@ -262,8 +271,7 @@ def _search(
             if config.tensorboard and out is not None:
                 logs.append(mlo.logs.TensorBoard(out / "tensorboard" / f"{tag}-{phase}"))
             hooks = [*program.hooks, recorder, mlo.logs.Progress(rounds, label, progress), *logs, *([saver] if saver else [])]
-            engine = mlo.Engine(program.problems, program.graph, program.estimators, hooks=hooks, precision=precision,
-                                sync=config.sync)
+            engine = search_engine(config, program, hooks)
             _run_phase(engine, rounds, saver)
         arch_prev = program.architecture
         if generator is None and program.generator is not None:  # P-DARTS: later stages keep the trained GAN
@@ -471,7 +479,7 @@ def checked_engine(config: RunConfig, console: Console | None = None) -> mlo.Eng
     program = build_program(config, method, 0, splits, generator, config.search_rounds)
     console.print(f"[bold]mlo check[/] {method} on {splits}: {config.search_rounds} rounds", highlight=False)
     warm_up(config, program, [])
-    engine = mlo.Engine(program.problems, program.graph, program.estimators, hooks=program.hooks)
+    engine = search_engine(config, program, list(program.hooks))
     engine.run(config.search_rounds)
     return engine
 

@@ -26,7 +26,7 @@ estimator of each edge and the hooks the program needs; any of them can be swapp
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -61,6 +61,11 @@ class Constants:
         split between classes (False: the weights sum to K).
     finetune_generator: with a given generator that has ``negative_elbo`` (the conditional VAE),
         keep training it on the real training data as the ``generator`` level (False: frozen).
+    mistakes_grad: the mistakes path (needs ``mistakes="ce"``): ``w2``'s loss computes ``m(W1)``
+        differentiably from W1's logits on a validation batch of its own (`ClassWeights.tracked`),
+        and the graph declares the edge ``w1 -> w2`` (W2's best response follows W1), so the
+        architecture's hypergradient takes the path A -> W1* -> m -> c -> W2* -> L_val(W2)
+        (False: ``m`` is the buffer alone, and that path is cut).
     """
 
     lam: float = 1.0
@@ -72,6 +77,7 @@ class Constants:
     noise_dim: int = 32
     learn_total: bool = False
     finetune_generator: bool = False
+    mistakes_grad: bool = False
 
     def __post_init__(self) -> None:
         for name in ("lam", "gamma", "beta"):
@@ -81,26 +87,47 @@ class Constants:
             raise ValueError(f"synthetic_per_step must be >= 1, got {self.synthetic_per_step}")
         if self.mistakes not in ("ce", "error"):
             raise ValueError(f"mistakes must be 'ce' or 'error', got {self.mistakes!r}")
+        if self.mistakes_grad and self.mistakes != "ce":
+            raise ValueError("mistakes_grad needs mistakes='ce': an error rate has no derivative in W1")
 
 
 @dataclass(frozen=True)
 class Optimizers:
-    """Optimizer settings; defaults are DARTS's search settings (weights SGD, architecture Adam,
-    architecture gradients clipped at global norm 5), except ``arch_lr``: 3e-3, ten times DARTS's
-    3e-4, because the CPU searches here last tens of rounds, not DARTS's ~20k steps (the GPU
-    configurations in configs/ set 3e-4). `RunConfig` reads its defaults from here."""
+    """Optimizer settings; defaults are DARTS's search settings (weights SGD with their gradients
+    clipped at global norm 5, architecture Adam unclipped), except ``arch_lr``: 3e-3, ten times
+    DARTS's 3e-4, because the CPU searches here last tens of rounds, not DARTS's ~20k steps (the
+    GPU configurations in configs/ set 3e-4). `RunConfig` reads its defaults from here.
+
+    w_grad_clip: global norm at which the gradients of ``w1`` and ``w2`` are clipped before their
+        optimizer steps (a gradient transform, so finite differences' look-aheads use the unclipped
+        gradient, as DARTS's do); ``None``: not clipped.
+    arch_grad_clip: the same for the architecture's hypergradient; ``None`` (default): not
+        clipped, as in DARTS.
+    """
 
     w_lr: float = 0.025
     w_lr_min: float = 0.001
     w_momentum: float = 0.9
     w_weight_decay: float = 3e-4
+    w_grad_clip: float | None = 5.0
     arch_lr: float = 3e-3
-    arch_grad_clip: float = 5.0
+    arch_grad_clip: float | None = None
     arch_betas: tuple[float, float] = (0.5, 0.999)
     arch_weight_decay: float = 1e-3
     phi_lr: float = 1e-2
     gan_lr: float = 2e-4
     gan_betas: tuple[float, float] = (0.5, 0.999)
+
+    def __post_init__(self) -> None:
+        for name in ("w_grad_clip", "arch_grad_clip"):
+            value = getattr(self, name)
+            if value is not None and not value > 0:
+                raise ValueError(f"{name} must be > 0 or None (not clipped), got {value}")
+
+
+def _clipped(max_norm: float | None) -> mlo.transforms.GradientTransform | None:
+    """``clip_by_global_norm(max_norm)``, or no transform when ``max_norm`` is None."""
+    return None if max_norm is None else mlo.transforms.clip_by_global_norm(max_norm)
 
 
 @dataclass(frozen=True)
@@ -113,13 +140,20 @@ class Variant:
     use_mistakes: bool = True  # beta * m(W1) in the class weights (else c = K softmax(phi))
     augmented_real: bool = False  # the synthetic images are augmented real ones (`AugmentedReal`)
 
-    def edges(self) -> list[tuple[str, str]]:
-        """The (upper, lower) edges of the program this variant builds."""
+    def mistakes_path(self, mistakes_grad: bool) -> bool:
+        """Whether ``w2``'s loss reads W1 (through ``m``) under the option ``mistakes_grad``."""
+        return mistakes_grad and self.second_model and self.use_mistakes
+
+    def edges(self, mistakes_grad: bool = False) -> list[tuple[str, str]]:
+        """The (upper, lower) edges of the program this variant builds (``mistakes_grad``: the
+        constant of that name, which adds ``w1 -> w2``)."""
         edges = [("architecture", "w1")]
         if self.second_model:
             edges.append(("architecture", "w2"))
             if self.learn_phi:
                 edges.append(("class_weights", "w2"))
+            if self.mistakes_path(mistakes_grad):
+                edges.append(("w1", "w2"))
         return edges
 
 
@@ -236,16 +270,26 @@ class SupernetLoss(mlo.Problem):
 
 
 class RetrainLoss(mlo.Problem):
-    """``w2``: real data plus class-weighted synthetic data (or class-weighted real data)."""
+    """``w2``: real data plus class-weighted synthetic data (or class-weighted real data).
+
+    With ``w1`` (the mistakes path) every batch ends with a validation batch ``(x_val, y_val)``
+    on which W1's mistakes are computed differentiably (`ClassWeights.tracked`), so this loss
+    reads W1."""
 
     def __init__(
-        self, net: SuperNet, arch: Architecture, weights: Callable[[], Tensor], generator: nn.Module | None, lam: float, **kw: Any
+        self, net: SuperNet, arch: Architecture, weights: ClassWeights, generator: nn.Module | None, lam: float,
+        w1: SuperNet | None = None, **kw: Any,
     ) -> None:
         super().__init__("w2", net, **kw)
-        self.arch, self.weights, self.generator, self.lam = arch, weights, generator, lam
+        self.arch, self.weights, self.generator, self.lam, self.w1 = arch, weights, generator, lam, w1
 
     def loss(self, batch: tuple[Tensor, ...]) -> Tensor:
-        c = self.weights()  # (K,)
+        if self.w1 is None:
+            c = self.weights()  # (K,)
+        else:
+            *rest, x_val, y_val = batch
+            batch = tuple(rest)
+            c = self.weights(self.weights.tracked(self.w1(x_val, self.arch), y_val))
         if self.generator is None:
             x, y = batch
             per_sample = F.cross_entropy(self.module(x, self.arch), y, reduction="none")
@@ -256,6 +300,27 @@ class RetrainLoss(mlo.Problem):
             fake = _generated(self.generator, z, k, x.dtype)  # (n, C, H, W)
         synthetic = F.cross_entropy(self.module(fake, self.arch), k, reduction="none")
         return real + self.lam * (c[k] * synthetic).mean()
+
+
+class _WithValidation:
+    """Each batch of ``base`` with a validation batch appended, ``(*batch, x_val, y_val)``: the
+    data of ``w2`` on the mistakes path. Its position (both streams') is saved for an exact resume."""
+
+    def __init__(self, base: _OnDevice | _WithNoise, val: _OnDevice) -> None:
+        self.base, self.val = base, val
+        self.stream = mlo.cycle(val, "w2's validation batches")
+
+    def __iter__(self) -> Iterator[tuple[Tensor, ...]]:
+        for batch in self.base:
+            yield (*batch, *next(self.stream))
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"base": self.base.state_dict(), "val": self.val.state_dict()}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.base.load_state_dict(state["base"])
+        self.val.load_state_dict(state["val"])
+        self.stream = mlo.cycle(self.val, "w2's validation batches")
 
 
 def _generated(generator: nn.Module, noise: Tensor, labels: Tensor, dtype: torch.dtype) -> Tensor:
@@ -376,7 +441,9 @@ def build(
         return batches(dataset, batch_size, seed * 1000 + offset, device, workers)
 
     opt, sched = sgd(w1)
-    problems: list[mlo.Problem] = [SupernetLoss("w1", w1, arch, optimizer=opt, data=stream(train, 1), scheduler=sched)]
+    problems: list[mlo.Problem] = [SupernetLoss(
+        "w1", w1, arch, optimizer=opt, data=stream(train, 1), scheduler=sched, transform=_clipped(optim.w_grad_clip)
+    )]
     hooks: list[mlo.Hook] = []
     arch_terms: list[tuple[float, SuperNet]] = [(1.0, w1)]
     result = LFMCW(problems, {"architecture": ["w1"]}, {}, hooks, arch, w1)
@@ -420,10 +487,17 @@ def build(
         w2 = supernet().to(device)
         result.w2 = w2
         opt, sched = sgd(w2)
-        data2: Iterable[Any] = stream(train, 5)
+        train5 = stream(train, 5)
+        real: _OnDevice | _WithNoise = train5
         if result.generator is not None:
-            data2 = _WithNoise(stream(train, 5), constants.synthetic_per_step, constants.noise_dim, num_classes, seed + 5, device)
-        problems.append(RetrainLoss(w2, arch, weights, result.generator, constants.lam, optimizer=opt, data=data2, scheduler=sched))
+            real = _WithNoise(train5, constants.synthetic_per_step, constants.noise_dim, num_classes, seed + 5, device)
+        data2: _OnDevice | _WithNoise | _WithValidation = real
+        path = variant.mistakes_path(constants.mistakes_grad)
+        if path:
+            data2 = _WithValidation(real, stream(val, 8))
+            result.graph["w1"] = ["w2"]
+        problems.append(RetrainLoss(w2, arch, weights, result.generator, constants.lam, w1 if path else None, optimizer=opt,
+                                    data=data2, scheduler=sched, transform=_clipped(optim.w_grad_clip)))
         if variant.learn_phi:
             problems.append(
                 ValidationLoss(
@@ -440,7 +514,7 @@ def build(
         ValidationLoss(
             "architecture", arch, arch_terms, arch,
             optimizer=torch.optim.Adam(arch.parameters(), optim.arch_lr, betas=optim.arch_betas, weight_decay=optim.arch_weight_decay),
-            data=stream(val, 7), transform=mlo.transforms.clip_by_global_norm(optim.arch_grad_clip),
+            data=stream(val, 7), transform=_clipped(optim.arch_grad_clip),
         )
     )
     result.estimators = {(u, low): estimator for u, lows in result.graph.items() for low in lows}

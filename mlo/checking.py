@@ -1,4 +1,5 @@
-"""`mlo.check`: how far is a program's hypergradient from the truth, at its current state?
+"""`mlo.check` (defined here, in `mlo.checking`): how far is a program's hypergradient from the
+truth, at its current state?
 
     report = mlo.check(engine, "hyper")          # against cg to a tight tolerance, in float64
     print(report)                                # a table (rich)
@@ -21,8 +22,10 @@ For ``dtype``, every level module's floating parameters and buffers (all levels'
 any of them, e.g. a generator that makes another level's data) and the current batches are
 converted for the length of the call, new tensors created inside losses default to ``dtype``, and
 the original tensors are put back afterwards (the same objects). A module that a loss reaches
-but that belongs to no level stays as it is, and a loss mixing it with converted tensors fails:
-pass ``dtype=None`` to compute the reference in the program's own dtype.
+but that belongs to no level stays as it is. Before the reference is computed, every involved
+level's loss is evaluated once in ``dtype`` (no gradient): if one raises there (it mixes such a
+tensor with converted ones) the reference is computed in the program's dtype instead, and the
+report's ``notes`` say so. ``dtype=None`` asks for the program's dtype from the start.
 
 Nothing moves: every parameter, buffer, optimizer state, data position, the round counter, the
 engine's diagnostics and torch's random number generators are as they were. Each evaluation
@@ -47,6 +50,7 @@ from torch import Tensor, nn
 
 from .errors import CheckWarning, ConvergenceWarning, EstimatorError, ProgramError
 from .estimators import Estimator, Info, resolve
+from .functional import frozen_buffers
 
 if TYPE_CHECKING:
     from .engine import Edge, Engine, EstimatorSpec
@@ -185,17 +189,14 @@ def check(
         warnings.simplefilter("ignore", ConvergenceWarning)
         estimate, estimator_seconds, estimator_info = _evaluate(engine, level, configured, batches)
         notes: list[str] = []
-        try:
-            truth, reference_seconds, reference_info, per_edge = _reference(engine, level, ref, configured, batches, dtype)
-        except RuntimeError as err:
-            if dtype is None or "dtype" not in str(err).lower() and "double" not in str(err).lower():
-                raise
+        failure = None if dtype is None else _fails_in(engine, involved, batches, dtype)
+        if dtype is not None and failure is not None:
             notes.append(
-                f"the {_dtype_name(dtype)} reference failed ({' '.join(str(err).split())[:120]}): a loss reads tensors "
-                "that belong to no level's module or batch (data in a closure?); the reference is in the program's dtype"
+                f"level {failure[0]!r}'s loss fails in {_dtype_name(dtype)} ({failure[1][:120]}): it reads tensors that belong "
+                "to no level's module or batch (data in a closure?); the reference is in the program's dtype"
             )
             dtype = None
-            truth, reference_seconds, reference_info, per_edge = _reference(engine, level, ref, configured, batches, dtype)
+        truth, reference_seconds, reference_info, per_edge = _reference(engine, level, ref, configured, batches, dtype)
         if len(edges) == 1:  # the one edge's share is the whole: no second evaluation
             per_edge = [EdgeCheck(*edges[0], configured[edges[0]], *_compare(estimate, truth), estimator_info.get(edges[0], {}), reference_info.get(edges[0], {}))]
 
@@ -239,6 +240,26 @@ def _reference(
             alone, _, alone_info = _evaluate(engine, level, mixed, wide)
             per_edge.append(EdgeCheck(*edge, configured[edge], *_compare(alone, truth), alone_info.get(edge, {}), info.get(edge, {})))
     return truth, seconds, info, per_edge
+
+
+def _fails_in(
+    engine: "Engine", levels: Sequence[str], batches: Mapping[str, Any], dtype: torch.dtype
+) -> tuple[str, str] | None:
+    """The first of ``levels`` whose loss raises when its modules and batch are in ``dtype`` (every
+    level's modules converted, as for the reference), with the error's message; ``None`` when
+    every loss evaluates. The losses already ran in the program's dtype (the configured estimate),
+    so a failure here is the conversion's. Nothing moves: every buffer is put back."""
+    rng = _rng_state()
+    try:
+        with frozen_buffers(engine.program.buffers()), _converted(engine, engine.graph.levels, dtype), torch.no_grad():
+            for name in levels:
+                try:
+                    engine.program.problems[name].loss(_convert(batches[name], dtype))
+                except RuntimeError as err:
+                    return name, " ".join(str(err).split())
+    finally:
+        _set_rng_state(rng)
+    return None
 
 
 def _evaluate(
