@@ -71,12 +71,15 @@ class RunConfig:
     unsafe_pickle: bool = False  # let a generator checkpoint be a pickled module (runs the file's code)
     learn_total: bool = False  # learn the total weight of the synthetic data, not only its split
     w1_warmup: int = 50  # steps of W1 alone before the search (a few epochs), so its mistakes mean something
+    w2_warmup: int = 50  # steps of W2 alone (uniform class weights) before the search, so its validation loss means something
     # optimizers
     w_lr: float = Optimizers.w_lr
     arch_lr: float = Optimizers.arch_lr
     phi_lr: float = Optimizers.phi_lr
     # evaluation of the derived genotype, trained from scratch
     eval_epochs: int = 10
+    # evaluation seeds 0..n-1, the same for every method and search seed, averaged (0: the search seed)
+    eval_seeds: int = 0
     eval_channels: int = 8
     eval_layers: int = 3
     eval_batch_size: int = 64
@@ -158,7 +161,7 @@ class RunConfig:
         if self.sync not in SYNCS:
             raise ConfigError(f"sync must be one of {SYNCS}, got {self.sync!r}")
         for name in ("lam", "gamma", "beta", "w_lr", "arch_lr", "phi_lr", "drop_path", "auxiliary_weight", "cutout", "threads", "workers",
-                     "generator_warmup", "w1_warmup", "checkpoint_every"):
+                     "generator_warmup", "w1_warmup", "w2_warmup", "checkpoint_every", "eval_seeds"):
             if getattr(self, name) < 0:
                 raise ConfigError(f"{name} must be >= 0, got {getattr(self, name)}")
         if not 0 < self.subset_fraction <= 1:
