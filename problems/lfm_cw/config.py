@@ -84,6 +84,7 @@ class RunConfig:
     eval_layers: int = 3
     eval_batch_size: int = 64
     eval_lr: float = 0.05
+    eval_test_every_epoch: bool = True  # False: test only after the last epoch (a large test set costs more than an epoch)
     drop_path: float = 0.0
     auxiliary_weight: float = 0.4
     cutout: int = 16  # CIFAR only, evaluation only (the search sees no Cutout)

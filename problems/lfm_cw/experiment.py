@@ -407,6 +407,7 @@ def evaluate(
             C=config.eval_channels, layers=config.eval_layers, auxiliary=config.auxiliary_weight > 0,
             auxiliary_weight=config.auxiliary_weight, drop_path_prob=config.drop_path, device=config.device, seed=eval_seed,
             num_workers=config.workers if torch.device(config.device).type == "cuda" else 0, progress_callback=shown,
+            test_every_epoch=config.eval_test_every_epoch,
         )
         runs.append({"seed": eval_seed, "test_error": result.test_error, "balanced_error": result.balanced_error,
                      "params": result.params, "history": [vars(r) for r in result.history]})
