@@ -42,6 +42,7 @@ def _configure(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     parser.add_argument("--seeds", type=int, metavar="N", help="ignoring: seeds (default 5); lfm-cw --compare: search seeds (default 5)")
     parser.add_argument("--compare", action="store_true",
                         help="lfm-cw: the search comparison on long-tailed Fashion-MNIST, sized to resolve 1.5 points")
+    parser.add_argument("--jobs", type=int, default=1, metavar="N", help="lfm-cw --compare: seeds run in N processes at once")
     parser.add_argument("--eval-noise", metavar="EPOCHS", help="lfm-cw: one genotype's test-error std over 3 evaluation "
                         "seeds at each comma-separated evaluation length, e.g. 10,20,40")
     parser.add_argument("--threads", type=int, default=1, metavar="N",
@@ -102,7 +103,7 @@ def main(args: argparse.Namespace) -> int:
                 lfm_cw.eval_noise(lengths, out=out, console=console, overrides=overrides, json_path=json_path)
             elif args.compare:
                 json_path = Path(args.json) if args.json else out / "lfm_cw_compare.json"
-                lfm_cw.compare(out=out, console=console, overrides=overrides, json_path=json_path)
+                lfm_cw.compare(out=out, console=console, overrides=overrides, json_path=json_path, jobs=args.jobs)
             else:
                 lfm_cw.run(quick=args.quick, json_path=json_path, out=out, console=console, overrides=overrides,
                            dataset=args.dataset)

@@ -214,20 +214,49 @@ def _half(d: dict[str, float]) -> float:
     return (d["ci_high"] - d["ci_low"]) / 2
 
 
-def compare(out: str | Path | None = None, console: Console | None = None, overrides: dict[str, Any] | None = None,
-            json_path: str | Path | None = None) -> dict[str, Any]:
-    """Run the search comparison (`COMPARE`, with ``overrides``) into ``out/lfm-cw-compare`` (an
-    interrupted one continues there: `mlo run --resume`), print and return its tables."""
-    console = console or Console()
-    folder = Path(out or "runs/bench") / "lfm-cw-compare"
-    config = RunConfig(out=str(folder)).updated({**COMPARE, **(overrides or {})}, source="--set")
+def _run_in(config: RunConfig, console: Console | None = None) -> list[dict[str, Any]]:
+    """``config``'s runs in its folder: continued there if an earlier call was interrupted (with
+    the same config), else started."""
+    folder = Path(str(config.out))
     resume = (folder / "config.json").is_file()
     if resume:
         saved = RunConfig().updated(json.loads((folder / "config.json").read_text()))
-        if saved.updated({"out": str(folder)}) != config:
+        if saved != config:
             raise ConfigError(f"{folder} holds a comparison with another config; choose another --out")
-    outcome = run_experiment(config, console, resume=resume)
-    return compare_report(folder, outcome["runs"], config.methods, console, json_path)
+    return list(run_experiment(config, console or Console(quiet=True), resume=resume)["runs"])
+
+
+def _seed_runs(config: RunConfig) -> list[dict[str, Any]]:
+    """One seed's runs in a process of its own (`compare` with ``jobs``), genotype paths made
+    relative to the comparison's folder."""
+    import torch
+
+    torch.set_num_threads(max(config.threads, 1))
+    runs = _run_in(config)
+    return [{**r, "genotype": f"{Path(str(config.out)).name}/{r['genotype']}"} for r in runs]
+
+
+def compare(out: str | Path | None = None, console: Console | None = None, overrides: dict[str, Any] | None = None,
+            json_path: str | Path | None = None, jobs: int = 1) -> dict[str, Any]:
+    """Run the search comparison (`COMPARE`, with ``overrides``) into ``out/lfm-cw-compare`` (an
+    interrupted one continues there: `mlo run --resume`), print and return its tables. ``jobs``
+    > 1: the seeds run in that many processes at once, each seed in ``seed<k>/`` (one thread
+    each: the same results as one process)."""
+    console = console or Console()
+    folder = Path(out or "runs/bench") / "lfm-cw-compare"
+    config = RunConfig(out=str(folder)).updated({**COMPARE, **(overrides or {})}, source="--set")
+    config.validate()
+    if jobs <= 1:
+        runs = _run_in(config, console)
+    else:
+        import multiprocessing
+
+        seeds = range(config.first_seed, config.first_seed + config.seeds)
+        per_seed = [config.updated({"first_seed": s, "seeds": 1, "out": str(folder / f"seed{s}")}) for s in seeds]
+        console.print(f"mlo bench lfm-cw --compare: {len(per_seed)} seeds in {jobs} processes -> {folder}/seed<k>")
+        with multiprocessing.get_context("spawn").Pool(jobs) as pool:
+            runs = [r for chunk in pool.map(_seed_runs, per_seed, chunksize=1) for r in chunk]
+    return compare_report(folder, runs, config.methods, console, json_path)
 
 
 def compare_report(folder: Path, runs: list[dict[str, Any]], methods: list[str], console: Console,

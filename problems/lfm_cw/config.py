@@ -40,6 +40,7 @@ class RunConfig:
     # what to run
     methods: list[str] = field(default_factory=lambda: ["lfm-cw"])
     seeds: int = 1
+    first_seed: int = 0  # the seeds are first_seed .. first_seed + seeds - 1
     # data
     dataset: str = "digits"
     data_root: str | None = None
@@ -162,7 +163,7 @@ class RunConfig:
         if self.sync not in SYNCS:
             raise ConfigError(f"sync must be one of {SYNCS}, got {self.sync!r}")
         for name in ("lam", "gamma", "beta", "w_lr", "arch_lr", "phi_lr", "drop_path", "auxiliary_weight", "cutout", "threads", "workers",
-                     "generator_warmup", "w1_warmup", "w2_warmup", "checkpoint_every", "eval_seeds"):
+                     "generator_warmup", "w1_warmup", "w2_warmup", "checkpoint_every", "eval_seeds", "first_seed"):
             if getattr(self, name) < 0:
                 raise ConfigError(f"{name} must be >= 0, got {getattr(self, name)}")
         if not 0 < self.subset_fraction <= 1:

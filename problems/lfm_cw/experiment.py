@@ -675,7 +675,7 @@ def run(config: RunConfig, console: Console | None = None, resume: bool = False)
     }
     columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(), TextColumn("{task.fields[losses]}"))
     with Progress(*columns, console=console, transient=False, disable=not main) as progress:
-        for seed in range(config.seeds):
+        for seed in range(config.first_seed, config.first_seed + config.seeds):
             sources: dict[str, Any] = {}
             for method in config.methods:
                 if (method, seed) in done:
