@@ -37,9 +37,8 @@ from rich.table import Table
 
 from mlo.problems import data as datasets
 from mlo.problems.darts import Genotype
-from mlo.problems.lfm_cw.experiment import evaluate, genotype_distance
-
 from mlo.problems.lfm_cw.config import ConfigError, RunConfig
+from mlo.problems.lfm_cw.experiment import evaluate, genotype_distance
 from mlo.problems.lfm_cw.experiment import run as run_experiment
 from mlo.problems.lfm_cw.methods import METHODS
 from mlo.problems.runs import paired_difference
@@ -47,14 +46,15 @@ from mlo.problems.runs import paired_difference
 from .timing import Result, summary, write_json
 
 __all__ = [
-    "run", "compare", "eval_noise", "COMPARE", "COMPARE_METHODS", "EVAL_NOISE_GENOTYPE", "seeds_for", "METHODS_COMPARED", "FASHION_CPU", "FASHION_TRAIN_PER_CLASS", "paired_difference", "markdown", "results_of", "report",
+    "run", "compare", "compare_report", "eval_noise", "COMPARE", "COMPARE_METHODS", "EVAL_NOISE_GENOTYPE", "seeds_for",
+    "METHODS_COMPARED", "FASHION_CPU", "FASHION_TRAIN_PER_CLASS", "paired_difference", "markdown", "results_of", "report",
 ]
 
 REFERENCE = "lfm-cw"
 METHODS_COMPARED = ["lfm-cw", "darts-2nd", "lfm-cw-uniform", "lfm-cw-aug"]
 QUICK = dict(
     search_rounds=2, batch_size=16, layers=1, eval_epochs=1, eval_layers=1, eval_channels=4,
-    synthetic_per_step=8, generator_warmup=20, w1_warmup=2,
+    synthetic_per_step=8, generator_warmup=20, w1_warmup=2, w2_warmup=2,
 )
 #: The CPU budget of the Fashion-MNIST comparison (5 seeds x 4 methods x 2 data sets in about 1.5
 #: hours on one thread of a shared, busy 2-core machine): 14x14 images, 200 test images per class,
@@ -65,7 +65,7 @@ QUICK = dict(
 #: search-val, then rho = 10: 1010 images); the balanced set has 100 per class (1000 images), so
 #: both have the same size and differ only in their class profile.
 FASHION_CPU = dict(
-    seeds=5, search_rounds=6, batch_size=32, synthetic_per_step=32, cell_steps=2, w1_warmup=100,
+    seeds=5, search_rounds=6, batch_size=32, synthetic_per_step=32, cell_steps=2, w1_warmup=100, w2_warmup=100,
     test_per_class=200, generator_warmup=1500, eval_epochs=2, eval_channels=8, eval_layers=3,
 )
 FASHION_TRAIN_PER_CLASS = {"long-tailed": 250, "balanced": 100}

@@ -18,9 +18,9 @@ hypergradient flows into them. Class weights ``c = K softmax(phi + beta m(W1))``
 (`class_weights.ClassWeights`). Synthetic labels ``k_i`` are drawn uniformly over the classes,
 so ``lam * mean_i c_{k_i} l_i`` estimates ``lam / K * sum_k c_k E_z l(G(z, k), k)``.
 
-Variants (`Variant`) switch parts off on the same code path: DARTS (w1 and architecture only),
-no generator (W2 then weights its real data by c), uniform class weights (c = 1), and class
-weights from mistakes only (phi frozen). `build` returns the Problems, the graph, the default
+Variants (`Variant`) switch parts off on the same code path: DARTS (w1 and architecture only,
+optionally with a class-balanced cross-entropy), no generator (W2 then weights its real data by
+c), uniform class weights (c = 1), and class weights from mistakes only (phi frozen). `build` returns the Problems, the graph, the default
 estimator of each edge and the hooks the program needs; any of them can be swapped.
 """
 
