@@ -138,3 +138,30 @@ def test_identical_genotypes_are_evaluated_once_and_differ_by_exactly_zero(tmp_p
     assert [e["seed"] for e in second["evaluations"]] == [0, 1]
     assert second["test_error"] - first["test_error"] == 0.0
     assert first["test_error"] == pytest.approx(sum(e["test_error"] for e in first["evaluations"]) / 2)
+
+
+def test_compare_report_pairs_seeds_states_half_widths_and_hamming_distances(tmp_path: Path) -> None:
+    """The comparison's tables from hand-made runs: paired differences to lfm-cw with the
+    half-width of their t-interval, the seeds 1.5 points would need, and genotype distances."""
+    from rich.console import Console
+    from scipy.stats import t
+
+    from mlo.benchmarks.lfm_cw import compare_report
+
+    a = _genotype([("sep_conv_3x3", 0), ("sep_conv_3x3", 1), ("skip_connect", 0), ("dil_conv_3x3", 2)])
+    b = _genotype([("sep_conv_3x3", 0), ("max_pool_3x3", 1), ("skip_connect", 0), ("dil_conv_3x3", 2)])
+    errors = {"lfm-cw": [20.0, 22.0, 21.0], "darts-2nd": [21.0, 25.0, 21.0]}
+    runs = []
+    for method, values in errors.items():
+        for seed, error in enumerate(values):
+            name = f"genotype-{method}-seed{seed}.json"
+            (a if method == "lfm-cw" or seed == 2 else b).save(tmp_path / name)
+            runs.append({"method": method, "seed": seed, "test_error": error, "balanced_error": error, "genotype": name,
+                         "arch_distance": 0.5, "genotype_changes": 1})
+    out = compare_report(tmp_path, runs, ["lfm-cw", "darts-2nd"], Console(quiet=True))
+    darts = out["rows"][1]["paired_test_error"]
+    diffs = [1.0, 3.0, 0.0]
+    std = float(torch.tensor(diffs).std())
+    assert darts["mean"] == pytest.approx(4 / 3) and darts["half_width"] == pytest.approx(float(t.ppf(0.975, 2)) * std / math.sqrt(3))
+    assert darts["seeds_for_1.5"] == seeds_for(std)
+    assert [h["lfm-cw vs darts-2nd"] for h in out["hamming"]] == [1, 1, 0]
