@@ -42,7 +42,12 @@ def _configure(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
                         help="lfm-cw: an option of the runs' config (as `mlo run --set`), e.g. search_rounds=15")
     parser.add_argument("--dataset", default="digits", metavar="NAME",
                         help="lfm-cw: digits (default) or fashion-mnist; each balanced and long-tailed (rho 10)")
-    parser.add_argument("--seeds", type=int, metavar="N", help="ignoring: seeds (default 5)")
+    parser.add_argument("--seeds", type=int, metavar="N", help="ignoring: seeds (default 5); lfm-cw --compare: search seeds (default 5)")
+    parser.add_argument("--compare", action="store_true",
+                        help="lfm-cw: the search comparison on long-tailed Fashion-MNIST, sized to resolve 1.5 points")
+    parser.add_argument("--jobs", type=int, default=1, metavar="N", help="lfm-cw --compare: seeds run in N processes at once")
+    parser.add_argument("--eval-noise", metavar="EPOCHS", help="lfm-cw: one genotype's test-error std over 3 evaluation "
+                        "seeds at each comma-separated evaluation length, e.g. 10,20,40")
     parser.add_argument("--threads", type=int, default=1, metavar="N",
                         help="torch intra-op threads (default 1; 0 keeps torch's default)")
     return parser
@@ -98,8 +103,22 @@ def main(args: argparse.Namespace) -> int:
         except ConfigError as err:
             console.print(f"[red]mlo bench lfm-cw:[/] {err}")
             return 2
-        lfm_cw.run(quick=args.quick, json_path=json_path, out=out, console=console, overrides=overrides,
-                   dataset=args.dataset)
+        if args.seeds:
+            overrides["seeds"] = args.seeds
+        try:
+            if args.eval_noise:
+                lengths = [int(v) for v in args.eval_noise.split(",")]
+                json_path = Path(args.json) if args.json else out / "lfm_cw_eval_noise.json"
+                lfm_cw.eval_noise(lengths, out=out, console=console, overrides=overrides, json_path=json_path)
+            elif args.compare:
+                json_path = Path(args.json) if args.json else out / "lfm_cw_compare.json"
+                lfm_cw.compare(out=out, console=console, overrides=overrides, json_path=json_path, jobs=args.jobs)
+            else:
+                lfm_cw.run(quick=args.quick, json_path=json_path, out=out, console=console, overrides=overrides,
+                           dataset=args.dataset)
+        except (ConfigError, ValueError) as err:
+            console.print(f"[red]mlo bench lfm-cw:[/] {err}")
+            return 2
     console.print(f"results written to {json_path}")
     return 0
 

@@ -93,6 +93,7 @@ def train_from_scratch(
     num_workers: int = 0,
     seed: int = 0,
     progress_callback: Callable[[EpochRecord], None] | None = None,
+    test_every_epoch: bool = True,
 ) -> EvalResult:
     """Train ``NetworkFromGenotype(genotype, C, layers)`` on ``splits`` and test it.
 
@@ -100,6 +101,8 @@ def train_from_scratch(
     batch 96). For digits on a CPU use a small network, e.g. ``C=8, layers=3, epochs=10,
     batch_size=64, lr=0.05`` (a few seconds per epoch). ``progress_callback`` is called after
     every epoch with its `EpochRecord`. Returns the test errors after the last epoch.
+    ``test_every_epoch=False`` tests only after the last epoch (the other epochs' records hold
+    NaN test errors): on a large test set, testing costs more than the training epoch.
     """
     if epochs < 1:
         raise ValueError(f"epochs must be at least 1, got {epochs}")
@@ -151,7 +154,10 @@ def train_from_scratch(
             correct += int((logits.detach().argmax(dim=1) == y).sum())
             seen += n
         scheduler.step()
-        test_err, bal_err = evaluate(model, test_loader, splits.num_classes, device)
+        if test_every_epoch or epoch == epochs - 1:
+            test_err, bal_err = evaluate(model, test_loader, splits.num_classes, device)
+        else:
+            test_err = bal_err = float("nan")
         record = EpochRecord(
             epoch=epoch + 1,
             train_loss=total_loss / max(seen, 1),

@@ -40,6 +40,7 @@ class RunConfig:
     # what to run
     methods: list[str] = field(default_factory=lambda: ["lfm-cw"])  # comma-separated methods run on the same budget
     seeds: int = 1  # every method with seeds 0..N-1; mean ± std reported
+    first_seed: int = 0  # the seeds are first_seed .. first_seed + seeds - 1
     # data
     dataset: str = "digits"  # digits | fashion-mnist | cifar10 | cifar100 | imagenet
     data_root: str | None = None  # folder of Fashion-MNIST, CIFAR or ImageNet (nothing is downloaded)
@@ -72,6 +73,7 @@ class RunConfig:
     unsafe_pickle: bool = False  # let a generator checkpoint be a pickled module (runs the file's code)
     learn_total: bool = False  # learn the total weight of the synthetic data, not only its split
     w1_warmup: int = 50  # steps of W1 alone before the search (a few epochs), so its mistakes mean something
+    w2_warmup: int = 50  # steps of W2 alone (uniform class weights) before the search, so its validation loss means something
     # optimizers
     w_lr: float = Optimizers.w_lr  # learning rate of the network weights (W1, W2)
     arch_lr: float = Optimizers.arch_lr  # learning rate of the architecture weights
@@ -80,10 +82,13 @@ class RunConfig:
     phi_lr: float = Optimizers.phi_lr  # learning rate of the class-weight parameters phi
     # evaluation of the derived genotype, trained from scratch
     eval_epochs: int = 10  # epochs of training the derived genotype from scratch
+    # evaluation seeds 0..n-1, the same for every method and search seed, averaged (0: the search seed)
+    eval_seeds: int = 0
     eval_channels: int = 8  # evaluation network: initial channels
     eval_layers: int = 3  # evaluation network: cells
     eval_batch_size: int = 64  # evaluation batch size
     eval_lr: float = 0.05  # evaluation: SGD learning rate (cosine schedule)
+    eval_test_every_epoch: bool = True  # False: test only after the last epoch (a large test set costs more than an epoch)
     drop_path: float = 0.0  # evaluation: drop-path probability
     auxiliary_weight: float = 0.4  # evaluation: weight of the auxiliary head's loss (0: no auxiliary head)
     cutout: int = 16  # CIFAR only, evaluation only (the search sees no Cutout)
@@ -164,7 +169,7 @@ class RunConfig:
         if self.sync not in SYNCS:
             raise ConfigError(f"sync must be one of {SYNCS}, got {self.sync!r}")
         for name in ("lam", "gamma", "beta", "w_lr", "arch_lr", "phi_lr", "drop_path", "auxiliary_weight", "cutout", "threads", "workers",
-                     "generator_warmup", "w1_warmup", "checkpoint_every"):
+                     "generator_warmup", "w1_warmup", "w2_warmup", "checkpoint_every", "eval_seeds", "first_seed"):
             if getattr(self, name) < 0:
                 raise ConfigError(f"{name} must be >= 0, got {getattr(self, name)}")
         for name in ("w_grad_clip", "arch_grad_clip"):

@@ -10,14 +10,25 @@ every run, atomically), so an interrupted command keeps what it finished:
                                       mistakes m(W1), the norm of the class weights' hypergradient
     generators/<data>-seed<k>.pt      the pretrained conditional VAE (state dict), shared by every
                                       method of this seed; gate-<data>-seed<k>.json its gate figures
+    warmups/seed<k>-<level>.pt        the state after a warm-up (W1 alone; W2 alone on uniformly
+                                      weighted synthetic data), shared by every method of this
+                                      seed that trains the same level on the same data
     *.png                             class weights, architecture weights, training curves
 
 Runs go seed by seed (every method of seed 0, then of seed 1, ...), so an interrupted comparison
 keeps complete pairs.
+
+Resume is exact at every phase boundary: each phase (generator, W1's warm-up, W2's warm-up, each
+search stage, the evaluation) starts from a state that is either saved on disk (a cached
+generator or warm-up, a phase's checkpoint) or rebuilt from the seed, never from what an earlier
+phase left in memory; a killed run resumed with ``--resume`` ends bit for bit where an
+uninterrupted one ends.
 """
 
 from __future__ import annotations
 
+import copy
+import dataclasses
 import json
 import os
 import platform
@@ -39,7 +50,7 @@ from torch import Tensor
 import mlo
 
 from .. import data as datasets
-from ..darts import PDARTS_STAGES, PRIMITIVES, Stage, SuperNet, pdarts_next_stage, train_from_scratch
+from ..darts import PDARTS_STAGES, PRIMITIVES, Genotype, Stage, SuperNet, pdarts_next_stage, train_from_scratch
 from ..darts.stem import stem_for
 from . import plots
 from .config import ConfigError, RunConfig
@@ -47,23 +58,33 @@ from .augment import AugmentedReal
 from .cvae import ConditionalVAE, pretrain_cvae
 from .gate import GateReport, quality_gate
 from .generator import load_generator
+from .class_weights import ClassWeights
 from .methods import METHODS
-from .program import LFMCW, Constants, Optimizers, augmented_real_source, build
+from .program import LFMCW, Constants, MistakesHook, Optimizers, RetrainLoss, WithValidation, augmented_real_source, batches, build
 
-__all__ = ["run", "resume", "default_out", "prepare", "build_program", "warm_up", "generator_for", "checked_engine", "prepare_output"]
+__all__ = [
+    "run", "resume", "default_out", "prepare", "build_program", "warm_up", "generator_for", "checked_engine", "prepare_output",
+    "genotype_distance", "evaluate",
+]
 
 
 class _Recorder(mlo.Hook):
-    """Per round: each level's mean loss, and the class weights c (saved in checkpoints)."""
+    """Per round: each level's mean loss, the class weights c, and how far the architecture has
+    moved from where this stage's search started (saved in checkpoints)."""
 
-    def __init__(self, program: LFMCW) -> None:
-        self.program = program
+    def __init__(self, program: LFMCW, max_skip: int | None = None) -> None:
+        self.program, self.max_skip = program, max_skip
         self.losses: dict[str, list[float]] = defaultdict(list)
         self.class_weights: list[list[float]] = []
         self.mistakes: list[list[float]] = []
         self.phi_grad_norm: list[float | None] = []
+        self.arch_distance: list[float] = []
+        self.genotype_changes: list[int] = []
         self._round: dict[str, list[Tensor]] = defaultdict(list)
         self._norms_seen = 0
+        arch = program.architecture
+        self._initial = [t.detach().clone() for t in arch.parameters()]
+        self._initial_genotype = arch.genotype(max_skip=max_skip)
 
     def on_step(self, engine: mlo.Engine, level: str, loss: Tensor) -> None:
         self._round[level].append(loss)
@@ -72,6 +93,11 @@ class _Recorder(mlo.Hook):
         for level, values in self._round.items():
             self.losses[level].append(float(torch.stack(values).mean()))
         self._round.clear()
+        arch = self.program.architecture
+        with torch.no_grad():
+            moved = sum(float((t - t0).pow(2).sum()) for t, t0 in zip(arch.parameters(), self._initial))
+        self.arch_distance.append(moved**0.5)
+        self.genotype_changes.append(genotype_distance(arch.genotype(max_skip=self.max_skip), self._initial_genotype))
         if self.program.class_weights is not None:
             with torch.no_grad():
                 self.class_weights.append([float(v) for v in self.program.class_weights().cpu()])
@@ -84,6 +110,7 @@ class _Recorder(mlo.Hook):
         """Continue ``earlier``'s history (P-DARTS stages share one)."""
         self.losses, self.class_weights = earlier.losses, earlier.class_weights
         self.mistakes, self.phi_grad_norm = earlier.mistakes, earlier.phi_grad_norm
+        self.arch_distance, self.genotype_changes = earlier.arch_distance, earlier.genotype_changes
 
     def log(self) -> list[dict[str, Any]]:
         rounds = max([len(v) for v in self.losses.values()] + [len(self.class_weights)], default=0)
@@ -94,19 +121,40 @@ class _Recorder(mlo.Hook):
                 "class_weights": self.class_weights[i] if i < len(self.class_weights) else None,
                 "w1_mistakes": self.mistakes[i] if i < len(self.mistakes) else None,
                 "phi_hypergradient_norm": self.phi_grad_norm[i] if i < len(self.phi_grad_norm) else None,
+                "arch_distance": self.arch_distance[i] if i < len(self.arch_distance) else None,
+                "genotype_changes": self.genotype_changes[i] if i < len(self.genotype_changes) else None,
             }
             for i in range(rounds)
         ]
 
     def state_dict(self) -> dict[str, Any]:
         return {"losses": dict(self.losses), "class_weights": self.class_weights, "mistakes": self.mistakes,
-                "phi_grad_norm": self.phi_grad_norm}
+                "phi_grad_norm": self.phi_grad_norm, "arch_distance": self.arch_distance,
+                "genotype_changes": self.genotype_changes}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.losses = defaultdict(list, {k: list(v) for k, v in state["losses"].items()})
         self.class_weights = [list(v) for v in state["class_weights"]]
         self.mistakes = [list(v) for v in state["mistakes"]]
         self.phi_grad_norm = list(state["phi_grad_norm"])
+        self.arch_distance = [float(v) for v in state.get("arch_distance", [])]
+        self.genotype_changes = [int(v) for v in state.get("genotype_changes", [])]
+
+
+def genotype_distance(a: Genotype, b: Genotype) -> int:
+    """How many of ``a``'s edges (input, op) ``b`` lacks, node by node, in both cells: 0 for the
+    same genotype, at most 2 edges x nodes x 2 cells (the order of a node's two edges is ignored)."""
+    if a.steps != b.steps:
+        raise ValueError(f"genotypes with {a.steps} and {b.steps} nodes per cell cannot be compared")
+    differ = 0
+    for ours, theirs in ((a.normal, b.normal), (a.reduce, b.reduce)):
+        for node in range(a.steps):
+            left = list(ours[2 * node: 2 * node + 2])
+            for edge in theirs[2 * node: 2 * node + 2]:
+                if edge in left:
+                    left.remove(edge)
+            differ += len(left)
+    return differ
 
 
 def _run_phase(engine: mlo.Engine, rounds: int, saver: mlo.checkpoint.Checkpoint | None) -> None:
@@ -140,11 +188,14 @@ def default_out(methods: list[str]) -> Path:
 
 
 def _write_json(path: Path, data: Any) -> None:
-    """Write ``data`` atomically (rank 0 only)."""
+    """Write ``data`` atomically and durably (rank 0 only): a temporary file, fsync, rename."""
     if not mlo.distributed.is_main():
         return
     tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(json.dumps(data, indent=2))
+    with open(tmp, "w") as f:
+        f.write(json.dumps(data, indent=2))
+        f.flush()
+        os.fsync(f.fileno())
     os.replace(tmp, path)
 
 
@@ -191,7 +242,8 @@ def build_program(
     index: int = 0, stage: Stage | None = None, mask: Any = None,
 ) -> LFMCW:
     """The program ``method`` searches with in stage ``index`` under ``config``: its levels, graph,
-    per-edge estimators (``config.estimator`` and ``config.edge_estimators`` applied) and hooks."""
+    per-edge estimators (``config.estimator`` and ``config.edge_estimators`` applied) and hooks.
+    In the first stage the weights' schedules start with their warm-ups (`build`)."""
     spec = METHODS[method]
     constants = Constants(
         config.lam, config.gamma, config.beta, config.synthetic_per_step, config.mistakes,
@@ -202,9 +254,10 @@ def build_program(
     program = build(
         splits.train, splits.val, splits.num_classes, splits.input_shape,
         _supernet_factory(config, splits, stage, mask), spec.variant, constants, optim,
-        rounds=rounds + (config.w1_warmup if index == 0 else 0), batch_size=config.batch_size,
+        rounds=rounds, batch_size=config.batch_size,
         estimator=config.estimator or spec.estimator, generator=generator, device=config.device, seed=seed,
-        workers=config.workers,
+        workers=config.workers, w1_warmup=config.w1_warmup if index == 0 else 0,
+        w2_warmup=config.w2_warmup if index == 0 else 0,
     )
     for edge, est in config.edge_estimators.items():  # checked against every method's edges
         upper, _, lower = (s.strip() for s in edge.partition("->"))
@@ -213,17 +266,89 @@ def build_program(
     return program
 
 
-def warm_up(config: RunConfig, program: LFMCW, gan_hooks: list[mlo.Hook]) -> None:
-    """Before the search: ``config.generator_warmup`` steps of the GAN levels alone (if the
-    program trains one), then ``config.w1_warmup`` steps of W1, so that it learns before its
-    mistakes steer the class weights."""
-    gan = [p for p in program.problems if p.name in ("discriminator", "generator")]
-    precision = _precision(config, program)
-    if config.generator_warmup and any(p.name == "generator" for p in gan):
-        mlo.Engine(gan, {}, hooks=gan_hooks, precision={p.name: precision[p.name] for p in gan}).run(config.generator_warmup)
-    if config.w1_warmup:
-        w1 = [p for p in program.problems if p.name == "w1"]
-        mlo.Engine(w1, {}, hooks=list(program.hooks), precision={"w1": precision["w1"]}).run(config.w1_warmup)
+def _mistakes_hook(config: RunConfig, program: LFMCW, splits: datasets.DataSplits, seed: int) -> MistakesHook:
+    """The hook that measures W1's mistakes during its warm-up: the program's own, or (a method
+    without one) a hook on class weights of its own that the search never reads, so that every
+    method's W1 warm-up is the same engine and one cached warm-up serves them all."""
+    for hook in program.hooks:
+        if isinstance(hook, MistakesHook):
+            return hook
+    device = torch.device(config.device)
+    weights = ClassWeights(splits.num_classes, config.beta, Constants().mistakes_momentum).to(device)
+    val = batches(splits.val, config.batch_size, seed * 1000 + 2, device, config.workers)  # the stream `build` gives its hook
+    return MistakesHook(program.w1, program.architecture, weights, val, config.mistakes)
+
+
+def _uniform_w2(program: LFMCW) -> mlo.Problem:
+    """W2's level for its warm-up: its loss, optimizer, schedule and data, with the class weights
+    held at 1 (uniform), so that the warm-up is the same for every method with this data source."""
+    w2 = next(p for p in program.problems if p.name == "w2")
+    assert isinstance(w2, RetrainLoss) and program.w2 is not None
+    uniform = ClassWeights(w2.weights.num_classes, beta=0.0).to(next(program.w2.parameters()).device)  # c = 1, fixed
+    # on the mistakes path W2's batches carry a validation batch for W1's mistakes: not read here
+    data = w2.data.base if isinstance(w2.data, WithValidation) else w2.data
+    return RetrainLoss(program.w2, w2.arch, uniform, w2.generator, w2.lam, optimizer=w2.optimizer, data=data,
+                       scheduler=w2.scheduler, transform=w2.transform)
+
+
+def _source(config: RunConfig, method: str) -> str:
+    """The name of the data W2 trains on besides the real data (the key of W2's cached warm-up)."""
+    variant = METHODS[method].variant
+    if not variant.generator:
+        return "real"
+    if variant.augmented_real:
+        return "aug"
+    if config.generator == "cgan":
+        return f"cgan-{method}"  # trained as levels of this method's program: not shared
+    return "cvae" if config.generator == "cvae" else "file"
+
+
+def _warm_up_phase(
+    config: RunConfig, problem: mlo.Problem, hooks: list[mlo.Hook], precision: str, steps: int, name: str,
+    out: Path | None, progress: Progress | None,
+) -> None:
+    """``steps`` steps of one level alone, or their end state cached in ``OUT/warmups/<name>.pt``
+    by an earlier method of this seed. With checkpoints a killed warm-up resumes from its newest
+    ``checkpoint-<name>-<step>.pt``; the cache is written when it ends."""
+    saver = _saver(config, out, name)
+    shown: list[mlo.Hook] = [mlo.logs.Progress(steps, name, progress)] if progress is not None else []
+    engine = mlo.Engine([problem], {}, hooks=[*hooks, *shown, *([saver] if saver else [])], precision={problem.name: precision})
+    cache = out / "warmups" / f"{name}.pt" if out is not None else None
+    if cache is not None and cache.exists():
+        mlo.checkpoint.load(engine, cache)
+        return
+    _run_phase(engine, steps, saver)
+    if cache is not None:
+        mlo.checkpoint.save(engine, cache)
+
+
+def _warm_ups(
+    config: RunConfig, method: str, seed: int, splits: datasets.DataSplits, program: LFMCW, precision: dict[str, str],
+    out: Path | None, progress: Progress | None,
+) -> None:
+    """Before the search: the GAN levels alone (a cGAN trained as levels), then W1 alone (its
+    mistakes measured), then W2 alone on uniformly weighted synthetic data; each level's
+    learning rate is constant here and its cosine starts with the search (`build`)."""
+    tag = f"{method}-seed{seed}"
+    if config.generator_warmup and any(p.name == "generator" for p in program.problems) and config.generator == "cgan":
+        gan = [p for p in program.problems if p.name in ("discriminator", "generator")]
+        saver = _saver(config, out, f"{tag}-warmup")
+        shown = [mlo.logs.Progress(config.generator_warmup, f"generator warm-up seed {seed}", progress)] if progress else []
+        warm = mlo.Engine(gan, {}, hooks=[*shown, *([saver] if saver else [])], precision={p.name: precision[p.name] for p in gan})
+        _run_phase(warm, config.generator_warmup, saver)
+    if config.w1_warmup:  # W1 learns before its mistakes steer the class weights
+        w1 = next(p for p in program.problems if p.name == "w1")
+        balanced = "-balanced" if METHODS[method].variant.balanced_loss else ""
+        _warm_up_phase(config, w1, [_mistakes_hook(config, program, splits, seed)], precision["w1"], config.w1_warmup,
+                       f"seed{seed}-warmup-w1{balanced}", out, progress)
+    if config.w2_warmup and program.w2 is not None:  # W2 too, so that its validation loss means something
+        _warm_up_phase(config, _uniform_w2(program), [], precision["w2"], config.w2_warmup,
+                       f"seed{seed}-warmup-w2-{_source(config, method)}", out, progress)
+
+
+def warm_up(config: RunConfig, program: LFMCW, splits: datasets.DataSplits, seed: int = 0) -> None:
+    """The warm-ups of ``program`` (`_warm_ups`), in memory: what `mlo check` runs before its rounds."""
+    _warm_ups(config, config.methods[0], seed, splits, program, _precision(config, program), None, None)
 
 
 def _search(
@@ -235,28 +360,19 @@ def _search(
     recorder: _Recorder | None = None
     start = time.perf_counter()
     arch_prev = None
+    max_skip = 2 if config.space == "p-darts" else None
     for index, (stage, rounds) in enumerate(_stages(config)):
         if stage is not None and arch_prev is not None:  # P-DARTS: prune before deepening
             _, mask = pdarts_next_stage(arch_prev, stage)
         program = build_program(config, method, seed, splits, generator, rounds, index, stage, mask)
-        new_recorder = _Recorder(program)
+        new_recorder = _Recorder(program, max_skip)
         if recorder is not None:  # keep one history across P-DARTS stages
             new_recorder.adopt(recorder)
         recorder = new_recorder
         tag = f"{method}-seed{seed}"
         precision = _precision(config, program)
-        if index == 0 and config.generator_warmup and any(p.name == "generator" for p in program.problems):
-            gan = [p for p in program.problems if p.name in ("discriminator", "generator")]
-            saver = _saver(config, out, f"{tag}-warmup")
-            shown = mlo.logs.Progress(config.generator_warmup, f"generator warm-up seed {seed}", progress)
-            warm = mlo.Engine(gan, {}, hooks=[shown, *([saver] if saver else [])],
-                              precision={p.name: precision[p.name] for p in gan})
-            _run_phase(warm, config.generator_warmup, saver)
-        if index == 0 and config.w1_warmup:  # W1 learns before its mistakes steer the class weights
-            w1 = [p for p in program.problems if p.name == "w1"]
-            saver = _saver(config, out, f"{tag}-w1warmup")
-            first = mlo.Engine(w1, {}, hooks=[*program.hooks, *([saver] if saver else [])], precision={"w1": precision["w1"]})
-            _run_phase(first, config.w1_warmup, saver)
+        if index == 0:
+            _warm_ups(config, method, seed, splits, program, precision, out, progress)
         phase = "search" + (f"-stage{index + 1}" if stage is not None else "")
         label = f"search {method} seed {seed}" + (f" stage {index + 1}" if stage is not None else "")
         if config.engine == "betty":
@@ -280,13 +396,55 @@ def _search(
     return program, recorder, time.perf_counter() - start
 
 
+def evaluate(
+    config: RunConfig, genotype: Genotype, splits: datasets.DataSplits, seeds: list[int], progress: Progress | None = None,
+    label: str = "evaluate",
+) -> dict[str, Any]:
+    """Train ``genotype`` from scratch once per evaluation seed in ``seeds`` (config's evaluation
+    network and budget) and average: ``test_error`` and ``balanced_error`` are the means over the
+    seeds, ``evaluations`` each seed's result and training history."""
+    runs: list[dict[str, Any]] = []
+    for eval_seed in seeds:
+        task = progress.add_task(f"{label} (evaluation seed {eval_seed})", total=config.eval_epochs, losses="") if progress else None
+
+        def shown(r: Any, task: Any = task) -> None:
+            if progress is not None:
+                progress.update(task, advance=1, losses=f"train loss {r.train_loss:.3f}  test error {r.test_error:.2f}%")
+
+        result = train_from_scratch(
+            genotype, splits, epochs=config.eval_epochs, batch_size=config.eval_batch_size, lr=config.eval_lr,
+            C=config.eval_channels, layers=config.eval_layers, auxiliary=config.auxiliary_weight > 0,
+            auxiliary_weight=config.auxiliary_weight, drop_path_prob=config.drop_path, device=config.device, seed=eval_seed,
+            num_workers=config.workers if torch.device(config.device).type == "cuda" else 0, progress_callback=shown,
+            test_every_epoch=config.eval_test_every_epoch,
+        )
+        runs.append({"seed": eval_seed, "test_error": result.test_error, "balanced_error": result.balanced_error,
+                     "params": result.params, "history": [vars(r) for r in result.history]})
+    return {
+        "test_error": statistics.fmean(r["test_error"] for r in runs),
+        "balanced_error": statistics.fmean(r["balanced_error"] for r in runs),
+        "params": runs[0]["params"],
+        "evaluations": runs,
+    }
+
+
+def _genotype_key(genotype: Genotype, seeds: list[int]) -> str:
+    """What an evaluation depends on besides the config: the genotype and the evaluation seeds."""
+    return json.dumps({"genotype": dataclasses.asdict(genotype), "seeds": seeds}, sort_keys=True)
+
+
 def _run_one(
     config: RunConfig, method: str, seed: int, splits: datasets.DataSplits, generator: Any, out: Path, progress: Progress,
-    eval_splits: datasets.DataSplits | None = None,
+    eval_splits: datasets.DataSplits | None = None, evaluated: dict[str, dict[str, Any]] | None = None,
 ) -> dict[str, Any]:
     """Search on ``splits``, then train the genotype from scratch on ``eval_splits`` (default: the
-    same; for CIFAR the evaluation data adds Cutout, which the search never sees)."""
+    same; for CIFAR the evaluation data adds Cutout, which the search never sees) with each
+    evaluation seed (0 .. ``config.eval_seeds`` - 1, else the search seed). ``evaluated`` maps a genotype
+    and its evaluation seeds to the evaluation already done: a genotype found again is not
+    trained again (same genotype, same seeds: the same result)."""
     torch.manual_seed(seed)
+    if config.finetune_generator and generator is not None:  # its fine-tuning must not reach the next method
+        generator = copy.deepcopy(generator)
     program, recorder, search_seconds = _search(config, method, seed, splits, generator, progress, out)
     arch = program.architecture
     genotype = arch.genotype(max_skip=2 if config.space == "p-darts" else None)
@@ -295,31 +453,32 @@ def _run_one(
     if main:
         genotype.save(out / f"genotype-{tag}.json")
 
-    task = progress.add_task(f"evaluate {method} seed {seed}", total=config.eval_epochs, losses="")
-    result = train_from_scratch(
-        genotype, eval_splits or splits, epochs=config.eval_epochs, batch_size=config.eval_batch_size, lr=config.eval_lr,
-        C=config.eval_channels, layers=config.eval_layers, auxiliary=config.auxiliary_weight > 0,
-        auxiliary_weight=config.auxiliary_weight, drop_path_prob=config.drop_path, device=config.device, seed=seed,
-        num_workers=config.workers if torch.device(config.device).type == "cuda" else 0,
-        progress_callback=lambda r: progress.update(
-            task, advance=1, losses=f"train loss {r.train_loss:.3f}  test error {r.test_error:.2f}%"
-        ),
-    )
-
+    seeds = list(range(config.eval_seeds)) or [seed]
+    key = _genotype_key(genotype, seeds)
+    evaluated = {} if evaluated is None else evaluated
+    reused = key in evaluated
+    if not reused:
+        evaluated[key] = evaluate(config, genotype, eval_splits or splits, seeds, progress, f"evaluate {method} seed {seed}")
+    result = evaluated[key]
     if main:
         _plots(config, method, seed, splits, program, recorder, result, out)
     return {
         "method": method,
         "seed": seed,
-        "test_error": result.test_error,
-        "balanced_error": result.balanced_error,
+        "test_error": result["test_error"],
+        "balanced_error": result["balanced_error"],
         "search_seconds": search_seconds,
-        "params": result.params,
+        "params": result["params"],
         "genotype": f"genotype-{tag}.json",
+        "eval_seeds": seeds,
+        "evaluation_reused": reused,
+        "evaluations": result["evaluations"],
+        "arch_distance": recorder.arch_distance[-1] if recorder.arch_distance else 0.0,
+        "genotype_changes": recorder.genotype_changes[-1] if recorder.genotype_changes else 0,
         "final_class_weights": recorder.class_weights[-1] if recorder.class_weights else None,
         "final_total_weight": sum(recorder.class_weights[-1]) if recorder.class_weights else None,
         "final_w1_mistakes": recorder.mistakes[-1] if recorder.mistakes else None,
-        "history": [vars(r) for r in result.history],
+        "history": result["evaluations"][0]["history"],
     }
 
 
@@ -336,8 +495,9 @@ def _plots(
         {"normal": weights.normal.cpu().numpy(), "reduction": weights.reduce.cpu().numpy()},
         PRIMITIVES, edge_names, out / f"architecture-{tag}.png", f"{method} (seed {seed}): architecture weights per edge",
     )
+    history = result["evaluations"][0]["history"]
     plots.curves(
-        dict(recorder.losses), [r.train_loss for r in result.history], [r.test_error for r in result.history],
+        dict(recorder.losses), [r["train_loss"] for r in history], [r["test_error"] for r in history],
         out / f"curves-{tag}.png", f"{method} (seed {seed})",
     )
     if program.generator is not None:
@@ -383,8 +543,8 @@ def cached_cvae(
             splits.train, splits.num_classes, splits.input_shape, seed=seed, steps=config.generator_warmup,
             noise_dim=Constants().noise_dim, kl_weight=config.kl_weight(), device="cpu",
         )
-        if mlo.distributed.is_main():
-            torch.save(vae.state_dict(), path)
+        if mlo.distributed.is_main():  # atomic: a run killed while writing leaves no half file to load
+            mlo.checkpoint.write_atomic(vae.state_dict(), path)
         console.print(f"generator: conditional VAE pretrained on {splits.name} (seed {seed}) in {time.perf_counter() - start:.1f} s -> {path}")
     gate = quality_gate(vae, splits.train, splits.val, splits.num_classes, vae.noise_dim, seed=seed)
     _write_json(folder / f"gate-{splits.name}-seed{seed}.json", gate.to_dict())
@@ -478,7 +638,7 @@ def checked_engine(config: RunConfig, console: Console | None = None) -> mlo.Eng
     torch.manual_seed(0)
     program = build_program(config, method, 0, splits, generator, config.search_rounds)
     console.print(f"[bold]mlo check[/] {method} on {splits}: {config.search_rounds} rounds", highlight=False)
-    warm_up(config, program, [])
+    warm_up(config, program, splits)
     engine = search_engine(config, program, list(program.hooks))
     engine.run(config.search_rounds)
     return engine
@@ -518,15 +678,19 @@ def run(config: RunConfig, console: Console | None = None, resume: bool = False)
     if resume and (out / "results.json").exists():
         results["runs"] = json.loads((out / "results.json").read_text())["runs"]
     done = {(r["method"], r["seed"]) for r in results["runs"]}
+    evaluated = {  # genotypes already evaluated (on resume: by the finished runs)
+        _genotype_key(Genotype.load(out / r["genotype"]), list(r["eval_seeds"])): r
+        for r in results["runs"] if "eval_seeds" in r
+    }
     columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(), TextColumn("{task.fields[losses]}"))
     with Progress(*columns, console=console, transient=False, disable=not main) as progress:
-        for seed in range(config.seeds):
+        for seed in range(config.first_seed, config.first_seed + config.seeds):
             sources: dict[str, Any] = {}
             for method in config.methods:
                 if (method, seed) in done:
                     continue
                 generator = generator_for(config, method, seed, splits, loaded, sources, out, console, results["gates"])
-                results["runs"].append(_run_one(config, method, seed, splits, generator, out, progress, eval_splits))
+                results["runs"].append(_run_one(config, method, seed, splits, generator, out, progress, eval_splits, evaluated))
                 results["summary"] = _summary(results["runs"])
                 _write_json(out / "results.json", results)
     results["summary"] = _summary(results["runs"])

@@ -24,6 +24,8 @@ METHODS: dict[str, Method] = {
         Method("lfm-cw", "LFM-CW: class weights from W1's mistakes and a learned correction, synthetic data", Variant(), "finite_difference"),
         Method("darts-1st", "DARTS first order", Variant(second_model=False), "first_order"),
         Method("darts-2nd", "DARTS second order (finite differences)", Variant(second_model=False), "finite_difference"),
+        Method("darts-2nd-balanced", "DARTS second order with a class-balanced loss (inverse class frequency)",
+               Variant(second_model=False, balanced_loss=True), "finite_difference"),
         Method("lfm-cw-uniform", "ablation: uniform class weights (c = 1)", Variant(learn_phi=False, use_mistakes=False), "finite_difference"),
         Method("lfm-cw-nogen", "ablation: no generator (W2 reweights real data by c)", Variant(generator=False), "finite_difference"),
         Method("lfm-cw-aug", "ablation: the 'generator' returns a random augmentation of a real image of class k",

@@ -18,15 +18,16 @@ hypergradient flows into them. Class weights ``c = K softmax(phi + beta m(W1))``
 (`class_weights.ClassWeights`). Synthetic labels ``k_i`` are drawn uniformly over the classes,
 so ``lam * mean_i c_{k_i} l_i`` estimates ``lam / K * sum_k c_k E_z l(G(z, k), k)``.
 
-Variants (`Variant`) switch parts off on the same code path: DARTS (w1 and architecture only),
-no generator (W2 then weights its real data by c), uniform class weights (c = 1), and class
-weights from mistakes only (phi frozen). `build` returns the Problems, the graph, the default
+Variants (`Variant`) switch parts off on the same code path: DARTS (w1 and architecture only,
+optionally with a class-balanced cross-entropy), no generator (W2 then weights its real data by
+c), uniform class weights (c = 1), and class weights from mistakes only (phi frozen). `build` returns the Problems, the graph, the default
 estimator of each edge and the hooks the program needs; any of them can be swapped.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
+import math
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -37,13 +38,17 @@ from torch.utils.data import DataLoader, Dataset
 
 import mlo
 
+from ..data import labels_of
 from ..darts.architecture import Architecture
 from ..darts.search import SuperNet
 from .augment import AugmentedReal
 from .class_weights import ClassWeights
 from .generator import ConditionalDiscriminator, ConditionalGenerator, discriminator_loss, generator_loss
 
-__all__ = ["Constants", "Optimizers", "Variant", "LFMCW", "build", "batches", "augmented_real_source"]
+__all__ = [
+    "Constants", "Optimizers", "Variant", "LFMCW", "build", "batches", "augmented_real_source", "warm_then_cosine",
+    "inverse_frequency", "MistakesHook", "RetrainLoss", "WithValidation",
+]
 
 
 @dataclass(frozen=True)
@@ -139,6 +144,7 @@ class Variant:
     learn_phi: bool = True  # the class_weights level (else phi stays 0)
     use_mistakes: bool = True  # beta * m(W1) in the class weights (else c = K softmax(phi))
     augmented_real: bool = False  # the synthetic images are augmented real ones (`AugmentedReal`)
+    balanced_loss: bool = False  # w1's and the architecture's cross-entropy weighted by inverse class frequency
 
     def mistakes_path(self, mistakes_grad: bool) -> bool:
         """Whether ``w2``'s loss reads W1 (through ``m``) under the option ``mistakes_grad``."""
@@ -258,15 +264,16 @@ class _WithNoise:
 
 
 class SupernetLoss(mlo.Problem):
-    """Cross-entropy of a supernet under the shared architecture: ``w1`` (and DARTS's weights)."""
+    """Cross-entropy of a supernet under the shared architecture: ``w1`` (and DARTS's weights);
+    ``class_weight``: per-class weights of the cross-entropy (a class-balanced loss)."""
 
-    def __init__(self, name: str, net: SuperNet, arch: Architecture, **kw: Any) -> None:
+    def __init__(self, name: str, net: SuperNet, arch: Architecture, class_weight: Tensor | None = None, **kw: Any) -> None:
         super().__init__(name, net, **kw)
-        self.arch = arch
+        self.arch, self.class_weight = arch, class_weight
 
     def loss(self, batch: tuple[Tensor, Tensor]) -> Tensor:
         x, y = batch
-        return F.cross_entropy(self.module(x, self.arch), y)
+        return F.cross_entropy(self.module(x, self.arch), y, weight=self.class_weight)
 
 
 class RetrainLoss(mlo.Problem):
@@ -302,7 +309,7 @@ class RetrainLoss(mlo.Problem):
         return real + self.lam * (c[k] * synthetic).mean()
 
 
-class _WithValidation:
+class WithValidation:
     """Each batch of ``base`` with a validation batch appended, ``(*batch, x_val, y_val)``: the
     data of ``w2`` on the mistakes path. Its position (both streams') is saved for an exact resume."""
 
@@ -334,13 +341,16 @@ def _generated(generator: nn.Module, noise: Tensor, labels: Tensor, dtype: torch
 class ValidationLoss(mlo.Problem):
     """Validation cross-entropy of supernets: ``class_weights`` (W2) and ``architecture`` (W1 + gamma W2)."""
 
-    def __init__(self, name: str, module: nn.Module, terms: list[tuple[float, SuperNet]], arch: Architecture, **kw: Any):
+    def __init__(
+        self, name: str, module: nn.Module, terms: list[tuple[float, SuperNet]], arch: Architecture,
+        class_weight: Tensor | None = None, **kw: Any,
+    ):
         super().__init__(name, module, **kw)
-        self.terms, self.arch = terms, arch
+        self.terms, self.arch, self.class_weight = terms, arch, class_weight
 
     def loss(self, batch: tuple[Tensor, Tensor]) -> Tensor:
         x, y = batch
-        return sum(w * F.cross_entropy(net(x, self.arch), y) for w, net in self.terms)  # type: ignore[return-value]
+        return sum(w * F.cross_entropy(net(x, self.arch), y, weight=self.class_weight) for w, net in self.terms)  # type: ignore[return-value]
 
 
 class DiscriminatorLoss(mlo.Problem):
@@ -385,13 +395,39 @@ class MistakesHook(mlo.Hook):
         with torch.no_grad():
             self.weights.observe(self.w1(x, self.arch), y, self.kind)
 
-    def state_dict(self) -> dict[str, int]:
-        """The position of the next validation batch (the mistakes live in the module's buffers)."""
-        return self.val.state_dict()
+    def state_dict(self) -> dict[str, Any]:
+        """The position of the next validation batch and the mistakes ``m`` so far: saved here
+        because an engine without the ``class_weights`` level (W1's warm-up, methods with phi
+        frozen) does not save that module's buffers."""
+        return {"val": self.val.state_dict(), "mistakes": self.weights.mistakes.clone(),
+                "measured": self.weights.measured.clone()}
 
-    def load_state_dict(self, state: dict[str, int]) -> None:
-        self.val.load_state_dict(state)
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.val.load_state_dict(state["val"])
         self.stream = mlo.cycle(self.val, "MistakesHook")
+        self.weights.mistakes.copy_(state["mistakes"])
+        self.weights.measured.copy_(state["measured"])
+
+
+def warm_then_cosine(warmup: int, rounds: int, floor: float) -> Callable[[int], float]:
+    """The learning-rate factor at step ``t``: 1 for the ``warmup`` steps, then a cosine from 1 to
+    ``floor`` over ``rounds`` steps (then ``floor``)."""
+
+    def factor(t: int) -> float:
+        done = min(max(t - warmup, 0), max(rounds, 1)) / max(rounds, 1)
+        return floor + (1 - floor) * (1 + math.cos(math.pi * done)) / 2
+
+    return factor
+
+
+def inverse_frequency(dataset: Dataset, num_classes: int) -> Tensor:
+    """Per-class weights proportional to 1 / (images of the class in ``dataset``), averaging 1
+    over the data set's images (a class-balanced cross-entropy)."""
+    counts = torch.bincount(torch.from_numpy(labels_of(dataset)), minlength=num_classes).double()
+    if bool((counts == 0).any()):
+        raise ValueError(f"a class-balanced loss needs every class in the training data; counts {counts.long().tolist()}")
+    weights = 1.0 / counts
+    return (weights * counts.sum() / (weights * counts).sum()).float()
 
 
 def augmented_real_source(train: Dataset, num_classes: int, shape: tuple[int, int, int], flip: bool = False) -> AugmentedReal:
@@ -419,11 +455,15 @@ def build(
     device: torch.device | str = "cpu",
     seed: int = 0,
     workers: int = 2,
+    w1_warmup: int = 0,
+    w2_warmup: int = 0,
 ) -> LFMCW:
     """Build the LFM-CW program (or one of its variants) on ``train``/``val``.
 
-    ``supernet()`` makes a fresh supernet (called once per weight copy); ``rounds`` sets the
-    weights' cosine schedule length. ``generator``: a module ``(noise, labels) -> images`` used as
+    ``supernet()`` makes a fresh supernet (called once per weight copy). Each weight copy has its
+    own schedule: its learning rate stays at ``optim.w_lr`` for its warm-up steps (``w1_warmup``,
+    ``w2_warmup``: steps of that level alone before the search), then follows a cosine to
+    ``optim.w_lr_min`` over the ``rounds`` of the search. ``generator``: a module ``(noise, labels) -> images`` used as
     a fixed data source; by default a `ConditionalGenerator` is trained as two levels.
     ``estimator`` is used on every edge (``result.estimators`` can be edited before the engine).
     ``workers``: DataLoader processes per data stream on a GPU (none on a CPU).
@@ -433,16 +473,17 @@ def build(
     w1 = supernet().to(device)
     arch = w1.new_architecture(torch.Generator().manual_seed(seed)).to(device)
 
-    def sgd(net: nn.Module) -> tuple[torch.optim.Optimizer, Any]:
+    def sgd(net: nn.Module, warmup: int) -> tuple[torch.optim.Optimizer, Any]:
         opt = torch.optim.SGD(net.parameters(), optim.w_lr, momentum=optim.w_momentum, weight_decay=optim.w_weight_decay)
-        return opt, torch.optim.lr_scheduler.CosineAnnealingLR(opt, max(rounds, 1), eta_min=optim.w_lr_min)
+        return opt, torch.optim.lr_scheduler.LambdaLR(opt, warm_then_cosine(warmup, rounds, optim.w_lr_min / optim.w_lr))
 
     def stream(dataset: Dataset, offset: int) -> _OnDevice:
         return batches(dataset, batch_size, seed * 1000 + offset, device, workers)
 
-    opt, sched = sgd(w1)
+    opt, sched = sgd(w1, w1_warmup)
+    balance = inverse_frequency(train, num_classes).to(device) if variant.balanced_loss else None
     problems: list[mlo.Problem] = [SupernetLoss(
-        "w1", w1, arch, optimizer=opt, data=stream(train, 1), scheduler=sched, transform=_clipped(optim.w_grad_clip)
+        "w1", w1, arch, balance, optimizer=opt, data=stream(train, 1), scheduler=sched, transform=_clipped(optim.w_grad_clip)
     )]
     hooks: list[mlo.Hook] = []
     arch_terms: list[tuple[float, SuperNet]] = [(1.0, w1)]
@@ -486,15 +527,15 @@ def build(
         result.generator = gen if variant.generator else None
         w2 = supernet().to(device)
         result.w2 = w2
-        opt, sched = sgd(w2)
+        opt, sched = sgd(w2, w2_warmup)
         train5 = stream(train, 5)
         real: _OnDevice | _WithNoise = train5
         if result.generator is not None:
             real = _WithNoise(train5, constants.synthetic_per_step, constants.noise_dim, num_classes, seed + 5, device)
-        data2: _OnDevice | _WithNoise | _WithValidation = real
+        data2: _OnDevice | _WithNoise | WithValidation = real
         path = variant.mistakes_path(constants.mistakes_grad)
         if path:
-            data2 = _WithValidation(real, stream(val, 8))
+            data2 = WithValidation(real, stream(val, 8))
             result.graph["w1"] = ["w2"]
         problems.append(RetrainLoss(w2, arch, weights, result.generator, constants.lam, w1 if path else None, optimizer=opt,
                                     data=data2, scheduler=sched, transform=_clipped(optim.w_grad_clip)))
@@ -512,7 +553,7 @@ def build(
 
     problems.append(
         ValidationLoss(
-            "architecture", arch, arch_terms, arch,
+            "architecture", arch, arch_terms, arch, balance,
             optimizer=torch.optim.Adam(arch.parameters(), optim.arch_lr, betas=optim.arch_betas, weight_decay=optim.arch_weight_decay),
             data=stream(val, 7), transform=_clipped(optim.arch_grad_clip),
         )
