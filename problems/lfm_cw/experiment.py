@@ -194,7 +194,7 @@ def build_program(
     program = build(
         splits.train, splits.val, splits.num_classes, splits.input_shape,
         _supernet_factory(config, splits, stage, mask), spec.variant, constants, optim,
-        rounds=rounds + (config.w1_warmup if index == 0 else 0), batch_size=config.batch_size,
+        rounds=rounds + (config.w1_warmup if index == 0 and config.warms_up(method) else 0), batch_size=config.batch_size,
         estimator=config.estimator or spec.estimator, generator=generator, device=config.device, seed=seed,
         workers=config.workers,
     )
@@ -243,7 +243,7 @@ def _search(
             warm = mlo.Engine(gan, {}, hooks=[shown, *([saver] if saver else [])],
                               precision={p.name: precision[p.name] for p in gan})
             _run_phase(warm, config.generator_warmup, saver)
-        if index == 0 and config.w1_warmup:  # W1 learns before its mistakes steer the class weights
+        if index == 0 and config.w1_warmup and config.warms_up(method):  # W1 learns before its mistakes steer the class weights
             w1 = [p for p in program.problems if p.name == "w1"]
             saver = _saver(config, out, f"{tag}-w1warmup")
             first = mlo.Engine(w1, {}, hooks=[*program.hooks, *([saver] if saver else [])], precision={"w1": precision["w1"]})
@@ -290,7 +290,9 @@ def _run_one(
     task = progress.add_task(f"evaluate {method} seed {seed}", total=config.eval_epochs, losses="")
     result = train_from_scratch(
         genotype, eval_splits or splits, epochs=config.eval_epochs, batch_size=config.eval_batch_size, lr=config.eval_lr,
-        C=config.eval_channels, layers=config.eval_layers, auxiliary=config.auxiliary_weight > 0,
+        C=config.eval_channels, layers=config.eval_layers, weight_decay=config.eval_weight_decay,
+        lr_schedule=config.eval_lr_schedule, lr_decay=config.eval_lr_decay, label_smoothing=config.eval_label_smoothing,
+        auxiliary=config.auxiliary_weight > 0,
         auxiliary_weight=config.auxiliary_weight, drop_path_prob=config.drop_path, device=config.device, seed=seed,
         num_workers=config.workers if torch.device(config.device).type == "cuda" else 0,
         progress_callback=lambda r: progress.update(
@@ -470,7 +472,7 @@ def checked_engine(config: RunConfig, console: Console | None = None) -> mlo.Eng
     torch.manual_seed(0)
     program = build_program(config, method, 0, splits, generator, config.search_rounds)
     console.print(f"[bold]mlo check[/] {method} on {splits}: {config.search_rounds} rounds", highlight=False)
-    warm_up(config, program, [])
+    warm_up(config if config.warms_up(method) else config.updated({"w1_warmup": 0}), program, [])
     engine = mlo.Engine(program.problems, program.graph, program.estimators, hooks=program.hooks)
     engine.run(config.search_rounds)
     return engine
