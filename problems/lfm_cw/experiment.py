@@ -368,6 +368,7 @@ def cached_cvae(
     folder.mkdir(parents=True, exist_ok=True)
     path = folder / f"{splits.name}-seed{seed}.pt"
     vae = ConditionalVAE(splits.num_classes, splits.input_shape, Constants().noise_dim)
+    workers = config.workers if torch.device(config.device).type == "cuda" else 0  # image decoding, as the search's loaders
     if path.is_file():
         vae.load_state_dict(torch.load(path, map_location="cpu", weights_only=True))
         vae.eval()
@@ -375,12 +376,12 @@ def cached_cvae(
         start = time.perf_counter()
         vae = pretrain_cvae(
             splits.train, splits.num_classes, splits.input_shape, seed=seed, steps=config.generator_warmup,
-            noise_dim=Constants().noise_dim, kl_weight=config.kl_weight(), device="cpu",
+            noise_dim=Constants().noise_dim, kl_weight=config.kl_weight(), device="cpu", workers=workers,
         )
         if mlo.distributed.is_main():
             torch.save(vae.state_dict(), path)
         console.print(f"generator: conditional VAE pretrained on {splits.name} (seed {seed}) in {time.perf_counter() - start:.1f} s -> {path}")
-    gate = quality_gate(vae, splits.train, splits.val, splits.num_classes, vae.noise_dim, seed=seed)
+    gate = quality_gate(vae, splits.train, splits.val, splits.num_classes, vae.noise_dim, seed=seed, workers=workers)
     _write_json(folder / f"gate-{splits.name}-seed{seed}.json", gate.to_dict())
     if gate.passed:
         console.print(f"[green]{gate.summary()}[/]")
