@@ -336,7 +336,7 @@ def _plots(
     )
     if program.generator is not None:
         gen = torch.Generator().manual_seed(seed)
-        k = splits.num_classes
+        k = min(splits.num_classes, 20)  # the first 20 classes: ImageNet's 1000 rows would pass matplotlib's size limit
         z = torch.randn(k * 8, getattr(program.generator, "noise_dim", Constants().noise_dim), generator=gen)
         labels = torch.arange(k).repeat_interleave(8)
         with torch.no_grad():
