@@ -14,10 +14,12 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import torch
 from programs import write_cifar, write_fashion_mnist, write_image_folder
 from rich.console import Console
 from torch.utils.data import Subset
 
+from mlo.benchmarks import gpu_check
 from mlo.problems import data
 from mlo.problems.darts import DARTS_V2, train_from_scratch
 from mlo.problems.lfm_cw.config import ConfigError, RunConfig
@@ -148,7 +150,7 @@ def test_evaluation_options_are_checked(option: str, value: Any, message: str) -
 
 def test_exponential_schedule_decays_the_rate_every_epoch(one_thread: None) -> None:
     full = data.digits(seed=0)
-    splits = replace(full, train=Subset(full.train, range(64)), val=Subset(full.val, range(64)))
+    splits = replace(full, train=Subset(full.train, range(64)), val=Subset(full.val, range(64)), test=Subset(full.test, range(64)))
     result = train_from_scratch(
         DARTS_V2, splits, epochs=3, batch_size=256, lr=0.1, C=4, layers=1, lr_schedule="exponential", lr_decay=0.5,
         weight_decay=3e-5, label_smoothing=0.1, seed=0,
@@ -180,3 +182,30 @@ def test_imagenet_crop_size_option(tmp_path: Path, one_thread: None) -> None:
     assert s.input_shape == (3, 72, 72)
     assert s.train[0][0].shape == (3, 72, 72) and s.test[0][0].shape == (3, 72, 72)
     assert RunConfig(dataset="imagenet", image_size=72).data_options(search=True)["size"] == 72
+
+
+# -- the GPU check script ----------------------------------------------------------------------------
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="the refusal is for machines without CUDA")
+def test_gpu_check_refuses_without_cuda(capsys: pytest.CaptureFixture[str]) -> None:
+    assert gpu_check.main([str(CONFIGS / "cifar10.toml")]) == 2
+    assert "needs a CUDA GPU" in capsys.readouterr().out
+
+
+def test_gpu_check_runs_a_shrunk_config_on_the_cpu(tmp_path: Path, one_thread: None) -> None:
+    """The script's code path on the CPU, on random in-memory images of ImageNet's layout at 72
+    pixels: a row per method, finite times, and the whole-run estimates from the config's budget."""
+    sizes = [f"{k}={v}" for k, v in TINY.items() if k not in ("device", "seeds", "search_rounds", "w1_warmup")]
+    flags = [item for s in [*sizes, "image_size=72"] for item in ("--set", s)]
+    out = tmp_path / "check.json"
+    code = gpu_check.main([str(CONFIGS / "imagenet.toml"), "--device", "cpu", "--synthetic", "--rounds", "1",
+                           "--warmup", "0", "--json", str(out), *flags])
+    assert code == 0
+    checks = json.loads(out.read_text())["checks"]
+    config = RunConfig.from_toml(CONFIGS / "imagenet.toml")
+    assert [c["method"] for c in checks] == config.methods and {c["data"] for c in checks} == {"synthetic"}
+    for c in checks:
+        assert c["round_s"] > 0 and c["w1_step_s"] > 0 and c["eval_step_s"] > 0
+        want = (config.w1_warmup * c["w1_step_s"] + config.search_rounds * c["round_s"]) / 3600
+        assert c["search_hours"] == pytest.approx(want)  # the config's own budget, at the measured speed
