@@ -532,6 +532,7 @@ def imagenet(
     subset_fraction: float = 1.0,
     augment: bool = True,
     seed: int = 0,
+    size: int = 224,
 ) -> DataSplits:
     """ImageNet (or any ImageFolder tree) from ``root/train`` and ``root/val``.
 
@@ -539,7 +540,9 @@ def imagenet(
     (PC-DARTS searches on a 12.5 % subset), ``val_fraction`` of it to val, both with the
     training transform; ``test``: ``root/val``. Training transform (DARTS): random resized crop
     224, horizontal flip, colour jitter (0.4, 0.4, 0.4, 0.2), normalisation; test: resize 256,
-    centre crop 224, normalisation. Class folders of train/ and val/ must match.
+    centre crop 224, normalisation. ``size`` replaces the crop side 224 (the resize scales with
+    it, 256/224 of the crop), for searches at a lower resolution. Class folders of train/ and
+    val/ must match.
     """
     from torchvision import datasets
     from torchvision import transforms as T
@@ -548,6 +551,9 @@ def imagenet(
         raise ValueError(f"val_fraction must be in (0, 1), got {val_fraction}")
     if not 0 < subset_fraction <= 1:
         raise ValueError(f"subset_fraction must be in (0, 1], got {subset_fraction}")
+    if size < 1:
+        raise ValueError(f"size must be >= 1, got {size}")
+    resize = round(size * 256 / 224)
     root_path = Path(root).expanduser()
     if not root_path.is_dir():
         raise DataError(f"ImageNet directory {str(root_path)!r} not found; {_imagenet_help(root_path)}")
@@ -563,15 +569,15 @@ def imagenet(
     if augment:
         train_tf = T.Compose(
             [
-                T.RandomResizedCrop(224),
+                T.RandomResizedCrop(size),
                 T.RandomHorizontalFlip(),
                 T.ColorJitter(brightness=0.4, contrast=0.4, saturation=0.4, hue=0.2),
                 *normalise,
             ]
         )
     else:
-        train_tf = T.Compose([T.Resize(256), T.CenterCrop(224), *normalise])
-    test_tf = T.Compose([T.Resize(256), T.CenterCrop(224), *normalise])
+        train_tf = T.Compose([T.Resize(resize), T.CenterCrop(size), *normalise])
+    test_tf = T.Compose([T.Resize(resize), T.CenterCrop(size), *normalise])
     full_train = datasets.ImageFolder(str(root_path / "train"), transform=train_tf)
     test = datasets.ImageFolder(str(root_path / "val"), transform=test_tf)
     labels = labels_of(full_train)
@@ -589,7 +595,7 @@ def imagenet(
         Subset(full_train, kept[val_rel].tolist()),
         test,
         len(train_classes),
-        (3, 224, 224),
+        (3, size, size),
         "imagenet",
     )
 

@@ -13,6 +13,7 @@ from __future__ import annotations
 import contextlib
 import gzip
 import math
+import pickle
 import struct
 import subprocess
 import time
@@ -640,3 +641,53 @@ def write_fashion_mnist(folder: Path, per_class: tuple[int, int] = (6, 3), gz: b
             else:
                 (folder / name).write_bytes(payload)
     return arrays
+
+
+def write_cifar_batch(path: Path, images: np.ndarray, labels: list[int], label_key: str = "labels") -> None:
+    """One CIFAR python batch file: a pickled dict with uint8 ``data`` rows (N, 3072), channel-major."""
+    entry = {
+        "batch_label": f"tiny batch {path.name}",
+        label_key: labels,
+        "data": images.reshape(len(labels), -1),
+        "filenames": [f"img_{i}.png" for i in range(len(labels))],
+    }
+    with open(path, "wb") as f:
+        pickle.dump(entry, f, protocol=2)
+
+
+def write_cifar(root: Path, num_classes: int = 10, per_class: tuple[int, int] = (4, 1), seed: int = 0) -> Path:
+    """CIFAR-10's or CIFAR-100's python files under ``root`` (``cifar-10-batches-py/`` or
+    ``cifar-100-python/``): ``per_class`` (train, test) random images of every class; CIFAR-10's
+    training images spread over its five batch files. Returns the folder written."""
+    rng = np.random.default_rng(seed)
+    ten = num_classes == 10
+    folder = root / ("cifar-10-batches-py" if ten else "cifar-100-python")
+    folder.mkdir(parents=True, exist_ok=True)
+    key = "labels" if ten else "fine_labels"
+    labels = np.tile(np.arange(num_classes), per_class[0])
+    images = rng.integers(0, 256, size=(len(labels), 3, 32, 32), dtype=np.uint8)
+    names = [f"data_batch_{i}" for i in range(1, 6)] if ten else ["train"]
+    for name, part in zip(names, np.array_split(np.arange(len(labels)), len(names))):
+        write_cifar_batch(folder / name, images[part], labels[part].tolist(), key)
+    test_labels = np.tile(np.arange(num_classes), per_class[1])
+    test_images = rng.integers(0, 256, size=(len(test_labels), 3, 32, 32), dtype=np.uint8)
+    write_cifar_batch(folder / ("test_batch" if ten else "test"), test_images, test_labels.tolist(), key)
+    meta = {"label_names": [f"class{k}" for k in range(10)]} if ten else {"fine_label_names": [f"c{k}" for k in range(100)]}
+    with open(folder / ("batches.meta" if ten else "meta"), "wb") as f:
+        pickle.dump(meta, f, protocol=2)
+    return folder
+
+
+def write_image_folder(root: Path, classes: dict[str, dict[str, int]], size: tuple[int, int] = (10, 12), seed: int = 2) -> None:
+    """An ImageFolder tree (ImageNet's layout): ``classes[split][name]`` random images in
+    ``root/split/name/``, of ``size`` (height, width), alternately JPEG and PNG."""
+    from PIL import Image
+
+    rng = np.random.default_rng(seed)
+    for split, per_class in classes.items():
+        for name, n in per_class.items():
+            folder = root / split / name
+            folder.mkdir(parents=True)
+            for i in range(n):
+                pixels = rng.integers(0, 256, (*size, 3), dtype=np.uint8)
+                Image.fromarray(pixels).save(folder / f"{i}.{'png' if i % 2 else 'jpg'}")

@@ -8,7 +8,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from PIL import Image
+from programs import write_cifar_batch, write_image_folder
 
 from mlo.problems import data
 from mlo.problems.data import DataError
@@ -73,17 +73,6 @@ def test_error_and_balanced_error() -> None:
 # -- CIFAR on tiny files in the real python pickle format --------------------------------------------
 
 
-def _write_batch(path: Path, images: np.ndarray, labels: list[int], label_key: str = "labels") -> None:
-    entry = {
-        "batch_label": f"tiny batch {path.name}",
-        label_key: labels,
-        "data": images.reshape(len(labels), -1),  # (N, 3072) uint8, channel-major rows
-        "filenames": [f"img_{i}.png" for i in range(len(labels))],
-    }
-    with open(path, "wb") as f:
-        pickle.dump(entry, f, protocol=2)
-
-
 def _tiny_cifar10(root: Path, per_batch: int = 4) -> dict[str, np.ndarray]:
     folder = root / "cifar-10-batches-py"
     folder.mkdir(parents=True)
@@ -92,10 +81,10 @@ def _tiny_cifar10(root: Path, per_batch: int = 4) -> dict[str, np.ndarray]:
     for i in range(1, 6):
         images = rng.integers(0, 256, size=(per_batch, 3, 32, 32), dtype=np.uint8)
         labels = [(2 * (i - 1) + j) % 10 for j in range(per_batch)]  # 2 images of every class overall
-        _write_batch(folder / f"data_batch_{i}", images, labels)
+        write_cifar_batch(folder / f"data_batch_{i}", images, labels)
         written[f"data_batch_{i}"] = images
     test_images = rng.integers(0, 256, size=(3, 3, 32, 32), dtype=np.uint8)
-    _write_batch(folder / "test_batch", test_images, [7, 1, 4])
+    write_cifar_batch(folder / "test_batch", test_images, [7, 1, 4])
     written["test_batch"] = test_images
     with open(folder / "batches.meta", "wb") as f:
         pickle.dump({"label_names": [f"class{k}" for k in range(10)], "num_cases_per_batch": per_batch, "num_vis": 3072}, f, protocol=2)
@@ -138,8 +127,8 @@ def test_cifar100_layout(tmp_path: Path) -> None:
     folder = tmp_path / "cifar-100-python"
     folder.mkdir()
     rng = np.random.default_rng(1)
-    _write_batch(folder / "train", rng.integers(0, 256, (8, 3, 32, 32), dtype=np.uint8), [0, 99, 5, 50, 0, 99, 5, 50], "fine_labels")
-    _write_batch(folder / "test", rng.integers(0, 256, (2, 3, 32, 32), dtype=np.uint8), [3, 98], "fine_labels")
+    write_cifar_batch(folder / "train", rng.integers(0, 256, (8, 3, 32, 32), dtype=np.uint8), [0, 99, 5, 50, 0, 99, 5, 50], "fine_labels")
+    write_cifar_batch(folder / "test", rng.integers(0, 256, (2, 3, 32, 32), dtype=np.uint8), [3, 98], "fine_labels")
     with open(folder / "meta", "wb") as f:
         pickle.dump({"fine_label_names": [f"c{k}" for k in range(100)]}, f, protocol=2)
     s = data.load("cifar100", root=tmp_path)
@@ -197,20 +186,8 @@ def test_cutout_zeroes_a_clipped_square() -> None:
 # -- ImageFolder (ImageNet layout) ---------------------------------------------------------------------
 
 
-def _image_tree(root: Path, classes: dict[str, dict[str, int]]) -> None:
-    rng = np.random.default_rng(2)
-    for split, per_class in classes.items():
-        for c, n in per_class.items():
-            d = root / split / c
-            d.mkdir(parents=True)
-            for i in range(n):
-                arr = rng.integers(0, 256, (10, 12, 3), dtype=np.uint8)
-                ext = "png" if i % 2 else "jpg"
-                Image.fromarray(arr).save(d / f"{i}.{ext}")
-
-
 def test_imagenet_loader_on_image_folders(tmp_path: Path) -> None:
-    _image_tree(tmp_path, {"train": {"cat": 4, "dog": 4}, "val": {"cat": 1, "dog": 2}})
+    write_image_folder(tmp_path, {"train": {"cat": 4, "dog": 4}, "val": {"cat": 1, "dog": 2}})
     s = data.imagenet(tmp_path, val_fraction=0.5, seed=0)
     assert s.num_classes == 2 and s.input_shape == (3, 224, 224)
     assert (len(s.train), len(s.val), len(s.test)) == (4, 4, 3)
@@ -225,7 +202,7 @@ def test_imagenet_loader_on_image_folders(tmp_path: Path) -> None:
 
 
 def test_imagenet_missing_or_empty_folders(tmp_path: Path) -> None:
-    _image_tree(tmp_path, {"train": {"cat": 2, "dog": 2}})
+    write_image_folder(tmp_path, {"train": {"cat": 2, "dog": 2}})
     with pytest.raises(DataError) as info:
         data.imagenet(tmp_path)
     assert str(tmp_path / "val") in str(info.value) and "not found" in str(info.value)
@@ -238,7 +215,7 @@ def test_imagenet_missing_or_empty_folders(tmp_path: Path) -> None:
 
 
 def test_imagenet_class_mismatch(tmp_path: Path) -> None:
-    _image_tree(tmp_path, {"train": {"cat": 2, "dog": 2}, "val": {"cat": 1, "cow": 1}})
+    write_image_folder(tmp_path, {"train": {"cat": 2, "dog": 2}, "val": {"cat": 1, "cow": 1}})
     with pytest.raises(DataError, match="differ"):
         data.imagenet(tmp_path)
 

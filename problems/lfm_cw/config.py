@@ -15,6 +15,7 @@ from mlo import EstimatorError, config, estimators
 from mlo.engine import SYNCS
 from mlo.config import ConfigError
 
+from ..darts.train import LR_SCHEDULES
 from ..data import DATASETS
 from .methods import METHODS
 from .program import Optimizers
@@ -39,14 +40,17 @@ class RunConfig:
     preset: str | None = None  # a network-size preset (mlo.problems.darts.presets), applied before the other options
     # what to run
     methods: list[str] = field(default_factory=lambda: ["lfm-cw"])  # comma-separated methods run on the same budget
-    seeds: int = 1  # every method with seeds 0..N-1; mean ± std reported
+    seeds: int = 1  # every method with seeds first_seed..first_seed+N-1; mean ± std reported
     first_seed: int = 0  # the seeds are first_seed .. first_seed + seeds - 1
+    # methods of `methods` that search without the warm-ups (``w1_warmup``, ``w2_warmup``): vanilla
+    # DARTS starts the architecture at round one, so ``no_warmup = ["darts-2nd"]`` makes it the paper's baseline
+    no_warmup: list[str] = field(default_factory=list)
     # data
     dataset: str = "digits"  # digits | fashion-mnist | cifar10 | cifar100 | imagenet
     data_root: str | None = None  # folder of Fashion-MNIST, CIFAR or ImageNet (nothing is downloaded)
     imbalance: float | None = None  # long-tailed variant: largest / smallest class size (none: balanced)
     # Fashion-MNIST sizing (None: the data set's CPU default, `DATA_DEFAULTS`)
-    image_size: int | None = None  # Fashion-MNIST: images pooled to this size (none: 14)
+    image_size: int | None = None  # Fashion-MNIST: images pooled to this size (none: 14); ImageNet: crop side (none: 224)
     train_per_class: int | None = None  # Fashion-MNIST: training images per class (none: 100)
     test_per_class: int | None = None  # Fashion-MNIST: test images per class (none: 200)
     # search
@@ -87,12 +91,19 @@ class RunConfig:
     eval_channels: int = 8  # evaluation network: initial channels
     eval_layers: int = 3  # evaluation network: cells
     eval_batch_size: int = 64  # evaluation batch size
-    eval_lr: float = 0.05  # evaluation: SGD learning rate (cosine schedule)
+    eval_lr: float = 0.05  # evaluation: SGD learning rate
+    eval_lr_schedule: str = "cosine"  # cosine (DARTS on CIFAR) | exponential (DARTS on ImageNet)
+    eval_lr_decay: float = 0.97  # the exponential schedule's factor per epoch (DARTS on ImageNet: 0.97)
+    eval_weight_decay: float = 3e-4  # DARTS: 3e-4 on CIFAR, 3e-5 on ImageNet
+    eval_label_smoothing: float = 0.0  # DARTS on ImageNet: 0.1 (main and auxiliary loss)
     eval_test_every_epoch: bool = True  # False: test only after the last epoch (a large test set costs more than an epoch)
     drop_path: float = 0.0  # evaluation: drop-path probability
     auxiliary_weight: float = 0.4  # evaluation: weight of the auxiliary head's loss (0: no auxiliary head)
     cutout: int = 16  # CIFAR only, evaluation only (the search sees no Cutout)
     subset_fraction: float = 1.0  # ImageNet: share of the training set searched on (PC-DARTS: 0.125)
+    # CIFAR and ImageNet: share of the searched images held out as the search's validation split
+    # (None: the loader's 0.5, DARTS's halves; PC-DARTS on ImageNet: 2.5 % of 12.5 %, i.e. 0.2)
+    val_fraction: float | None = None
     # runtime
     device: str = "cpu"  # cpu | cuda | cuda:N
     out: str | None = None  # output folder (none: runs/<methods>-<date>-<time>)
@@ -123,12 +134,16 @@ class RunConfig:
 
     def data_options(self, search: bool = False) -> dict[str, Any]:
         """Keyword arguments of `mlo.problems.data.load` for this data set; ``search=True``: for
-        the search, which never sees Cutout (as DARTS's search; Cutout is for the evaluation)."""
+        the search, which never sees Cutout (as DARTS's search; Cutout is for the evaluation) and
+        is the only one to read ImageNet's ``subset_fraction``."""
         key = self.dataset.lower().replace("-", "")
+        split = {} if self.val_fraction is None else {"val_fraction": self.val_fraction}
         if key.startswith("cifar"):
-            return {"cutout": 0 if search else self.cutout}
+            return {"cutout": 0 if search else self.cutout, **split}
         if key == "imagenet":
-            return {"subset_fraction": self.subset_fraction}
+            size = {} if self.image_size is None else {"size": self.image_size}
+            # the subset is the search's; the evaluation trains on the whole training set (DARTS)
+            return {"subset_fraction": self.subset_fraction if search else 1.0, **split, **size}
         if key == "fashionmnist":
             defaults = DATA_DEFAULTS["fashion-mnist"]
             return {
@@ -137,6 +152,10 @@ class RunConfig:
                 "test_per_class": self.test_per_class or defaults["test_per_class"],
             }
         return {}
+
+    def warms_up(self, method: str) -> bool:
+        """Whether ``method``'s search starts with the warm-ups (every method not in ``no_warmup``)."""
+        return method not in self.no_warmup
 
     def kl_weight(self) -> float:
         """The cVAE's KL weight: the option, else 0.5 on digits (8x8 images need more detail kept
@@ -169,12 +188,24 @@ class RunConfig:
         if self.sync not in SYNCS:
             raise ConfigError(f"sync must be one of {SYNCS}, got {self.sync!r}")
         for name in ("lam", "gamma", "beta", "w_lr", "arch_lr", "phi_lr", "drop_path", "auxiliary_weight", "cutout", "threads", "workers",
-                     "generator_warmup", "w1_warmup", "w2_warmup", "checkpoint_every", "eval_seeds", "first_seed"):
+                     "generator_warmup", "w1_warmup", "w2_warmup", "checkpoint_every", "eval_seeds", "first_seed",
+                     "eval_lr", "eval_weight_decay"):
             if getattr(self, name) < 0:
                 raise ConfigError(f"{name} must be >= 0, got {getattr(self, name)}")
         for name in ("w_grad_clip", "arch_grad_clip"):
             if getattr(self, name) is not None and not getattr(self, name) > 0:
                 raise ConfigError(f"{name} must be > 0 (or absent: not clipped), got {getattr(self, name)}")
+        stray = [m for m in self.no_warmup if m not in self.methods]
+        if stray:
+            raise ConfigError(f"no_warmup names {stray}, not among the methods {self.methods}")
+        if self.val_fraction is not None and not 0 < self.val_fraction < 1:
+            raise ConfigError(f"val_fraction must be in (0, 1), got {self.val_fraction}")
+        if self.eval_lr_schedule not in LR_SCHEDULES:
+            raise ConfigError(f"eval_lr_schedule must be one of {', '.join(LR_SCHEDULES)}, got {self.eval_lr_schedule!r}")
+        if not 0 < self.eval_lr_decay <= 1:
+            raise ConfigError(f"eval_lr_decay must be in (0, 1], got {self.eval_lr_decay}")
+        if not 0 <= self.eval_label_smoothing < 1:
+            raise ConfigError(f"eval_label_smoothing must be in [0, 1), got {self.eval_label_smoothing}")
         if not 0 < self.subset_fraction <= 1:
             raise ConfigError(f"subset_fraction must be in (0, 1], got {self.subset_fraction}")
         if self.imbalance is not None and self.imbalance < 1:
@@ -201,7 +232,7 @@ class RunConfig:
             value = getattr(self, name)
             if value is not None and value < (1 if name == "image_size" else 2):
                 raise ConfigError(f"{name} must be {'>= 1' if name == 'image_size' else '>= 2'}, got {value}")
-        if self.image_size is not None and 28 % self.image_size:
+        if self.image_size is not None and 28 % self.image_size and self.dataset.lower() != "imagenet":
             raise ConfigError(f"image_size must divide 28 (Fashion-MNIST: 28, 14, 7, 4), got {self.image_size}")
         if self.generator_kl_weight is not None and self.generator_kl_weight <= 0:
             raise ConfigError(f"generator_kl_weight must be > 0, got {self.generator_kl_weight}")

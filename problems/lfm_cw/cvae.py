@@ -19,6 +19,7 @@ from torch import Tensor, nn
 from torch.utils.data import Dataset
 
 from ..data import labels_of
+from .streams import BalancedBatches, data_range, stream
 
 __all__ = ["ConditionalVAE", "pretrain_cvae"]
 
@@ -68,29 +69,25 @@ class ConditionalVAE(nn.Module):
 def pretrain_cvae(
     train: Dataset, num_classes: int, shape: tuple[int, int, int], seed: int = 0, steps: int = 3000,
     batch_size: int = 64, lr: float = 2e-3, noise_dim: int = 32, kl_weight: float = 0.5,
-    device: torch.device | str = "cpu",
+    device: torch.device | str = "cpu", workers: int = 0,
 ) -> ConditionalVAE:
     """A `ConditionalVAE` trained with Adam on ``train`` for ``steps`` batches (seeded,
     deterministic on a CPU); the data range is taken from ``train``. Batches are drawn class-
     balanced (with replacement), so that the tail classes of a long-tailed ``train`` are learned
-    as well as the head. Returned in eval mode."""
+    as well as the head. The images are streamed through a DataLoader (``workers`` processes),
+    one pass for the range and then batch by batch, never held whole. Returned in eval mode."""
     device = torch.device(device)
     torch.manual_seed(seed)
     vae = ConditionalVAE(num_classes, shape, noise_dim).to(device)
-    images = torch.stack([train[i][0] for i in range(len(train))]).float()  # type: ignore[arg-type]
-    labels = torch.from_numpy(labels_of(train))
-    low, high = float(images.min()), float(images.max())
+    low, high = data_range(train, workers=workers)
     if not high > low:
         raise ValueError(f"pretrain_cvae: the training images are constant (range [{low}, {high}])")
     vae.low.fill_(low)
     vae.high.fill_(high)
-    counts = torch.bincount(labels, minlength=num_classes).double()
-    balanced = 1.0 / counts[labels]  # each class equally likely in a batch
-    gen = torch.Generator().manual_seed(seed)
+    labels = torch.from_numpy(labels_of(train))
     opt = torch.optim.Adam(vae.parameters(), lr)
-    for _ in range(steps):
-        idx = torch.multinomial(balanced, batch_size, replacement=True, generator=gen)
-        loss = vae.negative_elbo(images[idx].to(device, non_blocking=True), labels[idx].to(device, non_blocking=True), kl_weight)
+    for images, y in stream(train, BalancedBatches(labels, batch_size, steps, seed), workers):
+        loss = vae.negative_elbo(images.float().to(device, non_blocking=True), y.to(device, non_blocking=True), kl_weight)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()

@@ -256,8 +256,8 @@ def build_program(
         _supernet_factory(config, splits, stage, mask), spec.variant, constants, optim,
         rounds=rounds, batch_size=config.batch_size,
         estimator=config.estimator or spec.estimator, generator=generator, device=config.device, seed=seed,
-        workers=config.workers, w1_warmup=config.w1_warmup if index == 0 else 0,
-        w2_warmup=config.w2_warmup if index == 0 else 0,
+        workers=config.workers, w1_warmup=config.w1_warmup if index == 0 and config.warms_up(method) else 0,
+        w2_warmup=config.w2_warmup if index == 0 and config.warms_up(method) else 0,
     )
     for edge, est in config.edge_estimators.items():  # checked against every method's edges
         upper, _, lower = (s.strip() for s in edge.partition("->"))
@@ -336,12 +336,12 @@ def _warm_ups(
         shown = [mlo.logs.Progress(config.generator_warmup, f"generator warm-up seed {seed}", progress)] if progress else []
         warm = mlo.Engine(gan, {}, hooks=[*shown, *([saver] if saver else [])], precision={p.name: precision[p.name] for p in gan})
         _run_phase(warm, config.generator_warmup, saver)
-    if config.w1_warmup:  # W1 learns before its mistakes steer the class weights
+    if config.w1_warmup and config.warms_up(method):  # W1 learns before its mistakes steer the class weights
         w1 = next(p for p in program.problems if p.name == "w1")
         balanced = "-balanced" if METHODS[method].variant.balanced_loss else ""
         _warm_up_phase(config, w1, [_mistakes_hook(config, program, splits, seed)], precision["w1"], config.w1_warmup,
                        f"seed{seed}-warmup-w1{balanced}", out, progress)
-    if config.w2_warmup and program.w2 is not None:  # W2 too, so that its validation loss means something
+    if config.w2_warmup and config.warms_up(method) and program.w2 is not None:  # W2 too, so that its validation loss means something
         _warm_up_phase(config, _uniform_w2(program), [], precision["w2"], config.w2_warmup,
                        f"seed{seed}-warmup-w2-{_source(config, method)}", out, progress)
 
@@ -413,7 +413,9 @@ def evaluate(
 
         result = train_from_scratch(
             genotype, splits, epochs=config.eval_epochs, batch_size=config.eval_batch_size, lr=config.eval_lr,
-            C=config.eval_channels, layers=config.eval_layers, auxiliary=config.auxiliary_weight > 0,
+            C=config.eval_channels, layers=config.eval_layers, weight_decay=config.eval_weight_decay,
+            lr_schedule=config.eval_lr_schedule, lr_decay=config.eval_lr_decay, label_smoothing=config.eval_label_smoothing,
+            auxiliary=config.auxiliary_weight > 0,
             auxiliary_weight=config.auxiliary_weight, drop_path_prob=config.drop_path, device=config.device, seed=eval_seed,
             num_workers=config.workers if torch.device(config.device).type == "cuda" else 0, progress_callback=shown,
             test_every_epoch=config.eval_test_every_epoch,
@@ -502,7 +504,7 @@ def _plots(
     )
     if program.generator is not None:
         gen = torch.Generator().manual_seed(seed)
-        k = splits.num_classes
+        k = min(splits.num_classes, 20)  # the first 20 classes: ImageNet's 1000 rows would pass matplotlib's size limit
         z = torch.randn(k * 8, getattr(program.generator, "noise_dim", Constants().noise_dim), generator=gen)
         labels = torch.arange(k).repeat_interleave(8)
         with torch.no_grad():
@@ -534,6 +536,7 @@ def cached_cvae(
     folder.mkdir(parents=True, exist_ok=True)
     path = folder / f"{splits.name}-seed{seed}.pt"
     vae = ConditionalVAE(splits.num_classes, splits.input_shape, Constants().noise_dim)
+    workers = config.workers if torch.device(config.device).type == "cuda" else 0  # image decoding, as the search's loaders
     if path.is_file():
         vae.load_state_dict(torch.load(path, map_location="cpu", weights_only=True))
         vae.eval()
@@ -541,12 +544,12 @@ def cached_cvae(
         start = time.perf_counter()
         vae = pretrain_cvae(
             splits.train, splits.num_classes, splits.input_shape, seed=seed, steps=config.generator_warmup,
-            noise_dim=Constants().noise_dim, kl_weight=config.kl_weight(), device="cpu",
+            noise_dim=Constants().noise_dim, kl_weight=config.kl_weight(), device="cpu", workers=workers,
         )
         if mlo.distributed.is_main():  # atomic: a run killed while writing leaves no half file to load
             mlo.checkpoint.write_atomic(vae.state_dict(), path)
         console.print(f"generator: conditional VAE pretrained on {splits.name} (seed {seed}) in {time.perf_counter() - start:.1f} s -> {path}")
-    gate = quality_gate(vae, splits.train, splits.val, splits.num_classes, vae.noise_dim, seed=seed)
+    gate = quality_gate(vae, splits.train, splits.val, splits.num_classes, vae.noise_dim, seed=seed, workers=workers)
     _write_json(folder / f"gate-{splits.name}-seed{seed}.json", gate.to_dict())
     if gate.passed:
         console.print(f"[green]{gate.summary()}[/]")

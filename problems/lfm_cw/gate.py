@@ -9,11 +9,14 @@ Two figures, measured before the search and printed:
   ratio to the same figure on the real ``train`` images.
 
 Defaults: agreement >= 90 % and diversity ratio >= 0.5. The classifier's accuracy on ``val``
-is reported too, so a low agreement can be told apart from a weak classifier.
+is reported too, so a low agreement can be told apart from a weak classifier. Real images are
+streamed in batches (`streams`) and generated ones made one class at a time, so the gate's memory
+does not grow with the data set.
 """
 
 from __future__ import annotations
 
+import math
 from dataclasses import asdict, dataclass
 from typing import Any
 
@@ -23,6 +26,7 @@ from torch import Tensor, nn
 from torch.utils.data import Dataset
 
 from ..data import labels_of
+from .streams import ShuffledBatches, class_pixel_std, stream
 
 __all__ = ["GateReport", "quality_gate", "within_class_std", "real_classifier", "MIN_AGREEMENT", "MIN_STD_RATIO"]
 
@@ -64,59 +68,72 @@ class GateReport:
         return {**asdict(self), "std_ratio": self.std_ratio, "passed": self.passed}
 
 
-def _tensors(dataset: Dataset) -> tuple[Tensor, Tensor]:
-    xs = torch.stack([dataset[i][0] for i in range(len(dataset))])  # type: ignore[arg-type]
-    return xs.float(), torch.from_numpy(labels_of(dataset))
+def _mean_of_classes(stds: list[float]) -> float:
+    """The mean of the per-class stds that exist (classes with at least 2 images)."""
+    present = [s for s in stds if not math.isnan(s)]
+    if not present:
+        raise ValueError("within_class_std: no class has two images")
+    return sum(present) / len(present)
 
 
 def within_class_std(images: Tensor, labels: Tensor, num_classes: int) -> float:
     """Mean over the classes present (with at least 2 images) of the mean pixel std within the class."""
     flat = images.flatten(1)
-    stds = [flat[labels == k].std(dim=0).mean() for k in range(num_classes) if int((labels == k).sum()) > 1]
-    if not stds:
-        raise ValueError("within_class_std: no class has two images")
-    return float(torch.stack(stds).mean())
+    stds = [float(flat[labels == k].std(dim=0).mean()) if int((labels == k).sum()) > 1 else math.nan for k in range(num_classes)]
+    return _mean_of_classes(stds)
 
 
-def real_classifier(train: Dataset, num_classes: int, seed: int = 0, epochs: int = 30) -> nn.Module:
-    """A one-hidden-layer MLP trained on ``train`` with Adam (the gate's judge). Its loss weights
-    each class by the inverse of its frequency, so that a long-tailed ``train`` does not make it
-    deaf to the tail classes it has to recognise in generated images."""
-    x, y = _tensors(train)
+def real_classifier(train: Dataset, num_classes: int, seed: int = 0, epochs: int = 30, workers: int = 0) -> nn.Module:
+    """A one-hidden-layer MLP trained on ``train`` with Adam (the gate's judge), its batches
+    streamed (``workers`` loader processes). Its loss weights each class by the inverse of its
+    frequency, so that a long-tailed ``train`` does not make it deaf to the tail classes it has
+    to recognise in generated images."""
+    y = torch.from_numpy(labels_of(train))
+    pixels = train[0][0].numel()
     torch.manual_seed(seed)
-    model = nn.Sequential(nn.Flatten(), nn.Linear(x[0].numel(), 256), nn.ReLU(), nn.Linear(256, num_classes))
+    model = nn.Sequential(nn.Flatten(), nn.Linear(pixels, 256), nn.ReLU(), nn.Linear(256, num_classes))
     counts = torch.bincount(y, minlength=num_classes).float()
     balance = torch.where(counts > 0, counts.sum() / (num_classes * counts.clamp(min=1)), torch.zeros_like(counts))
     opt = torch.optim.Adam(model.parameters(), 1e-3, weight_decay=1e-4)
-    gen = torch.Generator().manual_seed(seed)
-    for _ in range(epochs):
-        for idx in torch.randperm(len(y), generator=gen).split(128):
-            loss = F.cross_entropy(model(x[idx]), y[idx], weight=balance)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
+    for xb, yb in stream(train, ShuffledBatches(len(y), 128, epochs, seed), workers):
+        loss = F.cross_entropy(model(xb.float()), yb, weight=balance)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
     return model.eval()
+
+
+@torch.no_grad()
+def _accuracy(model: nn.Module, dataset: Dataset, workers: int = 0) -> float:
+    """The share of ``dataset`` that ``model`` labels correctly, read in batches."""
+    hits, seen = 0, 0
+    for x, y in stream(dataset, 256, workers):
+        hits += int((model(x.float()).argmax(1) == y).sum())
+        seen += len(y)
+    return hits / max(seen, 1)
 
 
 def quality_gate(
     generator: nn.Module, train: Dataset, val: Dataset, num_classes: int, noise_dim: int,
     per_class: int = 200, seed: int = 0, device: torch.device | str = "cpu", judge: nn.Module | None = None,
+    workers: int = 0,
 ) -> GateReport:
     """Measure ``generator`` (called ``(noise, labels) -> images``) against the real ``train`` data.
-    ``judge``: a classifier from `real_classifier` to reuse (default: one trained here)."""
-    judge = judge if judge is not None else real_classifier(train, num_classes, seed)
-    xv, yv = _tensors(val)
+    ``judge``: a classifier from `real_classifier` to reuse (default: one trained here).
+    ``workers``: loader processes streaming the real images."""
+    judge = judge if judge is not None else real_classifier(train, num_classes, seed, workers=workers)
     gen = torch.Generator().manual_seed(seed + 1)
-    labels = torch.arange(num_classes).repeat_interleave(per_class)
-    noise = torch.randn(len(labels), noise_dim, generator=gen)
+    noise = torch.randn(num_classes * per_class, noise_dim, generator=gen)  # (K * per_class, noise_dim), class-major
+    per_class_agreement, generated_stds = [], []
     with torch.no_grad():
-        val_accuracy = float((judge(xv).argmax(1) == yv).float().mean())
-        fake = generator(noise.to(device), labels.to(device)).float().cpu()
-        hits = (judge(fake).argmax(1) == labels).float()
-    per_class_agreement = [float(hits[labels == k].mean()) for k in range(num_classes)]
-    xt, yt = _tensors(train)
+        for k, z in enumerate(noise.split(per_class)):  # one class's images at a time
+            labels = torch.full((per_class,), k)
+            fake = generator(z.to(device), labels.to(device)).float().cpu()  # (per_class, C, H, W)
+            per_class_agreement.append(float((judge(fake).argmax(1) == labels).float().mean()))
+            generated_stds.append(float(fake.flatten(1).std(dim=0).mean()) if per_class > 1 else math.nan)
     return GateReport(
-        agreement=float(hits.mean()), per_class_agreement=per_class_agreement,
-        generated_std=within_class_std(fake, labels, num_classes), real_std=within_class_std(xt, yt, num_classes),
-        classifier_val_accuracy=val_accuracy,
+        agreement=sum(per_class_agreement) / num_classes, per_class_agreement=per_class_agreement,
+        generated_std=_mean_of_classes(generated_stds),
+        real_std=_mean_of_classes(class_pixel_std(train, num_classes, workers=workers)),
+        classifier_val_accuracy=_accuracy(judge, val, workers),
     )

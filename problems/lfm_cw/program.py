@@ -41,9 +41,11 @@ import mlo
 from ..data import labels_of
 from ..darts.architecture import Architecture
 from ..darts.search import SuperNet
+from ..data import labels_of
 from .augment import AugmentedReal
 from .class_weights import ClassWeights
 from .generator import ConditionalDiscriminator, ConditionalGenerator, discriminator_loss, generator_loss
+from .streams import stream
 
 __all__ = [
     "Constants", "Optimizers", "Variant", "LFMCW", "build", "batches", "augmented_real_source", "warm_then_cosine",
@@ -432,10 +434,15 @@ def inverse_frequency(dataset: Dataset, num_classes: int) -> Tensor:
 
 def augmented_real_source(train: Dataset, num_classes: int, shape: tuple[int, int, int], flip: bool = False) -> AugmentedReal:
     """The ``lfm-cw-aug`` source over the images of ``train``: shifts of up to 1/7 of the image
-    side (at least one pixel), and mirror images when ``flip``."""
-    size = len(train)  # type: ignore[arg-type]
-    images = torch.stack([train[i][0] for i in range(size)])
-    labels = torch.as_tensor([int(train[i][1]) for i in range(size)])
+    side (at least one pixel), and mirror images when ``flip``. Its bank holds every image of
+    ``train`` (N x C x H x W floats), filled batch by batch through a DataLoader, so building it
+    needs no more memory than the bank itself."""
+    labels = torch.from_numpy(labels_of(train))
+    images = torch.empty(len(labels), *shape)  # (N, C, H, W)
+    filled = 0
+    for x, _ in stream(train, 256):
+        images[filled:filled + len(x)] = x
+        filled += len(x)
     return AugmentedReal(images, labels, num_classes, max(1, shape[-1] // 7), flip)
 
 
