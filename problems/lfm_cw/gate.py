@@ -10,6 +10,12 @@ Two figures, measured before the search and printed:
 
 Defaults: agreement >= 90 % and diversity ratio >= 0.5. The classifier's accuracy on ``val``
 is reported too, so a low agreement can be told apart from a weak classifier.
+
+A third figure, reported but not gated, asks whether the images teach rather than whether they
+are recognised: TSTR ("train on synthetic, test on real"), the accuracy on the real ``val`` of the
+same MLP trained only on generated images (``per_class`` of every class), as a share of the
+real-trained classifier's accuracy there. Easy prototypes can be recognised at 100 % and still
+teach little: TSTR is low when the generated classes miss the variety of the real ones.
 """
 
 from __future__ import annotations
@@ -24,7 +30,7 @@ from torch.utils.data import Dataset
 
 from ..data import labels_of
 
-__all__ = ["GateReport", "quality_gate", "within_class_std", "real_classifier", "MIN_AGREEMENT", "MIN_STD_RATIO"]
+__all__ = ["GateReport", "quality_gate", "within_class_std", "real_classifier", "tstr_classifier", "MIN_AGREEMENT", "MIN_STD_RATIO"]
 
 MIN_AGREEMENT = 0.90
 MIN_STD_RATIO = 0.5
@@ -39,12 +45,21 @@ class GateReport:
     generated_std: float
     real_std: float
     classifier_val_accuracy: float
+    tstr_accuracy: float | None = None  # real val accuracy of a classifier trained on generated images only
     min_agreement: float = MIN_AGREEMENT
     min_std_ratio: float = MIN_STD_RATIO
 
     @property
     def std_ratio(self) -> float:
         return self.generated_std / self.real_std if self.real_std > 0 else float("inf")
+
+    @property
+    def tstr_share(self) -> float | None:
+        """TSTR as a share of the real-trained classifier's val accuracy (1: the generated images
+        teach as well as the real ones)."""
+        if self.tstr_accuracy is None:
+            return None
+        return self.tstr_accuracy / self.classifier_val_accuracy if self.classifier_val_accuracy > 0 else float("inf")
 
     @property
     def passed(self) -> bool:
@@ -58,10 +73,16 @@ class GateReport:
             f"real val), within-class std {self.generated_std:.3f} vs real {self.real_std:.3f} (ratio "
             f"{self.std_ratio:.2f}, need >= {self.min_std_ratio:g}); worst class agreement "
             f"{100 * min(self.per_class_agreement):.1f} %"
-        )
+        ) + self._tstr_text()
+
+    def _tstr_text(self) -> str:
+        if self.tstr_accuracy is None or self.tstr_share is None:
+            return ""
+        return (f"; TSTR (trained on generated, tested on real val) {100 * self.tstr_accuracy:.1f} %, "
+                f"{100 * self.tstr_share:.0f} % of the real-trained classifier's")
 
     def to_dict(self) -> dict[str, Any]:
-        return {**asdict(self), "std_ratio": self.std_ratio, "passed": self.passed}
+        return {**asdict(self), "std_ratio": self.std_ratio, "tstr_share": self.tstr_share, "passed": self.passed}
 
 
 def _tensors(dataset: Dataset) -> tuple[Tensor, Tensor]:
@@ -83,6 +104,25 @@ def real_classifier(train: Dataset, num_classes: int, seed: int = 0, epochs: int
     each class by the inverse of its frequency, so that a long-tailed ``train`` does not make it
     deaf to the tail classes it has to recognise in generated images."""
     x, y = _tensors(train)
+    return _mlp_classifier(x, y, num_classes, seed, epochs)
+
+
+def tstr_classifier(
+    generator: nn.Module, num_classes: int, noise_dim: int, per_class: int = 200, seed: int = 0, epochs: int = 30,
+    device: torch.device | str = "cpu",
+) -> nn.Module:
+    """The judge's MLP trained as `real_classifier` is, on ``per_class`` generated images of every
+    class instead of real data (the "train on synthetic" half of TSTR)."""
+    gen = torch.Generator().manual_seed(seed + 2)
+    labels = torch.arange(num_classes).repeat_interleave(per_class)
+    noise = torch.randn(len(labels), noise_dim, generator=gen)
+    with torch.no_grad():
+        fake = generator(noise.to(device), labels.to(device)).float().cpu()
+    return _mlp_classifier(fake, labels, num_classes, seed, epochs)
+
+
+def _mlp_classifier(x: Tensor, y: Tensor, num_classes: int, seed: int, epochs: int) -> nn.Module:
+    """A one-hidden-layer MLP on ``(x, y)``, Adam, class-balanced loss weights; in eval mode."""
     torch.manual_seed(seed)
     model = nn.Sequential(nn.Flatten(), nn.Linear(x[0].numel(), 256), nn.ReLU(), nn.Linear(256, num_classes))
     counts = torch.bincount(y, minlength=num_classes).float()
@@ -101,9 +141,11 @@ def real_classifier(train: Dataset, num_classes: int, seed: int = 0, epochs: int
 def quality_gate(
     generator: nn.Module, train: Dataset, val: Dataset, num_classes: int, noise_dim: int,
     per_class: int = 200, seed: int = 0, device: torch.device | str = "cpu", judge: nn.Module | None = None,
+    tstr: bool = True,
 ) -> GateReport:
     """Measure ``generator`` (called ``(noise, labels) -> images``) against the real ``train`` data.
-    ``judge``: a classifier from `real_classifier` to reuse (default: one trained here)."""
+    ``judge``: a classifier from `real_classifier` to reuse (default: one trained here).
+    ``tstr``: also train `tstr_classifier` and score it on ``val`` (``tstr_accuracy``)."""
     judge = judge if judge is not None else real_classifier(train, num_classes, seed)
     xv, yv = _tensors(val)
     gen = torch.Generator().manual_seed(seed + 1)
@@ -114,9 +156,14 @@ def quality_gate(
         fake = generator(noise.to(device), labels.to(device)).float().cpu()
         hits = (judge(fake).argmax(1) == labels).float()
     per_class_agreement = [float(hits[labels == k].mean()) for k in range(num_classes)]
+    tstr_accuracy = None
+    if tstr:
+        student = tstr_classifier(generator, num_classes, noise_dim, per_class, seed, device=device)
+        with torch.no_grad():
+            tstr_accuracy = float((student(xv).argmax(1) == yv).float().mean())
     xt, yt = _tensors(train)
     return GateReport(
         agreement=float(hits.mean()), per_class_agreement=per_class_agreement,
         generated_std=within_class_std(fake, labels, num_classes), real_std=within_class_std(xt, yt, num_classes),
-        classifier_val_accuracy=val_accuracy,
+        classifier_val_accuracy=val_accuracy, tstr_accuracy=tstr_accuracy,
     )
