@@ -83,7 +83,7 @@ class FixedConfig:
     seeds: int = 10
     train_per_class: int | None = 600  # per class before the train/val halves and the long tail
     methods: list[str] = field(default_factory=lambda: list(METHODS))
-    steps: int = 400  # SGD steps of every network
+    steps: int = 300  # SGD steps of every network (a plateau: see docs/lfm-cw.md)
     batch_size: int = 64  # real images per step
     lr: float = 0.05
     momentum: float = 0.9
@@ -193,6 +193,16 @@ def _with_synthetic(real: Any, generator: nn.Module, n: int, num_classes: int, s
             yield x, y, fake, k
 
 
+class _Shifted:
+    """Cross-entropy of ``net(x) + shift`` (``shift`` 0: plain; ``tau log pi``: logit adjustment)."""
+
+    def __init__(self, net: nn.Module, shift: Tensor) -> None:
+        self.net, self.shift = net, shift
+
+    def __call__(self, batch: tuple[Tensor, Tensor]) -> Tensor:
+        return F.cross_entropy(self.net(batch[0]) + self.shift, batch[1])
+
+
 class _Weighted:
     """The weighted methods' training loss: real cross-entropy + lam * class-weighted synthetic."""
 
@@ -238,8 +248,7 @@ def run_seed(config: FixedConfig, rho: float, seed: int, console: Console | None
         if method in ("erm", "logit-adjustment", "balanced-oracle"):
             train = _balanced_subset(balanced.train, len(s.train), K, seed) if method == "balanced-oracle" else s.train
             shift = config.tau * torch.log(counts / counts.sum()) if method == "logit-adjustment" else torch.zeros(K)
-            level = _level("net", net, loader(train, batch, seed), config,
-                           lambda b, net=net, shift=shift: F.cross_entropy(net(b[0]) + shift, b[1]))
+            level = _level("net", net, loader(train, batch, seed), config, _Shifted(net, shift))
             mlo.Engine([level]).run(config.steps)
             if method == "erm":
                 x_val, y_val = _tensors(s.val)
@@ -256,14 +265,14 @@ def run_seed(config: FixedConfig, rho: float, seed: int, console: Console | None
                 w2 = _level("w2", net, stream, config, _Weighted(net, weights, config.lam))
                 val = loader(s.val, min(config.batch_size, len(s.val)), seed + 1)
                 phi = mlo.Problem("class_weights", weights, torch.optim.Adam(weights.parameters(), config.phi_lr), val,
-                                  loss=lambda b, net=net: F.cross_entropy(net(b[0]), b[1]))
+                                  loss=_Shifted(net, torch.zeros(K)))
                 mlo.Engine([w2, phi], {"class_weights": ["w2"]}, config.estimator).run(config.steps)
                 with torch.no_grad():
                     c = weights()
                 extra = {"c": c.tolist(), "phi": weights.phi.detach().tolist(), "mistakes": mistakes.tolist()}
             else:
                 c = torch.ones(K) if method == "uniform" else K * (1 / counts.clamp(min=1)) / (1 / counts.clamp(min=1)).sum()
-                mlo.Engine([_level("w2", net, stream, config, _Weighted(net, lambda c=c: c, config.lam))]).run(config.steps)
+                mlo.Engine([_level("w2", net, stream, config, _Weighted(net, c.clone, config.lam))]).run(config.steps)
                 extra = {"c": c.tolist()}
         errors = per_class_error(net, x_test, y_test, K)
         test_error = 100.0 * float((_logits(net, x_test).argmax(1) != y_test).float().mean())

@@ -47,11 +47,11 @@ class ConditionalVAE(nn.Module):
         if pixels not in PIXELS:
             raise ValueError(f"ConditionalVAE: pixels must be one of {', '.join(PIXELS)}, got {pixels!r}")
         self.num_classes, self.shape, self.noise_dim, self.pixels = num_classes, tuple(shape), noise_dim, pixels
-        pixels = shape[0] * shape[1] * shape[2]
-        self.encoder = nn.Sequential(nn.Linear(pixels + num_classes, width), nn.ReLU(), nn.Linear(width, width), nn.ReLU())
+        size = shape[0] * shape[1] * shape[2]
+        self.encoder = nn.Sequential(nn.Linear(size + num_classes, width), nn.ReLU(), nn.Linear(width, width), nn.ReLU())
         self.mean_logvar = nn.Linear(width, 2 * noise_dim)
         self.decoder = nn.Sequential(
-            nn.Linear(noise_dim + num_classes, width), nn.ReLU(), nn.Linear(width, width), nn.ReLU(), nn.Linear(width, pixels)
+            nn.Linear(noise_dim + num_classes, width), nn.ReLU(), nn.Linear(width, width), nn.ReLU(), nn.Linear(width, size)
         )
         self.register_buffer("low", torch.zeros(()))
         self.register_buffer("high", torch.ones(()))
