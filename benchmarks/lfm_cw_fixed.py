@@ -356,6 +356,7 @@ def run(config: FixedConfig, json_path: Path, console: Console | None = None) ->
     console = console or Console()
     start, cpu = time.perf_counter(), time.process_time()
     records: list[dict[str, Any]] = []
+    result: dict[str, Any] = {}
     json_path.parent.mkdir(parents=True, exist_ok=True)
     for rho in config.imbalances:
         for seed in range(config.seeds):
