@@ -47,7 +47,7 @@ import torch
 import torch.nn.functional as F
 from rich.console import Console
 from torch import Tensor, nn
-from torch.utils.data import Dataset, Subset
+from torch.utils.data import DataLoader, Dataset, Subset
 
 import mlo
 from mlo.config import ConfigError, assignments, updated
@@ -152,8 +152,9 @@ def splits_for(config: FixedConfig, rho: float, seed: int) -> tuple[data.DataSpl
 
 
 def _tensors(dataset: Dataset) -> tuple[Tensor, Tensor]:
-    xs = torch.stack([dataset[i][0] for i in range(len(dataset))])  # type: ignore[arg-type]
-    return xs.float(), torch.from_numpy(data.labels_of(dataset))
+    """The whole (small) data set as one batch of images and labels."""
+    x, y = next(iter(DataLoader(dataset, batch_size=len(dataset))))  # type: ignore[arg-type]
+    return x.float(), y
 
 
 @torch.no_grad()
