@@ -81,6 +81,7 @@ class FixedConfig:
     data_root: str | None = None  # Fashion-MNIST's IDX folder (default: the Debian package's)
     imbalances: list[float] = field(default_factory=lambda: [10.0, 100.0])
     seeds: int = 10
+    first_seed: int = 0  # seeds first_seed .. first_seed + seeds - 1 (to split a run over processes)
     train_per_class: int | None = 600  # per class before the train/val halves and the long tail
     methods: list[str] = field(default_factory=lambda: [m for m in METHODS if m != "balanced-oracle"])
     steps: int = 200  # SGD steps of every network (on a plateau: see docs/lfm-cw.md)
@@ -106,6 +107,8 @@ class FixedConfig:
             raise ConfigError(f"unknown method(s) {unknown or self.methods}; methods: {', '.join(METHODS)}")
         if "lfm-cw" in self.methods and "erm" not in self.methods:
             raise ConfigError("method lfm-cw needs erm: its mistakes m(W1) are erm's")
+        if self.first_seed < 0:
+            raise ConfigError(f"first_seed must be >= 0, got {self.first_seed}")
         for name in ("seeds", "steps", "batch_size", "width", "synthetic_per_step", "generator_steps"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"{name} must be >= 1, got {getattr(self, name)}")
@@ -360,7 +363,7 @@ def run(config: FixedConfig, json_path: Path, console: Console | None = None) ->
     result: dict[str, Any] = {}
     json_path.parent.mkdir(parents=True, exist_ok=True)
     for rho in config.imbalances:
-        for seed in range(config.seeds):
+        for seed in range(config.first_seed, config.first_seed + config.seeds):
             records += run_seed(config, rho, seed, console)
             result = {"suite": "lfm-cw-fixed", "config": dataclasses.asdict(config), "runs": records,
                       "summary": summarise(records, config.methods), "seconds": time.perf_counter() - start,
