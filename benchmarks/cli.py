@@ -40,6 +40,9 @@ def _configure(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
                         "(mlo / hand-engine <= 1.05 and mlo / hand <= 1.0 on every row, mlo / Betty <= 0.90 on ridge neumann)")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                         help="lfm-cw: an option of the runs' config (as `mlo run --set`), e.g. search_rounds=15")
+    parser.add_argument("--fixed", action="store_true",
+                        help="lfm-cw: the mechanism on one fixed network, long-tailed Fashion-MNIST (benchmarks/lfm_cw_fixed.py); "
+                        "--set takes its options, e.g. seeds=3")
     parser.add_argument("--dataset", default="digits", metavar="NAME",
                         help="lfm-cw: digits (default) or fashion-mnist; each balanced and long-tailed (rho 10)")
     parser.add_argument("--seeds", type=int, metavar="N", help="ignoring: seeds (default 5); lfm-cw --compare: search seeds (default 5)")
@@ -95,6 +98,16 @@ def main(args: argparse.Namespace) -> int:
         from . import ignoring
 
         ignoring.run(json_path, seeds=args.seeds or 5, quick=args.quick, console=console)
+    elif args.fixed:
+        from . import lfm_cw_fixed
+
+        try:
+            config = lfm_cw_fixed.config_of(args.set, quick=args.quick)
+        except ConfigError as err:
+            console.print(f"[red]mlo bench lfm-cw --fixed:[/] {err}")
+            return 2
+        json_path = Path(args.json) if args.json else out / "lfm_cw_fixed.json"
+        lfm_cw_fixed.run(config, json_path, console)
     else:
         from . import lfm_cw
 

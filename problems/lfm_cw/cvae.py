@@ -9,6 +9,12 @@ mean is mapped back, so generated images are bounded and on the data's scale.
 ``ConditionalVAE(noise, labels) -> images`` is the generator call LFM-CW uses (``noise`` the
 latent code, standard normal); ``negative_elbo(images, labels)`` its training loss, also the
 loss of the ``generator`` level when it is fine-tuned during the search.
+
+``pixels`` chooses what an image is: ``"mean"`` (default) the decoder's Bernoulli mean, a smooth
+image for each code; ``"sample"`` a draw from the decoder's distribution, each pixel at ``high``
+with the mean's probability and at ``low`` otherwise (torch's global random stream; binary
+pixels, noisier and less prototypical than the mean). It is a setting, not a weight: the same
+state dict serves both.
 """
 
 from __future__ import annotations
@@ -21,7 +27,10 @@ from torch.utils.data import Dataset
 from ..data import labels_of
 from .streams import BalancedBatches, data_range, stream
 
-__all__ = ["ConditionalVAE", "pretrain_cvae"]
+__all__ = ["ConditionalVAE", "pretrain_cvae", "PIXELS"]
+
+#: what `ConditionalVAE` returns as an image: the decoder's mean or a sample of it
+PIXELS = ("mean", "sample")
 
 
 class ConditionalVAE(nn.Module):
@@ -30,16 +39,20 @@ class ConditionalVAE(nn.Module):
     low: Tensor
     high: Tensor
 
-    def __init__(self, num_classes: int, shape: tuple[int, int, int], noise_dim: int = 32, width: int = 256) -> None:
+    def __init__(
+        self, num_classes: int, shape: tuple[int, int, int], noise_dim: int = 32, width: int = 256, pixels: str = "mean"
+    ) -> None:
         super().__init__()
         if num_classes < 1 or noise_dim < 1 or width < 1:
             raise ValueError(f"ConditionalVAE: need positive sizes, got classes={num_classes}, noise_dim={noise_dim}, width={width}")
-        self.num_classes, self.shape, self.noise_dim = num_classes, tuple(shape), noise_dim
-        pixels = shape[0] * shape[1] * shape[2]
-        self.encoder = nn.Sequential(nn.Linear(pixels + num_classes, width), nn.ReLU(), nn.Linear(width, width), nn.ReLU())
+        if pixels not in PIXELS:
+            raise ValueError(f"ConditionalVAE: pixels must be one of {', '.join(PIXELS)}, got {pixels!r}")
+        self.num_classes, self.shape, self.noise_dim, self.pixels = num_classes, tuple(shape), noise_dim, pixels
+        size = shape[0] * shape[1] * shape[2]
+        self.encoder = nn.Sequential(nn.Linear(size + num_classes, width), nn.ReLU(), nn.Linear(width, width), nn.ReLU())
         self.mean_logvar = nn.Linear(width, 2 * noise_dim)
         self.decoder = nn.Sequential(
-            nn.Linear(noise_dim + num_classes, width), nn.ReLU(), nn.Linear(width, width), nn.ReLU(), nn.Linear(width, pixels)
+            nn.Linear(noise_dim + num_classes, width), nn.ReLU(), nn.Linear(width, width), nn.ReLU(), nn.Linear(width, size)
         )
         self.register_buffer("low", torch.zeros(()))
         self.register_buffer("high", torch.ones(()))
@@ -52,6 +65,8 @@ class ConditionalVAE(nn.Module):
 
     def forward(self, noise: Tensor, labels: Tensor) -> Tensor:
         unit = torch.sigmoid(self._logits(noise, labels))  # (B, C*H*W) in [0, 1]
+        if self.pixels == "sample":
+            unit = torch.bernoulli(unit.detach()) + (unit - unit.detach())  # values of a draw, the mean's gradient
         return (self.low + (self.high - self.low) * unit).view(-1, *self.shape)  # (B, C, H, W)
 
     def negative_elbo(self, images: Tensor, labels: Tensor, kl_weight: float = 1.0) -> Tensor:
@@ -69,16 +84,17 @@ class ConditionalVAE(nn.Module):
 def pretrain_cvae(
     train: Dataset, num_classes: int, shape: tuple[int, int, int], seed: int = 0, steps: int = 3000,
     batch_size: int = 64, lr: float = 2e-3, noise_dim: int = 32, kl_weight: float = 0.5,
-    device: torch.device | str = "cpu", workers: int = 0,
+    device: torch.device | str = "cpu", workers: int = 0, pixels: str = "mean",
 ) -> ConditionalVAE:
     """A `ConditionalVAE` trained with Adam on ``train`` for ``steps`` batches (seeded,
     deterministic on a CPU); the data range is taken from ``train``. Batches are drawn class-
     balanced (with replacement), so that the tail classes of a long-tailed ``train`` are learned
     as well as the head. The images are streamed through a DataLoader (``workers`` processes),
-    one pass for the range and then batch by batch, never held whole. Returned in eval mode."""
+    one pass for the range and then batch by batch, never held whole. Returned in eval mode,
+    making images as ``pixels`` says (`ConditionalVAE`)."""
     device = torch.device(device)
     torch.manual_seed(seed)
-    vae = ConditionalVAE(num_classes, shape, noise_dim).to(device)
+    vae = ConditionalVAE(num_classes, shape, noise_dim, pixels=pixels).to(device)
     low, high = data_range(train, workers=workers)
     if not high > low:
         raise ValueError(f"pretrain_cvae: the training images are constant (range [{low}, {high}])")

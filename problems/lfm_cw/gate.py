@@ -12,6 +12,12 @@ Defaults: agreement >= 90 % and diversity ratio >= 0.5. The classifier's accurac
 is reported too, so a low agreement can be told apart from a weak classifier. Real images are
 streamed in batches (`streams`) and generated ones made one class at a time, so the gate's memory
 does not grow with the data set.
+
+A third figure, reported but not gated, asks whether the images teach rather than whether they
+are recognised: TSTR ("train on synthetic, test on real"), the accuracy on the real ``val`` of the
+same MLP trained only on generated images (``per_class`` of every class), as a share of the
+real-trained classifier's accuracy there. Easy prototypes can be recognised at 100 % and still
+teach little: TSTR is low when the generated classes miss the variety of the real ones.
 """
 
 from __future__ import annotations
@@ -23,12 +29,12 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
-from torch.utils.data import Dataset
+from torch.utils.data import Dataset, TensorDataset
 
 from ..data import labels_of
 from .streams import ShuffledBatches, class_pixel_std, stream
 
-__all__ = ["GateReport", "quality_gate", "within_class_std", "real_classifier", "MIN_AGREEMENT", "MIN_STD_RATIO"]
+__all__ = ["GateReport", "quality_gate", "within_class_std", "real_classifier", "tstr_classifier", "MIN_AGREEMENT", "MIN_STD_RATIO"]
 
 MIN_AGREEMENT = 0.90
 MIN_STD_RATIO = 0.5
@@ -43,12 +49,21 @@ class GateReport:
     generated_std: float
     real_std: float
     classifier_val_accuracy: float
+    tstr_accuracy: float | None = None  # real val accuracy of a classifier trained on generated images only
     min_agreement: float = MIN_AGREEMENT
     min_std_ratio: float = MIN_STD_RATIO
 
     @property
     def std_ratio(self) -> float:
         return self.generated_std / self.real_std if self.real_std > 0 else float("inf")
+
+    @property
+    def tstr_share(self) -> float | None:
+        """TSTR as a share of the real-trained classifier's val accuracy (1: the generated images
+        teach as well as the real ones)."""
+        if self.tstr_accuracy is None:
+            return None
+        return self.tstr_accuracy / self.classifier_val_accuracy if self.classifier_val_accuracy > 0 else float("inf")
 
     @property
     def passed(self) -> bool:
@@ -62,10 +77,16 @@ class GateReport:
             f"real val), within-class std {self.generated_std:.3f} vs real {self.real_std:.3f} (ratio "
             f"{self.std_ratio:.2f}, need >= {self.min_std_ratio:g}); worst class agreement "
             f"{100 * min(self.per_class_agreement):.1f} %"
-        )
+        ) + self._tstr_text()
+
+    def _tstr_text(self) -> str:
+        if self.tstr_accuracy is None or self.tstr_share is None:
+            return ""
+        return (f"; TSTR (trained on generated, tested on real val) {100 * self.tstr_accuracy:.1f} %, "
+                f"{100 * self.tstr_share:.0f} % of the real-trained classifier's")
 
     def to_dict(self) -> dict[str, Any]:
-        return {**asdict(self), "std_ratio": self.std_ratio, "passed": self.passed}
+        return {**asdict(self), "std_ratio": self.std_ratio, "tstr_share": self.tstr_share, "passed": self.passed}
 
 
 def _mean_of_classes(stds: list[float]) -> float:
@@ -88,14 +109,34 @@ def real_classifier(train: Dataset, num_classes: int, seed: int = 0, epochs: int
     streamed (``workers`` loader processes). Its loss weights each class by the inverse of its
     frequency, so that a long-tailed ``train`` does not make it deaf to the tail classes it has
     to recognise in generated images."""
-    y = torch.from_numpy(labels_of(train))
-    pixels = train[0][0].numel()
+    return _mlp_classifier(train, torch.from_numpy(labels_of(train)), num_classes, seed, epochs, workers)
+
+
+def tstr_classifier(
+    generator: nn.Module, num_classes: int, noise_dim: int, per_class: int = 200, seed: int = 0, epochs: int = 30,
+    device: torch.device | str = "cpu",
+) -> nn.Module:
+    """The judge's MLP trained as `real_classifier` is, on ``per_class`` generated images of every
+    class instead of real data (the "train on synthetic" half of TSTR)."""
+    gen = torch.Generator().manual_seed(seed + 2)
+    labels = torch.arange(num_classes).repeat_interleave(per_class)
+    noise = torch.randn(len(labels), noise_dim, generator=gen)
+    with torch.no_grad():
+        fake = generator(noise.to(device), labels.to(device)).float().cpu()  # (K * per_class, C, H, W)
+    return _mlp_classifier(TensorDataset(fake, labels), labels, num_classes, seed, epochs)
+
+
+def _mlp_classifier(data: Dataset, labels: Tensor, num_classes: int, seed: int, epochs: int, workers: int = 0) -> nn.Module:
+    """A one-hidden-layer MLP trained on ``data`` (whose labels are ``labels``), Adam,
+    class-balanced loss weights, batches streamed; in eval mode."""
+    y = labels
+    pixels = data[0][0].numel()
     torch.manual_seed(seed)
     model = nn.Sequential(nn.Flatten(), nn.Linear(pixels, 256), nn.ReLU(), nn.Linear(256, num_classes))
     counts = torch.bincount(y, minlength=num_classes).float()
     balance = torch.where(counts > 0, counts.sum() / (num_classes * counts.clamp(min=1)), torch.zeros_like(counts))
     opt = torch.optim.Adam(model.parameters(), 1e-3, weight_decay=1e-4)
-    for xb, yb in stream(train, ShuffledBatches(len(y), 128, epochs, seed), workers):
+    for xb, yb in stream(data, ShuffledBatches(len(y), 128, epochs, seed), workers):
         loss = F.cross_entropy(model(xb.float()), yb, weight=balance)
         opt.zero_grad(set_to_none=True)
         loss.backward()
@@ -116,11 +157,12 @@ def _accuracy(model: nn.Module, dataset: Dataset, workers: int = 0) -> float:
 def quality_gate(
     generator: nn.Module, train: Dataset, val: Dataset, num_classes: int, noise_dim: int,
     per_class: int = 200, seed: int = 0, device: torch.device | str = "cpu", judge: nn.Module | None = None,
-    workers: int = 0,
+    workers: int = 0, tstr: bool = True,
 ) -> GateReport:
     """Measure ``generator`` (called ``(noise, labels) -> images``) against the real ``train`` data.
     ``judge``: a classifier from `real_classifier` to reuse (default: one trained here).
-    ``workers``: loader processes streaming the real images."""
+    ``workers``: loader processes streaming the real images.
+    ``tstr``: also train `tstr_classifier` and score it on ``val`` (``tstr_accuracy``)."""
     judge = judge if judge is not None else real_classifier(train, num_classes, seed, workers=workers)
     gen = torch.Generator().manual_seed(seed + 1)
     noise = torch.randn(num_classes * per_class, noise_dim, generator=gen)  # (K * per_class, noise_dim), class-major
@@ -131,9 +173,13 @@ def quality_gate(
             fake = generator(z.to(device), labels.to(device)).float().cpu()  # (per_class, C, H, W)
             per_class_agreement.append(float((judge(fake).argmax(1) == labels).float().mean()))
             generated_stds.append(float(fake.flatten(1).std(dim=0).mean()) if per_class > 1 else math.nan)
+    tstr_accuracy = None
+    if tstr:
+        student = tstr_classifier(generator, num_classes, noise_dim, per_class, seed, device=device)
+        tstr_accuracy = _accuracy(student, val, workers)
     return GateReport(
         agreement=sum(per_class_agreement) / num_classes, per_class_agreement=per_class_agreement,
         generated_std=_mean_of_classes(generated_stds),
         real_std=_mean_of_classes(class_pixel_std(train, num_classes, workers=workers)),
-        classifier_val_accuracy=_accuracy(judge, val, workers),
+        classifier_val_accuracy=_accuracy(judge, val, workers), tstr_accuracy=tstr_accuracy,
     )
