@@ -42,9 +42,7 @@ class RunConfig:
     methods: list[str] = field(default_factory=lambda: ["lfm-cw"])  # comma-separated methods run on the same budget
     seeds: int = 1  # every method with seeds first_seed..first_seed+N-1; mean ± std reported
     first_seed: int = 0  # the seeds are first_seed .. first_seed + seeds - 1
-    # methods of `methods` that search without the warm-ups (``w1_warmup``, ``w2_warmup``): vanilla
-    # DARTS starts the architecture at round one, so ``no_warmup = ["darts-2nd"]`` makes it the paper's baseline
-    no_warmup: list[str] = field(default_factory=list)
+    no_warmup: list[str] = field(default_factory=list)  # methods searched without the warm-ups (vanilla DARTS: ["darts-2nd"])
     # data
     dataset: str = "digits"  # digits | fashion-mnist | cifar10 | cifar100 | imagenet
     data_root: str | None = None  # folder of Fashion-MNIST, CIFAR or ImageNet (nothing is downloaded)
@@ -86,8 +84,7 @@ class RunConfig:
     phi_lr: float = Optimizers.phi_lr  # learning rate of the class-weight parameters phi
     # evaluation of the derived genotype, trained from scratch
     eval_epochs: int = 10  # epochs of training the derived genotype from scratch
-    # evaluation seeds 0..n-1, the same for every method and search seed, averaged (0: the search seed)
-    eval_seeds: int = 0
+    eval_seeds: int = 0  # evaluation seeds 0..n-1, shared by every method and search seed, averaged (0: the search seed)
     eval_channels: int = 8  # evaluation network: initial channels
     eval_layers: int = 3  # evaluation network: cells
     eval_batch_size: int = 64  # evaluation batch size
@@ -101,9 +98,7 @@ class RunConfig:
     auxiliary_weight: float = 0.4  # evaluation: weight of the auxiliary head's loss (0: no auxiliary head)
     cutout: int = 16  # CIFAR only, evaluation only (the search sees no Cutout)
     subset_fraction: float = 1.0  # ImageNet: share of the training set searched on (PC-DARTS: 0.125)
-    # CIFAR and ImageNet: share of the searched images held out as the search's validation split
-    # (None: the loader's 0.5, DARTS's halves; PC-DARTS on ImageNet: 2.5 % of 12.5 %, i.e. 0.2)
-    val_fraction: float | None = None
+    val_fraction: float | None = None  # CIFAR, ImageNet: share of the searched images held out for validation (none: 0.5)
     # runtime
     device: str = "cpu"  # cpu | cuda | cuda:N
     out: str | None = None  # output folder (none: runs/<methods>-<date>-<time>)
