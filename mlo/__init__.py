@@ -9,6 +9,7 @@ from .checking import CheckReport, EdgeCheck, check
 from .engine import Engine
 from .errors import (
     CheckpointError,
+    CheckpointWarning,
     CheckWarning,
     ConfigError,
     ConvergenceWarning,
@@ -62,6 +63,7 @@ __all__ = [
     "MLOWarning",
     "ConvergenceWarning",
     "CheckWarning",
+    "CheckpointWarning",
     "ZeroGradientWarning",
     "DisconnectedEdgeWarning",
     "DivergenceWarning",

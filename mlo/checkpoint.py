@@ -43,7 +43,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from . import distributed
-from .errors import CheckpointError, first_line
+from .errors import CheckpointError, CheckpointWarning, first_line
 from .hooks import Hook
 
 if TYPE_CHECKING:
@@ -55,10 +55,6 @@ __all__ = [
 
 #: the format tag stored in every checkpoint
 FORMAT = "mlo-checkpoint/1"
-
-
-class CheckpointWarning(UserWarning):
-    """A checkpoint was skipped (truncated or corrupt) and an older intact one used instead."""
 
 
 class Interrupted(SystemExit):

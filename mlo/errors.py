@@ -89,3 +89,7 @@ class DivergenceWarning(MLOWarning):
     """A level's loss grew by more than ``Engine(divergence_factor=...)`` over its first value:
     its optimizer is likely diverging (a learning rate too large for the curvature its upper
     level set), long before anything becomes infinite. Given once per level."""
+
+
+class CheckpointWarning(MLOWarning):
+    """A checkpoint was skipped (truncated or corrupt) and an older intact one used instead."""
