@@ -1,6 +1,9 @@
 """The hypergradient rule: a pure function of a program's graph, the estimator of each edge, the
-levels' losses and the point at which they are evaluated. This module is its only home; the
-`Engine` calls it and keeps the scheduling, data, checks and state.
+levels' losses, the point at which they are evaluated, the batches they are evaluated on and the
+levels' state an estimator reads (the last step's gradient). This module is its only home:
+`hypergradient` (exported as ``mlo.hypergradient``) takes all of that as arguments, and the
+`Engine` calls the same `Rule` with its own batches and state, keeping the scheduling, data,
+checks and state.
 
 The rule, at any depth
 ----------------------

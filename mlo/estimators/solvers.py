@@ -154,7 +154,7 @@ def _per_task(c: Tensor, like: Tensors) -> list[Tensor]:
     return [c.reshape(-1, *[1] * (t.dim() - 1)) for t in like]
 
 
-#: terms of a Neumann series between two reads of their norms (the divergence test)
+#: the Neumann series' divergence test reads the norm of every this-many-th term (and the last)
 CHECK_EVERY = 4
 
 
@@ -164,38 +164,37 @@ def neumann_series(
     """``alpha * sum_{i=0..n} (I - alpha A)^i b``, the truncated Neumann series of ``A^{-1} b``,
     times ``scale`` (a factor the caller needs anyway, folded into the series' one multiplication).
 
-    The terms shrink when ``0 < alpha < 2 / lambda_max(A)`` and ``A`` is positive definite. A term
-    whose norm exceeds ``growth`` times the first term's norm (or is not finite) means the series
-    diverges: ``DivergenceError`` is raised naming that term, rather than returning a wrong
-    answer. The norms stay on the device and are read together every `CHECK_EVERY` terms and
-    at the last (one host read each), so a diverging series runs at most that many products past
-    the term that diverged. Diagnostics: ``terms`` (products done), ``alpha`` and ``last_term``
+    The terms shrink when ``0 < alpha < 2 / lambda_max(A)`` and ``A`` is positive definite. A
+    tested term whose norm exceeds ``growth`` times the first term's norm (or is not finite)
+    means the series diverges: ``DivergenceError`` is raised naming that term, rather than
+    returning a wrong answer. Every `CHECK_EVERY`-th term and the last are tested, each with one
+    norm and one host read, so a diverging series runs at most that many products past the
+    term where it diverged. Diagnostics: ``terms`` (products done), ``alpha`` and ``last_term``
     (the last term's norm relative to the first's: how far the series was from converging when
     it was cut).
     """
     first = autodiff.norm_tensor(b)
+    first_value: float | None = None
     term = tuple(b)
     total = tuple(b)
     ratio = 1.0
-    pending: list[Tensor] = []
     for i in range(1, iterations + 1):
         term = autodiff.axpy(-alpha, matvec(term), term)
-        pending.append(autodiff.norm_tensor(term))
         total = autodiff.add(total, term)
         if i % CHECK_EVERY and i < iterations:
             continue
-        start = i - len(pending) + 1
-        first_value, *sizes = torch.stack([first, *pending]).tolist()
-        pending = []
-        for k, size in enumerate(sizes, start):
-            ratio = size / first_value if first_value > 0 else 0.0
-            if not size <= growth * first_value:  # also catches NaN
-                raise DivergenceError(
-                    f"neumann on {where}: term {k} has norm {size:.3g}, {size / max(first_value, 1e-300):.3g} x the "
-                    f"first; the series diverges. Use alpha < 2 / (largest eigenvalue of the lower Hessian) "
-                    f"(alpha is {alpha:.4g}), alpha='auto', or an estimator that does not need it (cg); "
-                    "a Hessian that is not positive definite makes every alpha diverge."
-                )
+        if first_value is None:  # read with the first tested term: one host read
+            first_value, size = torch.stack((first, autodiff.norm_tensor(term))).tolist()
+        else:
+            size = autodiff.norm_value(term)
+        ratio = size / first_value if first_value > 0 else 0.0
+        if not size <= growth * first_value:  # also catches NaN
+            raise DivergenceError(
+                f"neumann on {where}: term {i} has norm {size:.3g}, {size / max(first_value, 1e-300):.3g} x the "
+                f"first; the series diverges. Use alpha < 2 / (largest eigenvalue of the lower Hessian) "
+                f"(alpha is {alpha:.4g}), alpha='auto', or an estimator that does not need it (cg); "
+                "a Hessian that is not positive definite makes every alpha diverge."
+            )
     return autodiff.scale(scale * alpha, total), {"terms": float(iterations), "alpha": alpha, "last_term": ratio}
 
 
