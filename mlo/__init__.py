@@ -29,7 +29,7 @@ from .errors import (
     ZeroGradientWarning,
 )
 from .hooks import Hook
-from .hypergradient import hypergradient
+from .rule import hypergradient
 from .problem import Problem, cycle
 
 __all__ = [

@@ -41,7 +41,7 @@ from .estimators import Estimator, Info
 from .functional import Program, frozen_buffers
 from .graph import Graph
 from .hooks import Hook
-from .hypergradient import SYNCS, Rule, level_losses, resolve_edges
+from .rule import SYNCS, Rule, level_losses, resolve_edges
 from .problem import Problem, batches_in_use
 from .state import LevelState
 from .streams import Stream
