@@ -75,6 +75,7 @@ from torch import Tensor
 import mlo
 from mlo.errors import ProgramError
 from mlo.functional import frozen_buffers
+from mlo.graph import Edge
 from mlo.estimators import CG, Estimator, FiniteDifference, FirstOrder, Neumann, Sama, Unroll
 
 __all__ = [
@@ -88,7 +89,6 @@ __all__ = [
     "betty_hypergradient",
 ]
 
-Edge = tuple[str, str]
 EstimatorSpec = str | Estimator
 
 

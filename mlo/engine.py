@@ -39,7 +39,7 @@ from .autodiff import Tensors
 from .errors import DisconnectedEdgeWarning, DivergenceWarning, NonFiniteError, ProgramError, ZeroGradientWarning
 from .estimators import Estimator, Info
 from .functional import Program, frozen_buffers
-from .graph import Graph
+from .graph import Edge, Graph
 from .hooks import Hook
 from .rule import SYNCS, Rule, level_losses, resolve_edges
 from .problem import Problem, batches_in_use
@@ -50,7 +50,6 @@ __all__ = ["Engine"]
 
 EstimatorSpec = str | Estimator
 PrecisionSpec = str | precisions.Precision
-Edge = tuple[str, str]
 
 
 @dataclass

@@ -13,7 +13,10 @@ from dataclasses import dataclass
 
 from .errors import GraphError, UnknownLevelError
 
-__all__ = ["Graph"]
+__all__ = ["Graph", "Edge"]
+
+#: an edge of the graph, ``(upper, lower)``: the lower level's best response depends on the upper
+Edge = tuple[str, str]
 
 
 @dataclass(frozen=True)

@@ -27,12 +27,15 @@ from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager, nullcontext
 from contextvars import ContextVar
 from dataclasses import dataclass
-from typing import Any, ContextManager
+from typing import TYPE_CHECKING, Any, ContextManager
 
 import torch
 from torch import Tensor
 
 from .errors import ProgramError
+
+if TYPE_CHECKING:
+    from .functional import Point
 
 __all__ = ["Precision", "parse", "per_level", "widen", "full_precision", "autocast_on", "no_autocast", "scale_backward", "DTYPES"]
 
@@ -127,10 +130,7 @@ def _autocast_off() -> Iterator[None]:
         yield
 
 
-Values = Mapping[str, Sequence[Tensor]]
-
-
-def scale_backward(loss: Callable[[Values], Tensor], point: Values, scaler: torch.amp.GradScaler) -> Tensor:
+def scale_backward(loss: Callable[[Point], Tensor], point: Point, scaler: torch.amp.GradScaler) -> Tensor:
     """``loss(point)``, whose backward passes run multiplied by ``scaler``'s current scale ``S``
     between its output and the values of ``point`` it read: its first derivatives are the
     unscaled ones, while inside the loss's own backward the gradients are ``S`` times larger

@@ -83,7 +83,7 @@ from .errors import EstimatorError, ProgramError
 from .estimators import Estimator, resolve
 from .estimators.base import Curvature, Hop, Info
 from .functional import Point, Program, frozen_buffers
-from .graph import Graph
+from .graph import Edge, Graph
 from .precision import full_precision
 from .problem import Problem, batches_in_use
 from .tasks import TaskBatch
@@ -93,7 +93,6 @@ __all__ = ["Loss", "Edge", "Result", "Rule", "hypergradient", "level_losses", "r
 #: A level's loss on a batch at a point: the levels named in the point at the given values and
 #: every other level at its own parameters.
 Loss = Callable[[Any, Point], Tensor]
-Edge = tuple[str, str]
 EstimatorSpec = str | Estimator
 PrecisionSpec = str | precisions.Precision
 #: how derivatives are averaged across ranks under a process group (``None``: not at all)
