@@ -27,7 +27,7 @@ from typing import Any, TypeVar
 
 from .errors import ConfigError
 
-__all__ = ["ConfigError", "assignments", "updated", "from_toml", "coerce", "option", "Field", "describe", "listing"]
+__all__ = ["ConfigError", "assignments", "updated", "from_toml", "coerce", "option", "Field", "describe", "listing", "at_least"]
 
 C = TypeVar("C")
 
@@ -60,6 +60,15 @@ def updated(config: C, values: Mapping[str, Any], source: str = "flags") -> C:
                 and changes[key] not in choices:
             raise ConfigError(f"{source}: option {key!r} must be one of {', '.join(map(str, choices))}, got {changes[key]!r}")
     return dataclasses.replace(config, **changes)  # type: ignore[type-var]
+
+
+def at_least(config: object, bound: float, names: Sequence[str]) -> None:
+    """Check that each option in ``names`` of ``config`` is at least ``bound``: the range check
+    every config's ``validate`` shares, a `ConfigError` naming the first option out of range."""
+    for name in names:
+        value = getattr(config, name)
+        if value < bound:
+            raise ConfigError(f"{name} must be >= {bound:g}, got {value}")
 
 
 def _fields(cls: type) -> dict[str, dataclasses.Field[Any]]:

@@ -28,7 +28,7 @@ from torch import Tensor, nn
 from torch.utils.data import Subset
 
 import mlo
-from mlo.config import ConfigError, option
+from mlo.config import ConfigError, at_least, option
 
 from . import data, runs
 from .reweighting import mlp
@@ -123,9 +123,7 @@ class HPOConfig:
 
     def validate(self) -> None:
         runs.check_methods(self.methods, METHODS, self.reference)
-        for name in ("seeds", "train_size", "hidden", "layers", "batch_size", "rounds"):
-            if getattr(self, name) < 1:
-                raise ConfigError(f"{name} must be >= 1, got {getattr(self, name)}")
+        at_least(self, 1, ("seeds", "train_size", "hidden", "layers", "batch_size", "rounds"))
         for name in ("lrs", "weight_decays"):
             try:
                 values = [float(v) for v in getattr(self, name)]

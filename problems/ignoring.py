@@ -32,7 +32,7 @@ from torch import Tensor, nn
 from torch.utils.data import TensorDataset
 
 import mlo
-from mlo.config import ConfigError, option
+from mlo.config import ConfigError, at_least, option
 
 from . import data, runs
 from .runs import separation
@@ -226,12 +226,8 @@ class IgnoringConfig:
             raise ConfigError(f"noise + off_domain must be < 1, got {self.noise + self.off_domain}")
         if not 0 < self.target_fraction < 1:
             raise ConfigError(f"target_fraction must be in (0, 1), got {self.target_fraction}")
-        for name in ("seeds", "rounds", "steps", "target_train", "target_val", "fashion_per_class"):
-            if getattr(self, name) < 1:
-                raise ConfigError(f"{name} must be >= 1, got {getattr(self, name)}")
-        for name in ("warmup", "batch_size", "hidden", "pixel_noise", "weight_decay"):
-            if getattr(self, name) < 0:
-                raise ConfigError(f"{name} must be >= 0, got {getattr(self, name)}")
+        at_least(self, 1, ("seeds", "rounds", "steps", "target_train", "target_val", "fashion_per_class"))
+        at_least(self, 0, ("warmup", "batch_size", "hidden", "pixel_noise", "weight_decay"))
         for name in ("lr", "lam", "meta_lr"):
             if getattr(self, name) <= 0:
                 raise ConfigError(f"{name} must be > 0, got {getattr(self, name)}")

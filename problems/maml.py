@@ -28,7 +28,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 import mlo
-from mlo.config import ConfigError, option
+from mlo.config import ConfigError, at_least, option
 from mlo.functional import Program
 from mlo.tasks import TaskBatch
 
@@ -197,9 +197,7 @@ class MAMLConfig:
         if self.problem not in ("sinusoid", "digits"):
             raise ConfigError(f"problem must be sinusoid or digits, got {self.problem!r}")
         runs.check_methods(self.methods, METHODS, self.reference)
-        for name in ("seeds", "tasks", "shots", "query", "rounds", "inner_steps", "imaml_steps", "test_tasks", "hidden"):
-            if getattr(self, name) < 1:
-                raise ConfigError(f"{name} must be >= 1, got {getattr(self, name)}")
+        at_least(self, 1, ("seeds", "tasks", "shots", "query", "rounds", "inner_steps", "imaml_steps", "test_tasks", "hidden"))
         if self.problem == "digits" and not 2 <= self.ways <= 3:
             raise ConfigError(f"digits meta-tests on classes 7-9: ways must be 2 or 3, got {self.ways}")
         for name in ("inner_lr", "proximal", "meta_lr"):

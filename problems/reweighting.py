@@ -29,7 +29,7 @@ from torch import Tensor, nn
 from torch.utils.data import DataLoader, TensorDataset
 
 import mlo
-from mlo.config import ConfigError, option
+from mlo.config import ConfigError, at_least, option
 
 from . import data, runs
 
@@ -156,9 +156,7 @@ class ReweightingConfig:
             raise ConfigError(f"noise must be in [0, 1), got {self.noise}")
         if self.imbalance < 1:
             raise ConfigError(f"imbalance must be >= 1, got {self.imbalance}")
-        for name in ("seeds", "rounds", "batch_size", "hidden", "log_every", "image_size"):
-            if getattr(self, name) < 1:
-                raise ConfigError(f"{name} must be >= 1, got {getattr(self, name)}")
+        at_least(self, 1, ("seeds", "rounds", "batch_size", "hidden", "log_every", "image_size"))
         if 28 % self.image_size:
             raise ConfigError(f"image_size must divide 28 (28, 14, 7, 4, 2, 1), got {self.image_size}")
         for name in ("train_per_class", "test_per_class"):

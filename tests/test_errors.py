@@ -432,3 +432,24 @@ def test_every_deliberate_error_is_an_mlo_error():
     # and each keeps the built-in base that callers may already catch
     assert issubclass(ConfigError, ValueError) and issubclass(GenotypeError, ValueError)
     assert issubclass(DataError, FileNotFoundError)
+
+
+def test_range_checks_of_every_program_config_share_one_mechanism():
+    """`mlo.config.at_least` is the range check of every program's config: the first option out
+    of range is named with its bound and value."""
+    from mlo.config import at_least
+    from mlo.problems import hpo, ignoring, maml, reweighting
+
+    configs = ((hpo.HPOConfig, "rounds"), (maml.MAMLConfig, "shots"), (reweighting.ReweightingConfig, "hidden"),
+               (ignoring.IgnoringConfig, "target_val"))
+    for cls, name in configs:
+        cls().validate()  # the defaults are in range
+        with pytest.raises(mlo.ConfigError, match=rf"^{name} must be >= 1, got 0$"):
+            cls(**{name: 0}).validate()
+
+    class Plain:
+        a, b = 3, -1
+
+    at_least(Plain(), 0, ("a",))
+    with pytest.raises(mlo.ConfigError, match=r"^b must be >= 0, got -1$"):
+        at_least(Plain(), 0, ("a", "b"))
