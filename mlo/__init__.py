@@ -8,6 +8,7 @@ from . import checking, checkpoint, config, distributed, estimators, loader, log
 from .checking import CheckReport, EdgeCheck, check
 from .engine import Engine
 from .errors import (
+    ArgumentError,
     CheckpointError,
     CheckpointWarning,
     CheckWarning,
@@ -26,6 +27,7 @@ from .errors import (
     NonFiniteError,
     ProgramError,
     UnknownLevelError,
+    UnknownProgramError,
     ZeroGradientWarning,
 )
 from .hooks import Hook
@@ -60,6 +62,8 @@ __all__ = [
     "GenotypeError",
     "LossError",
     "UnknownLevelError",
+    "UnknownProgramError",
+    "ArgumentError",
     "MLOWarning",
     "ConvergenceWarning",
     "CheckWarning",

@@ -48,7 +48,7 @@ from rich.console import Console
 from rich.table import Table
 from torch import Tensor, nn
 
-from .errors import CheckWarning, ConvergenceWarning, EstimatorError, ProgramError
+from .errors import CheckWarning, ConfigError, ConvergenceWarning, EstimatorError, ProgramError
 from .estimators import Estimator, Info, resolve
 from .functional import frozen_buffers
 
@@ -169,7 +169,7 @@ def check(
         with_lowers = [name for name in engine.graph.levels if engine.graph.lowers_of[name]]
         raise ProgramError(f"level {level!r} has no lower levels, so no hypergradient to check; levels with lowers: {with_lowers}")
     if isinstance(warn_above, bool) or not isinstance(warn_above, (int, float)) or not warn_above >= 0:
-        raise ValueError(f"warn_above must be a number >= 0, got {warn_above!r}")
+        raise ConfigError(f"warn_above must be a number >= 0, got {warn_above!r}")
     ref = resolve(reference)
     involved = (level, *engine.graph.descendants(level))
     edges = [(v, low) for v in involved for low in engine.graph.lowers_of[v]]

@@ -43,7 +43,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from . import distributed
-from .errors import CheckpointError, CheckpointWarning, first_line
+from .errors import CheckpointError, CheckpointWarning, ConfigError, first_line
 from .hooks import Hook
 
 if TYPE_CHECKING:
@@ -223,9 +223,9 @@ class Checkpoint(Hook):
 
     def __init__(self, directory: str | Path, every: int, keep: int = 2, prefix: str = "checkpoint", **extra: Any) -> None:
         if isinstance(every, bool) or not isinstance(every, int) or every < 1:
-            raise ValueError(f"Checkpoint: every must be an int >= 1, got {every!r}")
+            raise ConfigError(f"Checkpoint: every must be an int >= 1, got {every!r}")
         if isinstance(keep, bool) or not isinstance(keep, int) or keep < 1:
-            raise ValueError(f"Checkpoint: keep must be an int >= 1, got {keep!r}")
+            raise ConfigError(f"Checkpoint: keep must be an int >= 1, got {keep!r}")
         self.directory, self.every, self.keep, self.prefix, self.extra = Path(directory), every, keep, prefix, extra
         self.pending: int | None = None
         self._previous: dict[int, Any] = {}

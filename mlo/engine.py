@@ -216,7 +216,7 @@ class Engine:
         """Run ``rounds`` rounds; each steps every level bottom-up. Hooks hear ``on_run_start``
         before the first and ``on_run_end`` after the last (also when the run raises)."""
         if isinstance(rounds, bool) or not isinstance(rounds, int) or rounds < 0:
-            raise ValueError(f"rounds must be an int >= 0, got {rounds!r}")
+            raise ProgramError(f"rounds must be an int >= 0, got {rounds!r}")
         for hook in self.hooks:
             hook.on_run_start(self)
         try:

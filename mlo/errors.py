@@ -19,6 +19,18 @@ class EstimatorError(ProgramError):
     """An estimator name or option is invalid, or an estimator cannot serve an edge."""
 
 
+class ArgumentError(ProgramError, TypeError):
+    """A level, a transform or a registered program was given an argument of the wrong type; the
+    message names the argument (and the level)."""
+
+
+class UnknownProgramError(MLOError, KeyError):
+    """`mlo.programs.get` was given a name no program is registered under; the message lists them."""
+
+    def __str__(self) -> str:  # KeyError would show the message in quotes
+        return str(self.args[0]) if self.args else ""
+
+
 class LossError(ProgramError, TypeError):
     """A level's loss returned something other than a one-element floating-point tensor."""
 

@@ -22,6 +22,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler
 
 from . import distributed
+from .errors import ConfigError
 
 __all__ = ["SeekableLoader"]
 
@@ -69,22 +70,22 @@ class SeekableLoader:
         world = distributed.world_size() if world_size is None else world_size
         me = distributed.rank() if rank is None else rank
         if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
-            raise ValueError(f"SeekableLoader: batch_size must be an int >= 1, got {batch_size!r}")
+            raise ConfigError(f"SeekableLoader: batch_size must be an int >= 1, got {batch_size!r}")
         if batch_size % world:
-            raise ValueError(
+            raise ConfigError(
                 f"SeekableLoader: the global batch_size {batch_size} is not a multiple of the {world} ranks; "
                 "every rank must read an equal share of each batch"
             )
         for key in ("sampler", "batch_sampler", "shuffle", "batch_size", "drop_last"):
             if key in loader_options:
-                raise ValueError(f"SeekableLoader: {key!r} is set by the loader itself, not a DataLoader option")
+                raise ConfigError(f"SeekableLoader: {key!r} is set by the loader itself, not a DataLoader option")
         self.dataset, self.batch_size, self.drop_last = dataset, batch_size, drop_last
         self.local_batch_size = batch_size // world
         self.options = loader_options
         self.seed = seed
         self.sampler: DistributedSampler[Any] = DistributedSampler(dataset, num_replicas=world, rank=me, shuffle=shuffle, seed=seed, drop_last=drop_last)
         if len(self) == 0:
-            raise ValueError(
+            raise ConfigError(
                 f"SeekableLoader: {len(self.sampler)} samples per rank make no batch of {self.local_batch_size}"
             )
         self.epoch = 0
@@ -122,5 +123,5 @@ class SeekableLoader:
         """Continue from a saved position; a pass started after this begins at that batch."""
         epoch, index = int(state["epoch"]), int(state["index"])
         if epoch < 0 or not 0 <= index <= len(self):
-            raise ValueError(f"SeekableLoader: position {state!r} is outside the data ({len(self)} batches per epoch)")
+            raise ConfigError(f"SeekableLoader: position {state!r} is outside the data ({len(self)} batches per epoch)")
         self.epoch, self.index = epoch, index

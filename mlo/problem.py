@@ -15,7 +15,7 @@ import torch
 from torch import Tensor, nn
 from torch.utils.data import DataLoader
 
-from .errors import ProgramError
+from .errors import ArgumentError, ProgramError
 from .transforms import GradientTransform
 
 __all__ = ["Problem", "cycle", "batches_in_use"]
@@ -95,7 +95,7 @@ class Problem:
         super().__init_subclass__(**kwargs)
         cls._abstract = abstract
         if not abstract and cls.loss is Problem.loss:
-            raise TypeError(
+            raise ArgumentError(
                 f"Problem subclass {cls.__qualname__} does not define `loss(self, batch) -> Tensor`; "
                 "every level needs a loss (or declare the class with `abstract=True`)."
             )
@@ -113,35 +113,35 @@ class Problem:
         init: InitFn | None = None,
     ) -> None:
         if not isinstance(name, str) or not name:
-            raise TypeError(f"Problem name must be a non-empty string, got {name!r}")
+            raise ArgumentError(f"Problem name must be a non-empty string, got {name!r}")
         if type(self) is Problem:
             if loss is None:
-                raise TypeError(f"level {name!r}: mlo.Problem needs a loss function (loss=fn), or subclass it and define `loss`")
+                raise ArgumentError(f"level {name!r}: mlo.Problem needs a loss function (loss=fn), or subclass it and define `loss`")
         elif type(self)._abstract:
-            raise TypeError(f"{type(self).__qualname__} is abstract: subclass it and define `loss`.")
+            raise ArgumentError(f"{type(self).__qualname__} is abstract: subclass it and define `loss`.")
         elif loss is not None:
-            raise TypeError(f"level {name!r}: {type(self).__qualname__} defines `loss`; do not also pass loss=")
+            raise ArgumentError(f"level {name!r}: {type(self).__qualname__} defines `loss`; do not also pass loss=")
         if loss is not None and not callable(loss):
-            raise TypeError(f"level {name!r}: loss must be a function of the batch, got {type(loss).__name__}")
+            raise ArgumentError(f"level {name!r}: loss must be a function of the batch, got {type(loss).__name__}")
         if init is not None and not callable(init):
-            raise TypeError(f"level {name!r}: init must be a function returning the starting values, got {type(init).__name__}")
+            raise ArgumentError(f"level {name!r}: init must be a function returning the starting values, got {type(init).__name__}")
         if not isinstance(module, nn.Module):
-            raise TypeError(f"level {name!r}: module must be an nn.Module, got {type(module).__name__}")
+            raise ArgumentError(f"level {name!r}: module must be an nn.Module, got {type(module).__name__}")
         if not isinstance(optimizer, torch.optim.Optimizer):
-            raise TypeError(
+            raise ArgumentError(
                 f"level {name!r}: optimizer must be a torch.optim.Optimizer, got {type(optimizer).__name__}"
             )
         if isinstance(steps, bool) or not isinstance(steps, int) or steps < 0:
-            raise ValueError(f"level {name!r}: steps must be an int >= 0, got {steps!r}")
+            raise ProgramError(f"level {name!r}: steps must be an int >= 0, got {steps!r}")
         if steps == 0 and init is None:
-            raise ValueError(
+            raise ProgramError(
                 f"level {name!r}: steps=0 (no steps of its own) needs init, the function of other levels "
                 "it starts from (e.g. init=lambda: tuple(meta.parameters()))"
             )
         if data is not None and not isinstance(data, Iterable):
-            raise TypeError(f"level {name!r}: data must be an iterable of batches or None, got {type(data).__name__}")
+            raise ArgumentError(f"level {name!r}: data must be an iterable of batches or None, got {type(data).__name__}")
         if transform is not None and not isinstance(transform, GradientTransform):
-            raise TypeError(
+            raise ArgumentError(
                 f"level {name!r}: transform must be an mlo.transforms.GradientTransform "
                 f"(e.g. mlo.transforms.clip_by_global_norm(5.0)), got {type(transform).__name__}"
             )
@@ -245,9 +245,9 @@ def cycle(
             empty = False
             yield item
         if empty and isinstance(data, Iterator):
-            raise ValueError(
+            raise ProgramError(
                 f"{owner}: its data is an exhausted iterator, which cannot be restarted; "
                 "pass a re-iterable (a list, a DataLoader) or an endless iterator"
             )
         if empty:
-            raise ValueError(f"{owner}: its data yielded no batch")
+            raise ProgramError(f"{owner}: its data yielded no batch")

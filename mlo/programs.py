@@ -28,7 +28,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, NoReturn, TypeVar
 
 from .config import ConfigError, assignments, describe, from_toml, listing, updated
-from .errors import ProgramError
+from .errors import ArgumentError, ProgramError, UnknownProgramError
 
 if TYPE_CHECKING:
     from .engine import Engine
@@ -75,10 +75,10 @@ def register(
     def add(main: Main) -> Main:
         entry = Entry(name, summary, main, tuple(aliases), engine)
         if name in _REGISTRY and _REGISTRY[name].main is not main:
-            raise ValueError(f"program name {name!r} is already registered by {_REGISTRY[name].main.__module__}")
+            raise ProgramError(f"program name {name!r} is already registered by {_REGISTRY[name].main.__module__}")
         for alias in (name, *entry.aliases):
             if _NAMES.get(alias, name) != name:
-                raise ValueError(f"program name {alias!r} is already taken by program {_NAMES[alias]!r}")
+                raise ProgramError(f"program name {alias!r} is already taken by program {_NAMES[alias]!r}")
         _REGISTRY[name] = entry
         for alias in (name, *entry.aliases):
             _NAMES[alias] = name
@@ -111,7 +111,7 @@ def program(
     (the program's engine after the rounds ``config`` asks for), `mlo check NAME` reads the same
     options and checks that engine."""
     if not dataclasses.is_dataclass(config):
-        raise TypeError(f"program {name!r}: config must be a dataclass, got {config!r}")
+        raise ArgumentError(f"program {name!r}: config must be a dataclass, got {config!r}")
 
     def add(run: Callable[[C], object]) -> Callable[[C], object]:
         def main(called: str, argv: Sequence[str]) -> int:
@@ -200,7 +200,7 @@ def get(name: str) -> Entry:
     """The program registered as ``name`` or under the alias ``name``."""
     discover()
     if name not in _NAMES:
-        raise KeyError(f"unknown program {name!r}; programs: {', '.join(names())}")
+        raise UnknownProgramError(f"unknown program {name!r}; programs: {', '.join(names())}")
     return _REGISTRY[_NAMES[name]]
 
 

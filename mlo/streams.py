@@ -24,6 +24,7 @@ from typing import Any
 import torch
 
 from . import rng
+from .errors import ProgramError
 from .problem import Problem
 
 __all__ = ["Stream"]
@@ -106,7 +107,7 @@ class Stream:
                 rng.set_state(saved["rng"])
             generators = self._generators
             if len(generators) != len(saved["generators"]):
-                raise ValueError(
+                raise ProgramError(
                     f"level {self.problem.name!r}: its data holds {len(generators)} generator(s), "
                     f"the saved state {len(saved['generators'])}"
                 )

@@ -29,6 +29,8 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from .errors import ProgramError
+
 __all__ = ["TaskBatch"]
 
 #: ``fn(model, *task_batch)``: one task's value; ``model(*inputs)`` runs the template module
@@ -48,12 +50,12 @@ class TaskBatch(nn.Module):
     def __init__(self, template: nn.Module, tasks: int) -> None:
         super().__init__()
         if isinstance(tasks, bool) or not isinstance(tasks, int) or tasks < 1:
-            raise ValueError(f"tasks must be an int >= 1, got {tasks!r}")
+            raise ProgramError(f"tasks must be an int >= 1, got {tasks!r}")
         self.tasks = tasks
         self._template = (template,)  # a tuple: not registered as a submodule
         self.names = tuple(name for name, p in template.named_parameters() if p.requires_grad)
         if not self.names:
-            raise ValueError("the template module has no trainable parameters")
+            raise ProgramError("the template module has no trainable parameters")
         self._keys = tuple(f"task_{name.replace('.', '_')}" for name in self.names)
         for key, p in zip(self._keys, (p for p in template.parameters() if p.requires_grad)):
             self.register_parameter(key, nn.Parameter(p.detach().unsqueeze(0).repeat(tasks, *[1] * p.dim())))
@@ -93,7 +95,7 @@ class TaskBatch(nn.Module):
         values = dict(source.named_parameters())
         missing = [n for n in self.names if n not in values]
         if missing:
-            raise ValueError(f"broadcast: the source module has no parameter(s) {missing}")
+            raise ProgramError(f"broadcast: the source module has no parameter(s) {missing}")
         return tuple(values[n].unsqueeze(0).expand(self.tasks, *values[n].shape) for n in self.names)
 
     def extra_repr(self) -> str:

@@ -21,6 +21,7 @@ from typing import Any
 import torch
 
 from .autodiff import Tensors
+from .errors import ArgumentError, ConfigError
 
 __all__ = ["GradientTransform", "accumulate", "chain", "clip_by_global_norm", "identity"]
 
@@ -52,7 +53,7 @@ def clip_by_global_norm(max_norm: float) -> GradientTransform:
     """Scale the gradient so that its global L2 norm (over all of the level's parameters) is at
     most ``max_norm``, as ``torch.nn.utils.clip_grad_norm_`` does (DARTS clips at 5)."""
     if isinstance(max_norm, bool) or not isinstance(max_norm, (int, float)) or not max_norm > 0:
-        raise ValueError(f"clip_by_global_norm: max_norm must be a number > 0, got {max_norm!r}")
+        raise ConfigError(f"clip_by_global_norm: max_norm must be a number > 0, got {max_norm!r}")
     limit = float(max_norm)
 
     def update(grads: Tensors, state: Any, params: Tensors) -> tuple[Tensors, Any]:
@@ -78,7 +79,7 @@ def accumulate(micro_batches: int) -> GradientTransform:
     own loss) when the lowers' batches are whole. Put it first in a `chain`, so that clipping
     acts on the mean."""
     if isinstance(micro_batches, bool) or not isinstance(micro_batches, int) or micro_batches < 1:
-        raise ValueError(f"accumulate: micro_batches must be an int >= 1, got {micro_batches!r}")
+        raise ConfigError(f"accumulate: micro_batches must be an int >= 1, got {micro_batches!r}")
 
     def init(params: Tensors) -> Any:
         return {"sum": None, "count": 0}
@@ -98,7 +99,7 @@ def chain(*transforms: GradientTransform) -> GradientTransform:
     the step (returns ``None``), the ones after it are not called."""
     for t in transforms:
         if not isinstance(t, GradientTransform):
-            raise TypeError(f"chain: expected GradientTransform objects, got {type(t).__name__}: {t!r}")
+            raise ArgumentError(f"chain: expected GradientTransform objects, got {type(t).__name__}: {t!r}")
 
     def init(params: Tensors) -> Any:
         return [t.init(params) for t in transforms]
