@@ -28,6 +28,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.nn.grad import conv2d_input, conv2d_weight
 
 __all__ = [
     "PRIMITIVES",
@@ -152,11 +153,11 @@ class _DepthwiseBackward(torch.autograd.Function):
             if stride == 1 and padding <= reach:
                 grad_x = F.conv2d(grad, weight.flip(-2, -1), None, 1, reach - padding, dilation, C)
             else:
-                grad_x = torch.nn.grad.conv2d_input(x.shape, weight, grad, stride, padding, dilation, C)
+                grad_x = conv2d_input(x.shape, weight, grad, stride, padding, dilation, C)
         if ctx.needs_input_grad[1] and (not prune or engine_will_execute(ctx.next_functions[1][0])):
             if dilation == 1:
                 x, grad = x.contiguous(memory_format=torch.channels_last), grad.contiguous(memory_format=torch.channels_last)
-            grad_w = torch.nn.grad.conv2d_weight(x, weight.shape, grad, stride, padding, dilation, C)
+            grad_w = conv2d_weight(x, weight.shape, grad, stride, padding, dilation, C)
         return grad_x, grad_w, None, None, None, None
 
 
@@ -257,7 +258,7 @@ def use_reference(module: nn.Module, reference: bool = True) -> nn.Module:
     (``reference=True``) or back to the fast one; returns ``module``."""
     for m in module.modules():
         if hasattr(m, "fast"):
-            m.fast = not reference
+            setattr(m, "fast", not reference)
     return module
 
 
@@ -316,7 +317,9 @@ class SepConv(nn.Module):
 
     def activated(self, x: Tensor) -> Tensor:
         """The op on an input that has already been through its first ReLU."""
-        return self.op[1](self.op[0].activated(x))
+        first = self.op[0]
+        assert isinstance(first, DilConv)
+        return self.op[1](first.activated(x))
 
 
 class AvgPool3x3(nn.Module):

@@ -24,7 +24,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .architecture import Architecture, ArchWeights, OpMask, full_mask, num_edges
-from .ops import PRIMITIVES, FactorizedReduce, ReLUConvBN, Zero, make_op
+from .ops import PRIMITIVES, DilConv, FactorizedReduce, ReLUConvBN, SepConv, Zero, make_op, use_reference
 from .stem import StemKind, build_stem, reduction_indices
 
 __all__ = ["MixedOp", "SearchCell", "SuperNet", "channel_shuffle"]
@@ -121,7 +121,11 @@ class MixedOp(nn.Module):
             else:
                 if m not in stacked:
                     stacked[m] = source if m == 1 else source.repeat(1, m, 1, 1)
-                y = op.activated(stacked[m]) if self.fast else op(stacked[m])
+                if self.fast:
+                    assert isinstance(op, (SepConv, DilConv, FactorizedReduce))
+                    y = op.activated(stacked[m])
+                else:
+                    y = op(stacked[m])
                 y = y.view(B, m, self.C_op, y.shape[-2], y.shape[-1])  # (B, m, C_op, H', W')
             if full:
                 w = weights[:, k].reshape(1, n, 1, 1, 1)
@@ -228,6 +232,9 @@ class SuperNet(nn.Module):
     ``edge_norm`` must match the architecture (an `Architecture(edge_norm=True)` carries the
     edge logits); ``op_mask`` (P-DARTS) builds only the ops that remain, and the architecture
     must not give weight to any other.
+
+    ``fast=False`` builds the reference: every op computed op by op with PyTorch's own kernels
+    (`ops.use_reference`), the same function, parameters and state dict as the default fast one.
     """
 
     mask_normal: Tensor
@@ -246,6 +253,7 @@ class SuperNet(nn.Module):
         edge_norm: bool = False,
         op_mask: OpMask | None = None,
         stem: StemKind = "cifar",
+        fast: bool = True,
     ) -> None:
         super().__init__()
         if pc_k < 1 or C % pc_k:
@@ -284,6 +292,7 @@ class SuperNet(nn.Module):
             C_pp, C_p = C_p, multiplier * C_curr
         self.global_pooling = nn.AdaptiveAvgPool2d(1)
         self.classifier = nn.Linear(C_p, num_classes)
+        use_reference(self, not fast)
 
     def new_architecture(
         self, generator: torch.Generator | None = None, init_scale: float = 1e-3
