@@ -49,6 +49,7 @@ from mlo import estimators
 
 from . import maml as maml_bench
 from . import problems
+from . import supernet as supernet_bench
 from .implementations import NotApplicable, build_round
 from .report import Ratio, make_console, print_tables, ratio, ratios_table, results_table
 from .timing import MEMORY_METHOD, Contender, Result, measure, write_json
@@ -104,6 +105,7 @@ def cases(quick: bool = False) -> list[Case]:
              ("sama", "neumann:iterations=5,alpha=0.1", "cg:iterations=5", "unroll:steps=1"), 6, 1, focus="sama"),
         Case("darts", lambda: problems.darts(size=8, C=8, layers=3, batch=32), ("finite_difference", "first_order"), 12, 1),
         Case("darts", lambda: problems.darts(size=32, C=8, layers=2, batch=16), ("finite_difference", "first_order"), 6, 1),
+        *(Case("darts", build, algorithms, repeats, 1) for build, algorithms, repeats in supernet_bench.speed_programs()),
     ]
 
 

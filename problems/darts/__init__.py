@@ -15,7 +15,7 @@ from .architecture import (
 )
 from .genotype import DARTS_V2, Genotype, GenotypeError
 from .network import AuxiliaryHead, NetworkFromGenotype, drop_path
-from .ops import OPS, PRIMITIVES, DepthwiseConv2d, make_op
+from .ops import OPS, PRIMITIVES, DepthwiseConv2d, PointwiseConv2d, depthwise_conv2d, make_op, use_reference
 from .pdarts import PDARTS_STAGES, Stage, pdarts_next_stage, pdarts_supernet, prune_mask
 from .presets import PRESETS, NetSize, Preset
 from .search import MixedOp, SearchCell, SuperNet, channel_shuffle
@@ -27,6 +27,9 @@ __all__ = [
     "OPS",
     "make_op",
     "DepthwiseConv2d",
+    "PointwiseConv2d",
+    "depthwise_conv2d",
+    "use_reference",
     "Architecture",
     "ArchWeights",
     "OpMask",

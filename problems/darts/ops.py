@@ -10,6 +10,12 @@ scale in the supernet); the discrete evaluation network uses ``affine=True``.
 input, output and every weight's first dimension). The supernet uses it to run one op on all the
 edges leaving a state with a few large kernels instead of many small ones; the maths is that
 of m separate ops.
+
+Fast and reference paths: every module here with a ``fast`` attribute (`DepthwiseConv2d`,
+`PointwiseConv2d`) computes the same function in two ways. ``fast=True`` (the default) picks, on
+the CPU, the formulation that runs fastest there (see each class); ``fast=False`` is the plain
+op-by-op computation with ``F.conv2d``, kept as the reference the tests compare against.
+`use_reference` switches a whole network.
 """
 
 from __future__ import annotations
@@ -17,10 +23,12 @@ from __future__ import annotations
 import functools
 import math
 from collections.abc import Callable
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.nn.grad import conv2d_input, conv2d_weight
 
 __all__ = [
     "PRIMITIVES",
@@ -28,8 +36,13 @@ __all__ = [
     "make_op",
     "ReLUConvBN",
     "DepthwiseConv2d",
+    "PointwiseConv2d",
+    "depthwise_conv2d",
+    "use_reference",
+    "engine_will_execute",
     "DilConv",
     "SepConv",
+    "AvgPool3x3",
     "Identity",
     "Zero",
     "FactorizedReduce",
@@ -55,11 +68,12 @@ class ReLUConvBN(nn.Module):
         self, C_in: int, C_out: int, kernel_size: int, stride: int, padding: int, affine: bool = True
     ) -> None:
         super().__init__()
-        self.op = nn.Sequential(
-            nn.ReLU(inplace=False),
-            nn.Conv2d(C_in, C_out, kernel_size, stride=stride, padding=padding, bias=False),
-            nn.BatchNorm2d(C_out, affine=affine),
+        conv: nn.Module = (
+            PointwiseConv2d(C_in, C_out, stride=stride)
+            if kernel_size == 1 and padding == 0
+            else nn.Conv2d(C_in, C_out, kernel_size, stride=stride, padding=padding, bias=False)
         )
+        self.op = nn.Sequential(nn.ReLU(inplace=False), conv, nn.BatchNorm2d(C_out, affine=affine))
 
     def forward(self, x: Tensor) -> Tensor:
         return self.op(x)
@@ -84,39 +98,168 @@ def _shift_tensor(
     return s.reshape(k * k, Ho * Wo, H * W).to(device)
 
 
+def engine_will_execute(node: Any) -> bool:
+    """Whether the running backward pass will execute ``node`` (an autograd node), i.e. whether
+    the gradient flowing into it is wanted. A custom ``autograd.Function`` only learns which of
+    its inputs require grad, not which gradients this pass asks for (``autograd.grad(loss,
+    arch.parameters())`` wants no weight gradient), so it asks the engine through
+    ``torch._C._will_engine_execute_node``, the private call behind the public
+    ``torch.autograd.graph.register_multi_grad_hook``. Public fallback, where that call is
+    missing or refuses (no backward running): True, compute the gradient. Measured reason: the
+    depthwise weight gradient is about half the CPU time of a supernet backward pass that only
+    needs the architecture's gradient (DARTS's finite-difference evaluations)."""
+    if node is None:
+        return False
+    will_execute = getattr(torch._C, "_will_engine_execute_node", None)
+    if will_execute is None:
+        return True
+    try:
+        return bool(will_execute(node))
+    except RuntimeError:
+        return True
+
+
+class _DepthwiseBackward(torch.autograd.Function):
+    """``F.conv2d(x, weight, groups=C)`` with its backward written as other convolutions.
+
+    PyTorch's CPU depthwise backward is slow on the shapes of a DARTS supernet (5-20x its
+    forward for 5x5 and dilated kernels, float32, one thread). Here the input gradient at
+    stride 1 is a forward convolution of the output gradient with the flipped kernel (same
+    dilation), and the weight gradient is taken in the channels-last layout (oneDNN's fast
+    kernels) for undilated kernels, and only when the backward pass wants it (``prune``:
+    `engine_will_execute`; ``prune=False`` computes it whenever the weight requires grad). The
+    backward is itself made of differentiable ops, so higher derivatives (Hessian-vector
+    products) flow through it.
+    """
+
+    @staticmethod
+    def forward(x: Tensor, weight: Tensor, stride: int, padding: int, dilation: int, prune: bool) -> Tensor:
+        return F.conv2d(x, weight, None, stride, padding, dilation, x.shape[1])
+
+    @staticmethod
+    def setup_context(ctx: Any, inputs: tuple[Any, ...], output: Tensor) -> None:
+        x, weight, stride, padding, dilation, prune = inputs
+        ctx.save_for_backward(x, weight)
+        ctx.conv = (stride, padding, dilation, prune)
+
+    @staticmethod
+    def backward(ctx: Any, grad: Tensor) -> tuple[Tensor | None, ...]:
+        x, weight = ctx.saved_tensors
+        stride, padding, dilation, prune = ctx.conv
+        C, k = x.shape[1], weight.shape[-1]
+        grad_x = grad_w = None
+        if ctx.needs_input_grad[0] and (not prune or engine_will_execute(ctx.next_functions[0][0])):
+            reach = dilation * (k - 1)
+            if stride == 1 and padding <= reach:
+                grad_x = F.conv2d(grad, weight.flip(-2, -1), None, 1, reach - padding, dilation, C)
+            else:
+                grad_x = conv2d_input(x.shape, weight, grad, stride, padding, dilation, C)
+        if ctx.needs_input_grad[1] and (not prune or engine_will_execute(ctx.next_functions[1][0])):
+            if dilation == 1:
+                x, grad = x.contiguous(memory_format=torch.channels_last), grad.contiguous(memory_format=torch.channels_last)
+            grad_w = conv2d_weight(x, weight.shape, grad, stride, padding, dilation, C)
+        return grad_x, grad_w, None, None, None, None
+
+
+def depthwise_conv2d(
+    x: Tensor, weight: Tensor, stride: int = 1, padding: int = 0, dilation: int = 1, prune: bool = True
+) -> Tensor:
+    """The depthwise convolution ``F.conv2d(x, weight, None, stride, padding, dilation, groups=C)``
+    (x: (B, C, H, W), weight: (C, 1, k, k)), computed the fastest way measured on the CPU:
+
+    - maps of at most 64 pixels (unless the output has many more pixels than the kernel has
+      taps): a per-channel matrix product with a fixed 0/1 shift tensor, 2-20x faster forward
+      and backward there than PyTorch's CPU depthwise kernels;
+    - stride equal to the dilation with padding a multiple of it (DARTS's dilated convolutions
+      in reduction cells): the same undilated convolution on every ``stride``-th pixel, which is
+      all that such a convolution reads;
+    - otherwise ``F.conv2d`` with a faster backward that skips unwanted gradients
+      (`_DepthwiseBackward`; ``prune=False``: without that skipping).
+
+    Every path is the same linear map and differentiable to any order. Elsewhere than on the
+    CPU it is ``F.conv2d``.
+    """
+    if x.device.type != "cpu":
+        return F.conv2d(x, weight, None, stride, padding, dilation, x.shape[1])
+    B, C, H, W = x.shape
+    k = weight.shape[-1]
+    k_eff = dilation * (k - 1) + 1
+    Ho = (H + 2 * padding - k_eff) // stride + 1
+    Wo = (W + 2 * padding - k_eff) // stride + 1
+    # Matrix form costs ~ (in pixels) x (out pixels) per channel, the CPU kernel ~ its taps;
+    # measured break-even: out pixels about 4x the taps of the effective kernel.
+    if H * W <= 64 and Ho * Wo <= 4 * k_eff * k_eff:
+        S = _shift_tensor(H, W, k, stride, padding, dilation, x.device, x.dtype)
+        T = (weight.view(C, -1) @ S.view(S.shape[0], -1)).view(C, Ho * Wo, H * W)  # per-channel maps
+        y = torch.bmm(x.reshape(B, C, H * W).transpose(0, 1), T.transpose(1, 2))  # (C, B, Ho * Wo)
+        return y.transpose(0, 1).reshape(B, C, Ho, Wo)
+    if dilation > 1 and stride == dilation and padding % dilation == 0:
+        # y[i] = sum_a w[a] x[s i + s a - p] reads only pixels s * (i + a - p / s)
+        return depthwise_conv2d(x[:, :, ::stride, ::stride], weight, 1, padding // stride, 1, prune)
+    out = _DepthwiseBackward.apply(x, weight, stride, padding, dilation, prune)
+    assert isinstance(out, Tensor)
+    return out
+
+
 class DepthwiseConv2d(nn.Module):
     """Depthwise convolution: one ``k x k`` filter per channel, weight (C, 1, k, k) as nn.Conv2d.
 
-    On CPU, for maps of at most 64 pixels (unless the output has many more pixels than the
-    kernel has taps: 3x3 at stride 1 on 8x8 stays a convolution), it is computed as a
-    per-channel matrix product with a fixed 0/1 shift tensor: the same linear map, 2-20x faster
-    forward and backward there than PyTorch's CPU depthwise kernels, and differentiable to any
-    order like every other op. Elsewhere it is ``F.conv2d``.
+    ``fast=True``: computed by `depthwise_conv2d`; ``fast=False``: ``F.conv2d`` (the reference).
     """
 
-    def __init__(self, C: int, kernel_size: int, stride: int = 1, padding: int = 0, dilation: int = 1) -> None:
+    def __init__(
+        self, C: int, kernel_size: int, stride: int = 1, padding: int = 0, dilation: int = 1, fast: bool = True
+    ) -> None:
         super().__init__()
         self.C, self.k = C, kernel_size
         self.stride, self.padding, self.dilation = stride, padding, dilation
+        self.fast = fast
         self.weight = nn.Parameter(torch.empty(C, 1, kernel_size, kernel_size))
         nn.init.kaiming_uniform_(self.weight, a=math.sqrt(5))  # nn.Conv2d's default
 
     def forward(self, x: Tensor) -> Tensor:
-        B, C, H, W = x.shape
-        k_eff = self.dilation * (self.k - 1) + 1
-        Ho = (H + 2 * self.padding - k_eff) // self.stride + 1
-        Wo = (W + 2 * self.padding - k_eff) // self.stride + 1
-        # Matrix form costs ~ (in pixels) x (out pixels) per channel, the CPU kernel ~ its taps;
-        # measured break-even: out pixels about 4x the taps of the effective kernel.
-        if x.device.type != "cpu" or H * W > 64 or Ho * Wo > 4 * k_eff * k_eff:
-            return F.conv2d(x, self.weight, None, self.stride, self.padding, self.dilation, groups=C)
-        S = _shift_tensor(H, W, self.k, self.stride, self.padding, self.dilation, x.device, x.dtype)
-        T = (self.weight.view(C, -1) @ S.view(S.shape[0], -1)).view(C, Ho * Wo, H * W)  # per-channel maps
-        y = torch.bmm(x.reshape(B, C, H * W).transpose(0, 1), T.transpose(1, 2))  # (C, B, Ho * Wo)
-        return y.transpose(0, 1).reshape(B, C, Ho, Wo)
+        if self.fast:
+            return depthwise_conv2d(x, self.weight, self.stride, self.padding, self.dilation)
+        return F.conv2d(x, self.weight, None, self.stride, self.padding, self.dilation, self.C)
 
     def extra_repr(self) -> str:
         return f"{self.C}, kernel_size={self.k}, stride={self.stride}, padding={self.padding}, dilation={self.dilation}"
+
+
+class PointwiseConv2d(nn.Conv2d):
+    """A 1x1 convolution without bias (optionally grouped and strided): an ``nn.Conv2d`` with the
+    same parameters.
+
+    ``fast=True`` computes it on the CPU as a batched matrix product over the groups (after
+    taking every ``stride``-th pixel), whose forward and backward run 2-4x faster there than
+    PyTorch's CPU kernels for these small grouped 1x1 convolutions; ``fast=False``, or another
+    device: ``nn.Conv2d.forward`` (the reference).
+    """
+
+    def __init__(self, C_in: int, C_out: int, stride: int = 1, groups: int = 1, fast: bool = True) -> None:
+        super().__init__(C_in, C_out, 1, stride=stride, groups=groups, bias=False)
+        self.fast = fast
+
+    def forward(self, x: Tensor) -> Tensor:
+        if not self.fast or x.device.type != "cpu":
+            return super().forward(x)
+        s, g = self.stride[0], self.groups
+        if s > 1:
+            x = x[:, :, ::s, ::s]
+        B, C_in, H, W = x.shape
+        C_out = self.out_channels
+        w = self.weight.view(g, C_out // g, C_in // g)
+        y = torch.matmul(w, x.reshape(B, g, C_in // g, H * W))  # (B, g, C_out / g, H * W)
+        return y.view(B, C_out, H, W)
+
+
+def use_reference(module: nn.Module, reference: bool = True) -> nn.Module:
+    """Switch every submodule with a ``fast`` attribute to the reference computation
+    (``reference=True``) or back to the fast one; returns ``module``."""
+    for m in module.modules():
+        if hasattr(m, "fast"):
+            setattr(m, "fast", not reference)
+    return module
 
 
 class DilConv(nn.Module):
@@ -138,12 +281,16 @@ class DilConv(nn.Module):
         self.op = nn.Sequential(
             nn.ReLU(inplace=False),
             DepthwiseConv2d(m * C_in, kernel_size, stride, padding, dilation),
-            nn.Conv2d(m * C_in, m * C_out, 1, groups=m, bias=False),
+            PointwiseConv2d(m * C_in, m * C_out, groups=m),
             nn.BatchNorm2d(m * C_out, affine=affine),
         )
 
     def forward(self, x: Tensor) -> Tensor:
         return self.op(x)
+
+    def activated(self, x: Tensor) -> Tensor:
+        """The op on an input that has already been through its ReLU (``relu(x)`` given)."""
+        return self.op[3](self.op[2](self.op[1](x)))
 
 
 class SepConv(nn.Module):
@@ -167,6 +314,51 @@ class SepConv(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         return self.op(x)
+
+    def activated(self, x: Tensor) -> Tensor:
+        """The op on an input that has already been through its first ReLU."""
+        first = self.op[0]
+        assert isinstance(first, DilConv)
+        return self.op[1](first.activated(x))
+
+
+class AvgPool3x3(nn.Module):
+    """3x3 average pooling with padding 1, the padding left out of the count (DARTS's
+    ``avg_pool_3x3``).
+
+    ``fast=True`` at stride 1 on the CPU: the 3x3 window sum as a sum of three column shifts then
+    three row shifts, divided by the per-pixel count; forward and backward run about twice as
+    fast there as PyTorch's CPU pooling kernels. Otherwise (and ``fast=False``, the reference)
+    ``F.avg_pool2d``.
+    """
+
+    def __init__(self, stride: int, fast: bool = True) -> None:
+        super().__init__()
+        self.stride, self.fast = stride, fast
+
+    def forward(self, x: Tensor) -> Tensor:
+        if not self.fast or self.stride != 1 or x.device.type != "cpu":
+            return F.avg_pool2d(x, 3, self.stride, 1, count_include_pad=False)
+        H, W = x.shape[-2:]
+        xp = F.pad(x, (1, 1, 1, 1))
+        rows = xp[..., :-2] + xp[..., 1:-1] + xp[..., 2:]  # (B, C, H + 2, W)
+        window = rows[..., :-2, :] + rows[..., 1:-1, :] + rows[..., 2:, :]  # (B, C, H, W)
+        return window / _window_count(H, W, x.device, x.dtype)
+
+    def extra_repr(self) -> str:
+        return f"stride={self.stride}"
+
+
+@functools.lru_cache(maxsize=64)
+def _window_count(H: int, W: int, device: torch.device, dtype: torch.dtype) -> Tensor:
+    """(H, W): how many pixels of each 3x3 window (padding 1) lie inside an H x W map."""
+    rows = torch.full((H,), 3.0)
+    cols = torch.full((W,), 3.0)
+    rows[0] -= 1
+    rows[-1] -= 1
+    cols[0] -= 1
+    cols[-1] -= 1
+    return (rows[:, None] * cols[None, :]).to(device, dtype)
 
 
 class Identity(nn.Module):
@@ -202,12 +394,15 @@ class FactorizedReduce(nn.Module):
             raise ValueError(f"FactorizedReduce needs an even number of output channels, got {C_out}")
         m = self.copies = copies
         self.relu = nn.ReLU(inplace=False)
-        self.conv_1 = nn.Conv2d(m * C_in, m * C_out // 2, 1, stride=2, groups=m, bias=False)
-        self.conv_2 = nn.Conv2d(m * C_in, m * C_out // 2, 1, stride=2, groups=m, bias=False)
+        self.conv_1 = PointwiseConv2d(m * C_in, m * C_out // 2, stride=2, groups=m)
+        self.conv_2 = PointwiseConv2d(m * C_in, m * C_out // 2, stride=2, groups=m)
         self.bn = nn.BatchNorm2d(m * C_out, affine=affine)
 
     def forward(self, x: Tensor) -> Tensor:
-        x = self.relu(x)
+        return self.activated(self.relu(x))
+
+    def activated(self, x: Tensor) -> Tensor:
+        """The op on an input that has already been through its ReLU."""
         shifted = F.pad(x[:, :, 1:, 1:], (0, 1, 0, 1))  # same size as x, offset by one pixel
         a, b = self.conv_1(x), self.conv_2(shifted)  # (B, m * C_out / 2, H', W') each
         if self.copies == 1:
@@ -224,9 +419,7 @@ OpFactory = Callable[[int, int, bool, int], nn.Module]
 # Parameter-free ops act channel by channel, so copies of them need nothing special.
 OPS: dict[str, OpFactory] = {
     "none": lambda C, stride, affine, m: Zero(stride),
-    "avg_pool_3x3": lambda C, stride, affine, m: nn.AvgPool2d(
-        3, stride=stride, padding=1, count_include_pad=False
-    ),
+    "avg_pool_3x3": lambda C, stride, affine, m: AvgPool3x3(stride),
     "max_pool_3x3": lambda C, stride, affine, m: nn.MaxPool2d(3, stride=stride, padding=1),
     "skip_connect": lambda C, stride, affine, m: (
         Identity() if stride == 1 else FactorizedReduce(C, C, affine, m)

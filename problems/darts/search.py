@@ -20,10 +20,11 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .architecture import Architecture, ArchWeights, OpMask, full_mask, num_edges
-from .ops import PRIMITIVES, FactorizedReduce, ReLUConvBN, Zero, make_op
+from .ops import PRIMITIVES, DilConv, FactorizedReduce, ReLUConvBN, SepConv, Zero, make_op, use_reference
 from .stem import StemKind, build_stem, reduction_indices
 
 __all__ = ["MixedOp", "SearchCell", "SuperNet", "channel_shuffle"]
@@ -49,6 +50,9 @@ class MixedOp(nn.Module):
 
     ``kept``: per edge, indices into PRIMITIVES of the ops that remain (default: all).
     ``pc_k``: PC-DARTS channel proportion 1/K (1: plain DARTS).
+    ``fast``: the parametric ops (which all begin with a ReLU) share one ReLU of the input instead
+    of each applying its own to the repeated input (``fast=False``: each op runs whole, the
+    reference; `ops.use_reference` switches it with the ops' own fast paths).
     """
 
     def __init__(
@@ -58,8 +62,10 @@ class MixedOp(nn.Module):
         n_edges: int = 1,
         pc_k: int = 1,
         kept: Sequence[Sequence[int]] | None = None,
+        fast: bool = True,
     ) -> None:
         super().__init__()
+        self.fast = fast
         if C % pc_k:
             raise ValueError(f"pc_k={pc_k} must divide the channel count C={C}")
         if kept is not None and len(kept) != n_edges:
@@ -103,7 +109,9 @@ class MixedOp(nn.Module):
         n = self.n_edges
         if self.pc_k > 1:
             x, bypass = x[:, : self.C_op], x[:, self.C_op :]
-        stacked: dict[int, Tensor] = {}  # copies -> x repeated that many times along channels
+        # Fast: every parametric op begins with a ReLU, so they share one ReLU of x (then skip theirs).
+        source = F.relu(x) if self.fast else x
+        stacked: dict[int, Tensor] = {}  # copies -> source repeated that many times along channels
         out: Tensor | None = None
         for k, op, shared, full in zip(self.op_indices, self.ops, self.shared, self.all_edges):
             edges: Tensor = getattr(self, f"edges_{k}")
@@ -112,8 +120,12 @@ class MixedOp(nn.Module):
                 y = op(x).unsqueeze(1)  # (B, 1, C_op, H', W'), the same on every edge
             else:
                 if m not in stacked:
-                    stacked[m] = x if m == 1 else x.repeat(1, m, 1, 1)
-                y = op(stacked[m])
+                    stacked[m] = source if m == 1 else source.repeat(1, m, 1, 1)
+                if self.fast:
+                    assert isinstance(op, (SepConv, DilConv, FactorizedReduce))
+                    y = op.activated(stacked[m])
+                else:
+                    y = op(stacked[m])
                 y = y.view(B, m, self.C_op, y.shape[-2], y.shape[-1])  # (B, m, C_op, H', W')
             if full:
                 w = weights[:, k].reshape(1, n, 1, 1, 1)
@@ -220,6 +232,9 @@ class SuperNet(nn.Module):
     ``edge_norm`` must match the architecture (an `Architecture(edge_norm=True)` carries the
     edge logits); ``op_mask`` (P-DARTS) builds only the ops that remain, and the architecture
     must not give weight to any other.
+
+    ``fast=False`` builds the reference: every op computed op by op with PyTorch's own kernels
+    (`ops.use_reference`), the same function, parameters and state dict as the default fast one.
     """
 
     mask_normal: Tensor
@@ -238,6 +253,7 @@ class SuperNet(nn.Module):
         edge_norm: bool = False,
         op_mask: OpMask | None = None,
         stem: StemKind = "cifar",
+        fast: bool = True,
     ) -> None:
         super().__init__()
         if pc_k < 1 or C % pc_k:
@@ -276,6 +292,7 @@ class SuperNet(nn.Module):
             C_pp, C_p = C_p, multiplier * C_curr
         self.global_pooling = nn.AdaptiveAvgPool2d(1)
         self.classifier = nn.Linear(C_p, num_classes)
+        use_reference(self, not fast)
 
     def new_architecture(
         self, generator: torch.Generator | None = None, init_scale: float = 1e-3
