@@ -23,7 +23,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from mlo.config import ConfigError
 
-from .data import balanced_error, error
+from .metrics import balanced_error, error
 
 __all__ = ["loader", "evaluate", "compare", "compare_config", "paired_difference", "interval", "fitted_table", "markdown", "separation",
            "output_dir"]

@@ -20,7 +20,8 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import ConcatDataset, DataLoader, Dataset
 
-from ..data import DataSplits, balanced_error, error
+from ..data import DataSplits
+from ..metrics import balanced_error, error
 from .genotype import Genotype
 from .network import NetworkFromGenotype
 from .stem import stem_for
