@@ -14,7 +14,7 @@ module, so they share one set of losses and one closed form.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -26,11 +26,22 @@ __all__ = ["Ridge", "Vector", "program"]
 
 
 class Vector(nn.Module):
-    """One trainable vector, ``self.value``."""
+    """One trainable vector, ``value``, held as one parameter per part given (``parts``).
 
-    def __init__(self, value: Tensor) -> None:
+    ``Vector(t)`` holds ``t`` as one parameter; ``Vector(a, b)`` holds two parameters (each can
+    be its own optimizer param group) and ``value`` is their concatenation. The parts are copies
+    of the tensors given."""
+
+    def __init__(self, *parts: Tensor) -> None:
         super().__init__()
-        self.value = nn.Parameter(value.detach().clone())
+        if not parts:
+            raise ValueError("Vector needs at least one tensor")
+        self.parts = nn.ParameterList([nn.Parameter(part.detach().clone()) for part in parts])
+
+    @property
+    def value(self) -> Tensor:
+        """The whole vector: the one parameter itself, or the concatenation of the parts."""
+        return self.parts[0] if len(self.parts) == 1 else torch.cat(list(self.parts))
 
 
 @dataclass(frozen=True)
@@ -90,13 +101,21 @@ class Ridge:
 Optimizer = Callable[..., torch.optim.Optimizer]
 
 
-def program(ridge: Ridge, w0: Tensor, h0: Tensor, lower_lr: float, upper: Optimizer = torch.optim.Adam,
-            upper_lr: float = 0.05, names: tuple[str, str] = ("weights", "hyper"),
+def program(ridge: Ridge, w0: Tensor | Sequence[Tensor], h0: Tensor, lower_lr: float | Sequence[float],
+            upper: Optimizer = torch.optim.Adam, upper_lr: float = 0.05, names: tuple[str, str] = ("weights", "hyper"),
             lower: Optimizer = torch.optim.SGD) -> list[mlo.Problem]:
     """The two levels, full batch: ``names[0]`` (w, ``lower``: SGD) and ``names[1]`` (h,
-    ``upper``: Adam), wired ``{names[1]: [names[0]]}``."""
-    w, h = Vector(w0), Vector(h0)
+    ``upper``: Adam), wired ``{names[1]: [names[0]]}``.
+
+    ``w0`` may be a sequence of parts (a `Vector` of several parameters); ``lower_lr`` is then
+    one learning rate for all of them or one per part, each part its own param group."""
+    parts = (w0,) if isinstance(w0, Tensor) else tuple(w0)
+    lrs = [float(lower_lr)] * len(parts) if isinstance(lower_lr, (int, float)) else [float(r) for r in lower_lr]
+    if len(lrs) != len(parts):
+        raise ValueError(f"lower_lr: {len(lrs)} learning rates for {len(parts)} parts of w0")
+    w, h = Vector(*parts), Vector(h0)
+    groups = [{"params": [p], "lr": r} for p, r in zip(w.parts, lrs)]
     return [
-        mlo.Problem(names[0], w, lower(w.parameters(), lr=lower_lr), loss=lambda _: ridge.inner(w.value, h.value)),
+        mlo.Problem(names[0], w, lower(groups, lr=lrs[0]), loss=lambda _: ridge.inner(w.value, h.value)),
         mlo.Problem(names[1], h, upper(h.parameters(), lr=upper_lr), loss=lambda _: ridge.outer(w.value, h.value)),
     ]

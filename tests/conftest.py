@@ -1,17 +1,14 @@
-"""Shared fixtures. Program builders live in tests/programs.py (a plain module the tests import)."""
+"""Shared fixtures. The builders and references they use live in tests/helpers.py."""
 
 from __future__ import annotations
 
-import sys
 from collections.abc import Iterator
-from pathlib import Path
 
 import pytest
 import torch
 
-sys.path.insert(0, str(Path(__file__).parent))
 
-import programs  # noqa: E402
+from .helpers import RidgeLevels, ridge as ridge_levels, single_threaded
 
 
 @pytest.fixture
@@ -27,12 +24,12 @@ def float64() -> Iterator[None]:
 
 @pytest.fixture
 def one_thread() -> Iterator[None]:
-    """Run the test on one intra-op thread (see `programs.single_threaded`)."""
-    with programs.single_threaded():
+    """Run the test on one intra-op thread (see `tests.helpers.single_threaded`)."""
+    with single_threaded():
         yield
 
 
 @pytest.fixture
-def ridge(float64: None) -> programs.Ridge:
-    """The ridge HPO program (tests/programs.py) in float64, at a random point."""
-    return programs.ridge()
+def ridge(float64: None) -> RidgeLevels:
+    """The ridge HPO levels (`tests.helpers.ridge`) in float64, at a random point."""
+    return ridge_levels()

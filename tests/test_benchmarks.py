@@ -18,7 +18,7 @@ from mlo.benchmarks import cli, estimators, problems, speed
 from mlo.benchmarks.implementations import NotApplicable, build_round
 from mlo.benchmarks.timing import Contender, measure, paired_ratio, peak_memory_mb
 
-from programs import single_threaded  # noqa: E402  (tests/ is on sys.path via conftest)
+from .helpers import single_threaded
 
 REQUIRED = ("problem", "impl", "median_s", "peak_mb", "samples_s")
 

@@ -10,7 +10,9 @@ import torch
 
 import mlo
 from mlo.estimators import CG
-from programs import Vector, assert_same, mlp_program, quadratic, relative_error, ridge, snapshot
+from mlo.problems.ridge import Vector
+
+from .helpers import assert_same, mlp_program, quadratic, relative_error, ridge, snapshot
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -97,8 +99,8 @@ def _indefinite(float64):
     q, _ = torch.linalg.qr(torch.randn(6, 6, generator=g))
     A = q @ torch.diag(torch.tensor([-2.0, 0.5, 1.0, 2.0, 3.0, 5.0])) @ q.T
     w, h = Vector(torch.linspace(-1, 1, 6)), Vector(torch.linspace(1, -1, 6))
-    lower = mlo.Problem("w", w, torch.optim.SGD(w.parameters(), lr=0.01), loss=lambda batch: 0.5 * w.x @ A @ w.x + h.x @ w.x)
-    upper = mlo.Problem("h", h, torch.optim.SGD(h.parameters(), lr=0.01), loss=lambda batch: 0.5 * ((w.x - 1) ** 2).sum())
+    lower = mlo.Problem("w", w, torch.optim.SGD(w.parameters(), lr=0.01), loss=lambda batch: 0.5 * w.value @ A @ w.value + h.value @ w.value)
+    upper = mlo.Problem("h", h, torch.optim.SGD(h.parameters(), lr=0.01), loss=lambda batch: 0.5 * ((w.value - 1) ** 2).sum())
     return mlo.Engine([lower, upper], {"h": ["w"]}, "cg:iterations=2,damping=3.0")
 
 

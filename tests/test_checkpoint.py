@@ -21,11 +21,12 @@ import torch
 
 import mlo
 from mlo import checkpoint, distributed_checkpoint
-from programs import CountRounds, assert_same, dropout_program, on_two_ranks, snapshot, wait_for_line
+
+from .helpers import CountRounds, assert_same, dropout_program, on_two_ranks, snapshot, wait_for_line
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
-TESTS = Path(__file__).parent
+ROOT = Path(__file__).resolve().parent.parent
 
 
 def _assert_identical(a: mlo.Engine, b: mlo.Engine) -> None:
@@ -165,11 +166,10 @@ def test_a_pickled_code_payload_is_refused(tmp_path: Path, capsys: pytest.Captur
 _CHILD = textwrap.dedent(
     """
     import os, sys, time
-    sys.path.insert(0, {tests!r})
     import torch
     torch.set_num_threads(1)
     from mlo import checkpoint, distributed_checkpoint
-    from programs import dropout_program
+    from tests.helpers import dropout_program
     mode, out = sys.argv[1], sys.argv[2]
     if mode == "kill":
         engine = dropout_program()
@@ -196,8 +196,9 @@ _CHILD = textwrap.dedent(
 
 def _child(mode: str, out: Path) -> subprocess.Popen[str]:
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    return subprocess.Popen([sys.executable, "-c", _CHILD.format(tests=str(TESTS)), mode, str(out)],
-                            stdout=subprocess.PIPE, text=True, env=env)
+    # run from the repository root, so that the child imports tests.helpers as the tests do
+    return subprocess.Popen([sys.executable, "-c", _CHILD, mode, str(out)],
+                            stdout=subprocess.PIPE, text=True, env=env, cwd=ROOT)
 
 
 def test_sigkill_in_the_middle_of_a_write_keeps_the_previous_checkpoint(tmp_path: Path) -> None:

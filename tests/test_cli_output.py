@@ -128,7 +128,7 @@ def _batch_statistics_worker(rank: int, folder: str) -> None:
 def test_under_several_ranks_the_batchnorm_warning_is_explained_once(tmp_path: Path) -> None:
     import torch
 
-    from programs import on_two_ranks
+    from .helpers import on_two_ranks
 
     on_two_ranks(_batch_statistics_worker, str(tmp_path / "store"), str(tmp_path))
     ranks = [torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in range(2)]

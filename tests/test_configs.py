@@ -15,7 +15,6 @@ from typing import Any
 
 import pytest
 import torch
-from programs import write_cifar, write_fashion_mnist, write_image_folder
 from rich.console import Console
 from torch.utils.data import Subset
 
@@ -24,6 +23,8 @@ from mlo.problems import data
 from mlo.problems.darts import DARTS_V2, train_from_scratch
 from mlo.problems.lfm_cw.config import ConfigError, RunConfig
 from mlo.problems.lfm_cw.experiment import build_program, run
+
+from .helpers import write_cifar, write_fashion_mnist, write_image_folder
 
 CONFIGS = Path(__file__).resolve().parent.parent / "configs"
 SHIPPED = sorted(p.stem for p in CONFIGS.glob("*.toml"))

@@ -8,10 +8,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from programs import write_cifar_batch, write_image_folder
-
 from mlo.problems import data
 from mlo.problems.data import DataError
+
+from .helpers import write_cifar_batch, write_image_folder
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

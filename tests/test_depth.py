@@ -1,7 +1,7 @@
 """The exact hypergradient rule at depth (``hessian="total"``, the default of ``cg`` and ``neumann``)
 against its definition, in float64.
 
-The reference (`programs.BestResponses`) is plain autograd through best responses: the derivative
+The reference (`tests.helpers.BestResponses`) is plain autograd through best responses: the derivative
 of F(theta) = L_top(theta, lambda*(theta), w*(lambda*(theta)), ...) with every best response
 computed by Newton's method (on a quadratic, one Newton step is the closed form), evaluated where
 every level below the top is at its best response. The middle levels' losses read the levels
@@ -16,7 +16,9 @@ import torch.nn.functional as F
 
 import mlo
 from mlo.estimators import CG, Neumann, Unroll
-from programs import BestResponses, Quadratic, Vector, conditioned_iterations, quadratic, relative_error
+from mlo.problems.ridge import Vector
+
+from .helpers import BestResponses, Quadratic, conditioned_iterations, quadratic, relative_error
 
 pytestmark = pytest.mark.usefixtures("float64", "one_thread")
 
@@ -162,7 +164,7 @@ def _softplus_chain(seed: int = 0) -> tuple[dict[str, mlo.Problem], dict[str, li
     fns = {"L": low, "M": mid, "T": top}
 
     def bound(fn):
-        return lambda batch: fn({name: m.x for name, m in modules.items()})
+        return lambda batch: fn({name: m.value for name, m in modules.items()})
 
     problems = {
         name: mlo.Problem(name, modules[name], torch.optim.SGD(modules[name].parameters(), lr=0.05), loss=bound(fns[name]))
@@ -174,7 +176,7 @@ def _softplus_chain(seed: int = 0) -> tuple[dict[str, mlo.Problem], dict[str, li
 def test_cg_is_exact_with_a_non_quadratic_bottom():
     problems, graph, fns = _softplus_chain()
     ref = BestResponses(fns, graph, steps=3)
-    point = ref.equilibrium("T", {name: p.module.x.detach() for name, p in problems.items()})
+    point = ref.equilibrium("T", {name: p.module.value.detach() for name, p in problems.items()})
     _set(problems, point)
     want = ref.hypergradient("T", point)
 

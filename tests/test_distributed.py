@@ -15,7 +15,8 @@ import torch
 import torch.distributed as dist
 
 import mlo
-from programs import mlp_program, on_two_ranks, relative_error
+
+from .helpers import mlp_program, on_two_ranks, relative_error
 
 pytestmark = [pytest.mark.usefixtures("one_thread"), pytest.mark.filterwarnings("ignore::mlo.ConvergenceWarning")]
 

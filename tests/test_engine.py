@@ -11,7 +11,9 @@ from torch import nn
 
 import mlo
 from mlo.estimators import FiniteDifference
-from programs import (
+from mlo.problems.ridge import Vector
+
+from .helpers import (
     Vector,
     assert_same,
     finite_difference_reference,
@@ -82,11 +84,11 @@ def test_dag_order_puts_every_lower_before_its_uppers():
 
 def test_step_returns_the_loss_it_stepped_on():
     module = Vector(torch.tensor([3.0, -4.0]))
-    level = mlo.Problem("x", module, torch.optim.SGD(module.parameters(), lr=0.1), loss=lambda batch: 0.5 * (module.x**2).sum())
+    level = mlo.Problem("x", module, torch.optim.SGD(module.parameters(), lr=0.1), loss=lambda batch: 0.5 * (module.value**2).sum())
     engine = mlo.Engine([level])
     loss = engine.step("x")
     assert float(loss) == 12.5
-    assert torch.allclose(module.x.detach(), torch.tensor([2.7, -3.6]))
+    assert torch.allclose(module.value.detach(), torch.tensor([2.7, -3.6]))
 
 
 def test_run_rejects_a_bad_round_count():
@@ -119,7 +121,7 @@ def _recording_level(name, data, seen, steps=1):
 
     def loss(batch):
         seen.append(batch)
-        return (module.x**2).sum()
+        return (module.value**2).sum()
 
     return mlo.Problem(name, module, torch.optim.SGD(module.parameters(), lr=0.1), loss=loss, data=data, steps=steps)
 
@@ -175,7 +177,7 @@ def test_each_level_draws_its_own_data_and_lowers_see_their_current_batch():
 
     def upper_loss(batch):
         upper_seen.append(batch)
-        return (upper_module.x * lower.module.x.sum()).sum()
+        return (upper_module.value * lower.module.value.sum()).sum()
 
     upper = mlo.Problem("h", upper_module, torch.optim.SGD(upper_module.parameters(), lr=0.1), loss=upper_loss, data=["u1", "u2"])
     mlo.Engine([lower, upper], {"h": ["w"]}, "first_order").run(2)
@@ -190,9 +192,9 @@ def test_estimators_evaluate_the_lower_loss_on_its_current_batch(estimator):
     upper_module, lower_module = Vector(torch.ones(2)), Vector(torch.ones(2))
     lower = mlo.Problem(
         "w", lower_module, torch.optim.SGD(lower_module.parameters(), lr=0.1), [1.0, 2.0, 3.0], steps=2,
-        loss=lambda batch: lower_seen.append(batch) or batch * ((lower_module.x - upper_module.x) ** 2).sum(),
+        loss=lambda batch: lower_seen.append(batch) or batch * ((lower_module.value - upper_module.value) ** 2).sum(),
     )
-    upper = mlo.Problem("h", upper_module, torch.optim.SGD(upper_module.parameters(), lr=0.1), loss=lambda b: (lower_module.x**2).sum())
+    upper = mlo.Problem("h", upper_module, torch.optim.SGD(upper_module.parameters(), lr=0.1), loss=lambda b: (lower_module.value**2).sum())
     engine = mlo.Engine([lower, upper], {"h": ["w"]}, estimator)
     engine.step("w")
     engine.step("w")
@@ -233,10 +235,10 @@ def test_the_first_step_uses_the_initial_learning_rate():
     module = Vector(torch.tensor([1.0, -2.0], dtype=torch.float64))
     opt = torch.optim.SGD(module.parameters(), lr=0.1)
     sched = torch.optim.lr_scheduler.StepLR(opt, step_size=1, gamma=0.5)
-    level = mlo.Problem("x", module, opt, loss=lambda batch: 0.5 * (module.x**2).sum(), scheduler=sched)
+    level = mlo.Problem("x", module, opt, loss=lambda batch: 0.5 * (module.value**2).sum(), scheduler=sched)
     mlo.Engine([level]).run(3)
     want = torch.tensor([1.0, -2.0], dtype=torch.float64) * 0.9 * 0.95 * 0.975
-    torch.testing.assert_close(module.x.detach(), want, rtol=1e-15, atol=0)
+    torch.testing.assert_close(module.value.detach(), want, rtol=1e-15, atol=0)
 
 
 # ---------------------------------------------------------------------------------------------- state

@@ -11,7 +11,9 @@ import torch
 from torch import nn
 
 import mlo
-from programs import Vector, assert_same, ridge, snapshot
+from mlo.problems.ridge import Vector
+
+from .helpers import assert_same, ridge, snapshot
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -25,7 +27,7 @@ def _level(name, dim=2, fn=None, optimizer=None, of_module=None, **kw):
     module = Vector(torch.ones(dim))
     opt = optimizer(module) if optimizer else torch.optim.SGD(module.parameters(), lr=0.1)
     if fn is None:
-        fn = (lambda batch: of_module(module)) if of_module else (lambda batch: (module.x**2).sum())
+        fn = (lambda batch: of_module(module)) if of_module else (lambda batch: (module.value**2).sum())
 
     def loss(batch):
         LOSS_CALLS.append(name)
@@ -141,8 +143,8 @@ def test_optimizer_that_owns_only_some_parameters():
 
 def test_parameter_shared_by_two_levels():
     shared = Vector(torch.ones(2))
-    a = mlo.Problem("a", shared, torch.optim.SGD(shared.parameters(), lr=0.1), loss=lambda batch: shared.x.sum())
-    b = mlo.Problem("b", shared, torch.optim.SGD(shared.parameters(), lr=0.1), loss=lambda batch: shared.x.sum())
+    a = mlo.Problem("a", shared, torch.optim.SGD(shared.parameters(), lr=0.1), loss=lambda batch: shared.value.sum())
+    b = mlo.Problem("b", shared, torch.optim.SGD(shared.parameters(), lr=0.1), loss=lambda batch: shared.value.sum())
     _refused([a, b], {"a": ["b"]}, match="level 'b' also belongs to level 'a'")
 
 
@@ -219,7 +221,7 @@ def test_unroll_on_an_unsupported_optimizer(make, match):
 def test_non_finite_loss_names_level_and_round():
     batches = [torch.tensor(1.0), torch.tensor(2.0), torch.tensor(float("nan"))]
     m = Vector(torch.ones(2))
-    lower = mlo.Problem("weights", m, torch.optim.SGD(m.parameters(), lr=0.1), batches, loss=lambda batch: batch * (m.x**2).sum())
+    lower = mlo.Problem("weights", m, torch.optim.SGD(m.parameters(), lr=0.1), batches, loss=lambda batch: batch * (m.value**2).sum())
     upper = _level("hyper")
     engine = mlo.Engine([lower, upper], {"hyper": ["weights"]}, "cg")
     engine.run(2)
@@ -235,7 +237,7 @@ def test_non_finite_hypergradient_names_level_and_round():
     hm = r.outer.module
     r.outer = mlo.Problem(
         "h", hm, r.outer.optimizer, [torch.tensor(1.0), torch.tensor(0.0)],
-        loss=lambda batch: r.outer_fn(r.inner.module.x, hm.x) + (batch * hm.x).abs().sqrt().sum(),
+        loss=lambda batch: r.outer_fn(r.inner.module.value, hm.value) + (batch * hm.value).abs().sqrt().sum(),
     )
     engine = mlo.Engine([r.inner, r.outer], {"h": ["w"]}, "cg")
     engine.run(1)
@@ -250,10 +252,10 @@ def test_non_finite_hypergradient_names_level_and_round():
 def test_non_finite_checks_can_be_turned_off():
     batches = [torch.tensor(float("nan"))]
     m = Vector(torch.ones(2))
-    lower = mlo.Problem("weights", m, torch.optim.SGD(m.parameters(), lr=0.1), batches, loss=lambda batch: batch * (m.x**2).sum())
+    lower = mlo.Problem("weights", m, torch.optim.SGD(m.parameters(), lr=0.1), batches, loss=lambda batch: batch * (m.value**2).sum())
     engine = mlo.Engine([lower, _level("hyper")], {"hyper": ["weights"]}, "cg", check_finite=False)
     engine.run(1)
-    assert torch.isnan(lower.module.x).all()
+    assert torch.isnan(lower.module.value).all()
 
 
 def test_neumann_with_too_large_alpha_diverges(float64):
@@ -276,12 +278,12 @@ def test_neumann_with_too_large_alpha_diverges(float64):
 @pytest.mark.parametrize(
     "value,match",
     [
-        (lambda m: m.x * 2, r"got a tensor of shape \(2,\): reduce it to a scalar"),
+        (lambda m: m.value * 2, r"got a tensor of shape \(2,\): reduce it to a scalar"),
         (lambda m: None, r"got None"),
         (lambda m: 0.5, r"got a Python float \(0.5\), which carries no gradient"),
         (lambda m: 3, r"got a Python int"),
-        (lambda m: (m.x**2).sum().long(), r"dtype torch.int64"),
-        (lambda m: [(m.x**2).sum()], r"got list"),
+        (lambda m: (m.value**2).sum().long(), r"dtype torch.int64"),
+        (lambda m: [(m.value**2).sum()], r"got list"),
     ],
     ids=["non-scalar", "None", "float", "int", "integer-tensor", "list"],
 )
@@ -301,7 +303,7 @@ def test_a_loss_that_is_not_a_scalar_tensor_names_the_level(value, match, where)
 
 
 def test_a_one_element_loss_of_shape_1_is_accepted():
-    lower, upper = _level("weights", of_module=lambda m: (m.x**2).sum().reshape(1)), _level("hyper")
+    lower, upper = _level("weights", of_module=lambda m: (m.value**2).sum().reshape(1)), _level("hyper")
     mlo.Engine([lower, upper], {"hyper": ["weights"]}, "cg").run(1)
 
 

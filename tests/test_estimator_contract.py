@@ -16,7 +16,8 @@ import torch
 
 import mlo
 from mlo import estimators
-from programs import assert_same, mlp_program, snapshot
+
+from .helpers import assert_same, mlp_program, snapshot
 
 pytestmark = pytest.mark.usefixtures("float64", "one_thread")
 

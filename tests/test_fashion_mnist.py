@@ -9,10 +9,10 @@ import numpy as np
 import pytest
 import torch
 
-from programs import idx, write_fashion_mnist
-
 from mlo.problems import data
 from mlo.problems.data import FASHION_MNIST_FILES, DataError
+
+from .helpers import idx, write_fashion_mnist
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

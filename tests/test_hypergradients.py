@@ -15,7 +15,8 @@ import pytest
 import torch
 
 from mlo.estimators import CG, FiniteDifference, FirstOrder, Neumann, Unroll
-from programs import (
+
+from .helpers import (
     assert_same,
     conditioned_iterations,
     finite_difference_reference,

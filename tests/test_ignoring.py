@@ -17,7 +17,8 @@ from mlo.cli import main
 from mlo.estimators import CG
 from mlo.problems import data, ignoring
 from mlo.problems.reweighting import mlp
-from programs import BestResponses, relative_error
+
+from .helpers import BestResponses, relative_error
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

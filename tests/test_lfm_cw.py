@@ -266,7 +266,7 @@ def test_mlo_run_resume_after_kill_minus_9_mid_write_ends_where_an_uninterrupted
     import subprocess
     import sys
 
-    from programs import wait_for_line
+    from .helpers import wait_for_line
 
     tiny = ["darts-2nd", "--rounds", "3", "--eval-epochs", "1", "--set", "batch_size=16", "--set", "layers=1",
             "--set", "channels=2", "--set", "cell_steps=1", "--set", "eval_layers=1", "--set", "eval_channels=2",

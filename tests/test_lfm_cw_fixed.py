@@ -9,13 +9,13 @@ from pathlib import Path
 import pytest
 import torch
 
-from programs import write_fashion_mnist
-
 from mlo.benchmarks import lfm_cw_fixed
 from mlo.benchmarks.lfm_cw_fixed import METHODS, FixedConfig, summarise
 from mlo.cli import main as mlo_main
 from mlo.config import ConfigError
 from mlo.problems.runs import paired_difference
+
+from .helpers import write_fashion_mnist
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

@@ -20,7 +20,8 @@ from typing import Any
 import pytest
 
 from mlo.cli import main
-from programs import single_threaded, wait_for_line
+
+from .helpers import single_threaded, wait_for_line
 
 #: ``mlo run`` (argv after the pattern) that stalls when it syncs a file whose name matches the
 #: regular expression ``sys.argv[1]``, after printing "writing"

@@ -11,7 +11,9 @@ import torch
 
 import mlo
 from mlo import logs
-from programs import Vector, mlp_program
+from mlo.problems.ridge import Vector
+
+from .helpers import mlp_program
 
 pytestmark = [pytest.mark.usefixtures("one_thread"), pytest.mark.filterwarnings("ignore::mlo.ConvergenceWarning")]
 
@@ -81,7 +83,7 @@ def test_progress_hook_shows_rounds_and_losses() -> None:
     with Progress(console=console) as bar:
         hook = logs.Progress(total=3, description="search", progress=bar)
         v = Vector(torch.tensor([3.0]))
-        mlo.Engine([mlo.Problem("fit", v, torch.optim.SGD(v.parameters(), lr=0.1), loss=lambda b: (v.x**2).sum())], hooks=[hook]).run(3)
+        mlo.Engine([mlo.Problem("fit", v, torch.optim.SGD(v.parameters(), lr=0.1), loss=lambda b: (v.value**2).sum())], hooks=[hook]).run(3)
         task = bar.tasks[0]
         assert task.completed == 3 and task.total == 3 and task.description == "search"
         assert task.fields["losses"].startswith("fit ")

@@ -16,8 +16,8 @@ from torch import nn
 import mlo
 from mlo.benchmarks import maml as bench
 from mlo.cli import main
-from mlo.problems import maml
 from mlo.estimators.solvers import largest_eigenvalue, neumann_series
+from mlo.problems import maml
 from mlo.tasks import TaskBatch
 
 pytestmark = pytest.mark.usefixtures("one_thread")

@@ -12,7 +12,9 @@ import torch
 from torch import nn
 
 import mlo
-from programs import Vector, assert_same, mlp_program, quadratic, relative_error, snapshot
+from mlo.problems.ridge import Vector
+
+from .helpers import assert_same, mlp_program, quadratic, relative_error, snapshot
 
 pytestmark = [pytest.mark.usefixtures("one_thread"), pytest.mark.filterwarnings("ignore::mlo.ConvergenceWarning")]
 
@@ -52,7 +54,7 @@ def test_the_loss_runs_under_autocast_only_for_its_level() -> None:
     def loss_of(name: str, v: Vector):  # type: ignore[no-untyped-def]
         def loss(batch: None) -> torch.Tensor:
             seen[name] = torch.is_autocast_enabled("cpu")
-            return (v.x @ torch.ones(4)) ** 2
+            return (v.value @ torch.ones(4)) ** 2
         return loss
 
     levels = [mlo.Problem(n, v, torch.optim.SGD(v.parameters(), lr=0.1), loss=loss_of(n, v)) for n, v in (("a", a), ("b", b))]

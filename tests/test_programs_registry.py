@@ -10,8 +10,8 @@ from pathlib import Path
 import pytest
 
 from mlo import programs
-from mlo.config import ConfigError
 from mlo.cli import main
+from mlo.config import ConfigError
 
 
 @dataclass

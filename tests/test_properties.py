@@ -17,9 +17,11 @@ from hypothesis import strategies as st
 
 import mlo
 from mlo import estimators
-from mlo.graph import Graph
 from mlo.estimators import CG, Unroll
-from programs import BestResponses, Quadratic, Vector, conditioned_iterations, quadratic, relative_error
+from mlo.graph import Graph
+from mlo.problems.ridge import Vector
+
+from .helpers import BestResponses, Quadratic, conditioned_iterations, quadratic, relative_error
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -78,7 +80,7 @@ def _levels(names: list[str]) -> list[mlo.Problem]:
     out = []
     for name in names:
         module = Vector(torch.ones(1))
-        out.append(mlo.Problem(name, module, torch.optim.SGD(module.parameters(), lr=0.1), loss=lambda b, m=module: (m.x**2).sum()))
+        out.append(mlo.Problem(name, module, torch.optim.SGD(module.parameters(), lr=0.1), loss=lambda b, m=module: (m.value**2).sum()))
     return out
 
 

@@ -13,12 +13,13 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from programs import write_fashion_mnist
 from torch import Tensor, nn
 
 import mlo
 from mlo.cli import main
 from mlo.problems import data, reweighting, runs
+
+from .helpers import write_fashion_mnist
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

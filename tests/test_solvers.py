@@ -20,7 +20,9 @@ from mlo.estimators.solvers import (
     per_task_largest_eigenvalue,
     per_task_neumann_series,
 )
-from programs import Vector, relative_error, ridge
+from mlo.problems.ridge import Vector
+
+from .helpers import relative_error, ridge
 
 pytestmark = pytest.mark.usefixtures("float64", "one_thread")
 
@@ -62,8 +64,8 @@ def _indefinite_bilevel(damping_needed=3.0):
     upper loss 1/2 |w - 1|^2."""
     A = _matrix([1.0 - damping_needed, 0.5, 1.0, 2.0, 4.0, 6.0, 9.0, 12.0], seed=1)
     w, h = Vector(torch.linspace(-1, 1, 8)), Vector(torch.linspace(0.5, -0.5, 8))
-    lower = mlo.Problem("w", w, torch.optim.SGD(w.parameters(), lr=0.01), loss=lambda batch: 0.5 * w.x @ A @ w.x + h.x @ w.x)
-    upper = mlo.Problem("h", h, torch.optim.SGD(h.parameters(), lr=0.01), loss=lambda batch: 0.5 * ((w.x - 1) ** 2).sum())
+    lower = mlo.Problem("w", w, torch.optim.SGD(w.parameters(), lr=0.01), loss=lambda batch: 0.5 * w.value @ A @ w.value + h.value @ w.value)
+    upper = mlo.Problem("h", h, torch.optim.SGD(h.parameters(), lr=0.01), loss=lambda batch: 0.5 * ((w.value - 1) ** 2).sum())
     return A, lower, upper
 
 
@@ -80,7 +82,7 @@ def test_cg_estimator_warns_on_an_indefinite_hessian_and_names_damping():
         warnings.simplefilter("error")
         got = damped.hypergradient("h")[0]
     assert damped.diagnostics.by_edge[("h", "w")]["converged"] == 1.0
-    want = -torch.linalg.solve(A + 4.0 * torch.eye(8), lower.module.x.detach() - 1)
+    want = -torch.linalg.solve(A + 4.0 * torch.eye(8), lower.module.value.detach() - 1)
     assert relative_error(got, want) < 1e-9
 
 

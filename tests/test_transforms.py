@@ -8,7 +8,7 @@ from torch import nn
 
 import mlo
 from mlo import transforms
-from programs import Vector
+from mlo.problems.ridge import Vector
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -39,7 +39,7 @@ def test_clip_rejects_bad_norm(bad: object) -> None:
 def test_problem_rejects_non_transform() -> None:
     v = Vector(torch.zeros(2))
     with pytest.raises(TypeError, match="level 'x': transform must be"):
-        mlo.Problem("x", v, torch.optim.SGD(v.parameters(), lr=0.1), loss=lambda b: (v.x**2).sum(), transform=lambda g: g)
+        mlo.Problem("x", v, torch.optim.SGD(v.parameters(), lr=0.1), loss=lambda b: (v.value**2).sum(), transform=lambda g: g)
 
 
 def test_engine_step_applies_transform_and_keeps_state(float64: None) -> None:
@@ -55,16 +55,16 @@ def test_engine_step_applies_transform_and_keeps_state(float64: None) -> None:
         return grads, {"n": state["n"] + 1}
 
     counter = transforms.GradientTransform(count_init, count_update, "count")
-    level = mlo.Problem("fit", v, torch.optim.SGD(v.parameters(), lr=0.5), loss=lambda b: ((v.x - target) ** 2).sum(),
+    level = mlo.Problem("fit", v, torch.optim.SGD(v.parameters(), lr=0.5), loss=lambda b: ((v.value - target) ** 2).sum(),
                transform=transforms.chain(transforms.clip_by_global_norm(1.0), counter))
     engine = mlo.Engine([level])
     engine.run(3)
     direction = target / target.norm()
-    torch.testing.assert_close(v.x.detach(), 3 * 0.5 * direction, rtol=1e-7, atol=0)  # clip: norm/(norm + 1e-6)
+    torch.testing.assert_close(v.value.detach(), 3 * 0.5 * direction, rtol=1e-7, atol=0)  # clip: norm/(norm + 1e-6)
     state = engine.state_dict()
     assert state["levels"]["fit"]["transform"][1] == {"n": 3}
     v2 = Vector(torch.zeros(2))
-    level2 = mlo.Problem("fit", v2, torch.optim.SGD(v2.parameters(), lr=0.5), loss=lambda b: ((v2.x - target) ** 2).sum(),
+    level2 = mlo.Problem("fit", v2, torch.optim.SGD(v2.parameters(), lr=0.5), loss=lambda b: ((v2.value - target) ** 2).sum(),
                 transform=transforms.chain(transforms.clip_by_global_norm(1.0), counter))
     engine2 = mlo.Engine([level2])
     engine2.load_state_dict(state)
@@ -76,7 +76,7 @@ def test_accumulate_over_micro_batches_equals_the_whole_batch(float64: None) -> 
     """Micro-batches of 3 with accumulate(4) move a level exactly as whole batches of 12 do
     (momentum and Adam see one step per 4): for a plain level, and for an upper level whose
     hypergradient is linear in its own loss (its lower reads whole batches in both runs)."""
-    from programs import mlp_program
+    from .helpers import mlp_program
 
     def build(level_name: str, micro: int) -> mlo.Engine:
         prog = mlp_program(batchnorm=False, unused=False, n=12)

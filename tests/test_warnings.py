@@ -12,14 +12,9 @@ import torch
 from torch import nn
 
 import mlo
+from mlo.problems.ridge import Vector
 
 pytestmark = pytest.mark.usefixtures("one_thread")
-
-
-class Vector(nn.Module):
-    def __init__(self, value: torch.Tensor) -> None:
-        super().__init__()
-        self.x = nn.Parameter(value.clone())
 
 
 def _data() -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -33,11 +28,11 @@ def _ridge(*, lower_reads_upper: bool = True, lower_lr: float = 0.1, upper_lr: f
     w, h = Vector(torch.zeros(3)), Vector(torch.zeros(3))
 
     def fit(_: object) -> torch.Tensor:
-        penalty = h.x.exp() if lower_reads_upper else torch.ones(3)
-        return ((X @ w.x - y) ** 2).mean() + (penalty * w.x**2).sum()
+        penalty = h.value.exp() if lower_reads_upper else torch.ones(3)
+        return ((X @ w.value - y) ** 2).mean() + (penalty * w.value**2).sum()
 
     def validate(_: object) -> torch.Tensor:
-        return ((Xv @ w.x - yv) ** 2).mean()
+        return ((Xv @ w.value - yv) ** 2).mean()
 
     return [
         mlo.Problem("fit", w, torch.optim.SGD(w.parameters(), lr=lower_lr), steps=5, loss=fit),
@@ -90,7 +85,7 @@ def test_the_edge_check_moves_nothing() -> None:
         problems, w, h = _ridge()
         low = problems[0]
         noisy = mlo.Problem("fit", w, low.optimizer, steps=5,
-                            loss=lambda b: low.loss(b) + 1e-3 * (torch.randn(3) * w.x).sum())
+                            loss=lambda b: low.loss(b) + 1e-3 * (torch.randn(3) * w.value).sum())
         return [noisy, problems[1]]
 
     a, b = program(), program()
@@ -100,7 +95,7 @@ def test_the_edge_check_moves_nothing() -> None:
     engine = mlo.Engine(b, {"hyper": ["fit"]}, "cg")
     engine._edges_checked.add("hyper")  # the same run without the check
     engine.run(3)
-    assert torch.equal(a[1].module.x, b[1].module.x) and torch.equal(a[0].module.x, b[0].module.x)
+    assert torch.equal(a[1].module.value, b[1].module.value) and torch.equal(a[0].module.value, b[0].module.value)
 
 
 def test_a_diverging_lower_level_warns_before_anything_is_infinite() -> None:
@@ -111,7 +106,7 @@ def test_a_diverging_lower_level_warns_before_anything_is_infinite() -> None:
     grew = [str(w.message) for w in seen if w.category is mlo.DivergenceWarning]
     assert any(text.startswith("level 'fit'") for text in grew)
     assert len(grew) == len({text.split(":")[0] for text in grew})  # once per level (hyper's loss grows too)
-    assert bool(torch.isfinite(w.x).all())
+    assert bool(torch.isfinite(w.value).all())
 
 
 def test_the_divergence_watch_can_be_turned_off_and_rejects_a_bad_factor() -> None:

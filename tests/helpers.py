@@ -1,4 +1,5 @@
-"""Small programs shared by the test modules, and the independent references they are checked against.
+"""What the test modules share: builders of small multilevel problems (levels and their graph),
+the independent references they are checked against, and writers of data files in the real formats.
 
 Every builder seeds its own randomness, so a test's numbers do not depend on which tests ran
 before it. Builders create tensors in the current default dtype: tests that compare gradients
@@ -28,6 +29,8 @@ from torch import Tensor, nn
 
 import mlo
 from mlo.problems.ridge import Ridge as RidgeData
+from mlo.problems.ridge import Vector
+from mlo.problems.ridge import program as ridge_program
 
 
 @contextlib.contextmanager
@@ -62,18 +65,6 @@ def _rank_main(rank: int, worker: Callable[..., None], store: str, args: tuple[A
         dist.destroy_process_group()
 
 # ---------------------------------------------------------------------------------------------- basics
-
-
-class Vector(nn.Module):
-    """One trainable vector ``x`` (several when given several sizes: ``p0``, ``p1``, ...)."""
-
-    def __init__(self, *values: Tensor) -> None:
-        super().__init__()
-        self.parts = nn.ParameterList([nn.Parameter(v.clone()) for v in values])
-
-    @property
-    def x(self) -> Tensor:
-        return self.parts[0] if len(self.parts) == 1 else torch.cat(list(self.parts))
 
 
 def relative_error(got: Tensor | Sequence[Tensor], want: Tensor | Sequence[Tensor]) -> float:
@@ -138,8 +129,8 @@ def assert_same(before: dict[str, Any], after: dict[str, Any]) -> None:
 
 
 @dataclass
-class Ridge:
-    """The ridge HPO program of `mlo.problems.ridge` as two levels ``w`` and ``h`` at a point.
+class RidgeLevels:
+    """The two levels ``w`` and ``h`` of `mlo.problems.ridge.program` at a point, with its data.
 
     ``inner_fn`` / ``outer_fn`` are its losses as plain functions of tensors, for references;
     ``hessian``, ``optimum`` and ``exact_hypergradient`` its closed form at the current ``h``.
@@ -159,10 +150,10 @@ class Ridge:
         return self.data.direct
 
     def w(self) -> Tensor:
-        return self.inner.module.x.detach().clone()
+        return self.inner.module.value.detach().clone()
 
     def h(self) -> Tensor:
-        return self.outer.module.x.detach().clone()
+        return self.outer.module.value.detach().clone()
 
     def inner_fn(self, w: Tensor, h: Tensor) -> Tensor:
         return self.data.inner(w, h)
@@ -199,8 +190,9 @@ def ridge(
     direct: float = 0.0,
     quartic: float = 0.0,
     sizes: Sequence[int] | None = None,
-) -> Ridge:
-    """A ridge HPO program at a random point (not the optimum: call ``set_w(optimum())``).
+) -> RidgeLevels:
+    """The ridge HPO levels (`mlo.problems.ridge.program`: SGD on both) at a random point, not
+    the optimum: call ``set_w(optimum())``.
 
     ``sizes`` splits w into several parameters, one SGD param group each with the learning
     rates ``lr`` (a sequence, one per part).
@@ -212,16 +204,8 @@ def ridge(
     w0 = torch.randn(d, generator=g, dtype=dtype)
     sizes = tuple(sizes or (d,))
     assert sum(sizes) == d
-    lrs = [lr] * len(sizes) if isinstance(lr, (int, float)) else list(lr)
-    assert len(lrs) == len(sizes)
-
-    wm = Vector(*w0.split(list(sizes)))
-    hm = Vector(h0)
-    w_opt = torch.optim.SGD([{"params": [p], "lr": r} for p, r in zip(wm.parts, lrs)])
-    h_opt = torch.optim.SGD(hm.parameters(), lr=0.1)
-    inner = mlo.Problem("w", wm, w_opt, loss=lambda batch: data.inner(wm.x, hm.x))
-    outer = mlo.Problem("h", hm, h_opt, loss=lambda batch: data.outer(wm.x, hm.x))
-    return Ridge(data, inner, outer, sizes)
+    inner, outer = ridge_program(data, w0.split(list(sizes)), h0, lr, torch.optim.SGD, 0.1, ("w", "h"))
+    return RidgeLevels(data, inner, outer, sizes)
 
 
 def finite_difference_reference(
@@ -287,7 +271,7 @@ class Quadratic:
     graph: dict[str, list[str]]
 
     def value(self, name: str) -> Tensor:
-        return self.problems[name].module.x.detach()
+        return self.problems[name].module.value.detach()
 
     def _slice(self, v: str, x: str) -> slice | None:
         if x not in self.couples[v]:
@@ -339,7 +323,7 @@ def quadratic(
 
     def make_loss(name: str) -> Callable[[Any], Tensor]:
         def loss(batch: Any) -> Tensor:
-            z = torch.cat([modules[x].x for x in couples[name]])
+            z = torch.cat([modules[x].value for x in couples[name]])
             return 0.5 * z @ Q[name] @ z + c[name] @ z
 
         return loss
