@@ -2,7 +2,7 @@
 against a hand-written loop and other libraries, and LFM-CW against its baselines.
 
 Shared pieces: `timing` (interleaved timing, peak memory, JSON), `report` (ratios, tables),
-`problems` (the programs the speed suite runs), `references` (programs with known answers),
+`workloads` (the bilevel programs the speed suite times), `references` (programs with known answers),
 `implementations` and `handwritten` (the rounds each library runs). Suites: `speed`,
 `estimators`, `lfm_cw`; the command line: `cli`.
 """

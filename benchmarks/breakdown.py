@@ -24,7 +24,7 @@ import torch
 
 from mlo import estimators
 
-from . import problems
+from . import workloads
 from .implementations import build_round
 
 __all__ = ["PIECES", "breakdown", "main"]
@@ -40,9 +40,9 @@ PIECES: dict[str, tuple[tuple[str, str], ...]] = {
     "hooks": (("mlo/hooks.py", "on_step"), ("mlo/hooks.py", "on_gradient")),
 }
 
-CASES: dict[str, tuple[Callable[[], problems.Bilevel], tuple[str, ...]]] = {
-    "ridge": (lambda: problems.ridge(n=1000, dim=100), ("neumann:iterations=10,alpha=0.1", "cg:iterations=10")),
-    "reweighting": (lambda: problems.reweighting(hidden=100, batch=100), ("neumann:iterations=5,alpha=0.1", "unroll:steps=1")),
+CASES: dict[str, tuple[Callable[[], workloads.Bilevel], tuple[str, ...]]] = {
+    "ridge": (lambda: workloads.ridge(n=1000, dim=100), ("neumann:iterations=10,alpha=0.1", "cg:iterations=10")),
+    "reweighting": (lambda: workloads.reweighting(hidden=100, batch=100), ("neumann:iterations=5,alpha=0.1", "unroll:steps=1")),
 }
 
 

@@ -33,7 +33,7 @@ from mlo.functional import frozen_buffers
 
 from mlo import cycle
 
-from .problems import Copy
+from .workloads import Copy
 
 __all__ = ["handwritten_round", "supports"]
 

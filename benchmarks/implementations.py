@@ -30,7 +30,7 @@ from mlo.estimators import CG, Estimator, Neumann, Unroll
 from .handwritten import handwritten_round, supports
 from mlo import cycle
 
-from .problems import GRAPH, Copy, as_mlo
+from .workloads import GRAPH, Copy, as_mlo
 
 __all__ = ["NotApplicable", "Round", "IMPLEMENTATIONS", "build_round"]
 

@@ -2,7 +2,7 @@
 
     python -m mlo.benchmarks.precision [--states 5] [--json runs/bench/precision.json]
 
-The program is Meta-Weight-Net on digits (`mlo.benchmarks.problems.reweighting`). At each of
+The program is Meta-Weight-Net on digits (`mlo.benchmarks.workloads.reweighting`). At each of
 ``--states`` points of an fp32 run (the lower level trained 20 rounds further each time), the
 upper level's hypergradient is computed four ways at the same state and on the same batches:
 fp32 (the reference), ``Engine(precision="bf16")`` (every level's forward pass under bf16
@@ -25,7 +25,7 @@ import torch
 
 import mlo
 
-from .problems import as_mlo, reweighting
+from .workloads import as_mlo, reweighting
 from .timing import write_json
 
 __all__ = ["ESTIMATORS", "WAYS", "measure", "main"]

@@ -36,7 +36,7 @@ import mlo
 from mlo.problems.ridge import Ridge, Vector
 from mlo.problems.ridge import program as ridge_program
 
-from .problems import digits
+from .workloads import digits
 
 __all__ = ["KnownAnswer", "ridge_problem", "chain_problem", "logistic_problem"]
 

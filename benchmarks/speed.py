@@ -1,6 +1,6 @@
 """The ``speed`` suite: time per round and peak memory of mlo beside a hand-written loop and its peers.
 
-Programs (`benchmarks.problems`): (a) ridge HPO, (b) Meta-Weight-Net reweighting on digits,
+Workloads (`benchmarks.workloads`): (a) ridge HPO, (b) Meta-Weight-Net reweighting on digits,
 (c) one DARTS supernet round at 8x8 and at 32x32. Each program is built once; each
 implementation runs its own copy of it. For every program and algorithm, the implementations
 that can run it are timed interleaved in one run (`benchmarks.timing`), then compared:
@@ -48,7 +48,7 @@ from rich.console import Console
 from mlo import estimators
 
 from . import maml as maml_bench
-from . import problems
+from . import workloads
 from . import supernet as supernet_bench
 from .implementations import NotApplicable, build_round
 from .report import Ratio, make_console, print_tables, ratio, ratios_table, results_table
@@ -77,7 +77,7 @@ class Case:
     """One program, the algorithms to run on it, and how many interleaved repetitions."""
 
     kind: str
-    build: Callable[[], problems.Bilevel]
+    build: Callable[[], workloads.Bilevel]
     algorithms: tuple[str, ...]
     repeats: int
     warmup: int = 2
@@ -90,26 +90,26 @@ def cases(quick: bool = False) -> list[Case]:
     """The suite's programs; ``quick`` shrinks every size for a run of seconds (used in tests)."""
     if quick:
         return [
-            Case("ridge", lambda: problems.ridge(n=100, dim=10), ("neumann:iterations=5,alpha=0.1", "unroll:steps=2"), 5, 1),
-            Case("reweighting", lambda: problems.reweighting(hidden=16, batch=50),
+            Case("ridge", lambda: workloads.ridge(n=100, dim=10), ("neumann:iterations=5,alpha=0.1", "unroll:steps=2"), 5, 1),
+            Case("reweighting", lambda: workloads.reweighting(hidden=16, batch=50),
                  ("sama", "neumann:iterations=2,alpha=0.1", "unroll:steps=1"), 3, 1, focus="sama"),
-            Case("darts", lambda: problems.darts(size=8, C=4, layers=1, batch=2), ("finite_difference",), 2, 1),
+            Case("darts", lambda: workloads.darts(size=8, C=4, layers=1, batch=2), ("finite_difference",), 2, 1),
         ]
     return [
-        Case("ridge", lambda: problems.ridge(n=1000, dim=100),
+        Case("ridge", lambda: workloads.ridge(n=1000, dim=100),
              ("neumann:iterations=10,alpha=0.1", "cg:iterations=10", "unroll:steps=5"), 40),
-        Case("reweighting", lambda: problems.reweighting(hidden=100, batch=100),
+        Case("reweighting", lambda: workloads.reweighting(hidden=100, batch=100),
              ("neumann:iterations=5,alpha=0.1", "unroll:steps=1"), 25),
         # Meta-Weight-Net at a size where the second-order estimators' memory shows (3.2M weights)
-        Case("reweighting", lambda: problems.reweighting(hidden=1024, layers=4, batch=256, name="reweighting-large"),
+        Case("reweighting", lambda: workloads.reweighting(hidden=1024, layers=4, batch=256, name="reweighting-large"),
              ("sama", "neumann:iterations=5,alpha=0.1", "cg:iterations=5", "unroll:steps=1"), 6, 1, focus="sama"),
-        Case("darts", lambda: problems.darts(size=8, C=8, layers=3, batch=32), ("finite_difference", "first_order"), 12, 1),
-        Case("darts", lambda: problems.darts(size=32, C=8, layers=2, batch=16), ("finite_difference", "first_order"), 6, 1),
+        Case("darts", lambda: workloads.darts(size=8, C=8, layers=3, batch=32), ("finite_difference", "first_order"), 12, 1),
+        Case("darts", lambda: workloads.darts(size=32, C=8, layers=2, batch=16), ("finite_difference", "first_order"), 6, 1),
         *(Case("darts", build, algorithms, repeats, 1) for build, algorithms, repeats in supernet_bench.speed_programs()),
     ]
 
 
-def _contenders(program: problems.Bilevel, spec: str, impls: Sequence[str]) -> tuple[list[Contender], dict[str, str]]:
+def _contenders(program: workloads.Bilevel, spec: str, impls: Sequence[str]) -> tuple[list[Contender], dict[str, str]]:
     est = estimators.parse(spec)
     label = _label(spec)
     built, skipped = [], {}

@@ -38,14 +38,14 @@ from torch.utils.data import TensorDataset
 from torch.utils.flop_counter import FlopCounterMode
 
 import mlo
-from mlo.problems.darts import SuperNet, use_reference
+from mlo.workloads.darts import SuperNet, use_reference
 from mlo.problems.data import fashion_mnist
 from mlo.problems.lfm_cw.config import RunConfig
 from mlo.problems.lfm_cw.cvae import ConditionalVAE
 from mlo.problems.lfm_cw.experiment import build_program, prepare
 from mlo.problems.lfm_cw.methods import METHODS
 
-from . import problems
+from . import workloads
 
 __all__ = [
     "SETTINGS",
@@ -208,10 +208,10 @@ def time_rounds(
 
 
 def fashion_darts(size: int = 14, C: int = 4, layers: int = 3, batch: int = 64, steps: int = 4, seed: int = 0,
-                  lower_lr: float = 0.025, upper_lr: float = 3e-4) -> problems.Bilevel:
+                  lower_lr: float = 0.025, upper_lr: float = 3e-4) -> workloads.Bilevel:
     """One DARTS search program on Fashion-MNIST at ``size`` x ``size`` (100 training images per
     class, half of them for the architecture): SuperNet weights (SGD), architecture logits (Adam,
-    DARTS's betas and weight decay), as `problems.darts`."""
+    DARTS's betas and weight decay), as `workloads.darts`."""
     splits = fashion_mnist(seed=seed, size=size, train_per_class=100, test_per_class=2)
     assert isinstance(splits.train, TensorDataset) and isinstance(splits.val, TensorDataset)
     x, y = splits.train.tensors
@@ -219,7 +219,7 @@ def fashion_darts(size: int = 14, C: int = 4, layers: int = 3, batch: int = 64, 
     torch.manual_seed(seed)
     net = SuperNet(C=C, num_classes=10, layers=layers, in_channels=1, steps=steps, multiplier=steps)
     arch = net.new_architecture(torch.Generator().manual_seed(seed))
-    return problems.Bilevel(
+    return workloads.Bilevel(
         f"darts-fmnist{size}",
         net,
         arch,
@@ -234,7 +234,7 @@ def fashion_darts(size: int = 14, C: int = 4, layers: int = 3, batch: int = 64, 
     )
 
 
-def speed_programs() -> list[tuple[Callable[[], problems.Bilevel], tuple[str, ...], int]]:
+def speed_programs() -> list[tuple[Callable[[], workloads.Bilevel], tuple[str, ...], int]]:
     """The speed suite's supernet rows: (program, algorithms, interleaved repetitions)."""
     return [
         (lambda: fashion_darts(14, 4), ("finite_difference", "first_order"), 6),

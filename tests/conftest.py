@@ -8,7 +8,7 @@ import pytest
 import torch
 
 
-from .helpers import RidgeLevels, ridge as ridge_levels, single_threaded
+from .helpers import RidgeProgram, ridge as ridge_program, single_threaded
 
 
 @pytest.fixture
@@ -30,6 +30,6 @@ def one_thread() -> Iterator[None]:
 
 
 @pytest.fixture
-def ridge(float64: None) -> RidgeLevels:
-    """The ridge HPO levels (`tests.helpers.ridge`) in float64, at a random point."""
-    return ridge_levels()
+def ridge(float64: None) -> RidgeProgram:
+    """The ridge HPO program (`tests.helpers.ridge`) in float64, at a random point."""
+    return ridge_program()

@@ -129,8 +129,9 @@ def assert_same(before: dict[str, Any], after: dict[str, Any]) -> None:
 
 
 @dataclass
-class RidgeLevels:
-    """The two levels ``w`` and ``h`` of `mlo.problems.ridge.program` at a point, with its data.
+class RidgeProgram:
+    """The ridge HPO program: the two levels ``w`` and ``h`` of `mlo.problems.ridge.program` at a
+    point, its data, and its graph (`engine`).
 
     ``inner_fn`` / ``outer_fn`` are its losses as plain functions of tensors, for references;
     ``hessian``, ``optimum`` and ``exact_hypergradient`` its closed form at the current ``h``.
@@ -190,8 +191,8 @@ def ridge(
     direct: float = 0.0,
     quartic: float = 0.0,
     sizes: Sequence[int] | None = None,
-) -> RidgeLevels:
-    """The ridge HPO levels (`mlo.problems.ridge.program`: SGD on both) at a random point, not
+) -> RidgeProgram:
+    """The ridge HPO program (`mlo.problems.ridge.program`: SGD on both) at a random point, not
     the optimum: call ``set_w(optimum())``.
 
     ``sizes`` splits w into several parameters, one SGD param group each with the learning
@@ -205,7 +206,7 @@ def ridge(
     sizes = tuple(sizes or (d,))
     assert sum(sizes) == d
     inner, outer = ridge_program(data, w0.split(list(sizes)), h0, lr, torch.optim.SGD, 0.1, ("w", "h"))
-    return RidgeLevels(data, inner, outer, sizes)
+    return RidgeProgram(data, inner, outer, sizes)
 
 
 def finite_difference_reference(

@@ -14,7 +14,7 @@ import pytest
 import torch
 
 import mlo
-from mlo.benchmarks import cli, estimators, problems, speed
+from mlo.benchmarks import cli, estimators, speed, workloads
 from mlo.benchmarks.implementations import NotApplicable, build_round
 from mlo.benchmarks.timing import Contender, measure, paired_ratio, peak_memory_mb
 
@@ -61,7 +61,7 @@ def test_paired_ratio_is_the_median_of_per_repetition_ratios() -> None:
 def test_every_implementation_computes_what_mlo_computes(spec: str, float64: None) -> None:
     """The timed rounds are the same computation: after three rounds every implementation of an
     algorithm holds mlo's parameters (Betty's CG and finite difference are other methods)."""
-    program = problems.ridge(n=60, dim=6, dtype=torch.float64)
+    program = workloads.ridge(n=60, dim=6, dtype=torch.float64)
     est = mlo.estimators.parse(spec)
     reference = None
     compared = 0

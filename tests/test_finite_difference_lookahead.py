@@ -13,12 +13,12 @@ import mlo
 from mlo import EstimatorError
 from mlo.estimators import FiniteDifference
 
-from .helpers import RidgeLevels, finite_difference_reference, relative_error, ridge
+from .helpers import RidgeProgram, finite_difference_reference, relative_error, ridge
 
 pytestmark = pytest.mark.usefixtures("float64")
 
 
-def _darts_second_order(r: RidgeLevels, lr: float, mu: float, wd: float, buf: Tensor, radius: float) -> Tensor:
+def _darts_second_order(r: RidgeProgram, lr: float, mu: float, wd: float, buf: Tensor, radius: float) -> Tensor:
     """DARTS: unrolled w' = w - lr (mu buf + grad_w L_train + wd w); dalpha = grad_h L_val(w');
     implicit = (grad_h L_train(w+) - grad_h L_train(w-)) / (2 eps), w+- = w +- eps v, v = lr grad_w' L_val,
     eps = radius / ||v||; result dalpha - implicit (lr folded into v)."""

@@ -42,7 +42,7 @@ def test_low_precision_hypergradient_stays_close_to_fp32(estimator: str, how: st
 
 def _reweighting(estimator: str, precision: str) -> mlo.Engine:
     """The reweighting MLP (hidden 32) with ``estimator`` on its edge, every level in ``precision``."""
-    from mlo.benchmarks.problems import as_mlo, reweighting
+    from mlo.benchmarks.workloads import as_mlo, reweighting
 
     return mlo.Engine(as_mlo(reweighting(hidden=32).instantiate()), {"upper": ["lower"]}, estimator, precision=precision)
 

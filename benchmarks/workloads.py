@@ -1,4 +1,4 @@
-"""The benchmark programs: each built once, then copied for every implementation that runs it.
+"""The speed suite's workloads: bilevel programs, each built once, then copied for every implementation that runs it.
 
 A `Bilevel` program holds the prototype modules (lower level: trained weights; upper level:
 what the hypergradient trains), the two losses as functions of ``(lower, upper, batch)`` that
