@@ -1,4 +1,4 @@
-"""The speed suite's workloads: bilevel programs, each built once, then copied for every implementation that runs it.
+"""The speed suite's workloads: bilevel programs built once, then copied for each implementation.
 
 A `Bilevel` program holds the prototype modules (lower level: trained weights; upper level:
 what the hypergradient trains), the two losses as functions of ``(lower, upper, batch)`` that
@@ -8,7 +8,7 @@ batch order), so implementations never share state and all start from the same p
 `as_mlo` turns a copy into mlo Problems; the hand-written loops and the peers use the copy
 directly.
 
-Programs (sizes are arguments; the speed suite records the ones it uses):
+Workloads (sizes are arguments; the speed suite records the ones it uses):
 
 - `ridge`: ridge regression with one learned log-penalty per feature (float32 Gaussian data).
 - `reweighting`: Meta-Weight-Net data reweighting on sklearn digits: an MLP classifier trained

@@ -53,7 +53,8 @@ from .estimators import Estimator, Info, resolve
 from .functional import frozen_buffers
 
 if TYPE_CHECKING:
-    from .engine import Edge, Engine, EstimatorSpec
+    from .engine import Engine, EstimatorSpec
+    from .graph import Edge
 
 __all__ = ["check", "CheckReport", "EdgeCheck", "DEFAULT_REFERENCE", "describe"]
 
