@@ -21,6 +21,7 @@ import torch
 from torch import Tensor, nn
 
 import mlo
+from mlo.errors import ArgumentError, ProgramError
 
 __all__ = ["Ridge", "Vector", "program"]
 
@@ -35,7 +36,7 @@ class Vector(nn.Module):
     def __init__(self, *parts: Tensor) -> None:
         super().__init__()
         if not parts:
-            raise ValueError("Vector needs at least one tensor")
+            raise ArgumentError("Vector needs at least one tensor (its parts)")
         self.parts = nn.ParameterList([nn.Parameter(part.detach().clone()) for part in parts])
 
     @property
@@ -112,7 +113,7 @@ def program(ridge: Ridge, w0: Tensor | Sequence[Tensor], h0: Tensor, lower_lr: f
     parts = (w0,) if isinstance(w0, Tensor) else tuple(w0)
     lrs = [float(lower_lr)] * len(parts) if isinstance(lower_lr, (int, float)) else [float(r) for r in lower_lr]
     if len(lrs) != len(parts):
-        raise ValueError(f"lower_lr: {len(lrs)} learning rates for {len(parts)} parts of w0")
+        raise ProgramError(f"ridge program: lower_lr has {len(lrs)} learning rates for the {len(parts)} parts of w0")
     w, h = Vector(*parts), Vector(h0)
     groups = [{"params": [p], "lr": r} for p, r in zip(w.parts, lrs)]
     return [
