@@ -38,7 +38,7 @@ from torch.utils.data import TensorDataset
 from torch.utils.flop_counter import FlopCounterMode
 
 import mlo
-from mlo.workloads.darts import SuperNet, use_reference
+from mlo.problems.darts import SuperNet, use_reference
 from mlo.problems.data import fashion_mnist
 from mlo.problems.lfm_cw.config import RunConfig
 from mlo.problems.lfm_cw.cvae import ConditionalVAE
