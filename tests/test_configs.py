@@ -95,11 +95,16 @@ def test_cifar_configs_pair_three_seeds_against_vanilla_darts(name: str) -> None
 def test_vanilla_darts_skips_the_warm_up_and_its_schedule(tmp_path: Path, one_thread: None) -> None:
     config = shrunk("cifar10", tmp_path, tmp_path / "out").updated({"w1_warmup": 7})
     splits = data.load("cifar10", config.data_root, **config.data_options(search=True))
-    schedules = {
-        method: build_program(config, method, 0, splits, None, rounds=5).problems[0].scheduler.T_max  # type: ignore[union-attr]
-        for method in ("lfm-cw", "darts-2nd")
-    }
-    assert schedules == {"lfm-cw": 5 + 7, "darts-2nd": 5}  # W1's cosine spans its warm-up only where there is one
+    factors = {}
+    for method in ("lfm-cw", "darts-2nd"):
+        scheduler = build_program(config, method, 0, splits, None, rounds=5).problems[0].scheduler
+        assert scheduler is not None
+        factors[method] = [scheduler.lr_lambdas[0](t) for t in range(13)]  # type: ignore[attr-defined]
+    # W1's rate is constant through its warm-up and its cosine spans the search rounds alone; a
+    # method without the warm-up starts its cosine at step 0
+    assert factors["lfm-cw"][:8] == [1.0] * 8 and factors["lfm-cw"][8] < 1.0
+    assert factors["darts-2nd"][0] == 1.0 and factors["darts-2nd"][1] < 1.0
+    assert factors["darts-2nd"][5] == pytest.approx(factors["lfm-cw"][12]) and factors["darts-2nd"][5] < factors["darts-2nd"][4]
 
 
 def test_no_warmup_must_name_methods_of_the_run() -> None:
