@@ -19,8 +19,9 @@ settings) and the same synthetic stream. Methods (`METHODS`):
 - ``inverse-frequency``: real + synthetic, class weights proportional to 1 / n_k (sum K).
 - ``logit-adjustment``: real only, the logit-adjusted loss of Menon et al. (2021),
   cross-entropy of ``f(x) + tau log pi`` with the training prior ``pi``; predicts ``argmax f(x)``.
-- ``balanced-oracle``: real only, a class-balanced training set of the same total size drawn
-  from the data before the long tail (what balance alone would buy).
+- ``balanced-oracle`` (optional, not in the default ``methods``): real only, a class-balanced
+  training set of the same total size drawn from the data before the long tail (what balance
+  alone would buy).
 
 The weighted methods train on ``loss = CE(real batch) + lam * mean_i c_{k_i} CE(G(z_i, k_i), k_i)``
 with synthetic labels ``k_i`` uniform over classes, exactly as LFM-CW's ``w2``. Every network
