@@ -160,8 +160,10 @@ def test_mlo_run_end_to_end_on_digits(tmp_path: Path, one_thread: None) -> None:
 
 def test_betty_engine_refuses_an_estimator_betty_computes_differently() -> None:
     pytest.importorskip("betty")
-    with pytest.raises(ConfigError, match="cannot run method 'lfm-cw'.*look-ahead"):
-        RunConfig(engine="betty").validate()  # finite_difference: Betty's 'darts' differs
+    with pytest.raises(ConfigError, match="cannot run method 'darts-2nd'.*look-ahead"):
+        RunConfig(engine="betty", methods=["darts-2nd"]).validate()  # finite_difference: Betty's 'darts' differs
+    with pytest.raises(ConfigError, match="cannot run method 'lfm-cw'.*unroll"):
+        RunConfig(engine="betty").validate()  # unroll: no working Betty counterpart
     RunConfig(engine="betty", methods=["darts-1st"]).validate()  # first order is the same on both
 
 

@@ -6,13 +6,17 @@ level              optimizes   objective                                        
 ``w1``             W1          L(A, W1; D_tr)                                              A
 ``discriminator``  D           BCE(D(x, y), 1) + BCE(D(G(z, k), k), 0)                     G
 ``generator``      G           -log D(G(z, k), k)                                          D
-``w2``             W2          L(A, W2; D_tr) + lam * mean_i c_{k_i} l(A, W2; G(z_i, k_i), k_i)   A, c, G
+``w2``             W2          L(A, W2; D_tr) + lam * mean_i c_{k_i} l(A, W2; G(z_i, k_i), k_i)   A, c, G (W1)
 ``class_weights``  phi         L(A, W2; D_val)                                             W2, m(W1)
 ``architecture``   A           L(A, W1; D_val) + gamma * L(A, W2; D_val)                   W1, W2
 =================  ==========  ==========================================================  ===========
 
 Graph: ``architecture -> [w1, w2]`` and ``class_weights -> [w2]``: the architecture's
 hypergradient flows through both supernets' best responses, the class weights' through W2's.
+With ``Constants.mistakes_grad`` W2's loss also reads W1 (``m(W1)`` computed differentiably),
+so W2's best response follows W1 and the graph declares ``w1 -> [w2]``: the architecture's
+hypergradient then has the path A -> W1* -> m -> c -> W2* -> L_val(W2) (W1's own loss does not
+read W2, so that edge adds nothing to W1's steps).
 The generator and discriminator are plain levels with no edge: they supply data, and no
 hypergradient flows into them. Class weights ``c = K softmax(phi + beta m(W1))``
 (`class_weights.ClassWeights`). Synthetic labels ``k_i`` are drawn uniformly over the classes,
@@ -414,7 +418,7 @@ def build(
     optim: Optimizers = Optimizers(),
     rounds: int = 100,
     batch_size: int = 64,
-    estimator: str = "finite_difference",
+    estimator: str = "unroll:steps=1",
     generator: nn.Module | None = None,
     device: torch.device | str = "cpu",
     seed: int = 0,
@@ -425,7 +429,8 @@ def build(
     ``supernet()`` makes a fresh supernet (called once per weight copy); ``rounds`` sets the
     weights' cosine schedule length. ``generator``: a module ``(noise, labels) -> images`` used as
     a fixed data source; by default a `ConditionalGenerator` is trained as two levels.
-    ``estimator`` is used on every edge (``result.estimators`` can be edited before the engine).
+    ``estimator`` is used on every edge (``result.estimators`` can be edited before the engine);
+    its default, the exact one-step look-ahead, is LFM-CW's (`methods.LFM_ESTIMATOR`).
     ``workers``: DataLoader processes per data stream on a GPU (none on a CPU).
     """
     device = torch.device(device)
