@@ -471,3 +471,27 @@ def relative_error(got, want) -> float:
     g = torch.cat([t.reshape(-1) for t in got])
     w = torch.cat([t.reshape(-1) for t in want])
     return float((g - w).norm() / w.norm())
+
+
+@pytest.mark.parametrize("mistakes_grad", [False, True])
+def test_every_lfm_cw_edge_default_is_within_5_percent_of_the_exact_one_step_value(mistakes_grad: bool, one_thread: None) -> None:
+    """`mlo check` against ``unroll:steps=1`` in float64: each edge's default estimate (float32)
+    within 5 %, at round 1 (a fresh W2, where DARTS's float32 difference is mostly rounding)."""
+    from mlo.problems.lfm_cw.program import Constants
+
+    splits = data.digits(seed=0)
+    spec = METHODS["lfm-cw"]
+    program = build(
+        splits.train, splits.val, splits.num_classes, splits.input_shape,
+        lambda: SuperNet(C=4, num_classes=10, layers=1, in_channels=1), spec.variant,
+        constants=Constants(mistakes_grad=mistakes_grad, synthetic_per_step=8), rounds=2, batch_size=16,
+        estimator=spec.estimator,
+    )
+    engine = mlo.Engine(program.problems, program.graph, program.estimators, hooks=program.hooks)
+    engine.run(1)
+    for level in ("architecture", "class_weights"):
+        report = mlo.check(engine, level, reference="unroll:steps=1", warn_above=float("inf"))
+        assert report.dtype == torch.float64 and report.rel_error < 0.05
+        assert all(edge.rel_error < 0.05 for edge in report.edges)
+        if level == "architecture":
+            assert (("w1", "w2") in {(e.upper, e.lower) for e in report.edges}) == mistakes_grad
