@@ -103,6 +103,7 @@ def main() -> None:
         for _ in range(args.repeats):
             for name, (conf, est) in variants.items():
                 times[name].append(seconds_per_round(conf, est, args.rounds))
+                print(f"{name}: wall {times[name][-1][0]:.3f} s, cpu {times[name][-1][1]:.3f} s per round", flush=True)
         base = next(iter(variants))
         for name, ts in times.items():
             for i, kind in enumerate(("wall", "cpu")):
@@ -125,7 +126,7 @@ def main() -> None:
             print(f"seed {seed}: moved {name_a} {moved_a:.4f}, {name_b} {moved_b:.4f}; between them "
                   f"{float((_softmaxes(pa) - _softmaxes(pb)).norm()):.4f}; genotype edges differing "
                   f"{_genotype_difference(pa.architecture.genotype(), pb.architecture.genotype())}"
-                  f"/{len(pa.architecture.genotype().normal) * 2}; seconds {ta:.1f} / {tb:.1f}")
+                  f"/{len(pa.architecture.genotype().normal) * 2}; seconds {ta:.1f} / {tb:.1f}", flush=True)
         return
     at = sorted(int(r) for r in args.at.split(","))
     for name, (conf, est) in variants.items():
@@ -138,7 +139,7 @@ def main() -> None:
                 if level in eng.graph.levels:
                     report = mlo.check(eng, level, reference="unroll:steps=1", warn_above=float("inf"))
                     print(f"[{name}] round {r}")
-                    print(report)
+                    print(report, flush=True)
 
 
 if __name__ == "__main__":
