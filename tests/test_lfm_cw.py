@@ -440,6 +440,8 @@ def test_mistakes_path_is_the_edge_w1_to_w2_and_equals_its_autograd_reference(fl
     full = engine.hypergradient("architecture", estimator=exact)
     cut = engine.hypergradient("architecture", estimator={**exact, ("w1", "w2"): "first_order"})
     fd = engine.hypergradient("architecture", estimator={**exact, ("w1", "w2"): "finite_difference:radius=1e-6"})
+    default = engine.hypergradient("architecture")  # unroll:steps=1, and MistakesEdge on w1 -> w2
+    assert type(program.estimators[("w1", "w2")]).__name__ == "MistakesEdge"
     path = [f - c for f, c in zip(full, cut)]
 
     levels = {p.name: p for p in program.problems}
@@ -461,6 +463,7 @@ def test_mistakes_path_is_the_edge_w1_to_w2_and_equals_its_autograd_reference(fl
     size = float(torch.cat([t.reshape(-1) for t in want]).norm())
     assert size > 1e-6 * float(torch.cat([t.reshape(-1) for t in full]).norm())  # the path is there
     assert relative_error(path, want) < 1e-8
+    assert relative_error([d - c for d, c in zip(default, cut)], want) < 1e-8
     assert relative_error([f - c for f, c in zip(fd, cut)], want) < 1e-3  # a central difference on this edge (ReLU kinks: not O(radius^2))
     # without the option the edge is absent and the path cut
     plain, _ = _mistakes_path_program(mistakes_grad=False)

@@ -32,7 +32,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 import torch.nn.functional as F
@@ -40,6 +40,7 @@ from torch import Tensor, nn
 from torch.utils.data import DataLoader, Dataset
 
 import mlo
+from mlo.estimators.base import Hop, Info
 
 from ..darts.architecture import Architecture
 from ..darts.search import SuperNet
@@ -47,7 +48,7 @@ from .augment import AugmentedReal
 from .class_weights import ClassWeights
 from .generator import ConditionalDiscriminator, ConditionalGenerator, discriminator_loss, generator_loss
 
-__all__ = ["Constants", "Optimizers", "Variant", "LFMCW", "build", "batches", "augmented_real_source"]
+__all__ = ["Constants", "Optimizers", "Variant", "LFMCW", "MistakesEdge", "build", "batches", "augmented_real_source"]
 
 
 @dataclass(frozen=True)
@@ -167,7 +168,7 @@ class LFMCW:
 
     problems: list[mlo.Problem]
     graph: dict[str, list[str]]
-    estimators: dict[tuple[str, str], str]
+    estimators: dict[tuple[str, str], str | mlo.estimators.Estimator]
     hooks: list[mlo.Hook]
     architecture: Architecture
     w1: SuperNet
@@ -178,6 +179,31 @@ class LFMCW:
     #: global norm of the class weights' hypergradient at each of its steps (0-d tensors on the
     #: device, so that no step waits for the host; read them once per round)
     phi_grad_norms: list[Tensor] = field(default_factory=list)
+
+
+@dataclass(frozen=True)
+class MistakesEdge(mlo.estimators.Estimator):
+    """The estimator of ``w1 -> w2`` on the mistakes path: ``unroll:steps=1``'s value without
+    its look-ahead. For W2's SGD step ``W2' = W2 - xi (mu buf + g(W2, W1) + wd W2)``,
+    ``(dW2'/dW1)^T a = -d<g, xi a>/dW1``, taken exactly (a second derivative). W1's loss does not
+    read W2, so a look-ahead of W2 would change nothing in W1's own hypergradient and would cost
+    one more differentiable step of W2 each time W1's hypergradient is taken (W1's steps and the
+    architecture's look-ahead of W1)."""
+
+    name: ClassVar[str] = "mistakes_edge"
+
+    def check(self, lower: mlo.Problem) -> None:
+        if type(lower.optimizer) is not torch.optim.SGD:
+            raise mlo.EstimatorError(
+                f"estimator 'mistakes_edge' serves a level stepped by SGD; {lower.name!r} has {type(lower.optimizer).__name__}"
+            )
+
+    def vjp(self, hop: Hop, adjoint: tuple[Tensor, ...], lookahead: tuple[Tensor, ...] | None) -> tuple[tuple[Tensor, ...], Info]:
+        v = tuple(lr * a for lr, a in zip(hop.learning_rates(), adjoint))
+        if mlo.autodiff.norm_value(v) == 0.0:
+            return mlo.autodiff.zeros_like(hop.upper_params), {}
+        mixed = hop.curvature("partial").mixed(v, create_graph=hop.create_graph)
+        return mlo.autodiff.scale(-1.0, mixed), {"adjoint_norm": mlo.autodiff.norm_value(adjoint)}
 
 
 def _norm_probe(norms: list[Tensor]) -> mlo.transforms.GradientTransform:
@@ -430,7 +456,8 @@ def build(
     weights' cosine schedule length. ``generator``: a module ``(noise, labels) -> images`` used as
     a fixed data source; by default a `ConditionalGenerator` is trained as two levels.
     ``estimator`` is used on every edge (``result.estimators`` can be edited before the engine);
-    its default, the exact one-step look-ahead, is LFM-CW's (`methods.LFM_ESTIMATOR`).
+    its default, the exact one-step look-ahead, is LFM-CW's (`methods.LFM_ESTIMATOR`); on
+    ``w1 -> w2`` it is served by `MistakesEdge`, its value without a look-ahead.
     ``workers``: DataLoader processes per data stream on a GPU (none on a CPU).
     """
     device = torch.device(device)
@@ -523,6 +550,8 @@ def build(
         )
     )
     result.estimators = {(u, low): estimator for u, lows in result.graph.items() for low in lows}
+    if ("w1", "w2") in result.estimators and mlo.estimators.resolve(estimator) == mlo.estimators.resolve("unroll:steps=1"):
+        result.estimators[("w1", "w2")] = MistakesEdge()  # the same value, without a look-ahead W1 never reads
     result.modules.update(w1=w1, architecture=arch)
     if result.w2 is not None:
         result.modules["w2"] = result.w2
