@@ -70,7 +70,7 @@ class Constants:
         differentiably from W1's logits on a validation batch of its own (`ClassWeights.tracked`),
         and the graph declares the edge ``w1 -> w2`` (W2's best response follows W1), so the
         architecture's hypergradient takes the path A -> W1* -> m -> c -> W2* -> L_val(W2)
-        (False: ``m`` is the buffer alone, and that path is cut).
+        (True; False: ``m`` is the buffer alone, and that path is cut).
     """
 
     lam: float = 1.0
@@ -82,7 +82,7 @@ class Constants:
     noise_dim: int = 32
     learn_total: bool = False
     finetune_generator: bool = False
-    mistakes_grad: bool = False
+    mistakes_grad: bool = True
 
     def __post_init__(self) -> None:
         for name in ("lam", "gamma", "beta"):
@@ -93,7 +93,8 @@ class Constants:
         if self.mistakes not in ("ce", "error"):
             raise ValueError(f"mistakes must be 'ce' or 'error', got {self.mistakes!r}")
         if self.mistakes_grad and self.mistakes != "ce":
-            raise ValueError("mistakes_grad needs mistakes='ce': an error rate has no derivative in W1")
+            raise ValueError("mistakes_grad needs mistakes='ce' (an error rate has no derivative in W1); "
+                             "with mistakes='error' set mistakes_grad=False")
 
 
 @dataclass(frozen=True)
@@ -149,7 +150,7 @@ class Variant:
         """Whether ``w2``'s loss reads W1 (through ``m``) under the option ``mistakes_grad``."""
         return mistakes_grad and self.second_model and self.use_mistakes
 
-    def edges(self, mistakes_grad: bool = False) -> list[tuple[str, str]]:
+    def edges(self, mistakes_grad: bool = Constants.mistakes_grad) -> list[tuple[str, str]]:
         """The (upper, lower) edges of the program this variant builds (``mistakes_grad``: the
         constant of that name, which adds ``w1 -> w2``)."""
         edges = [("architecture", "w1")]
