@@ -4,6 +4,11 @@
 
     python -m benchmarks.lfm_cw_edges time  --rounds 4 --repeats 3 [--set KEY=VALUE ...]
     python -m benchmarks.lfm_cw_edges check --at 1,50 [--set KEY=VALUE ...]
+    python -m benchmarks.lfm_cw_edges search --rounds 30 --seeds 3 [--set KEY=VALUE ...]
+
+``search`` runs the first two variants from the same seeds and prints, per seed, how far each
+architecture moved from its initialisation, the distance between the two, and how many genotype
+edges differ.
 
 Both build the search of `mlo run` (`experiment.build_program`, `experiment.search_engine`) on
 the run config given by ``--set`` (default: Fashion-MNIST 14x14, the bench sizes), with an
@@ -56,6 +61,18 @@ def seconds_per_round(config: RunConfig, estimators: dict[str, str], rounds: int
     return (time.perf_counter() - wall) / rounds, (time.process_time() - cpu) / rounds
 
 
+def _softmaxes(program: Any) -> torch.Tensor:
+    """The architecture's operation weights, flattened."""
+    with torch.no_grad():
+        weights = program.architecture()
+        return torch.cat([weights.normal.reshape(-1), weights.reduce.reshape(-1)]).double()
+
+
+def _genotype_difference(a: Any, b: Any) -> int:
+    """Genotype edges (op, input) that differ, normal and reduction cells together."""
+    return sum(x != y for x, y in zip((*a.normal, *a.reduce), (*b.normal, *b.reduce)))
+
+
 def _variant(text: str, base: RunConfig) -> tuple[RunConfig, dict[str, str]]:
     """``EDGE=SPEC`` items (EDGE ``upper->lower`` or ``*``) set estimators, other ``KEY=VALUE``
     items set options of the run config."""
@@ -66,7 +83,8 @@ def _variant(text: str, base: RunConfig) -> tuple[RunConfig, dict[str, str]]:
 
 def main() -> None:
     p = argparse.ArgumentParser(prog="python -m benchmarks.lfm_cw_edges")
-    p.add_argument("what", choices=("time", "check"))
+    p.add_argument("what", choices=("time", "check", "search"))
+    p.add_argument("--seeds", type=int, default=3)
     p.add_argument("--rounds", type=int, default=4)
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--at", default="1,50", help="rounds at which to check (comma-separated)")
@@ -85,6 +103,7 @@ def main() -> None:
         for _ in range(args.repeats):
             for name, (conf, est) in variants.items():
                 times[name].append(seconds_per_round(conf, est, args.rounds))
+                print(f"{name}: wall {times[name][-1][0]:.3f} s, cpu {times[name][-1][1]:.3f} s per round", flush=True)
         base = next(iter(variants))
         for name, ts in times.items():
             for i, kind in enumerate(("wall", "cpu")):
@@ -92,6 +111,22 @@ def main() -> None:
                 ratios = [t[i] / b[i] for t, b in zip(ts, times[base])]
                 print(f"{name:>12} {kind}: median {statistics.median(mine):.3f} s/round {['%.3f' % t for t in mine]}; "
                       f"/ {base} median {statistics.median(ratios):.3f} {['%.3f' % r for r in ratios]}")
+        return
+    if args.what == "search":
+        (name_a, (conf_a, est_a)), (name_b, (conf_b, est_b)) = list(variants.items())[:2]
+        for seed in range(args.seeds):
+            ends = []
+            for conf, est in ((conf_a, est_a), (conf_b, est_b)):
+                eng, program = engine(conf, est, args.rounds, seed)
+                start = _softmaxes(program)
+                wall = time.perf_counter()
+                eng.run(args.rounds)
+                ends.append((program, float((_softmaxes(program) - start).norm()), time.perf_counter() - wall))
+            (pa, moved_a, ta), (pb, moved_b, tb) = ends
+            print(f"seed {seed}: moved {name_a} {moved_a:.4f}, {name_b} {moved_b:.4f}; between them "
+                  f"{float((_softmaxes(pa) - _softmaxes(pb)).norm()):.4f}; genotype edges differing "
+                  f"{_genotype_difference(pa.architecture.genotype(), pb.architecture.genotype())}"
+                  f"/{len(pa.architecture.genotype().normal) * 2}; seconds {ta:.1f} / {tb:.1f}", flush=True)
         return
     at = sorted(int(r) for r in args.at.split(","))
     for name, (conf, est) in variants.items():
@@ -104,7 +139,7 @@ def main() -> None:
                 if level in eng.graph.levels:
                     report = mlo.check(eng, level, reference="unroll:steps=1", warn_above=float("inf"))
                     print(f"[{name}] round {r}")
-                    print(report)
+                    print(report, flush=True)
 
 
 if __name__ == "__main__":

@@ -160,8 +160,10 @@ def test_mlo_run_end_to_end_on_digits(tmp_path: Path, one_thread: None) -> None:
 
 def test_betty_engine_refuses_an_estimator_betty_computes_differently() -> None:
     pytest.importorskip("betty")
-    with pytest.raises(ConfigError, match="cannot run method 'lfm-cw'.*look-ahead"):
-        RunConfig(engine="betty").validate()  # finite_difference: Betty's 'darts' differs
+    with pytest.raises(ConfigError, match="cannot run method 'darts-2nd'.*look-ahead"):
+        RunConfig(engine="betty", methods=["darts-2nd"]).validate()  # finite_difference: Betty's 'darts' differs
+    with pytest.raises(ConfigError, match="cannot run method 'lfm-cw'.*unroll"):
+        RunConfig(engine="betty").validate()  # unroll: no working Betty counterpart
     RunConfig(engine="betty", methods=["darts-1st"]).validate()  # first order is the same on both
 
 
@@ -438,6 +440,8 @@ def test_mistakes_path_is_the_edge_w1_to_w2_and_equals_its_autograd_reference(fl
     full = engine.hypergradient("architecture", estimator=exact)
     cut = engine.hypergradient("architecture", estimator={**exact, ("w1", "w2"): "first_order"})
     fd = engine.hypergradient("architecture", estimator={**exact, ("w1", "w2"): "finite_difference:radius=1e-6"})
+    default = engine.hypergradient("architecture")  # unroll:steps=1, and MistakesEdge on w1 -> w2
+    assert type(program.estimators[("w1", "w2")]).__name__ == "MistakesEdge"
     path = [f - c for f, c in zip(full, cut)]
 
     levels = {p.name: p for p in program.problems}
@@ -459,6 +463,7 @@ def test_mistakes_path_is_the_edge_w1_to_w2_and_equals_its_autograd_reference(fl
     size = float(torch.cat([t.reshape(-1) for t in want]).norm())
     assert size > 1e-6 * float(torch.cat([t.reshape(-1) for t in full]).norm())  # the path is there
     assert relative_error(path, want) < 1e-8
+    assert relative_error([d - c for d, c in zip(default, cut)], want) < 1e-8
     assert relative_error([f - c for f, c in zip(fd, cut)], want) < 1e-3  # a central difference on this edge (ReLU kinks: not O(radius^2))
     # without the option the edge is absent and the path cut
     plain, _ = _mistakes_path_program(mistakes_grad=False)
@@ -469,3 +474,27 @@ def relative_error(got, want) -> float:
     g = torch.cat([t.reshape(-1) for t in got])
     w = torch.cat([t.reshape(-1) for t in want])
     return float((g - w).norm() / w.norm())
+
+
+@pytest.mark.parametrize("mistakes_grad", [False, True])
+def test_every_lfm_cw_edge_default_is_within_5_percent_of_the_exact_one_step_value(mistakes_grad: bool, one_thread: None) -> None:
+    """`mlo check` against ``unroll:steps=1`` in float64: each edge's default estimate (float32)
+    within 5 %, at round 1 (a fresh W2, where DARTS's float32 difference is mostly rounding)."""
+    from mlo.problems.lfm_cw.program import Constants
+
+    splits = data.digits(seed=0)
+    spec = METHODS["lfm-cw"]
+    program = build(
+        splits.train, splits.val, splits.num_classes, splits.input_shape,
+        lambda: SuperNet(C=4, num_classes=10, layers=1, in_channels=1), spec.variant,
+        constants=Constants(mistakes_grad=mistakes_grad, synthetic_per_step=8), rounds=2, batch_size=16,
+        estimator=spec.estimator,
+    )
+    engine = mlo.Engine(program.problems, program.graph, program.estimators, hooks=program.hooks)
+    engine.run(1)
+    for level in ("architecture", "class_weights"):
+        report = mlo.check(engine, level, reference="unroll:steps=1", warn_above=float("inf"))
+        assert report.dtype == torch.float64 and report.rel_error < 0.05
+        assert all(edge.rel_error < 0.05 for edge in report.edges)
+        if level == "architecture":
+            assert (("w1", "w2") in {(e.upper, e.lower) for e in report.edges}) == mistakes_grad

@@ -67,7 +67,7 @@ class RunConfig:
     beta: float = 1.0  # sharpness of the class weights in W1's per-class mistakes
     synthetic_per_step: int = 32  # synthetic images drawn per W2 step
     mistakes: str = "ce"  # how W1's per-class mistakes are measured: ce (cross-entropy) | error (error rate)
-    mistakes_grad: bool = False  # the mistakes path A -> W1* -> m -> c -> W2* (Constants.mistakes_grad; edge w1 -> w2)
+    mistakes_grad: bool = True  # the mistakes path A -> W1* -> m -> c -> W2* (Constants.mistakes_grad; edge w1 -> w2)
     generator: str = "cvae"  # "cvae" (pretrained, cached, gated), "cgan" (trained as levels) or a checkpoint
     generator_warmup: int = 1500  # pretraining batches of the cVAE (GAN steps for "cgan") before the search
     generator_kl_weight: float | None = None  # cVAE KL weight; None: 0.5 on digits, 1.5 elsewhere
@@ -173,7 +173,8 @@ class RunConfig:
         if self.mistakes not in ("ce", "error"):
             raise ConfigError(f"mistakes must be 'ce' or 'error', got {self.mistakes!r}")
         if self.mistakes_grad and self.mistakes != "ce":
-            raise ConfigError("mistakes_grad needs mistakes = 'ce': an error rate has no derivative in W1")
+            raise ConfigError("mistakes_grad needs mistakes = 'ce' (an error rate has no derivative in W1); "
+                              "with mistakes = 'error' set mistakes_grad = false")
         for name in ("seeds", "search_rounds", "batch_size", "channels", "layers", "cell_steps", "pc_k", "synthetic_per_step",
                      "eval_epochs", "eval_channels", "eval_layers", "eval_batch_size"):
             if getattr(self, name) < 1:

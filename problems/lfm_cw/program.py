@@ -6,13 +6,17 @@ level              optimizes   objective                                        
 ``w1``             W1          L(A, W1; D_tr)                                              A
 ``discriminator``  D           BCE(D(x, y), 1) + BCE(D(G(z, k), k), 0)                     G
 ``generator``      G           -log D(G(z, k), k)                                          D
-``w2``             W2          L(A, W2; D_tr) + lam * mean_i c_{k_i} l(A, W2; G(z_i, k_i), k_i)   A, c, G
+``w2``             W2          L(A, W2; D_tr) + lam * mean_i c_{k_i} l(A, W2; G(z_i, k_i), k_i)   A, c, G (W1)
 ``class_weights``  phi         L(A, W2; D_val)                                             W2, m(W1)
 ``architecture``   A           L(A, W1; D_val) + gamma * L(A, W2; D_val)                   W1, W2
 =================  ==========  ==========================================================  ===========
 
 Graph: ``architecture -> [w1, w2]`` and ``class_weights -> [w2]``: the architecture's
 hypergradient flows through both supernets' best responses, the class weights' through W2's.
+With ``Constants.mistakes_grad`` W2's loss also reads W1 (``m(W1)`` computed differentiably),
+so W2's best response follows W1 and the graph declares ``w1 -> [w2]``: the architecture's
+hypergradient then has the path A -> W1* -> m -> c -> W2* -> L_val(W2) (W1's own loss does not
+read W2, so that edge adds nothing to W1's steps).
 The generator and discriminator are plain levels with no edge: they supply data, and no
 hypergradient flows into them. Class weights ``c = K softmax(phi + beta m(W1))``
 (`class_weights.ClassWeights`). Synthetic labels ``k_i`` are drawn uniformly over the classes,
@@ -29,7 +33,7 @@ from __future__ import annotations
 import math
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 import torch.nn.functional as F
@@ -37,8 +41,8 @@ from torch import Tensor, nn
 from torch.utils.data import DataLoader, Dataset
 
 import mlo
+from mlo.estimators.base import Hop, Info
 
-from ..data import labels_of
 from ..darts.architecture import Architecture
 from ..darts.search import SuperNet
 from ..data import labels_of
@@ -48,7 +52,7 @@ from .generator import ConditionalDiscriminator, ConditionalGenerator, discrimin
 from .streams import stream
 
 __all__ = [
-    "Constants", "Optimizers", "Variant", "LFMCW", "build", "batches", "augmented_real_source", "warm_then_cosine",
+    "Constants", "Optimizers", "Variant", "LFMCW", "MistakesEdge", "build", "batches", "augmented_real_source", "warm_then_cosine",
     "inverse_frequency", "MistakesHook", "RetrainLoss", "WithValidation",
 ]
 
@@ -72,7 +76,7 @@ class Constants:
         differentiably from W1's logits on a validation batch of its own (`ClassWeights.tracked`),
         and the graph declares the edge ``w1 -> w2`` (W2's best response follows W1), so the
         architecture's hypergradient takes the path A -> W1* -> m -> c -> W2* -> L_val(W2)
-        (False: ``m`` is the buffer alone, and that path is cut).
+        (True; False: ``m`` is the buffer alone, and that path is cut).
     """
 
     lam: float = 1.0
@@ -84,7 +88,7 @@ class Constants:
     noise_dim: int = 32
     learn_total: bool = False
     finetune_generator: bool = False
-    mistakes_grad: bool = False
+    mistakes_grad: bool = True
 
     def __post_init__(self) -> None:
         for name in ("lam", "gamma", "beta"):
@@ -95,7 +99,8 @@ class Constants:
         if self.mistakes not in ("ce", "error"):
             raise ValueError(f"mistakes must be 'ce' or 'error', got {self.mistakes!r}")
         if self.mistakes_grad and self.mistakes != "ce":
-            raise ValueError("mistakes_grad needs mistakes='ce': an error rate has no derivative in W1")
+            raise ValueError("mistakes_grad needs mistakes='ce' (an error rate has no derivative in W1); "
+                             "with mistakes='error' set mistakes_grad=False")
 
 
 @dataclass(frozen=True)
@@ -152,7 +157,7 @@ class Variant:
         """Whether ``w2``'s loss reads W1 (through ``m``) under the option ``mistakes_grad``."""
         return mistakes_grad and self.second_model and self.use_mistakes
 
-    def edges(self, mistakes_grad: bool = False) -> list[tuple[str, str]]:
+    def edges(self, mistakes_grad: bool = Constants.mistakes_grad) -> list[tuple[str, str]]:
         """The (upper, lower) edges of the program this variant builds (``mistakes_grad``: the
         constant of that name, which adds ``w1 -> w2``)."""
         edges = [("architecture", "w1")]
@@ -171,7 +176,7 @@ class LFMCW:
 
     problems: list[mlo.Problem]
     graph: dict[str, list[str]]
-    estimators: dict[tuple[str, str], str]
+    estimators: dict[tuple[str, str], str | mlo.estimators.Estimator]
     hooks: list[mlo.Hook]
     architecture: Architecture
     w1: SuperNet
@@ -182,6 +187,31 @@ class LFMCW:
     #: global norm of the class weights' hypergradient at each of its steps (0-d tensors on the
     #: device, so that no step waits for the host; read them once per round)
     phi_grad_norms: list[Tensor] = field(default_factory=list)
+
+
+@dataclass(frozen=True)
+class MistakesEdge(mlo.estimators.Estimator):
+    """The estimator of ``w1 -> w2`` on the mistakes path: ``unroll:steps=1``'s value without
+    its look-ahead. For W2's SGD step ``W2' = W2 - xi (mu buf + g(W2, W1) + wd W2)``,
+    ``(dW2'/dW1)^T a = -d<g, xi a>/dW1``, taken exactly (a second derivative). W1's loss does not
+    read W2, so a look-ahead of W2 would change nothing in W1's own hypergradient and would cost
+    one more differentiable step of W2 each time W1's hypergradient is taken (W1's steps and the
+    architecture's look-ahead of W1)."""
+
+    name: ClassVar[str] = "mistakes_edge"
+
+    def check(self, lower: mlo.Problem) -> None:
+        if type(lower.optimizer) is not torch.optim.SGD:
+            raise mlo.EstimatorError(
+                f"estimator 'mistakes_edge' serves a level stepped by SGD; {lower.name!r} has {type(lower.optimizer).__name__}"
+            )
+
+    def vjp(self, hop: Hop, adjoint: tuple[Tensor, ...], lookahead: tuple[Tensor, ...] | None) -> tuple[tuple[Tensor, ...], Info]:
+        v = tuple(lr * a for lr, a in zip(hop.learning_rates(), adjoint))
+        if mlo.autodiff.norm_value(v) == 0.0:
+            return mlo.autodiff.zeros_like(hop.upper_params), {}
+        mixed = hop.curvature("partial").mixed(v, create_graph=hop.create_graph)
+        return mlo.autodiff.scale(-1.0, mixed), {"adjoint_norm": mlo.autodiff.norm_value(adjoint)}
 
 
 def _norm_probe(norms: list[Tensor]) -> mlo.transforms.GradientTransform:
@@ -457,7 +487,7 @@ def build(
     optim: Optimizers = Optimizers(),
     rounds: int = 100,
     batch_size: int = 64,
-    estimator: str = "finite_difference",
+    estimator: str = "unroll:steps=1",
     generator: nn.Module | None = None,
     device: torch.device | str = "cpu",
     seed: int = 0,
@@ -472,7 +502,9 @@ def build(
     ``w2_warmup``: steps of that level alone before the search), then follows a cosine to
     ``optim.w_lr_min`` over the ``rounds`` of the search. ``generator``: a module ``(noise, labels) -> images`` used as
     a fixed data source; by default a `ConditionalGenerator` is trained as two levels.
-    ``estimator`` is used on every edge (``result.estimators`` can be edited before the engine).
+    ``estimator`` is used on every edge (``result.estimators`` can be edited before the engine);
+    its default, the exact one-step look-ahead, is LFM-CW's (`methods.LFM_ESTIMATOR`); on
+    ``w1 -> w2`` it is served by `MistakesEdge`, its value without a look-ahead.
     ``workers``: DataLoader processes per data stream on a GPU (none on a CPU).
     """
     device = torch.device(device)
@@ -566,6 +598,8 @@ def build(
         )
     )
     result.estimators = {(u, low): estimator for u, lows in result.graph.items() for low in lows}
+    if ("w1", "w2") in result.estimators and mlo.estimators.resolve(estimator) == mlo.estimators.resolve("unroll:steps=1"):
+        result.estimators[("w1", "w2")] = MistakesEdge()  # the same value, without a look-ahead W1 never reads
     result.modules.update(w1=w1, architecture=arch)
     if result.w2 is not None:
         result.modules["w2"] = result.w2
