@@ -511,100 +511,140 @@ def build(
     torch.manual_seed(seed)
     w1 = supernet().to(device)
     arch = w1.new_architecture(torch.Generator().manual_seed(seed)).to(device)
-
-    def sgd(net: nn.Module, warmup: int) -> tuple[torch.optim.Optimizer, Any]:
-        opt = torch.optim.SGD(net.parameters(), optim.w_lr, momentum=optim.w_momentum, weight_decay=optim.w_weight_decay)
-        return opt, torch.optim.lr_scheduler.LambdaLR(opt, warm_then_cosine(warmup, rounds, optim.w_lr_min / optim.w_lr))
-
-    def stream(dataset: Dataset, offset: int) -> _OnDevice:
-        return batches(dataset, batch_size, seed * 1000 + offset, device, workers)
-
-    opt, sched = sgd(w1, w1_warmup)
+    make = _Maker(train, val, num_classes, optim, rounds, batch_size, device, seed, workers)
     balance = inverse_frequency(train, num_classes).to(device) if variant.balanced_loss else None
+    opt, sched = make.sgd(w1, w1_warmup)
     problems: list[mlo.Problem] = [SupernetLoss(
-        "w1", w1, arch, balance, optimizer=opt, data=stream(train, 1), scheduler=sched, transform=_clipped(optim.w_grad_clip)
+        "w1", w1, arch, balance, optimizer=opt, data=make.stream(train, 1), scheduler=sched, transform=_clipped(optim.w_grad_clip)
     )]
-    hooks: list[mlo.Hook] = []
+    result = LFMCW(problems, {"architecture": ["w1"]}, {}, [], arch, w1)
     arch_terms: list[tuple[float, SuperNet]] = [(1.0, w1)]
-    result = LFMCW(problems, {"architecture": ["w1"]}, {}, hooks, arch, w1)
-
     if variant.second_model:
-        weights = ClassWeights(
-            num_classes, constants.beta if variant.use_mistakes else 0.0, constants.mistakes_momentum, constants.learn_total
-        ).to(device)
-        weights.requires_grad_(variant.learn_phi)
-        result.class_weights = weights
-        if variant.use_mistakes:
-            hooks.append(MistakesHook(w1, arch, weights, stream(val, 2), constants.mistakes))
-        gen = generator
-        if variant.generator and variant.augmented_real and gen is None:
-            gen = augmented_real_source(train, num_classes, shape)
-        if variant.generator and gen is None:
-            gen = ConditionalGenerator(num_classes, shape, constants.noise_dim).to(device)
-            disc = ConditionalDiscriminator(num_classes, shape).to(device)
-
-            def adam(m: nn.Module) -> torch.optim.Optimizer:
-                return torch.optim.Adam(m.parameters(), optim.gan_lr, betas=optim.gan_betas)
-
-            n = constants.synthetic_per_step
-            problems.append(
-                DiscriminatorLoss(disc, gen, optimizer=adam(disc), data=_WithNoise(stream(train, 3), batch_size, constants.noise_dim, num_classes, seed + 3, device))
-            )
-            problems.append(
-                GeneratorLoss(gen, disc, optimizer=adam(gen), data=_WithNoise(None, n, constants.noise_dim, num_classes, seed + 4, device))
-            )
-            result.modules.update(discriminator=disc)
-        if gen is not None:
-            gen = gen.to(device)
-            if gen is generator:
-                tune = constants.finetune_generator and hasattr(gen, "negative_elbo") and variant.generator
-                gen.requires_grad_(tune)
-                if tune:
-                    problems.append(ELBOLoss(
-                        "generator", gen, optimizer=torch.optim.Adam(gen.parameters(), 1e-4), data=stream(train, 3)
-                    ))
-        result.generator = gen if variant.generator else None
-        w2 = supernet().to(device)
-        result.w2 = w2
-        opt, sched = sgd(w2, w2_warmup)
-        train5 = stream(train, 5)
-        real: _OnDevice | _WithNoise = train5
-        if result.generator is not None:
-            real = _WithNoise(train5, constants.synthetic_per_step, constants.noise_dim, num_classes, seed + 5, device)
-        data2: _OnDevice | _WithNoise | WithValidation = real
-        path = variant.mistakes_path(constants.mistakes_grad)
-        if path:
-            data2 = WithValidation(real, stream(val, 8))
-            result.graph["w1"] = ["w2"]
-        problems.append(RetrainLoss(w2, arch, weights, result.generator, constants.lam, w1 if path else None, optimizer=opt,
-                                    data=data2, scheduler=sched, transform=_clipped(optim.w_grad_clip)))
-        if variant.learn_phi:
-            problems.append(
-                ValidationLoss(
-                    "class_weights", weights, [(1.0, w2)], arch,
-                    optimizer=torch.optim.Adam(weights.parameters(), optim.phi_lr), data=stream(val, 6),
-                    transform=_norm_probe(result.phi_grad_norms),
-                )
-            )
-            result.graph["class_weights"] = ["w2"]
-        arch_terms.append((constants.gamma, w2))
+        _add_second_model(result, make, supernet, shape, variant, constants, generator, w2_warmup)
+        assert result.w2 is not None
+        arch_terms.append((constants.gamma, result.w2))
         result.graph["architecture"].append("w2")
-
     problems.append(
         ValidationLoss(
             "architecture", arch, arch_terms, arch, balance,
             optimizer=torch.optim.Adam(arch.parameters(), optim.arch_lr, betas=optim.arch_betas, weight_decay=optim.arch_weight_decay),
-            data=stream(val, 7), transform=_clipped(optim.arch_grad_clip),
+            data=make.stream(val, 7), transform=_clipped(optim.arch_grad_clip),
         )
     )
     result.estimators = {(u, low): estimator for u, lows in result.graph.items() for low in lows}
     if ("w1", "w2") in result.estimators and mlo.estimators.resolve(estimator) == mlo.estimators.resolve("unroll:steps=1"):
         result.estimators[("w1", "w2")] = MistakesEdge()  # the same value, without a look-ahead W1 never reads
     result.modules.update(w1=w1, architecture=arch)
-    if result.w2 is not None:
-        result.modules["w2"] = result.w2
-    if result.class_weights is not None:
-        result.modules["class_weights"] = result.class_weights
-    if result.generator is not None:
-        result.modules["generator"] = result.generator
+    for name in ("w2", "class_weights", "generator"):
+        if getattr(result, name) is not None:
+            result.modules[name] = getattr(result, name)
     return result
+
+
+@dataclass(frozen=True)
+class _Maker:
+    """What every level of one `build` shares: the data, the weights' optimizer recipe and
+    schedule length, and the seeded data streams."""
+
+    train: Dataset
+    val: Dataset
+    num_classes: int
+    optim: Optimizers
+    rounds: int
+    batch_size: int
+    device: torch.device
+    seed: int
+    workers: int
+
+    def sgd(self, net: nn.Module, warmup: int) -> tuple[torch.optim.Optimizer, Any]:
+        """A weight copy's SGD and its schedule: constant for ``warmup`` steps, then the search's cosine."""
+        o = self.optim
+        opt = torch.optim.SGD(net.parameters(), o.w_lr, momentum=o.w_momentum, weight_decay=o.w_weight_decay)
+        return opt, torch.optim.lr_scheduler.LambdaLR(opt, warm_then_cosine(warmup, self.rounds, o.w_lr_min / o.w_lr))
+
+    def stream(self, dataset: Dataset, offset: int) -> _OnDevice:
+        """The batches of ``dataset`` for one level (``offset`` keeps each level's order its own)."""
+        return batches(dataset, self.batch_size, self.seed * 1000 + offset, self.device, self.workers)
+
+    def noise(self, base: _OnDevice | None, n: int, constants: Constants, offset: int) -> _WithNoise:
+        """``base``'s batches with ``n`` generator inputs (noise, labels) appended to each."""
+        return _WithNoise(base, n, constants.noise_dim, self.num_classes, self.seed + offset, self.device)
+
+
+def _add_second_model(
+    result: LFMCW, make: _Maker, supernet: Callable[[], SuperNet], shape: tuple[int, int, int], variant: Variant,
+    constants: Constants, generator: nn.Module | None, w2_warmup: int,
+) -> None:
+    """The levels of LFM-CW's second model: the class weights (W1's mistakes and phi), the data
+    source W2 learns from besides the real data, and ``w2`` itself."""
+    weights = ClassWeights(
+        make.num_classes, constants.beta if variant.use_mistakes else 0.0, constants.mistakes_momentum, constants.learn_total
+    ).to(make.device)
+    weights.requires_grad_(variant.learn_phi)
+    result.class_weights = weights
+    if variant.use_mistakes:
+        result.hooks.append(MistakesHook(result.w1, result.architecture, weights, make.stream(make.val, 2), constants.mistakes))
+    result.generator = _data_source(result, make, shape, variant, constants, generator)
+    w2 = supernet().to(make.device)
+    result.w2 = w2
+    opt, sched = make.sgd(w2, w2_warmup)
+    train5 = make.stream(make.train, 5)
+    real: _OnDevice | _WithNoise = train5
+    if result.generator is not None:
+        real = make.noise(train5, constants.synthetic_per_step, constants, 5)
+    data2: _OnDevice | _WithNoise | WithValidation = real
+    path = variant.mistakes_path(constants.mistakes_grad)
+    if path:
+        data2 = WithValidation(real, make.stream(make.val, 8))
+        result.graph["w1"] = ["w2"]
+    result.problems.append(RetrainLoss(
+        w2, result.architecture, weights, result.generator, constants.lam, result.w1 if path else None, optimizer=opt,
+        data=data2, scheduler=sched, transform=_clipped(make.optim.w_grad_clip),
+    ))
+    if variant.learn_phi:
+        result.problems.append(
+            ValidationLoss(
+                "class_weights", weights, [(1.0, w2)], result.architecture,
+                optimizer=torch.optim.Adam(weights.parameters(), make.optim.phi_lr), data=make.stream(make.val, 6),
+                transform=_norm_probe(result.phi_grad_norms),
+            )
+        )
+        result.graph["class_weights"] = ["w2"]
+
+
+def _data_source(
+    result: LFMCW, make: _Maker, shape: tuple[int, int, int], variant: Variant, constants: Constants,
+    generator: nn.Module | None,
+) -> nn.Module | None:
+    """What W2's synthetic images come from (None: W2 reweights real data): the given
+    ``generator`` (fine-tuned as a level if asked), augmented real images, or a conditional GAN
+    trained as two levels of the program."""
+    if not variant.generator:
+        if generator is not None:  # handed over but unused: frozen, as every data source no level trains
+            generator.to(make.device).requires_grad_(False)
+        return None
+    gen = generator
+    if variant.augmented_real and gen is None:
+        gen = augmented_real_source(make.train, make.num_classes, shape)
+    if gen is None:
+        gen = ConditionalGenerator(make.num_classes, shape, constants.noise_dim).to(make.device)
+        disc = ConditionalDiscriminator(make.num_classes, shape).to(make.device)
+
+        def adam(m: nn.Module) -> torch.optim.Optimizer:
+            return torch.optim.Adam(m.parameters(), make.optim.gan_lr, betas=make.optim.gan_betas)
+
+        result.problems.append(DiscriminatorLoss(
+            disc, gen, optimizer=adam(disc), data=make.noise(make.stream(make.train, 3), make.batch_size, constants, 3)
+        ))
+        result.problems.append(GeneratorLoss(gen, disc, optimizer=adam(gen), data=make.noise(None, constants.synthetic_per_step, constants, 4)))
+        result.modules.update(discriminator=disc)
+        return gen
+    gen = gen.to(make.device)
+    if gen is generator:
+        tune = constants.finetune_generator and hasattr(gen, "negative_elbo")
+        gen.requires_grad_(tune)
+        if tune:
+            result.problems.append(ELBOLoss(
+                "generator", gen, optimizer=torch.optim.Adam(gen.parameters(), 1e-4), data=make.stream(make.train, 3)
+            ))
+    return gen
