@@ -107,14 +107,13 @@ def differences(a: Path, b: Path) -> list[str]:
 @pytest.fixture(scope="module")
 def uninterrupted(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[tuple[str, ...], Path]]:
     """The output folder of each argv run without interruption (made when first asked for)."""
-    made: dict[tuple[str, ...], Path] = {}
 
     class Runs(dict):  # type: ignore[type-arg]
         def __missing__(self, argv: tuple[str, ...]) -> Path:
             out = tmp_path_factory.mktemp("whole")
             with single_threaded():
                 assert main(["run", *argv, "--out", str(out)]) == 0
-            made[argv] = out
+            self[argv] = out
             return out
 
     yield Runs()
