@@ -58,8 +58,10 @@ _PDARTS = [
     "--set", "generator_warmup=5", "--set", "synthetic_per_step=8", "--set", "eval_seeds=2", "--checkpoint-every", "1",
 ]
 
-#: one method and one seed
+#: one method and one seed; two methods and one seed; one method and two seeds
 _ONE = [a for a in _TINY if a not in ("--methods", "lfm-cw,lfm-cw-mistakes", "--seeds", "2")]
+_TWO_METHODS = [a for a in _TINY if a not in ("--seeds", "2")]
+_TWO_SEEDS = [a for a in _TINY if a not in ("--methods", "lfm-cw,lfm-cw-mistakes")]
 
 #: phase -> (the file whose write is killed, the argv)
 PHASES: dict[str, tuple[str, list[str]]] = {
@@ -69,9 +71,9 @@ PHASES: dict[str, tuple[str, list[str]]] = {
     "W2 warm-up": (r"^\.checkpoint-seed0-warmup-w2-cvae-00000002\.pt\.tmp-", _ONE),
     "search": (r"^\.checkpoint-lfm-cw-seed0-search-00000002\.pt\.tmp-", _ONE),
     "evaluation": (r"^results\.json\.tmp$", _ONE),
-    "between methods (2nd method's first round)": (r"^\.checkpoint-lfm-cw-mistakes-seed0-search-00000001\.pt\.tmp-", _TINY),
-    "search, phi frozen (2nd method)": (r"^\.checkpoint-lfm-cw-mistakes-seed0-search-00000002\.pt\.tmp-", _TINY),
-    "between seeds (seed 1's W1 warm-up)": (r"^\.checkpoint-seed1-warmup-w1-00000001\.pt\.tmp-", _TINY),
+    "between methods (2nd method's first round)": (r"^\.checkpoint-lfm-cw-mistakes-seed0-search-00000001\.pt\.tmp-", _TWO_METHODS),
+    "search, phi frozen (2nd method)": (r"^\.checkpoint-lfm-cw-mistakes-seed0-search-00000002\.pt\.tmp-", _TWO_METHODS),
+    "between seeds (seed 1's W1 warm-up)": (r"^\.checkpoint-seed1-warmup-w1-00000001\.pt\.tmp-", _TWO_SEEDS),
     "P-DARTS stage 1": (r"^\.checkpoint-lfm-cw-seed0-search-stage1-00000001\.pt\.tmp-", _PDARTS),
     "P-DARTS stage 2": (r"^\.checkpoint-lfm-cw-seed0-search-stage2-00000001\.pt\.tmp-", _PDARTS),
     "P-DARTS stage 3": (r"^\.checkpoint-lfm-cw-seed0-search-stage3-00000001\.pt\.tmp-", _PDARTS),
@@ -106,14 +108,13 @@ def differences(a: Path, b: Path) -> list[str]:
 @pytest.fixture(scope="module")
 def uninterrupted(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[tuple[str, ...], Path]]:
     """The output folder of each argv run without interruption (made when first asked for)."""
-    made: dict[tuple[str, ...], Path] = {}
 
     class Runs(dict):  # type: ignore[type-arg]
         def __missing__(self, argv: tuple[str, ...]) -> Path:
             out = tmp_path_factory.mktemp("whole")
             with single_threaded():
                 assert main(["run", *argv, "--out", str(out)]) == 0
-            made[argv] = out
+            self[argv] = out
             return out
 
     yield Runs()
