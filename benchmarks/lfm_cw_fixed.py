@@ -51,7 +51,7 @@ from torch import Tensor, nn
 from torch.utils.data import DataLoader, Dataset, Subset
 
 import mlo
-from mlo.config import ConfigError, assignments, updated
+from mlo.config import ConfigError, assignments, at_least, updated
 from mlo.problems import data
 from mlo.problems.lfm_cw.class_weights import ClassWeights, class_mistakes
 from mlo.problems.lfm_cw.config import RunConfig
@@ -110,9 +110,7 @@ class FixedConfig:
             raise ConfigError("method lfm-cw needs erm: its mistakes m(W1) are erm's")
         if self.first_seed < 0:
             raise ConfigError(f"first_seed must be >= 0, got {self.first_seed}")
-        for name in ("seeds", "steps", "batch_size", "width", "synthetic_per_step", "generator_steps"):
-            if getattr(self, name) < 1:
-                raise ConfigError(f"{name} must be >= 1, got {getattr(self, name)}")
+        at_least(self, 1, ("seeds", "steps", "batch_size", "width", "synthetic_per_step", "generator_steps"))
         try:  # a list from ``--set imbalances=10,100`` arrives as strings
             self.imbalances = [float(rho) for rho in self.imbalances]
         except ValueError:

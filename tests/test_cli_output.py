@@ -88,11 +88,12 @@ def test_betty_refusal_gives_the_command_line_remedy_and_the_remedy_works(capsys
 
     if not betty_available():
         pytest.skip("betty-ml is not installed")
-    assert main(["run", "lfm-cw", "--engine", "betty", "--rounds", "1"]) == 2
-    err = capsys.readouterr().err
-    assert "--set allow_inexact=true" in err and "allow_inexact=True" not in err
-    assert len(err.strip().splitlines()) == 1
-    RunConfig(engine="betty", allow_inexact=True).validate()  # accepted: Betty's method runs, with a warning
+    for method in ("lfm-cw", "darts-2nd"):  # unroll (no Betty counterpart); finite_difference (Betty's differs)
+        assert main(["run", method, "--engine", "betty", "--rounds", "1"]) == 2
+        err = capsys.readouterr().err
+        assert "--set allow_inexact=true" in err and "allow_inexact=True" not in err
+        assert len(err.strip().splitlines()) == 1
+    RunConfig(engine="betty", allow_inexact=True, estimator="finite_difference").validate()  # accepted, with a warning
 
 
 def _batch_statistics_worker(rank: int, folder: str) -> None:

@@ -13,7 +13,7 @@ from typing import Any
 
 from mlo import EstimatorError, config, estimators
 from mlo.engine import SYNCS
-from mlo.config import ConfigError
+from mlo.config import ConfigError, at_least
 
 from ..darts.train import LR_SCHEDULES
 from ..data import DATASETS
@@ -175,19 +175,15 @@ class RunConfig:
         if self.mistakes_grad and self.mistakes != "ce":
             raise ConfigError("mistakes_grad needs mistakes = 'ce' (an error rate has no derivative in W1); "
                               "with mistakes = 'error' set mistakes_grad = false")
-        for name in ("seeds", "search_rounds", "batch_size", "channels", "layers", "cell_steps", "pc_k", "synthetic_per_step",
-                     "eval_epochs", "eval_channels", "eval_layers", "eval_batch_size"):
-            if getattr(self, name) < 1:
-                raise ConfigError(f"{name} must be >= 1, got {getattr(self, name)}")
+        at_least(self, 1, ("seeds", "search_rounds", "batch_size", "channels", "layers", "cell_steps", "pc_k", "synthetic_per_step",
+                           "eval_epochs", "eval_channels", "eval_layers", "eval_batch_size"))
         if self.precision not in ("fp32", "bf16", "fp16"):
             raise ConfigError(f"precision must be fp32, bf16 or fp16, got {self.precision!r}")
         if self.sync not in SYNCS:
             raise ConfigError(f"sync must be one of {SYNCS}, got {self.sync!r}")
-        for name in ("lam", "gamma", "beta", "w_lr", "arch_lr", "phi_lr", "drop_path", "auxiliary_weight", "cutout", "threads", "workers",
-                     "generator_warmup", "w1_warmup", "w2_warmup", "checkpoint_every", "eval_seeds", "first_seed",
-                     "eval_lr", "eval_weight_decay"):
-            if getattr(self, name) < 0:
-                raise ConfigError(f"{name} must be >= 0, got {getattr(self, name)}")
+        at_least(self, 0, ("lam", "gamma", "beta", "w_lr", "arch_lr", "phi_lr", "drop_path", "auxiliary_weight", "cutout", "threads", "workers",
+                           "generator_warmup", "w1_warmup", "w2_warmup", "checkpoint_every", "eval_seeds", "first_seed",
+                           "eval_lr", "eval_weight_decay"))
         for name in ("w_grad_clip", "arch_grad_clip"):
             if getattr(self, name) is not None and not getattr(self, name) > 0:
                 raise ConfigError(f"{name} must be > 0 (or absent: not clipped), got {getattr(self, name)}")
@@ -252,7 +248,10 @@ class RunConfig:
                     try:
                         inexact = betty_method(spec, allow_inexact=True)
                     except BettyUnsupported:
-                        raise ConfigError(f"engine 'betty' cannot run method {method!r}: {err}") from None
+                        raise ConfigError(
+                            f"engine 'betty' cannot run method {method!r}: {err} Or choose an estimator Betty runs: "
+                            f"--estimator first_order, neumann or sama, or --estimator finite_difference --set allow_inexact=true"
+                        ) from None
                     raise ConfigError(
                         f"engine 'betty' cannot run method {method!r} as mlo does with {spec}: "
                         f"{inexact.mismatch}. Add --set allow_inexact=true to run Betty's method anyway (with a warning), "
