@@ -8,8 +8,8 @@ closure sees the substituted values too. A parameter registered under several na
 weights) is replaced under all of them. Nothing is deep-copied and nothing is left changed.
 
 The slots are found once, when the `Program` is built; the swap then costs a few dictionary
-writes, where ``functional_call`` re-derives them on every call (about 0.15 ms per call for a
-small MLP on a CPU, as much as the MLP's forward pass).
+writes, where ``functional_call`` re-derives them on every call (on a small network, as much as
+its forward pass; docs/benchmarks.md).
 """
 
 from __future__ import annotations

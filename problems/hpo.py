@@ -96,11 +96,9 @@ class HPOConfig:
 
     Cost matching: each grid point trains ``rounds`` plain steps; the learned rates get
     ``rounds * len(grid) / cost`` rounds, ``cost`` being what one of their rounds costs in plain
-    steps (a step, a differentiable look-ahead step and the validation pass through it). It is
-    measured, not assumed: ``python -m mlo.benchmarks.hpo_cost`` (CPU time, one thread, median of
-    12 interleaved blocks of 50 rounds) gave 2.94 and 3.05 on the 2-core development machine. Wall
-    times on a shared machine are not a fair measure of it: every run's ``seconds`` in results.json
-    is there to read, not to match."""
+    steps (a step, a differentiable look-ahead step and the validation pass through it), measured
+    by ``python -m mlo.benchmarks.hpo_cost`` (CPU time, interleaved blocks; docs/programs/hpo.md).
+    Every run's wall ``seconds`` in results.json is there to read, not to match."""
 
     methods: list[str] = option(help="the methods compared, comma-separated: learned rates, and the best point of the grid",
                                 choices=METHODS, default_factory=lambda: list(METHODS))

@@ -8,8 +8,8 @@ in the paper, the weight is a function of the loss value, not a path for the cla
 gradient). The weights are normalised within each batch, as in the paper's code: only their
 ratios matter. Unnormalised, the weight net can lower the validation loss by raising every weight
 (a larger step, not a reweighting); it then saturates at V = 1 for every loss, where the sigmoid
-has no gradient left, and trains the classifier exactly as uniform weights do (measured: 2 seeds
-of 6 on noisy digits; `normalize=False` keeps that rule). The weight net learns to down-weight
+has no gradient left, and trains the classifier exactly as uniform weights do (`normalize=False`
+keeps that rule). The weight net learns to down-weight
 what the clean validation data says hurts: examples with flipped labels, or head classes of a
 long-tailed training set.
 """

@@ -66,7 +66,7 @@ def minus_mixed(hop: Hop, v: Tensors, eps: float) -> Tensors:
 
     Without a graph through the two points, ``w - eps v`` is written into the memory of
     ``w + eps v`` once the gradient there is taken (the same values): a fresh parameter-sized
-    tensor costs page faults, about 3 ms for 3.2M float32 weights on a CPU, twice the arithmetic."""
+    tensor costs page faults, more than the arithmetic on large levels."""
     if hop.create_graph:
         plus = hop.upper_gradient(autodiff.axpy(eps, v, hop.lower_params))
         minus = hop.upper_gradient(autodiff.axpy(-eps, v, hop.lower_params))
