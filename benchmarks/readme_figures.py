@@ -74,7 +74,7 @@ def _run_demo(scratch: Path) -> str:
 def _parse_demo(text: str) -> dict[str, str]:
     found: dict[str, str] = {}
     text = " ".join(text.split())  # rich wraps long lines at the console's width
-    row = re.search(r"│ lfm-cw\s*│\s*(\d+)\s*│\s*[\d.]+\s*│\s*([\d.]+k?)\s*│\s*([\d.]+) ± ([\d.]+)\s*│", text)
+    row = re.search(r"│ lfm-cw\s*│\s*(\d+)\s*│\s*[\d.]+\s*│\s*([\d.]+k?)\s*│\s*([\d.]+) ± ([\d.]+|—)\s*│", text)
     if row:
         found.update(seeds=row[1], params=row[2], test_error_percent=row[3], test_error_std=row[4])
     gate = re.search(

@@ -580,12 +580,15 @@ def _table(summary: list[dict[str, Any]], imbalanced: bool) -> Table:
     for col in ("method", "seeds", "search time (s)", "params", "test error (%)") + (("balanced error (%)",) if imbalanced else ()):
         table.add_column(col, justify="left" if col == "method" else "right")
     for row in summary:
-        cells = [
-            row["method"], str(row["seeds"]), f"{row['search_seconds']:.1f}", f"{row['params'] / 1e3:.1f}k",
-            f"{row['test_error']:.2f} ± {row['test_error_std']:.2f}",
-        ]
+        spread = row["seeds"] > 1  # one seed has no spread to show
+
+        def error(key: str, row: dict[str, Any] = row, spread: bool = spread) -> str:
+            return f"{row[key]:.2f} ± {row[key + '_std']:.2f}" if spread else f"{row[key]:.2f} ± —"
+
+        cells = [row["method"], str(row["seeds"]), f"{row['search_seconds']:.1f}", f"{row['params'] / 1e3:.1f}k",
+                 error("test_error")]
         if imbalanced:
-            cells.append(f"{row['balanced_error']:.2f} ± {row['balanced_error_std']:.2f}")
+            cells.append(error("balanced_error"))
         table.add_row(*cells)
     return table
 
