@@ -676,3 +676,17 @@ def write_image_folder(root: Path, classes: dict[str, dict[str, int]], size: tup
             for i in range(n):
                 pixels = rng.integers(0, 256, (*size, 3), dtype=np.uint8)
                 Image.fromarray(pixels).save(folder / f"{i}.{'png' if i % 2 else 'jpg'}")
+
+
+#: classes and image shape of `prototypes`
+PROTOTYPE_CLASSES, PROTOTYPE_SHAPE = 4, (1, 6, 6)
+
+
+def prototypes() -> Tensor:
+    """PROTOTYPE_CLASSES clearly different 6x6 images (one bright 3x3 block each): a data set a
+    generator and a classifier can learn in seconds."""
+    protos = torch.zeros(PROTOTYPE_CLASSES, *PROTOTYPE_SHAPE)
+    for k in range(PROTOTYPE_CLASSES):
+        r, c = divmod(k, 2)
+        protos[k, 0, 3 * r : 3 * r + 3, 3 * c : 3 * c + 3] = 2.0
+    return protos

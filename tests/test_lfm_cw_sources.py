@@ -16,18 +16,9 @@ from mlo.problems.lfm_cw.cvae import ConditionalVAE, pretrain_cvae
 from mlo.problems.lfm_cw.gate import quality_gate, real_classifier, within_class_std
 from mlo.problems.lfm_cw.generator import load_generator
 
+from .helpers import PROTOTYPE_CLASSES as K, PROTOTYPE_SHAPE as SHAPE, prototypes as _prototypes
+
 pytestmark = pytest.mark.usefixtures("one_thread")
-
-K, SHAPE = 4, (1, 6, 6)
-
-
-def _prototypes() -> Tensor:
-    """K clearly different 6x6 patterns (one bright quadrant-ish block each)."""
-    protos = torch.zeros(K, *SHAPE)
-    for k in range(K):
-        r, c = divmod(k, 2)
-        protos[k, 0, 3 * r : 3 * r + 3, 3 * c : 3 * c + 3] = 2.0
-    return protos
 
 
 def _dataset(n: int, seed: int, noise: float = 0.5) -> TensorDataset:

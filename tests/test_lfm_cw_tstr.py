@@ -11,17 +11,9 @@ from torch.utils.data import TensorDataset
 from mlo.problems.lfm_cw.cvae import ConditionalVAE, pretrain_cvae
 from mlo.problems.lfm_cw.gate import GateReport, quality_gate, real_classifier
 
+from .helpers import PROTOTYPE_CLASSES as K, PROTOTYPE_SHAPE as SHAPE, prototypes as _prototypes
+
 pytestmark = pytest.mark.usefixtures("one_thread")
-
-K, SHAPE = 4, (1, 6, 6)
-
-
-def _prototypes() -> Tensor:
-    protos = torch.zeros(K, *SHAPE)
-    for k in range(K):
-        r, c = divmod(k, 2)
-        protos[k, 0, 3 * r : 3 * r + 3, 3 * c : 3 * c + 3] = 2.0
-    return protos
 
 
 def _dataset(n: int, seed: int) -> TensorDataset:
