@@ -89,7 +89,7 @@ def _parse_demo(text: str) -> dict[str, str]:
 
 def _run_tests(scratch: Path) -> str:
     mypy = _python("-m", "mypy")
-    tests = _python("-m", "pytest", "-q", "-p", "no:cacheprovider")
+    tests = _python("-m", "pytest", "-p", "no:cacheprovider")  # pyproject adds -q; -qq would drop the summary line
     lines = [line for line in (mypy.stdout + tests.stdout).splitlines() if line.strip()]
     success = next((line for line in lines if line.startswith(("Success:", "Found "))), "mypy printed no summary")
     summary = next((line.strip("= ") for line in reversed(lines) if re.search(r"\d+ (passed|failed)", line)), "no summary")
