@@ -64,7 +64,10 @@ def test_lfm_cw_flags_show_defaults_and_help_all_lists_every_field(capsys: pytes
     assert "--set train_size=INT" in _help(["run", "hpo", "--help-all"], capsys)
 
 
-def test_one_seed_prints_dashes_not_nan_and_a_narrow_table_keeps_whole_headers(capsys: pytest.CaptureFixture[str]) -> None:
+def test_one_seed_prints_dashes_not_nan_and_a_narrow_table_keeps_whole_headers(
+    capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.delenv("COLUMNS", raising=False)  # rich reads the width from it (make readme-figures sets 100)
     metrics = {"test_error": 10.0, "balanced_error": 11.0, "weight_clean": 0.5, "weight_harmful": 0.25, "auc": 0.75}
     result = runs.compare("mlo run demo", ["mwn", "uniform", "class-balanced"], 1, lambda m, s: dict(metrics), None, {},
                           reference="mwn")
