@@ -14,6 +14,8 @@ Workloads (sizes are arguments; the speed suite records the ones it uses):
 - `reweighting`: Meta-Weight-Net data reweighting on sklearn digits: an MLP classifier trained
   on labels with symmetric noise, each sample's loss weighted by a small weight net of that
   loss; the weight net minimises the classifier's loss on clean validation data.
+- `hpo`: per-layer weight decays of an MLP on sklearn digits, learned through the validation
+  loss (the implicit estimators' case of `mlo.problems.hpo`: a weight decay moves the optimum).
 - `darts`: one DARTS search round: SuperNet weights (lower, training loss) and architecture
   logits (upper, validation loss) on digits at 8x8, or digits resized to 3x32x32.
 """
@@ -21,6 +23,7 @@ Workloads (sizes are arguments; the speed suite records the ones it uses):
 from __future__ import annotations
 
 import copy
+import math
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -39,6 +42,7 @@ __all__ = [
     "Copy",
     "ridge",
     "reweighting",
+    "hpo",
     "darts",
     "digits",
     "as_mlo",
@@ -220,6 +224,49 @@ def reweighting(hidden: int = 100, batch: int = 100, noise: float = 0.4, seed: i
         config={"classifier": f"MLP 64-{hidden}x{layers}-10", "weight_net": "1-100-1 sigmoid", "batch": batch,
                 "label_noise": noise, "lower": f"SGD(lr={lower_lr})", "upper": f"Adam(lr={upper_lr})",
                 "classifier_parameters": sum(p.numel() for p in classifier.parameters())},
+    )
+
+
+# ---------------------------------------------------------------------------------------------- hpo
+
+
+class LogDecays(nn.Module):
+    """One log weight decay per linear layer of the classifier."""
+
+    def __init__(self, layers: int, weight_decay: float) -> None:
+        super().__init__()
+        self.log_wd = nn.Parameter(torch.full((layers,), math.log(weight_decay)))
+
+
+def _decayed_loss(lower: nn.Module, upper: nn.Module, batch: tuple[Tensor, Tensor]) -> Tensor:
+    x, y = batch
+    decays = upper.log_wd.exp()
+    weights = [m.weight for m in lower.modules() if isinstance(m, nn.Linear)]
+    penalty = sum(0.5 * d * (w * w).sum() for d, w in zip(decays, weights))
+    return F.cross_entropy(lower(x), y) + penalty
+
+
+def hpo(hidden: int = 100, batch: int = 100, seed: int = 0, lower_lr: float = 0.1, upper_lr: float = 0.01,
+        weight_decay: float = 1e-3) -> Bilevel:
+    """Weight-decay HPO on digits: an MLP 64-hidden-10 (SGD) on training batches with one learned
+    log weight decay per layer (Adam) that minimises the cross-entropy on validation batches."""
+    x, y = digits(seed=seed)
+    x = x.flatten(1)
+    val, train = slice(0, 300), slice(300, None)
+    torch.manual_seed(seed)
+    classifier = mlp(64, hidden, 10)
+    return Bilevel(
+        "hpo",
+        classifier,
+        LogDecays(2, weight_decay),
+        _decayed_loss,
+        _clean_loss,
+        _batches(x[train], y[train], batch),
+        _batches(x[val], y[val], batch),
+        lambda ps: torch.optim.SGD(ps, lr=lower_lr),
+        lambda ps: torch.optim.Adam(ps, lr=upper_lr),
+        config={"classifier": f"MLP 64-{hidden}-10", "upper": f"log weight decay per layer, Adam(lr={upper_lr})",
+                "batch": batch, "lower": f"SGD(lr={lower_lr})", "initial_weight_decay": weight_decay},
     )
 
 

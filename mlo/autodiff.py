@@ -23,7 +23,7 @@ _RUN_BACKWARD: Callable[..., tuple[Tensor | None, ...]] | None = getattr(
     torch.autograd.graph, "_engine_run_backward", None
 )
 
-__all__ = ["Tensors", "grad", "all_finite", "norm_value", "norm_values", "norm_tensor", "axpy", "dot", "norm", "scale", "add", "sub", "zeros_like", "alias", "computed"]
+__all__ = ["Tensors", "grad", "all_finite", "finite_probe", "read", "norm_value", "norm_values", "norm_tensor", "axpy", "dot", "norm", "scale", "add", "sub", "zeros_like", "alias", "computed"]
 
 
 def _engine(
@@ -104,25 +104,51 @@ def _grad(
     return tuple(torch.zeros_like(x) if r is None else r for x, r in zip(inputs, result))
 
 
-def all_finite(tensors: Sequence[Tensor]) -> bool:
-    """Whether every element of every tensor is finite, with one host read on the common path.
+#: lists up to this long are probed tensor by tensor (`finite_probe`); longer ones by one fused norm
+PROBE_SUMS = 8
 
-    A Euclidean norm is not finite when an element is not (NaN and infinities propagate through
-    it), so one fused 2-norm per tensor decides when it is finite. It can also overflow on finite
-    elements (squares past the dtype's range); only then is the exact test run, a max-abs norm.
-    The order matters for speed: on a CPU the max-abs reduction is an order of magnitude slower
-    than the 2-norm, and the engine runs this check on every step's gradient.
-    """
+
+def finite_probe(tensors: Sequence[Tensor]) -> Tensor:
+    """A 0-d tensor that is finite when every element of ``tensors`` is (no host read, no graph):
+    the sum of every element. NaN and infinities propagate through a sum, so a finite probe
+    proves every element finite; a sum can also overflow on finite elements, so a non-finite
+    probe proves nothing by itself (`all_finite` then runs the exact test). Why sums: on a CPU a
+    sum is a reduction every program runs anyway, while a fused norm, a stack and a list read
+    are code paths of their own, which in the middle of a round (cold caches) cost several times
+    the sums of a small program's few tensors. A long list takes one fused norm per tensor."""
+    flat = [t.detach() for t in tensors]  # detached: no graph is recorded
+    if not flat:
+        return torch.zeros(())
+    if len(flat) > PROBE_SUMS:
+        return torch.stack(torch._foreach_norm(flat)).sum()
+    total = flat[0].sum()
+    for t in flat[1:]:
+        total = total + t.sum()
+    return total
+
+
+def read(*values: Tensor) -> list[float]:
+    """0-d tensors as floats. On a CPU each is read by itself (reading costs nothing there, and
+    a stack would be one more operation); elsewhere they are stacked into one transfer, so a
+    GPU synchronizes once."""
+    if not values:
+        return []
+    if values[0].device.type == "cpu":
+        return [v.detach().item() for v in values]
+    return torch.stack([v.detach() for v in values]).tolist()  # stack promotes dtypes
+
+
+def all_finite(tensors: Sequence[Tensor]) -> bool:
+    """Whether every element of every tensor is finite, with one host read on the common path:
+    the `finite_probe` of the tensors; only where it is not finite (a non-finite element, or
+    finite elements whose sum overflowed) the exact test runs, a max-abs norm per tensor."""
     if not tensors:
         return True
+    if math.isfinite(finite_probe(tensors).item()):  # a probe is never part of a graph
+        return True
     with torch.no_grad():  # no graph is recorded, so tensors that require grad need no detach
-        flat = list(tensors)
-        return _finite_peak(torch._foreach_norm(flat)) or _finite_peak(torch._foreach_norm(flat, float("inf")))
-
-
-def _finite_peak(norms: Sequence[Tensor]) -> bool:
-    """Whether the largest of ``norms`` is finite (NaN propagates through ``max``): one host read."""
-    return math.isfinite(float(norms[0]) if len(norms) == 1 else float(torch.stack(list(norms)).max()))
+        peaks = torch._foreach_norm(list(tensors), float("inf"))
+        return math.isfinite(float(peaks[0]) if len(peaks) == 1 else float(torch.stack(list(peaks)).max()))
 
 
 def dot(a: Sequence[Tensor], b: Sequence[Tensor]) -> Tensor:

@@ -414,8 +414,9 @@ class Engine:
         self.program.problems[name].batch = self.levels[name].stream.draw()
 
     def _watch(self, name: str, loss: Tensor, grads: Tensors, stepping: bool) -> None:
-        """The safety of one evaluation of level ``name``, from one host read of its loss and its
-        gradients' norms (`_read`):
+        """The safety of one evaluation of level ``name``, from one host read: at the level's
+        first evaluation, of its loss and its gradients' norms (`_read`); after it, of its loss
+        and a finiteness probe of its gradients (`mlo.autodiff.finite_probe`):
 
         - ``NonFiniteError`` naming the level and round if the loss or a gradient is not finite
           (``check_finite``);
@@ -427,9 +428,17 @@ class Engine:
         growth = stepping and self.divergence_factor is not None and name not in self._diverged
         if not (self.check_finite or first or growth):
             return
-        value, *norms = _read(loss, grads)  # value: |loss|
-        if self.check_finite and not (math.isfinite(value) and all(map(math.isfinite, norms))):
-            self._raise_non_finite(name, loss, grads)
+        if first:  # the zero test reads every gradient's norm
+            value, *norms = _read(loss, grads)  # value: |loss|
+            finite = math.isfinite(value) and all(map(math.isfinite, norms))
+        else:
+            value, probe = autodiff.read(loss, autodiff.finite_probe(grads))
+            finite = math.isfinite(value) and math.isfinite(probe)
+            value = abs(value)
+        if not finite:  # a non-finite element, or only an overflow in a norm or a sum
+            if self.check_finite:
+                self._raise_non_finite(name, loss, grads)
+            value = abs(float(loss.detach()))
         if first:
             self._first_loss[name] = value
             if grads and all(n == 0.0 for n in norms):
@@ -449,8 +458,8 @@ class Engine:
                 )
 
     def _raise_non_finite(self, name: str, loss: Tensor, grads: Tensors) -> None:
-        """Raise `NonFiniteError` for level ``name``, unless only a norm overflowed on finite
-        elements (its squares past the dtype's range), which the exact test tells apart."""
+        """Raise `NonFiniteError` for level ``name``, unless only a norm or a sum overflowed on
+        finite elements (past the dtype's range), which the exact test tells apart."""
         if not autodiff.all_finite((loss,)):
             raise NonFiniteError(f"level {name!r}: loss is not finite = {float(loss.detach()):.4g} at round {self.round}")
         if not autodiff.all_finite(grads):

@@ -71,11 +71,13 @@ class Program:
     def loss(self, name: str, batch: Any, point: Point | None = None) -> Tensor:
         """Level ``name``'s loss on ``batch`` with the levels in ``point`` set to the given values."""
         problem = self.problems[name]
-        return _checked(name, self.evaluate(lambda: problem.loss(batch), point))
+        swaps = self._swaps(point)
+        if not swaps:  # every level at its own parameters: the loss, called directly
+            return _checked(name, problem.loss(batch))
+        return _checked(name, self._swapped(lambda: problem.loss(batch), swaps))
 
-    def evaluate(self, fn: Callable[[], T], point: Point | None = None) -> T:
-        """``fn()`` (a closure over the levels' modules) with the levels in ``point`` set to the
-        given values."""
+    def _swaps(self, point: Point | None) -> list[tuple[Slot, Tensor]]:
+        """The parameter slots ``point`` sets to other values, with those values."""
         swaps: list[tuple[Slot, Tensor]] = []
         if point:
             for level, values in point.items():
@@ -85,8 +87,17 @@ class Program:
                 for slots, value, p in zip(self._slots[level], values, own):
                     if value is not p:
                         swaps.extend((slot, value) for slot in slots)
-        if not swaps:
-            return fn()
+        return swaps
+
+    def evaluate(self, fn: Callable[[], T], point: Point | None = None) -> T:
+        """``fn()`` (a closure over the levels' modules) with the levels in ``point`` set to the
+        given values."""
+        swaps = self._swaps(point)
+        return self._swapped(fn, swaps) if swaps else fn()
+
+    @staticmethod
+    def _swapped(fn: Callable[[], T], swaps: list[tuple[Slot, Tensor]]) -> T:
+        """``fn()`` with each slot of ``swaps`` holding its value, every slot put back after."""
         saved = [module._parameters[key] for (module, key), _ in swaps]
         try:
             for (module, key), value in swaps:

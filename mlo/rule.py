@@ -67,7 +67,6 @@ solves converge; elsewhere the implicit estimators approximate, as at depth 2.
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable, Mapping, Sequence
 from contextlib import nullcontext
 from dataclasses import dataclass, field, replace
@@ -81,7 +80,7 @@ from . import precision as precisions
 from .autodiff import Tensors
 from .errors import EstimatorError, ProgramError
 from .estimators import Estimator, resolve
-from .estimators.base import Curvature, Hop, Info
+from .estimators.base import Curvature, Hop, Info, non_finite_result
 from .functional import Point, Program, frozen_buffers
 from .graph import Edge, Graph
 from .precision import full_precision
@@ -386,11 +385,12 @@ class _Evaluation:
         return arrived
 
     def vjp(self, hop: _Hop, adjoint: Tensors, lookahead: Tensors | None) -> Tensors:
-        if autodiff.all_finite(adjoint):
-            part, info = self.rule.estimators[(hop.upper, hop.lower)].vjp(hop, adjoint, lookahead)
+        est = self.rule.estimators[(hop.upper, hop.lower)]
+        if est.guards_non_finite or autodiff.all_finite(adjoint):
+            part, info = est.vjp(hop, adjoint, lookahead)
         else:  # an overflow above (an fp16 level's scaled backward): nothing to solve, the result is
             # not finite either, so an fp16 step is skipped (and anything else raises NonFiniteError)
-            part, info = tuple(torch.full_like(p, math.nan) for p in hop.upper_params), {"finite_adjoint": 0.0}
+            part, info = non_finite_result(hop)
         edge = (hop.upper, hop.lower)
         self.infos[edge] = {**self.infos[edge], **info} if edge in self.infos and lookahead is not None else info
         return part

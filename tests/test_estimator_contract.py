@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import typing
+import warnings
 
 import pytest
 import torch
@@ -106,6 +107,23 @@ def test_run_moves_upper_parameters_and_lower_batchnorm_statistics(program):
 
 
 # ---------------------------------------------------------------------------------------------- registry
+
+
+def test_a_non_finite_adjoint_is_reported_as_the_levels_not_an_estimators_error(program):
+    """A NaN in the upper level's batch makes the adjoint NaN. Whoever tests it (the rule, or an
+    estimator that reads the adjoint's norm anyway: ``guards_non_finite``), the estimator neither
+    raises (no DivergenceError from a series) nor warns (no ConvergenceWarning from CG): the
+    result is not finite, and the engine's NonFiniteError names the level and the round."""
+    engine = program.engine_
+    x, y = program.val[0]
+    bad = (x, torch.cat([y[:-1], torch.tensor([math.nan], dtype=y.dtype)]))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        with pytest.raises(mlo.NonFiniteError, match=r"level 'upper'.*round 0"):
+            engine.hypergradient("upper", batches={"upper": bad})
+    est = engine.estimators[("upper", "lower")]
+    if est.uses_adjoint and not est.attached:  # the rule handed the adjoint to this edge's vjp
+        assert engine.diagnostics.by_edge[("upper", "lower")]["finite_adjoint"] == 0.0
 
 
 def test_names_are_sorted_and_include_the_core_estimators():

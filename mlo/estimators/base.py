@@ -21,6 +21,7 @@ nothing else.
 from __future__ import annotations
 
 import dataclasses
+import math
 import typing
 from abc import ABC, abstractmethod
 from typing import Any, ClassVar
@@ -32,7 +33,7 @@ from ..autodiff import Tensors
 from ..errors import EstimatorError
 from ..problem import Problem
 
-__all__ = ["Estimator", "Hop", "Curvature", "Info", "option_types", "choices_of"]
+__all__ = ["Estimator", "Hop", "Curvature", "Info", "option_types", "choices_of", "non_finite_result", "adjoint_not_finite"]
 
 #: Diagnostics an estimator reports for one evaluation (residuals, Hessian-vector products, ...).
 Info = dict[str, float]
@@ -117,6 +118,10 @@ class Estimator(ABC):
     #: False when ``vjp`` is zero whatever the adjoint (first order): the engine then skips the
     #: edge and does not compute the partial derivatives only that edge would read
     uses_adjoint: ClassVar[bool] = True
+    #: True when ``vjp`` itself answers an adjoint with a non-finite element (an fp16 level's
+    #: overflow, a NaN loss) by a non-finite result, without raising or warning
+    #: (`non_finite_result`); otherwise the rule tests every adjoint before calling ``vjp``
+    guards_non_finite: ClassVar[bool] = False
 
     def __post_init__(self) -> None:
         hints = typing.get_type_hints(type(self))
@@ -185,6 +190,19 @@ def option_types(annotation: Any) -> tuple[type, ...]:
 
 def type_name(kinds: tuple[type, ...]) -> str:
     return " or ".join(k.__name__ for k in kinds)
+
+
+def non_finite_result(hop: Hop) -> tuple[Tensors, Info]:
+    """What ``vjp`` returns for an adjoint with a non-finite element: NaN for every upper
+    parameter (so an fp16 step is skipped, and anything else raises the engine's
+    ``NonFiniteError`` naming the level and round), and ``finite_adjoint = 0``."""
+    return tuple(torch.full_like(p, math.nan) for p in hop.upper_params), {"finite_adjoint": 0.0}
+
+
+def adjoint_not_finite(norm: float, adjoint: Tensors) -> bool:
+    """Whether ``adjoint``, whose norm was read as ``norm``, has a non-finite element: only a
+    non-finite norm is looked at further (it can also be an overflow on finite elements)."""
+    return not math.isfinite(norm) and not autodiff.all_finite(adjoint)
 
 
 def zero_result(hop: Hop) -> tuple[Tensors, Info]:

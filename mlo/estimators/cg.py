@@ -39,6 +39,7 @@ class CG(Estimator):
     keeping the iterate before it; ``"continue"`` (default) iterates on."""
 
     name: ClassVar[str] = "cg"
+    guards_non_finite: ClassVar[bool] = True
     iterations: int = 10
     tol: float = 1e-10
     damping: float = 0.0

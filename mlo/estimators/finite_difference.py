@@ -25,7 +25,7 @@ from .. import autodiff
 from ..autodiff import Tensors
 from ..errors import EstimatorError
 from ..problem import Problem
-from .base import Estimator, Hop, Info, zero_result
+from .base import Estimator, Hop, Info, adjoint_not_finite, non_finite_result, zero_result
 from .registry import register
 from .update_rules import rule_for, unsupported_reason
 
@@ -36,6 +36,7 @@ class FiniteDifference(Estimator):
     """DARTS second order: one look-ahead step, mixed derivative by central differences."""
 
     name: ClassVar[str] = "finite_difference"
+    guards_non_finite: ClassVar[bool] = True
     radius: float = 0.01
 
     def validate(self) -> None:
@@ -56,6 +57,8 @@ class FiniteDifference(Estimator):
         size = autodiff.norm_value(v)
         if size == 0.0:
             return zero_result(hop)
+        if adjoint_not_finite(size, v):
+            return non_finite_result(hop)
         eps = self.radius / size
         return minus_mixed(hop, v, eps), {"epsilon": eps, "direction_norm": size}
 

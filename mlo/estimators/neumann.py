@@ -41,6 +41,7 @@ class Neumann(Estimator):
     ``"auto"``: the inverse of the largest Hessian eigenvalue, by power iteration)."""
 
     name: ClassVar[str] = "neumann"
+    guards_non_finite: ClassVar[bool] = True
     iterations: int = 10
     alpha: float | str = 0.01
     growth: float = 2.0

@@ -34,7 +34,7 @@ from .. import autodiff
 from ..autodiff import Tensors
 from ..errors import EstimatorError
 from ..problem import Problem
-from .base import Estimator, Hop, Info, zero_result
+from .base import Estimator, Hop, Info, adjoint_not_finite, non_finite_result, zero_result
 from .finite_difference import minus_mixed
 from .registry import register
 
@@ -48,6 +48,7 @@ class Sama(Estimator):
     ``radius`` (Betty's ``sama_adam_alpha``)."""
 
     name: ClassVar[str] = "sama"
+    guards_non_finite: ClassVar[bool] = True
     radius: float = 1.0
 
     def validate(self) -> None:
@@ -68,6 +69,8 @@ class Sama(Estimator):
         size = autodiff.norm_value(v)
         if size == 0.0:
             return zero_result(hop)
+        if adjoint_not_finite(size, v):
+            return non_finite_result(hop)
         eps = self.radius / (size + 1e-15)
         return minus_mixed(hop, v, eps), {"epsilon": eps, "direction_norm": size}
 

@@ -10,6 +10,7 @@ the Neumann series needs. ``attach`` makes a solution differentiable as a soluti
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from typing import Any
 
@@ -50,6 +51,9 @@ def conjugate_gradient(
     if tasks is not None:
         return per_task_cg(matvec, b, tasks, iterations, tol, stop_at_negative_curvature)
     b_norm = autodiff.norm_value(b)
+    if not math.isfinite(b_norm) and not autodiff.all_finite(b):
+        return _nan_like(b), {"residual": math.nan, "iterations": 0.0, "converged": 0.0, "negative_curvature": 0.0,
+                              "finite_adjoint": 0.0}
     x = autodiff.zeros_like(b)
     if b_norm == 0.0:
         return x, {"residual": 0.0, "iterations": 0.0, "converged": 1.0, "negative_curvature": 0.0}
@@ -69,7 +73,7 @@ def conjugate_gradient(
         r = autodiff.axpy(-alpha, ap, r)
         rs_new = autodiff.dot(r, r)
         # one host read for both numbers the loop decides on
-        rs_value, curvature_value = torch.stack((rs_new.detach(), curvature.detach())).tolist()
+        rs_value, curvature_value = autodiff.read(rs_new, curvature)
         if not curvature_value > 0:
             negative = True
             if stop_at_negative_curvature:  # x and its residual stay those before this direction
@@ -104,6 +108,9 @@ def per_task_cg(
     ``negative_curvature`` (any task), ``converged_tasks``, and per task ``residual[t]`` and
     ``iterations[t]``.
     """
+    if not autodiff.all_finite(b):
+        return _nan_like(b), {"residual": math.nan, "iterations": 0.0, "converged": 0.0, "negative_curvature": 0.0,
+                              "finite_adjoint": 0.0}
     x = autodiff.zeros_like(b)
     floor = max(tol, torch.finfo(b[0].dtype).eps)
     r, p = tuple(b), tuple(b)
@@ -144,6 +151,12 @@ def per_task_cg(
     return x, info
 
 
+def _nan_like(b: Tensors) -> Tensors:
+    """The solution for a right-hand side with a non-finite element: NaN everywhere (the
+    estimators' results are then not finite either; see `Estimator.guards_non_finite`)."""
+    return tuple(torch.full_like(t, math.nan) for t in b)
+
+
 def _task_dot(a: Tensors, b: Tensors, tasks: int) -> Tensor:
     """Each task's inner product of two stacked parameter lists: shape ``(tasks,)``."""
     return torch.stack([(x * y).reshape(tasks, -1).sum(1) for x, y in zip(a, b)]).sum(0)
@@ -158,6 +171,20 @@ def _per_task(c: Tensor, like: Tensors) -> list[Tensor]:
 CHECK_EVERY = 4
 
 
+def _term_norms(b: Tensors, term: Tensors, first: float | None) -> tuple[float, float]:
+    """The norms of the series' first term ``b`` (``first`` once known) and of ``term``, read
+    as squared norms (inner products: the operations the solvers run anyway) in one host read;
+    where a square overflows on finite elements, as the norms themselves."""
+    if first is None:
+        first_sq, size_sq = autodiff.read(autodiff.dot(b, b), autodiff.dot(term, term))
+    else:
+        (size_sq,) = autodiff.read(autodiff.dot(term, term))
+        first_sq = first * first
+    if math.isinf(first_sq) or math.isinf(size_sq):
+        return autodiff.norm_value(b), autodiff.norm_value(term)
+    return math.sqrt(first_sq), math.sqrt(size_sq) if size_sq >= 0 else math.nan
+
+
 def neumann_series(
     matvec: Matvec, b: Tensors, iterations: int, alpha: float, growth: float, where: str, scale: float = 1.0,
 ) -> tuple[Tensors, dict[str, float]]:
@@ -168,12 +195,11 @@ def neumann_series(
     tested term whose norm exceeds ``growth`` times the first term's norm (or is not finite)
     means the series diverges: ``DivergenceError`` is raised naming that term, rather than
     returning a wrong answer. Every `CHECK_EVERY`-th term and the last are tested, each with one
-    norm and one host read, so a diverging series runs at most that many products past the
+    inner product and one host read, so a diverging series runs at most that many products past the
     term where it diverged. Diagnostics: ``terms`` (products done), ``alpha`` and ``last_term``
     (the last term's norm relative to the first's: how far the series was from converging when
     it was cut).
     """
-    first = autodiff.norm_tensor(b)
     first_value: float | None = None
     term = tuple(b)
     total = tuple(b)
@@ -183,10 +209,9 @@ def neumann_series(
         total = autodiff.add(total, term)
         if i % CHECK_EVERY and i < iterations:
             continue
-        if first_value is None:  # read with the first tested term: one host read
-            first_value, size = torch.stack((first, autodiff.norm_tensor(term))).tolist()
-        else:
-            size = autodiff.norm_value(term)
+        first_value, size = _term_norms(b, term, first_value)
+        if not math.isfinite(first_value) and not autodiff.all_finite(b):  # a non-finite adjoint
+            return _nan_like(b), {"terms": float(i), "alpha": alpha, "last_term": math.nan, "finite_adjoint": 0.0}
         ratio = size / first_value if first_value > 0 else 0.0
         if not size <= growth * first_value:  # also catches NaN
             raise DivergenceError(
@@ -209,6 +234,8 @@ def per_task_neumann_series(
     even where the others' norms would hide it. Diagnostics: ``terms``, ``alpha`` and
     ``last_term`` (the largest over tasks), and ``alpha[t]``, ``last_term[t]`` per task.
     """
+    if not autodiff.all_finite(b):
+        return _nan_like(b), {"terms": 0.0, "alpha": math.nan, "last_term": math.nan, "finite_adjoint": 0.0}
     first = _task_dot(b, b, tasks).sqrt()
     term, total = tuple(b), tuple(b)
     size = first

@@ -19,7 +19,7 @@ from .. import autodiff
 from ..autodiff import Tensors
 from ..errors import EstimatorError
 from ..problem import Problem
-from .base import Estimator, Hop, Info, zero_result
+from .base import Estimator, Hop, Info, adjoint_not_finite, non_finite_result, zero_result
 from .registry import register
 from .update_rules import rule_for, unsupported_reason
 
@@ -31,6 +31,7 @@ class Unroll(Estimator):
 
     name: ClassVar[str] = "unroll"
     attached: ClassVar[bool] = True
+    guards_non_finite: ClassVar[bool] = True
     steps: int = 1
 
     def validate(self) -> None:
@@ -51,10 +52,13 @@ class Unroll(Estimator):
     def vjp(self, hop: Hop, adjoint: Tensors, lookahead: Tensors | None) -> tuple[Tensors, Info]:
         if lookahead is None:
             lookahead = self.lookahead(hop)
-        if autodiff.norm_value(adjoint) == 0.0:
+        size = autodiff.norm_value(adjoint)
+        if size == 0.0:
             return zero_result(hop)
+        if adjoint_not_finite(size, adjoint):
+            return non_finite_result(hop)
         grads = autodiff.grad(lookahead, hop.upper_params, adjoint, retain_graph=True, create_graph=hop.create_graph)
-        return grads, {"steps": float(self.steps), "adjoint_norm": autodiff.norm_value(adjoint)}
+        return grads, {"steps": float(self.steps), "adjoint_norm": size}
 
     def lookahead_info(self, hop: Hop, lookahead: Tensors) -> Info:
         return {"steps": float(self.steps), **super().lookahead_info(hop, lookahead)}
