@@ -240,10 +240,13 @@ class LogDecays(nn.Module):
 
 def _decayed_loss(lower: nn.Module, upper: nn.Module, batch: tuple[Tensor, Tensor]) -> Tensor:
     x, y = batch
+    assert isinstance(upper, LogDecays)
     decays = upper.log_wd.exp()
     weights = [m.weight for m in lower.modules() if isinstance(m, nn.Linear)]
-    penalty = sum(0.5 * d * (w * w).sum() for d, w in zip(decays, weights))
-    return F.cross_entropy(lower(x), y) + penalty
+    loss = F.cross_entropy(lower(x), y)
+    for d, w in zip(decays, weights):
+        loss = loss + 0.5 * d * (w * w).sum()
+    return loss
 
 
 def hpo(hidden: int = 100, batch: int = 100, seed: int = 0, lower_lr: float = 0.1, upper_lr: float = 0.01,
