@@ -4,7 +4,6 @@ convergence, its warning on an indefinite Hessian, Neumann's early divergence ch
 
 from __future__ import annotations
 
-import math
 import warnings
 
 import pytest
@@ -13,7 +12,7 @@ import torch
 import mlo
 from mlo.estimators import CG, Neumann
 from mlo.estimators.solvers import (
-    CHECK_EVERY,
+    checked_term,
     conjugate_gradient,
     largest_eigenvalue,
     neumann_series,
@@ -97,17 +96,27 @@ def test_the_cg_warning_is_shown_once_per_edge_in_a_run():
     assert engine.diagnostics.by_edge[("h", "w")]["converged"] == 0.0  # the numbers are here
 
 
-def test_neumann_stops_at_the_first_tested_term_past_the_growth_bound():
+def test_neumann_stops_at_the_first_checked_term_past_the_growth_bound():
     A = _matrix([0.5, 1.0, 2.0, 4.0])
     b = torch.ones(4)
     matvec = Counted(A)
     alpha = 0.75  # |1 - alpha * 4| = 2: the top component doubles each term
     # the growing component is a quarter of b's norm^2 and doubles per term: past 2x |b| from term 3;
-    # every CHECK_EVERY-th term is tested, so the series stops at the first of those from term 3 on
-    tested = CHECK_EVERY * math.ceil(3 / CHECK_EVERY)
+    # the series stops at the first tested term from term 3 on (term 16: within 2x of where it diverged)
+    tested = next(i for i in range(3, 1001) if checked_term(i, 1000))
+    assert tested <= 16
     with pytest.raises(mlo.DivergenceError, match=rf"neumann on edge X: term {tested} .* diverges"):
         neumann_series(matvec, (b,), iterations=1000, alpha=alpha, growth=2.0, where="edge X")
     assert matvec.calls == tested
+
+
+def test_neumann_tests_the_last_term_of_a_short_series():
+    A = _matrix([0.5, 4.0])
+    matvec = Counted(A)
+    with pytest.raises(mlo.DivergenceError, match="term 5 "):
+        neumann_series(matvec, (torch.ones(2),), iterations=5, alpha=0.75, growth=2.0, where="e")
+    assert matvec.calls == 5
+    assert [i for i in range(1, 101) if checked_term(i, 100)] == [16, 32, 64, 100]
 
 
 def test_neumann_reports_its_terms():

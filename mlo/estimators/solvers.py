@@ -21,7 +21,7 @@ from .. import autodiff
 from ..autodiff import Tensors
 from ..errors import DivergenceError
 
-__all__ = ["conjugate_gradient", "per_task_cg", "neumann_series", "per_task_neumann_series", "largest_eigenvalue",
+__all__ = ["conjugate_gradient", "per_task_cg", "neumann_series", "checked_term", "per_task_neumann_series", "largest_eigenvalue",
            "per_task_largest_eigenvalue", "attach"]
 
 Matvec = Callable[[Tensors], Tensors]
@@ -167,8 +167,17 @@ def _per_task(c: Tensor, like: Tensors) -> list[Tensor]:
     return [c.reshape(-1, *[1] * (t.dim() - 1)) for t in like]
 
 
-#: the Neumann series' divergence test reads the norm of every this-many-th term (and the last)
-CHECK_EVERY = 4
+#: the first term the Neumann series' divergence test reads (then every power of two, and the last)
+FIRST_CHECKED = 16
+
+
+def checked_term(i: int, iterations: int) -> bool:
+    """Whether the divergence test reads term ``i`` of a series of ``iterations`` terms: the last,
+    and every power of two from `FIRST_CHECKED` on. A diverging series raises at the latest after
+    twice the products it had done when a term passed the bound (16 at most for short series), so
+    the test costs a few host reads per series, where each one costs as much as several small
+    products in the middle of a round."""
+    return i == iterations or (i >= FIRST_CHECKED and i & (i - 1) == 0)
 
 
 def _term_norms(b: Tensors, term: Tensors, first: float | None) -> tuple[float, float]:
@@ -194,9 +203,8 @@ def neumann_series(
     The terms shrink when ``0 < alpha < 2 / lambda_max(A)`` and ``A`` is positive definite. A
     tested term whose norm exceeds ``growth`` times the first term's norm (or is not finite)
     means the series diverges: ``DivergenceError`` is raised naming that term, rather than
-    returning a wrong answer. Every `CHECK_EVERY`-th term and the last are tested, each with one
-    inner product and one host read, so a diverging series runs at most that many products past the
-    term where it diverged. Diagnostics: ``terms`` (products done), ``alpha`` and ``last_term``
+    returning a wrong answer. The terms `checked_term` names are tested, each with one inner
+    product and one host read. Diagnostics: ``terms`` (products done), ``alpha`` and ``last_term``
     (the last term's norm relative to the first's: how far the series was from converging when
     it was cut).
     """
@@ -207,7 +215,7 @@ def neumann_series(
     for i in range(1, iterations + 1):
         term = autodiff.axpy(-alpha, matvec(term), term)
         total = autodiff.add(total, term)
-        if i % CHECK_EVERY and i < iterations:
+        if not checked_term(i, iterations):
             continue
         first_value, size = _term_norms(b, term, first_value)
         if not math.isfinite(first_value) and not autodiff.all_finite(b):  # a non-finite adjoint
