@@ -38,6 +38,7 @@ from . import precision as precisions
 from .autodiff import Tensors
 from .errors import DisconnectedEdgeWarning, DivergenceWarning, NonFiniteError, ProgramError, ZeroGradientWarning
 from .estimators import Estimator, Info
+from .estimators.base import read_info
 from .functional import Program, frozen_buffers
 from .graph import Edge, Graph
 from .hooks import Hook
@@ -52,11 +53,26 @@ EstimatorSpec = str | Estimator
 PrecisionSpec = str | precisions.Precision
 
 
-@dataclass
 class Diagnostics:
-    """What the estimators reported at the last hypergradient of each edge."""
+    """What the estimators reported at the last hypergradient of each edge: ``by_edge[edge]``,
+    a dict of floats. Values an estimator left as tensors (`mlo.estimators.Info`) are read when
+    ``by_edge`` is, so that steps whose diagnostics nobody reads pay no host read for them."""
 
-    by_edge: dict[Edge, Info] = field(default_factory=dict)
+    def __init__(self) -> None:
+        self._by_edge: dict[Edge, Info] = {}
+        self._unread = False
+
+    @property
+    def by_edge(self) -> dict[Edge, Info]:
+        if self._unread:
+            self._by_edge.update({edge: read_info(info) for edge, info in self._by_edge.items()})
+            self._unread = False
+        return self._by_edge
+
+    def record(self, infos: Mapping[Edge, Info]) -> None:
+        """Keep ``infos`` (per edge, the last evaluation's), replacing those edges' reports."""
+        self._by_edge.update(infos)
+        self._unread = True
 
 
 class Engine:
@@ -404,7 +420,7 @@ class Engine:
         """Level ``name``'s hypergradient and loss at the current state (`mlo.hypergradient`),
         the estimators' reports kept in ``diagnostics``."""
         result = rule.evaluate(name, self.program.params, batches, self._last_gradients(), self.sync)
-        self.diagnostics.by_edge.update(result.infos)
+        self.diagnostics.record(result.infos)
         return result.gradient, result.loss
 
     # ------------------------------------------------------------------ helpers

@@ -80,7 +80,7 @@ from . import precision as precisions
 from .autodiff import Tensors
 from .errors import EstimatorError, ProgramError
 from .estimators import Estimator, resolve
-from .estimators.base import Curvature, Hop, Info, non_finite_result
+from .estimators.base import Curvature, Hop, Info, non_finite_result, read_info
 from .functional import Point, Program, frozen_buffers
 from .graph import Edge, Graph
 from .precision import full_precision
@@ -170,7 +170,8 @@ def hypergradient(
         built.require(name)
         at[name] = tuple(values)
     last = {name: tuple(g) for name, g in (last_gradients or {}).items()}
-    return rule.evaluate(level, at, {**batches, **used}, last, sync)
+    result = rule.evaluate(level, at, {**batches, **used}, last, sync)
+    return replace(result, infos={edge: read_info(info) for edge, info in result.infos.items()})
 
 
 def resolve_edges(

@@ -27,16 +27,20 @@ from abc import ABC, abstractmethod
 from typing import Any, ClassVar
 
 import torch
+from torch import Tensor
 
 from .. import autodiff
 from ..autodiff import Tensors
 from ..errors import EstimatorError
 from ..problem import Problem
 
-__all__ = ["Estimator", "Hop", "Curvature", "Info", "option_types", "choices_of", "non_finite_result", "adjoint_not_finite"]
+__all__ = ["Estimator", "Hop", "Curvature", "Info", "option_types", "choices_of", "non_finite_result", "adjoint_not_finite",
+           "read_info"]
 
 #: Diagnostics an estimator reports for one evaluation (residuals, Hessian-vector products, ...).
-Info = dict[str, float]
+#: A value may be left as a 0-d tensor: it is read as a float only when the diagnostics are read
+#: (`read_info`; ``Engine.diagnostics``), so that reporting it costs no host read on every step.
+Info = dict[str, float | Tensor]
 
 
 class Curvature(ABC):
@@ -171,8 +175,8 @@ class Estimator(ABC):
     def lookahead_info(self, hop: Hop, lookahead: Tensors) -> Info:
         """Diagnostics of a look-ahead: its steps and ``step_norm``, how far it moved the lower
         level (recorded even where ``vjp`` is not called, as for ``unroll`` on a plain edge)."""
-        with torch.no_grad():
-            return {"step_norm": autodiff.norm_value(autodiff.sub(lookahead, hop.lower_params))}
+        with torch.no_grad():  # a tensor: read only when the diagnostics are
+            return {"step_norm": autodiff.norm_tensor(autodiff.sub(lookahead, hop.lower_params))}
 
     @abstractmethod
     def vjp(self, hop: Hop, adjoint: Tensors, lookahead: Tensors | None) -> tuple[Tensors, Info]:
@@ -180,6 +184,14 @@ class Estimator(ABC):
 
     def options(self) -> dict[str, Any]:
         return dataclasses.asdict(self)  # type: ignore[call-overload]
+
+
+def read_info(info: Info) -> Info:
+    """``info`` with every value a float: the tensors among them read in one host read."""
+    tensors = {key: value for key, value in info.items() if isinstance(value, Tensor)}
+    read = dict(zip(tensors, autodiff.read(*tensors.values()))) if tensors else {}
+    out: Info = {key: read[key] if key in read else float(value) for key, value in info.items()}
+    return out
 
 
 def option_types(annotation: Any) -> tuple[type, ...]:

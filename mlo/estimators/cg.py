@@ -19,6 +19,7 @@ count. The diagnostics then also hold ``residual[t]`` and ``iterations[t]`` per 
 from __future__ import annotations
 
 import warnings
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import ClassVar, Literal
 
@@ -70,7 +71,7 @@ class CG(Estimator):
             x = attach(x, adjoint, matvec, solve)
         return autodiff.scale(-1.0, curvature.mixed(x, hop.create_graph)), {**info, "hvps": float(curvature.hvps)}
 
-    def _warn(self, hop: Hop, info: Info) -> None:
+    def _warn(self, hop: Hop, info: Mapping[str, float]) -> None:
         if info["converged"] or not (info["negative_curvature"] or info["residual"] > self.warn_residual):
             return
         cause = (

@@ -20,7 +20,7 @@ with that task's first, as a loop over tasks would (`solvers.per_task_neumann_se
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import ClassVar, Literal
 
@@ -92,7 +92,7 @@ class Neumann(Estimator):
         minus_x, info = per_task_neumann_series(curvature.hvp, b, tasks, self.iterations, alpha, self.growth, hop.where(), -1.0)
         return self._finish(hop, curvature, adjoint, minus_x, info, series)
 
-    def _finish(self, hop: Hop, curvature: Curvature, adjoint: Tensors, minus_x: Tensors, info: Info,
+    def _finish(self, hop: Hop, curvature: Curvature, adjoint: Tensors, minus_x: Tensors, info: Mapping[str, float],
                 series: Callable[[Tensors], Tensors]) -> tuple[Tensors, Info]:
         if hop.create_graph:  # differentiable: the solution's derivative, by one more series backward
             minus_x = attach(minus_x, autodiff.scale(-1.0, adjoint), curvature.hvp, series)
