@@ -108,23 +108,18 @@ def _grad(
 PROBE_SUMS = 8
 
 
-def finite_probe(tensors: Sequence[Tensor]) -> Tensor:
-    """A 0-d tensor that is finite when every element of ``tensors`` is (no host read, no graph):
-    the sum of every element. NaN and infinities propagate through a sum, so a finite probe
-    proves every element finite; a sum can also overflow on finite elements, so a non-finite
-    probe proves nothing by itself (`all_finite` then runs the exact test). Why sums: on a CPU a
-    sum is a reduction every program runs anyway, while a fused norm, a stack and a list read
-    are code paths of their own, which in the middle of a round (cold caches) cost several times
-    the sums of a small program's few tensors. A long list takes one fused norm per tensor."""
-    flat = [t.detach() for t in tensors]  # detached: no graph is recorded
-    if not flat:
-        return torch.zeros(())
-    if len(flat) > PROBE_SUMS:
-        return torch.stack(torch._foreach_norm(flat)).sum()
-    total = flat[0].sum()
-    for t in flat[1:]:
-        total = total + t.sum()
-    return total
+def finite_probe(tensors: Sequence[Tensor]) -> list[Tensor]:
+    """0-d tensors that are all finite when every element of ``tensors`` is (no host read, no
+    graph): each tensor's sum. NaN and infinities propagate through a sum, so finite probes
+    prove every element finite; a sum can also overflow on finite elements, so a non-finite
+    probe proves nothing by itself (`all_finite` then runs the exact test). Why sums: in the
+    middle of a round (cold caches) every operation costs its dispatch, several microseconds
+    on a CPU, and a sum per tensor read as it is (`read`) is the fewest for the few tensors of a
+    small program, fewer than a fused norm with a stack. A long list takes one fused norm."""
+    if len(tensors) > PROBE_SUMS:
+        with torch.no_grad():
+            return [torch.stack(torch._foreach_norm(list(tensors))).sum()]
+    return [(t.detach() if t.requires_grad else t).sum() for t in tensors]  # detached: no graph
 
 
 def read(*values: Tensor) -> list[float]:
@@ -134,7 +129,7 @@ def read(*values: Tensor) -> list[float]:
     if not values:
         return []
     if values[0].device.type == "cpu":
-        return [v.detach().item() for v in values]
+        return [(v.detach() if v.requires_grad else v).item() for v in values]
     return torch.stack([v.detach() for v in values]).tolist()  # stack promotes dtypes
 
 
@@ -144,7 +139,7 @@ def all_finite(tensors: Sequence[Tensor]) -> bool:
     finite elements whose sum overflowed) the exact test runs, a max-abs norm per tensor."""
     if not tensors:
         return True
-    if math.isfinite(finite_probe(tensors).item()):  # a probe is never part of a graph
+    if all(map(math.isfinite, read(*finite_probe(tensors)))):
         return True
     with torch.no_grad():  # no graph is recorded, so tensors that require grad need no detach
         peaks = torch._foreach_norm(list(tensors), float("inf"))

@@ -49,7 +49,7 @@ from rich.table import Table
 from torch import Tensor, nn
 
 from .errors import CheckWarning, ConfigError, ConvergenceWarning, EstimatorError, ProgramError
-from .estimators import Estimator, Info, resolve
+from .estimators import Estimator, resolve
 from .functional import frozen_buffers
 
 if TYPE_CHECKING:
@@ -75,8 +75,8 @@ class EdgeCheck:
     rel_error: float
     cosine: float
     #: what the configured estimator and the reference reported on this edge
-    diagnostics: Info
-    reference_diagnostics: Info
+    diagnostics: dict[str, float]
+    reference_diagnostics: dict[str, float]
 
     @property
     def reference_converged(self) -> bool | None:
@@ -228,7 +228,7 @@ def _reference(
     configured: Mapping["Edge", Estimator],
     batches: Mapping[str, Any],
     dtype: torch.dtype | None,
-) -> tuple[list[Tensor], float, dict["Edge", Info], list[EdgeCheck]]:
+) -> tuple[list[Tensor], float, dict["Edge", dict[str, float]], list[EdgeCheck]]:
     """The reference in ``dtype``, its time and diagnostics, and each edge's share of the error
     (that edge on its configured estimator, the others on the reference; several edges only)."""
     edges = list(configured)
@@ -265,7 +265,7 @@ def _fails_in(
 
 def _evaluate(
     engine: "Engine", level: str, estimators: Mapping["Edge", Estimator], batches: Mapping[str, Any]
-) -> tuple[list[Tensor], float, dict["Edge", Info]]:
+) -> tuple[list[Tensor], float, dict["Edge", dict[str, float]]]:
     """The hypergradient with ``estimators`` on ``batches``, its wall time, and the diagnostics it
     left; each evaluation starts from the same random generator state (restored by the caller)."""
     rng = _rng_state()
@@ -312,7 +312,7 @@ def _warn(report: CheckReport, threshold: float) -> None:
         )
 
 
-def _info(info: Info) -> str:
+def _info(info: dict[str, float]) -> str:
     shown = []
     for key, value in info.items():
         if key in ("converged", "negative_curvature"):

@@ -59,20 +59,19 @@ class Diagnostics:
     ``by_edge`` is, so that steps whose diagnostics nobody reads pay no host read for them."""
 
     def __init__(self) -> None:
-        self._by_edge: dict[Edge, Info] = {}
-        self._unread = False
+        self._read: dict[Edge, dict[str, float]] = {}
+        self._unread: dict[Edge, Info] = {}
 
     @property
-    def by_edge(self) -> dict[Edge, Info]:
+    def by_edge(self) -> dict[Edge, dict[str, float]]:
         if self._unread:
-            self._by_edge.update({edge: read_info(info) for edge, info in self._by_edge.items()})
-            self._unread = False
-        return self._by_edge
+            self._read.update({edge: read_info(info) for edge, info in self._unread.items()})
+            self._unread.clear()
+        return self._read
 
     def record(self, infos: Mapping[Edge, Info]) -> None:
         """Keep ``infos`` (per edge, the last evaluation's), replacing those edges' reports."""
-        self._by_edge.update(infos)
-        self._unread = True
+        self._unread.update(infos)
 
 
 class Engine:
@@ -448,8 +447,8 @@ class Engine:
             value, *norms = _read(loss, grads)  # value: |loss|
             finite = math.isfinite(value) and all(map(math.isfinite, norms))
         else:
-            value, probe = autodiff.read(loss, autodiff.finite_probe(grads))
-            finite = math.isfinite(value) and math.isfinite(probe)
+            value, *probes = autodiff.read(loss, *autodiff.finite_probe(grads))
+            finite = math.isfinite(value) and all(map(math.isfinite, probes))
             value = abs(value)
         if not finite:  # a non-finite element, or only an overflow in a norm or a sum
             if self.check_finite:

@@ -171,7 +171,8 @@ def hypergradient(
         at[name] = tuple(values)
     last = {name: tuple(g) for name, g in (last_gradients or {}).items()}
     result = rule.evaluate(level, at, {**batches, **used}, last, sync)
-    return replace(result, infos={edge: read_info(info) for edge, info in result.infos.items()})
+    read: dict[Edge, Info] = {edge: dict(read_info(info)) for edge, info in result.infos.items()}
+    return replace(result, infos=read)
 
 
 def resolve_edges(

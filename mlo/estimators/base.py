@@ -38,9 +38,11 @@ __all__ = ["Estimator", "Hop", "Curvature", "Info", "option_types", "choices_of"
            "read_info"]
 
 #: Diagnostics an estimator reports for one evaluation (residuals, Hessian-vector products, ...).
-#: A value may be left as a 0-d tensor: it is read as a float only when the diagnostics are read
-#: (`read_info`; ``Engine.diagnostics``), so that reporting it costs no host read on every step.
-Info = dict[str, float | Tensor]
+#: A value may be left as a 0-d tensor, or a tuple of 0-d tensors that stands for the Euclidean
+#: norm of their values (the parts of a norm over several tensors): it is read as a float only
+#: when the diagnostics are read (`read_info`; ``Engine.diagnostics``), so that reporting it costs
+#: no host read, and no combining operation, on every step.
+Info = dict[str, float | Tensor | tuple[Tensor, ...]]
 
 
 class Curvature(ABC):
@@ -175,8 +177,9 @@ class Estimator(ABC):
     def lookahead_info(self, hop: Hop, lookahead: Tensors) -> Info:
         """Diagnostics of a look-ahead: its steps and ``step_norm``, how far it moved the lower
         level (recorded even where ``vjp`` is not called, as for ``unroll`` on a plain edge)."""
-        with torch.no_grad():  # a tensor: read only when the diagnostics are
-            return {"step_norm": autodiff.norm_tensor(autodiff.sub(lookahead, hop.lower_params))}
+        with torch.no_grad():  # one norm per tensor: read and combined only when the diagnostics are
+            step = autodiff.sub(lookahead, hop.lower_params)
+            return {"step_norm": tuple(torch._foreach_norm(list(step)))}
 
     @abstractmethod
     def vjp(self, hop: Hop, adjoint: Tensors, lookahead: Tensors | None) -> tuple[Tensors, Info]:
@@ -186,11 +189,18 @@ class Estimator(ABC):
         return dataclasses.asdict(self)  # type: ignore[call-overload]
 
 
-def read_info(info: Info) -> Info:
+def read_info(info: Info) -> dict[str, float]:
     """``info`` with every value a float: the tensors among them read in one host read."""
-    tensors = {key: value for key, value in info.items() if isinstance(value, Tensor)}
-    read = dict(zip(tensors, autodiff.read(*tensors.values()))) if tensors else {}
-    out: Info = {key: read[key] if key in read else float(value) for key, value in info.items()}
+    lazy = {key: value for key, value in info.items() if isinstance(value, (Tensor, tuple))}
+    values = iter(autodiff.read(*(t for v in lazy.values() for t in ((v,) if isinstance(v, Tensor) else v))))
+    out: dict[str, float] = {}
+    for key, value in info.items():
+        if isinstance(value, Tensor):
+            out[key] = next(values)
+        elif isinstance(value, tuple):  # the parts of a norm
+            out[key] = math.hypot(*(next(values) for _ in value))
+        else:
+            out[key] = float(value)
     return out
 
 
