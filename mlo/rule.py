@@ -275,12 +275,17 @@ class Rule:
 
     def _plan(self, name: str) -> tuple[tuple[str, ...], tuple[str, ...]]:
         """For level ``name``: the levels below it (bottom-up), and those whose partial
-        derivative some edge reads. A first-order edge contributes zero whatever its adjoint, so
-        the partials only it would read are never computed."""
+        derivative some edge reads. A first-order edge contributes zero whatever its adjoint, and
+        an attached look-ahead from ``name`` itself is already differentiated through by autograd
+        (its ``vjp`` reads only what arrives from below its lower), so the partials only such
+        edges would read are never computed."""
         below = self.graph.descendants(name)
-        needed = tuple(
-            level for level in below if any(self.estimators[(v, level)].uses_adjoint for v in self.graph.uppers_of[level])
-        )
+
+        def reads(upper: str, level: str) -> bool:
+            est = self.estimators[(upper, level)]
+            return est.uses_adjoint and not (upper == name and est.attached)
+
+        needed = tuple(level for level in below if any(reads(v, level) for v in self.graph.uppers_of[level]))
         return below, needed
 
 
