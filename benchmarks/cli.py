@@ -34,9 +34,6 @@ def _configure(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     parser.add_argument("--out", metavar="DIR", default="runs/bench", help="output folder (default runs/bench)")
     parser.add_argument("--repeats", type=int, metavar="N", help="speed: interleaved repetitions per program")
     parser.add_argument("--profile", action="store_true", help="speed: also print a cProfile of mlo's rounds")
-    parser.add_argument("--block-ms", type=float, default=20.0, metavar="MS",
-                        help="speed: time rounds in back-to-back blocks lasting about MS milliseconds per "
-                        "implementation and repetition (default 20; 0: one round per repetition)")
     parser.add_argument("--only", metavar="NAMES", help="speed: only these programs, e.g. reweighting-large,maml")
     parser.add_argument("--check", action="store_true",
                         help="speed: exit 1, naming the rows, when a time ratio is past its bound "
@@ -85,13 +82,8 @@ def main(args: argparse.Namespace) -> int:
     if args.suite == "speed":
         from . import speed
 
-        if not args.block_ms >= 0:
-            console.print(f"[red]mlo bench speed:[/] --block-ms must be >= 0 (0: one round per repetition), got {args.block_ms:g}")
-            return 2
-
         _, ratios = speed.run(quick=args.quick, json_path=json_path, repeats=args.repeats, console=console,
-                              profile=args.profile, only=args.only.split(",") if args.only else None,
-                              block_s=args.block_ms / 1e3)
+                              profile=args.profile, only=args.only.split(",") if args.only else None)
         failed = speed.check(ratios) if args.check else []
         for row in failed:
             console.print(f"[red]mlo bench speed --check: past its bound:[/] {row}")

@@ -65,10 +65,6 @@ HAND_TARGET = 1.10
 MAML_TARGET = 1 / 3
 MEMORY_TARGET = 1.0
 
-#: how long a timed block of rounds lasts (`benchmarks.timing.measure`): rounds of milliseconds
-#: are timed back to back, as a user's loop runs them, rounds longer than this one by one
-BLOCK_S = 0.02
-
 #: the bounds ``mlo bench speed --check`` holds mlo's time ratios to, by peer: against the
 #: hand-engine floor on every row, against the hand-written loop where both run the program
 CHECK_BOUNDS: dict[str, float] = {"hand-engine": 1.05, "hand": 1.0}
@@ -100,13 +96,13 @@ def cases(quick: bool = False) -> list[Case]:
             Case("darts", lambda: workloads.darts(size=8, C=4, layers=1, batch=2), ("finite_difference",), 2, 1),
         ]
     return [
-        # rounds of a few milliseconds, timed in blocks (`BLOCK_S`): enough repetitions that the
-        # median ratio settles to about +-0.01 (the --check bounds are 5 % from parity)
+        # rounds of a few milliseconds: many repetitions, so that the median ratio settles to
+        # about +-0.01 (the --check bounds are 5 % apart from parity)
         Case("ridge", lambda: workloads.ridge(n=1000, dim=100),
-             ("neumann:iterations=10,alpha=0.1", "cg:iterations=10", "unroll:steps=5"), 60),
+             ("neumann:iterations=10,alpha=0.1", "cg:iterations=10", "unroll:steps=5"), 200),
         Case("reweighting", lambda: workloads.reweighting(hidden=100, batch=100),
-             ("neumann:iterations=5,alpha=0.1", "unroll:steps=1"), 60),
-        Case("hpo", lambda: workloads.hpo(hidden=100, batch=100), ("cg:iterations=5,damping=1.0",), 60),
+             ("neumann:iterations=5,alpha=0.1", "unroll:steps=1"), 150),
+        Case("hpo", lambda: workloads.hpo(hidden=100, batch=100), ("cg:iterations=5,damping=1.0",), 150),
         # Meta-Weight-Net at a size where the second-order estimators' memory shows (3.2M weights)
         Case("reweighting", lambda: workloads.reweighting(hidden=1024, layers=4, batch=256, name="reweighting-large"),
              ("sama", "neumann:iterations=5,alpha=0.1", "cg:iterations=5", "unroll:steps=1"), 6, 1, focus="sama"),
@@ -209,8 +205,7 @@ def profile_rounds(contender: Contender, rounds: int, top: int = 15) -> str:
 
 def run(quick: bool = False, json_path: str | Path | None = None, repeats: int | None = None,
         console: Console | None = None, impls: Sequence[str] = IMPLS,
-        profile: bool = False, only: Sequence[str] | None = None,
-        block_s: float = BLOCK_S) -> tuple[list[Result], list[Ratio]]:
+        profile: bool = False, only: Sequence[str] | None = None) -> tuple[list[Result], list[Ratio]]:
     """Run the suite, print its tables, write JSON to ``json_path`` if given. ``profile``: also
     print (and keep in the JSON) a cProfile of mlo's rounds for every program and algorithm.
     ``only``: the programs to run, by name (``ridge``, ``reweighting``, ``hpo``, ``reweighting-large``,
@@ -236,7 +231,7 @@ def run(quick: bool = False, json_path: str | Path | None = None, repeats: int |
             groups.append(contenders)
         batches = [[c for group in groups for c in group]] if case.focus else groups
         for batch in batches:
-            measured = measure(batch, repeats or case.repeats, case.warmup, block_s=block_s)
+            measured = measure(batch, repeats or case.repeats, case.warmup)
             results.extend(measured)
             for algorithm in dict.fromkeys(r.algorithm for r in measured):
                 ratios.extend(_ratios(case.kind, [r for r in measured if r.algorithm == algorithm]))
@@ -251,7 +246,7 @@ def run(quick: bool = False, json_path: str | Path | None = None, repeats: int |
                         console.print(profiles[key], markup=False, highlight=False)
     # MAML: the tasks of a meta-batch as one vmapped level against per-task loops (higher's, by hand)
     measured = [] if only is not None and "maml" not in only else measure(
-        maml_bench.contenders(quick), 3 if quick else (repeats or 15), 1, block_s=block_s)
+        maml_bench.contenders(quick), 3 if quick else (repeats or 15), 1)
     results.extend(measured)
     for problem in dict.fromkeys(r.problem for r in measured):
         by_impl = {r.impl: r for r in measured if r.problem == problem}
@@ -273,9 +268,7 @@ def run(quick: bool = False, json_path: str | Path | None = None, repeats: int |
             "programs": programs_config,
             "cases": [{"kind": c.kind, "algorithms": list(c.algorithms), "repeats": repeats or c.repeats,
                        "warmup": c.warmup} for c in cases(quick)],
-            "timing": "interleaved round-robin, order rotated per repetition, after warm-up; perf_counter; "
-                      f"each repetition a block of rounds lasting about {block_s * 1e3:g} ms (one round if longer)",
-            "block_s": block_s,
+            "timing": "interleaved round-robin, order rotated per repetition, after warm-up; perf_counter",
             "memory": MEMORY_METHOD,
             "torch_threads": torch.get_num_threads(),
         }

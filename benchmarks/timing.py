@@ -1,12 +1,8 @@
 """The shared measuring harness of every suite: interleaved timing, peak memory, JSON output.
 
 Timing. Each contender is a built implementation with a ``step()`` that runs one round. After
-``warmup`` rounds each, the contenders run round-robin: repetition ``r`` times a block of rounds
-of each (the same number for all), in an order rotated by ``r`` so no implementation always runs
-first or last. A block lasts about ``block_s`` (one round where a round is longer): a user's
-loop runs its rounds back to back, so timing single rounds of a millisecond between other
-libraries' rounds would charge every round the cold caches those leave behind, a cost no run
-pays (on the ridge rows it moved mlo / hand-engine by about 0.02). Slow drifts of a
+``warmup`` rounds each, the contenders run round-robin: repetition ``r`` times one round of each,
+in an order rotated by ``r`` so no implementation always runs first or last. Slow drifts of a
 noisy machine (other processes, thermal state) then hit every implementation alike, and ratios
 taken repetition by repetition (`paired_ratio`) cancel them. ``time.perf_counter`` around each
 round. The garbage collector is run once before the timed rounds and then left to run as it
@@ -157,22 +153,15 @@ def measure(
     warmup: int = 2,
     device: torch.device | str = "cpu",
     memory: bool = True,
-    block_s: float = 0.0,
 ) -> list[Result]:
-    """Time ``contenders`` interleaved (see the module docstring) and measure their peak memory.
-    ``block_s``: how long a timed block of rounds lasts (0: one round per block)."""
+    """Time ``contenders`` interleaved (see the module docstring) and measure their peak memory."""
     if repeats < 1:
         raise ValueError(f"repeats must be >= 1, got {repeats}")
     device = torch.device(device)
-    longest = 0.0
     for c in contenders:
         for _ in range(warmup):
-            _sync(device)
-            t0 = time.perf_counter()
             c.step()
-            _sync(device)
-            longest = max(longest, time.perf_counter() - t0)
-    rounds = max(1, int(block_s / longest)) if block_s > 0 and longest > 0 else 1
+    _sync(device)
     samples: list[list[float]] = [[] for _ in contenders]
     n = len(contenders)
     gc.collect()
@@ -181,10 +170,9 @@ def measure(
             i = (k + r) % n
             _sync(device)
             t0 = time.perf_counter()
-            for _ in range(rounds):
-                contenders[i].step()
+            contenders[i].step()
             _sync(device)
-            samples[i].append((time.perf_counter() - t0) / rounds)
+            samples[i].append(time.perf_counter() - t0)
     peaks = [peak_memory_mb(c.step, device) if memory else float("nan") for c in contenders]
     results = []
     for c, s, peak in zip(contenders, samples, peaks):

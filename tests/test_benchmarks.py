@@ -6,7 +6,6 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
-import time
 import warnings
 from pathlib import Path
 from typing import Any
@@ -275,24 +274,3 @@ def test_speed_profile_covers_every_algorithm(tmp_path: Path) -> None:
     profiles = json.loads(path.read_text())["profiles"]
     algorithms = [speed._label(spec) for spec in speed.cases(quick=True)[0].algorithms]
     assert sorted(profiles) == sorted(f"ridge {a}" for a in algorithms)
-
-
-def test_measure_times_blocks_of_rounds_and_reports_time_per_round() -> None:
-    """With ``block_s``, a repetition runs several rounds of each contender back to back (the
-    same number for all) and a sample is the block's time over its rounds."""
-    calls = {"fast": 0, "slow": 0}
-
-    def step(name: str, seconds: float) -> None:
-        calls[name] += 1
-        time.sleep(seconds)
-
-    contenders = [Contender("p", "fast", lambda: step("fast", 0.001)), Contender("p", "slow", lambda: step("slow", 0.002))]
-    results = measure(contenders, repeats=3, warmup=1, memory=False, block_s=0.02)
-    rounds = (calls["slow"] - 1) // 3
-    assert calls["fast"] == calls["slow"] == 1 + 3 * rounds and 2 <= rounds <= 10  # the slow one sets the block
-    fast, slow = results
-    assert all(s >= 0.001 for s in fast.samples_s) and all(s >= 0.002 for s in slow.samples_s)
-    assert slow.median_s < 0.02  # per round, not per block
-    calls.update(fast=0, slow=0)
-    measure(contenders, repeats=3, warmup=1, memory=False)  # default: one round per repetition
-    assert calls == {"fast": 4, "slow": 4}
