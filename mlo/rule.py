@@ -441,6 +441,7 @@ class _Hop(Hop):
         self.upper, self.lower = upper, lower
         self.point = point
         self.problem = evaluation.rule.problems[lower]
+        self.parameters = evaluation.rule.program.params[lower]
         self.last_gradient = evaluation.last_gradients.get(lower)
         self.create_graph = create_graph
         self.upper_params = tuple(point[upper])

@@ -77,6 +77,9 @@ class Hop(ABC):
     lower_params: Tensors
     #: the lower level (its optimizer: learning rates, update rule)
     problem: Problem
+    #: the lower level's parameters themselves (``problem.parameters()``, found once when the
+    #: program was built): the keys of its optimizer's param groups and state
+    parameters: Tensors
     #: the gradient of the lower level's last optimizer step, where ``reads_last_gradient`` asked
     #: for it (the engine's `mlo.state.LevelState`); ``None`` otherwise or before its first step
     last_gradient: Tensors | None
@@ -103,7 +106,7 @@ class Hop(ABC):
         for group in self.problem.optimizer.param_groups:
             for p in group["params"]:
                 by_id[id(p)] = float(group["lr"])
-        return tuple(by_id[id(p)] for p in self.problem.parameters())
+        return tuple(by_id[id(p)] for p in self.parameters)
 
     def where(self) -> str:
         return f"edge {self.upper!r} -> {self.lower!r}"

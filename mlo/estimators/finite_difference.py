@@ -48,7 +48,7 @@ class FiniteDifference(Estimator):
             raise EstimatorError(f"estimator 'finite_difference' cannot serve level {lower.name!r}: {reason}")
 
     def lookahead(self, hop: Hop) -> Tensors:
-        rule = rule_for(hop.problem.optimizer, tuple(hop.problem.parameters()))
+        rule = rule_for(hop.problem.optimizer, hop.parameters)
         ahead = rule.step(hop.lower_params, hop.direction(hop.lower_params, hop.create_graph))
         return ahead if hop.create_graph else tuple(p.detach() for p in ahead)
 

@@ -43,7 +43,7 @@ class Unroll(Estimator):
             raise EstimatorError(f"estimator 'unroll' cannot serve level {lower.name!r}: {reason}")
 
     def lookahead(self, hop: Hop) -> Tensors:
-        rule = rule_for(hop.problem.optimizer, tuple(hop.problem.parameters()))
+        rule = rule_for(hop.problem.optimizer, hop.parameters)
         params = hop.lower_params
         for _ in range(self.steps):
             params = rule.step(params, hop.direction(params, True))
