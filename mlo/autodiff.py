@@ -128,7 +128,7 @@ def read(*values: Tensor) -> list[float]:
     GPU synchronizes once."""
     if not values:
         return []
-    if values[0].device.type == "cpu":
+    if values[0].is_cpu:
         return [(v.detach() if v.requires_grad else v).item() for v in values]
     return torch.stack([v.detach() for v in values]).tolist()  # stack promotes dtypes
 
