@@ -32,8 +32,9 @@ __all__ = ["PIECES", "breakdown", "main"]
 #: piece name -> (file suffix, function name) pairs whose cumulative time it is
 PIECES: dict[str, tuple[tuple[str, str], ...]] = {
     "optimizer step": (("torch/optim/optimizer.py", "wrapper"),),
-    "finiteness check": (("mlo/engine.py", "_check"), ("mlo/engine.py", "_watch"), ("mlo/autodiff.py", "all_finite")),
-    "divergence test": (("mlo/autodiff.py", "norm_tensor"), ("mlo/autodiff.py", "norm_value")),
+    "finiteness check": (("mlo/engine.py", "_watch"), ("mlo/autodiff.py", "all_finite")),
+    "divergence test": (("mlo/estimators/solvers.py", "_term_norms"),),
+    "diagnostics": (("mlo/estimators/base.py", "lookahead_info"),),
     "autograd passes": (("mlo/autodiff.py", "_engine"),),
     "loss forward": (("mlo/functional.py", "loss"),),
     "data": (("mlo/streams.py", "draw"),),
@@ -43,6 +44,7 @@ PIECES: dict[str, tuple[tuple[str, str], ...]] = {
 CASES: dict[str, tuple[Callable[[], workloads.Bilevel], tuple[str, ...]]] = {
     "ridge": (lambda: workloads.ridge(n=1000, dim=100), ("neumann:iterations=10,alpha=0.1", "cg:iterations=10")),
     "reweighting": (lambda: workloads.reweighting(hidden=100, batch=100), ("neumann:iterations=5,alpha=0.1", "unroll:steps=1")),
+    "hpo": (lambda: workloads.hpo(hidden=100, batch=100), ("cg:iterations=5,damping=1.0",)),
 }
 
 
