@@ -102,7 +102,7 @@ def cases(quick: bool = False) -> list[Case]:
              ("neumann:iterations=10,alpha=0.1", "cg:iterations=10", "unroll:steps=5"), 200),
         Case("reweighting", lambda: workloads.reweighting(hidden=100, batch=100),
              ("neumann:iterations=5,alpha=0.1", "unroll:steps=1"), 150),
-        Case("hpo", lambda: workloads.hpo(hidden=100, batch=100), ("cg:iterations=5,damping=1.0",), 150),
+        Case("hpo", lambda: workloads.hpo(hidden=100, batch=100), ("cg:iterations=5,damping=1.0", "neumann:iterations=5,alpha=0.1"), 150),
         # Meta-Weight-Net at a size where the second-order estimators' memory shows (3.2M weights)
         Case("reweighting", lambda: workloads.reweighting(hidden=1024, layers=4, batch=256, name="reweighting-large"),
              ("sama", "neumann:iterations=5,alpha=0.1", "cg:iterations=5", "unroll:steps=1"), 6, 1, focus="sama"),
