@@ -18,7 +18,7 @@ from mlo.problems.darts import (
     pdarts_next_stage,
     use_reference,
 )
-from mlo.problems.darts.ops import AvgPool3x3, engine_will_execute
+from mlo.problems.darts.ops import AvgPool3x3, MaxPool3x3, engine_will_execute
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -182,6 +182,24 @@ def test_average_pooling_equals_avg_pool2d(size: int) -> None:
     torch.testing.assert_close(out, ref)
     g = torch.randn_like(ref)
     torch.testing.assert_close(torch.autograd.grad(out, x, g), torch.autograd.grad(ref, x, g))
+
+
+@pytest.mark.parametrize("stride", [1, 2])
+@pytest.mark.parametrize("size", [1, 4, 7, 14])
+def test_max_pooling_equals_max_pool2d(stride: int, size: int) -> None:
+    # Integer values make many ties inside windows: the gradient must reach the same input as
+    # PyTorch's (the first maximum of each window), not merely an equal value.
+    gen = torch.Generator().manual_seed(size)
+    x = torch.randint(-2, 3, (3, 4, size, size + 1), generator=gen).double().requires_grad_()
+    out = MaxPool3x3(stride)(x)
+    ref = F.max_pool2d(x, 3, stride, 1)
+    assert torch.equal(out, ref)
+    g = torch.randn_like(ref)
+    assert torch.equal(torch.autograd.grad(out, x, g)[0], torch.autograd.grad(ref, x, g)[0])
+    x.data[0, 0, 0, 0] = float("nan")  # NaN is a maximum in both layouts
+    assert torch.equal(MaxPool3x3(stride)(x).isnan(), F.max_pool2d(x, 3, stride, 1).isnan())
+    y = torch.randn(2, 3, size, size, dtype=torch.float64, generator=gen, requires_grad=True)
+    assert torch.autograd.gradgradcheck(MaxPool3x3(stride), (y,))
 
 
 # -- the same search ----------------------------------------------------------------------------------

@@ -12,7 +12,7 @@ edges leaving a state with a few large kernels instead of many small ones; the m
 of m separate ops.
 
 Fast and reference paths: every module here with a ``fast`` attribute (`DepthwiseConv2d`,
-`PointwiseConv2d`) computes the same function in two ways. ``fast=True`` (the default) picks, on
+`PointwiseConv2d`, `AvgPool3x3`, `MaxPool3x3`) computes the same function in two ways. ``fast=True`` (the default) picks, on
 the CPU, the formulation that runs fastest there (see each class); ``fast=False`` is the plain
 op-by-op computation with ``F.conv2d``, kept as the reference the tests compare against.
 `use_reference` switches a whole network.
@@ -43,6 +43,7 @@ __all__ = [
     "DilConv",
     "SepConv",
     "AvgPool3x3",
+    "MaxPool3x3",
     "Identity",
     "Zero",
     "FactorizedReduce",
@@ -349,6 +350,31 @@ class AvgPool3x3(nn.Module):
         return f"stride={self.stride}"
 
 
+class MaxPool3x3(nn.Module):
+    """3x3 max pooling with padding 1 (DARTS's ``max_pool_3x3``), an ``nn.MaxPool2d(3, stride, 1)``.
+
+    ``fast=True`` on the CPU: PyTorch's own max pooling run on a channels-last copy of the input,
+    the result copied back. Both layouts take the first maximum of each window in the same order
+    (NaN counting as a maximum), so the values and the positions that receive the gradient are the
+    same; the channels-last kernel runs 2-8x faster forward and backward on the small maps and
+    batches of a CPU search (per-plane loops over a few dozen pixels are what the default layout
+    pays for). ``fast=False`` or another device: ``F.max_pool2d`` as it is (the reference).
+    """
+
+    def __init__(self, stride: int, fast: bool = True) -> None:
+        super().__init__()
+        self.stride, self.fast = stride, fast
+
+    def forward(self, x: Tensor) -> Tensor:
+        if not self.fast or x.device.type != "cpu" or x.dim() != 4:
+            return F.max_pool2d(x, 3, self.stride, 1)
+        y = F.max_pool2d(x.contiguous(memory_format=torch.channels_last), 3, self.stride, 1)
+        return y.contiguous()
+
+    def extra_repr(self) -> str:
+        return f"stride={self.stride}"
+
+
 @functools.lru_cache(maxsize=64)
 def _window_count(H: int, W: int, device: torch.device, dtype: torch.dtype) -> Tensor:
     """(H, W): how many pixels of each 3x3 window (padding 1) lie inside an H x W map."""
@@ -420,7 +446,7 @@ OpFactory = Callable[[int, int, bool, int], nn.Module]
 OPS: dict[str, OpFactory] = {
     "none": lambda C, stride, affine, m: Zero(stride),
     "avg_pool_3x3": lambda C, stride, affine, m: AvgPool3x3(stride),
-    "max_pool_3x3": lambda C, stride, affine, m: nn.MaxPool2d(3, stride=stride, padding=1),
+    "max_pool_3x3": lambda C, stride, affine, m: MaxPool3x3(stride),
     "skip_connect": lambda C, stride, affine, m: (
         Identity() if stride == 1 else FactorizedReduce(C, C, affine, m)
     ),
