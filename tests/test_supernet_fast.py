@@ -102,6 +102,8 @@ def test_use_reference_switches_every_fast_module() -> None:
         (14, 3, 1, 1, 1), (14, 5, 1, 2, 1), (14, 3, 2, 1, 1), (14, 5, 2, 2, 1),  # separable convolutions
         (14, 3, 1, 2, 2), (14, 5, 1, 4, 2), (14, 3, 2, 2, 2), (13, 5, 2, 4, 2),  # dilated ones
         (7, 5, 1, 2, 1), (4, 5, 1, 4, 2), (9, 3, 1, 1, 1),
+        (12, 3, 1, 2, 2), (16, 5, 1, 4, 2), (15, 5, 1, 4, 2), (16, 5, 2, 2, 1), (15, 3, 2, 1, 1),  # larger maps
+        (16, 3, 1, 3, 3), (12, 3, 1, 1, 2),  # interleaved grids of 3; padding not a multiple of the dilation
     ],
 )
 @pytest.mark.parametrize("prune", [True, False])
@@ -120,12 +122,16 @@ def test_depthwise_conv2d_equals_conv2d(size: int, k: int, stride: int, padding:
     torch.testing.assert_close(torch.autograd.grad(out, x, g, retain_graph=True)[0], torch.autograd.grad(ref, x, g)[0])
 
 
-@pytest.mark.parametrize("k, stride, padding, dilation", [(3, 1, 1, 1), (5, 2, 2, 1), (3, 1, 2, 2)])
+@pytest.mark.parametrize(
+    "size, k, stride, padding, dilation",
+    [(9, 3, 1, 1, 1), (9, 5, 2, 2, 1), (9, 3, 1, 2, 2), (10, 3, 2, 1, 1), (10, 5, 1, 4, 2)],
+)
 @pytest.mark.parametrize("prune", [True, False])
-def test_depthwise_conv2d_second_order(k: int, stride: int, padding: int, dilation: int, prune: bool) -> None:
-    # Hessian-vector products of the estimators flow through the backward (9x9: not the matrix form)
+def test_depthwise_conv2d_second_order(size: int, k: int, stride: int, padding: int, dilation: int, prune: bool) -> None:
+    # Hessian-vector products of the estimators flow through the backward (9x9, 10x10: not the
+    # matrix form; 10x10 dilated: the weight gradient on interleaved grids)
     gen = torch.Generator().manual_seed(8)
-    x = torch.randn(1, 2, 9, 9, dtype=torch.float64, generator=gen, requires_grad=True)
+    x = torch.randn(1, 2, size, size, dtype=torch.float64, generator=gen, requires_grad=True)
     w = torch.randn(2, 1, k, k, dtype=torch.float64, generator=gen, requires_grad=True)
     assert torch.autograd.gradgradcheck(lambda a, b: depthwise_conv2d(a, b, stride, padding, dilation, prune), (x, w))
 
