@@ -18,7 +18,7 @@ from mlo.problems.darts import (
     pdarts_next_stage,
     use_reference,
 )
-from mlo.problems.darts.ops import AvgPool3x3, MaxPool3x3, engine_will_execute
+from mlo.problems.darts.ops import AvgPool3x3, BatchNorm2d, MaxPool3x3, engine_will_execute
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -39,23 +39,26 @@ def _pair(**kw: object) -> tuple[SuperNet, SuperNet]:
 
 
 @pytest.mark.parametrize(
-    "shape, C, pc_k, edge_norm, pruned",
+    "shape, C, pc_k, edge_norm, pruned, batch",
     [
-        ((1, 14, 14), 4, 1, False, False),  # the Fashion-MNIST bench setting, one batch size smaller
-        ((1, 8, 8), 4, 1, False, False),  # small maps: the matrix form of the depthwise convolutions
-        ((3, 11, 11), 4, 2, True, False),  # PC-DARTS, odd sizes
-        ((1, 12, 12), 4, 1, False, True),  # P-DARTS op mask
+        ((1, 14, 14), 4, 1, False, False, 8),  # the Fashion-MNIST bench setting, one batch size smaller
+        ((1, 14, 14), 4, 1, False, False, 64),  # the bench setting itself: BatchNorm's fast path too
+        ((1, 8, 8), 4, 1, False, False, 8),  # small maps: the matrix form of the depthwise convolutions
+        ((3, 11, 11), 4, 2, True, False, 8),  # PC-DARTS, odd sizes
+        ((1, 12, 12), 4, 1, False, True, 8),  # P-DARTS op mask
     ],
 )
-def test_fast_supernet_equals_reference(shape: tuple[int, int, int], C: int, pc_k: int, edge_norm: bool, pruned: bool) -> None:
+def test_fast_supernet_equals_reference(
+    shape: tuple[int, int, int], C: int, pc_k: int, edge_norm: bool, pruned: bool, batch: int
+) -> None:
     mask = None
     if pruned:
         mask = pdarts_next_stage(Architecture(generator=torch.Generator().manual_seed(1), init_scale=1.0), (3, 4))[1]
     fast, ref = _pair(C=C, num_classes=5, layers=3, in_channels=shape[0], pc_k=pc_k, edge_norm=edge_norm, op_mask=mask)
     assert [type(m) for m in fast.modules()] == [type(m) for m in ref.modules()]
     arch = fast.new_architecture(torch.Generator().manual_seed(2), init_scale=0.5)
-    x = torch.randn(8, *shape, generator=torch.Generator().manual_seed(3))
-    y = torch.arange(8) % 5
+    x = torch.randn(batch, *shape, generator=torch.Generator().manual_seed(3))
+    y = torch.arange(batch) % 5
     outputs, grads = [], []
     for net in (fast, ref):
         logits = net(x, arch)
@@ -206,6 +209,33 @@ def test_max_pooling_equals_max_pool2d(stride: int, size: int) -> None:
     assert torch.equal(MaxPool3x3(stride)(x).isnan(), F.max_pool2d(x, 3, stride, 1).isnan())
     y = torch.randn(2, 3, size, size, dtype=torch.float64, generator=gen, requires_grad=True)
     assert torch.autograd.gradgradcheck(MaxPool3x3(stride), (y,))
+
+
+def test_batch_norm_equals_pytorch_to_second_order() -> None:
+    # Large enough for the fast path (more than 2**16 elements), float64, an input far from
+    # centred; y**3 gives the loss a second derivative in x through the batch statistics.
+    gen = torch.Generator().manual_seed(11)
+    x = (3 * torch.randn(16, 8, 24, 24, dtype=torch.float64, generator=gen) + 2).requires_grad_()
+    fast, ref = BatchNorm2d(8, affine=False).double(), nn.BatchNorm2d(8, affine=False).double()
+    outs = [m(x) for m in (fast, ref)]
+    torch.testing.assert_close(outs[0], outs[1])
+    grads = [torch.autograd.grad((y**3).sum(), x, create_graph=True)[0] for y in outs]
+    torch.testing.assert_close(grads[0], grads[1])
+    v = torch.randn(x.shape, dtype=torch.float64, generator=gen)
+    torch.testing.assert_close(torch.autograd.grad(grads[0], x, v)[0], torch.autograd.grad(grads[1], x, v)[0])
+    for name in ("running_mean", "running_var", "num_batches_tracked"):
+        torch.testing.assert_close(getattr(fast, name), getattr(ref, name), msg=name)
+
+
+def test_batch_norm_falls_back_where_the_fast_path_does_not_apply() -> None:
+    x = torch.randn(16, 8, 24, 24)
+    for m in (BatchNorm2d(8), BatchNorm2d(8, affine=False).eval(), BatchNorm2d(8, affine=False, momentum=None)):
+        ref = nn.BatchNorm2d(8, affine=m.affine, momentum=m.momentum).train(m.training)
+        ref.load_state_dict(m.state_dict())
+        torch.testing.assert_close(m(x), ref(x))
+        torch.testing.assert_close(m.running_var, ref.running_var)
+    with pytest.raises(ValueError, match="more than 1 value per channel"):
+        BatchNorm2d(3, affine=False)(torch.randn(1, 3, 1, 1))
 
 
 # -- the same search ----------------------------------------------------------------------------------
