@@ -227,6 +227,16 @@ def test_batch_norm_equals_pytorch_to_second_order() -> None:
         torch.testing.assert_close(getattr(fast, name), getattr(ref, name), msg=name)
 
 
+def test_batch_norm_paths_mix_in_one_graph() -> None:
+    # One module on a small batch (PyTorch's kernel, which saves the running statistics) and then
+    # a large one (the fast path, which updates them) in one graph: the backward must still run.
+    m = BatchNorm2d(8, affine=False)
+    small, large = torch.randn(2, 8, 4, 4, requires_grad=True), torch.randn(16, 8, 24, 24, requires_grad=True)
+    loss = (m(small) ** 3).sum() + (m(large) ** 3).sum()
+    grads = torch.autograd.grad(loss, [small, large], create_graph=True)
+    torch.autograd.grad(grads[0].sum() + grads[1].sum(), [small, large])
+
+
 def test_batch_norm_falls_back_where_the_fast_path_does_not_apply() -> None:
     x = torch.randn(16, 8, 24, 24)
     for m in (BatchNorm2d(8), BatchNorm2d(8, affine=False).eval(), BatchNorm2d(8, affine=False, momentum=None)):

@@ -82,8 +82,10 @@ class _BatchNormTraining(torch.autograd.Function):
         var = (y * y).sum((0, 2, 3)).div_(n)
         invstd = (var + eps).rsqrt_()
         y.mul_(invstd.view(1, C, 1, 1))
-        running_mean.mul_(1 - momentum).add_(mean, alpha=momentum)
-        running_var.mul_(1 - momentum).add_(var, alpha=momentum * n / (n - 1))  # unbiased, as PyTorch
+        # Updated through ``.data``, as PyTorch's kernel updates them: without a version bump, which
+        # would fail the backward of an earlier BatchNorm call in the same graph that saved them.
+        running_mean.data.mul_(1 - momentum).add_(mean, alpha=momentum)
+        running_var.data.mul_(1 - momentum).add_(var, alpha=momentum * n / (n - 1))  # unbiased, as PyTorch
         ctx.save_for_backward(x, mean, invstd)
         ctx.eps = eps
         return y
