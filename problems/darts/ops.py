@@ -214,24 +214,65 @@ class _DepthwiseBackward(torch.autograd.Function):
         x, weight = ctx.saved_tensors
         stride, padding, dilation, prune = ctx.conv
         grad_x = grad_w = None
+        # Differentiated again (create_graph): through the fast paths here too, not PyTorch's
+        # slow derivatives of its own depthwise kernels.
+        again = torch.is_grad_enabled()
         if ctx.needs_input_grad[0] and (not prune or engine_will_execute(ctx.next_functions[0][0])):
-            grad_x = _depthwise_input_grad(grad, weight, x.shape, stride, padding, dilation)
+            grad_x = _depthwise_input_grad(grad, weight, x.shape, stride, padding, dilation, again)
         if ctx.needs_input_grad[1] and (not prune or engine_will_execute(ctx.next_functions[1][0])):
-            grad_w = _depthwise_weight_grad(x, grad, weight.shape, stride, padding, dilation)
+            if again:
+                grad_w = _DepthwiseWeightGrad.apply(x, grad, weight.shape, stride, padding, dilation)
+            else:
+                grad_w = _depthwise_weight_grad(x, grad, weight.shape, stride, padding, dilation)
         return grad_x, grad_w, None, None, None, None
 
 
+class _DepthwiseWeightGrad(torch.autograd.Function):
+    """The weight gradient of a depthwise convolution, ``(x, grad) -> grad_w``, as a function
+    that is itself differentiated (Hessian-vector products through a backward pass). It is
+    bilinear: ``<v, grad_w(x, grad)> = <grad, conv(x, v)>``, so its derivative in ``grad`` is the
+    convolution of ``x`` with ``v`` and its derivative in ``x`` is that convolution's input
+    gradient, both by the fast paths here (PyTorch's derivative of its CPU weight-gradient kernel
+    runs transposed depthwise convolutions, several times slower)."""
+
+    @staticmethod
+    def forward(x: Tensor, grad: Tensor, shape: torch.Size, stride: int, padding: int, dilation: int) -> Tensor:
+        return _depthwise_weight_grad(x, grad, shape, stride, padding, dilation)
+
+    @staticmethod
+    def setup_context(ctx: Any, inputs: tuple[Any, ...], output: Tensor) -> None:
+        x, grad, _, stride, padding, dilation = inputs
+        ctx.save_for_backward(x, grad)
+        ctx.conv = (stride, padding, dilation)
+
+    @staticmethod
+    def backward(ctx: Any, v: Tensor) -> tuple[Tensor | None, ...]:
+        x, grad = ctx.saved_tensors
+        stride, padding, dilation = ctx.conv
+        again = torch.is_grad_enabled()
+        d_x = d_grad = None
+        if ctx.needs_input_grad[0]:
+            d_x = _depthwise_input_grad(grad, v, x.shape, stride, padding, dilation, again)
+        if ctx.needs_input_grad[1]:
+            d_grad = depthwise_conv2d(x, v, stride, padding, dilation)
+        return d_x, d_grad, None, None, None, None
+
+
 def _depthwise_input_grad(
-    grad: Tensor, weight: Tensor, shape: torch.Size, stride: int, padding: int, dilation: int
+    grad: Tensor, weight: Tensor, shape: torch.Size, stride: int, padding: int, dilation: int, again: bool = False
 ) -> Tensor:
     """The input gradient of a depthwise convolution. At stride 1, a forward convolution of the
     output gradient with the flipped kernel (same dilation): PyTorch's CPU transposed depthwise
-    kernel is several times slower. At larger strides PyTorch's own (spreading the gradient onto
-    the input grid first measured no faster)."""
+    kernel is several times slower; with ``again`` (it will be differentiated) that convolution
+    is `depthwise_conv2d`, whose own backward is fast. At larger strides PyTorch's own (spreading
+    the gradient onto the input grid first measured no faster)."""
     C, k = shape[1], weight.shape[-1]
     reach = dilation * (k - 1)
     if stride == 1 and padding <= reach:
-        return F.conv2d(grad, weight.flip(-2, -1), None, 1, reach - padding, dilation, C)
+        flipped = weight.flip(-2, -1)
+        if again:
+            return depthwise_conv2d(grad, flipped, 1, reach - padding, dilation)
+        return F.conv2d(grad, flipped, None, 1, reach - padding, dilation, C)
     return conv2d_input(shape, weight, grad, stride, padding, dilation, C)
 
 
