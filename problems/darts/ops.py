@@ -70,8 +70,10 @@ class _BatchNormTraining(torch.autograd.Function):
 
     PyTorch's CPU BatchNorm accumulates float32 in double, which makes it several times slower
     than the float32 reductions here (a sum, then the sum of squares of the centred input). The
-    backward is PyTorch's own BatchNorm backward op, given these statistics: its derivative is
-    defined, so every higher derivative is PyTorch's too."""
+    backward is the operator behind ``nn.BatchNorm2d``'s own backward,
+    ``torch.ops.aten.native_batch_norm_backward`` (a documented Core ATen IR operator; PyTorch has
+    no Python wrapper for it), given these statistics: its derivative is defined, so every higher
+    derivative is PyTorch's too."""
 
     @staticmethod
     def forward(ctx: Any, x: Tensor, running_mean: Tensor, running_var: Tensor, momentum: float, eps: float) -> Tensor:
