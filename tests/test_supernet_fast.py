@@ -139,6 +139,22 @@ def test_depthwise_conv2d_second_order(size: int, k: int, stride: int, padding: 
     assert torch.autograd.gradgradcheck(lambda a, b: depthwise_conv2d(a, b, stride, padding, dilation, prune), (x, w))
 
 
+@pytest.mark.parametrize("size, k, stride, padding, dilation", [(9, 5, 1, 2, 1), (10, 3, 1, 2, 2), (9, 3, 2, 1, 1)])
+def test_depthwise_conv2d_third_order(size: int, k: int, stride: int, padding: int, dilation: int) -> None:
+    # A backward differentiated twice (a look-ahead inside a look-ahead): the derivatives of the
+    # differentiable backward's own pieces, checked against finite differences.
+    gen = torch.Generator().manual_seed(9)
+    x = torch.randn(1, 2, size, size, dtype=torch.float64, generator=gen, requires_grad=True)
+    w = torch.randn(2, 1, k, k, dtype=torch.float64, generator=gen, requires_grad=True)
+    u = torch.randn(F.conv2d(x, w, None, stride, padding, dilation, 2).shape, dtype=torch.float64, generator=gen)
+
+    def backward(a: Tensor, b: Tensor) -> tuple[Tensor, ...]:
+        out = depthwise_conv2d(a * a, b, stride, padding, dilation)  # a * a: not linear in a
+        return torch.autograd.grad(out, (a, b), u, create_graph=True)
+
+    assert torch.autograd.gradgradcheck(backward, (x, w))
+
+
 def test_engine_will_execute_falls_back_to_true_outside_a_backward_pass() -> None:
     x = torch.ones(2, requires_grad=True)
     node = (x * 2).grad_fn
