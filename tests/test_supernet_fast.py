@@ -18,7 +18,7 @@ from mlo.problems.darts import (
     pdarts_next_stage,
     use_reference,
 )
-from mlo.problems.darts.ops import AvgPool3x3, engine_will_execute
+from mlo.problems.darts.ops import AvgPool3x3, BatchNorm2d, MaxPool3x3, engine_will_execute
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -39,23 +39,26 @@ def _pair(**kw: object) -> tuple[SuperNet, SuperNet]:
 
 
 @pytest.mark.parametrize(
-    "shape, C, pc_k, edge_norm, pruned",
+    "shape, C, pc_k, edge_norm, pruned, batch",
     [
-        ((1, 14, 14), 4, 1, False, False),  # the Fashion-MNIST bench setting, one batch size smaller
-        ((1, 8, 8), 4, 1, False, False),  # small maps: the matrix form of the depthwise convolutions
-        ((3, 11, 11), 4, 2, True, False),  # PC-DARTS, odd sizes
-        ((1, 12, 12), 4, 1, False, True),  # P-DARTS op mask
+        ((1, 14, 14), 4, 1, False, False, 8),  # the Fashion-MNIST bench setting, one batch size smaller
+        ((1, 14, 14), 4, 1, False, False, 64),  # the bench setting itself: BatchNorm's fast path too
+        ((1, 8, 8), 4, 1, False, False, 8),  # small maps: the matrix form of the depthwise convolutions
+        ((3, 11, 11), 4, 2, True, False, 8),  # PC-DARTS, odd sizes
+        ((1, 12, 12), 4, 1, False, True, 8),  # P-DARTS op mask
     ],
 )
-def test_fast_supernet_equals_reference(shape: tuple[int, int, int], C: int, pc_k: int, edge_norm: bool, pruned: bool) -> None:
+def test_fast_supernet_equals_reference(
+    shape: tuple[int, int, int], C: int, pc_k: int, edge_norm: bool, pruned: bool, batch: int
+) -> None:
     mask = None
     if pruned:
         mask = pdarts_next_stage(Architecture(generator=torch.Generator().manual_seed(1), init_scale=1.0), (3, 4))[1]
     fast, ref = _pair(C=C, num_classes=5, layers=3, in_channels=shape[0], pc_k=pc_k, edge_norm=edge_norm, op_mask=mask)
     assert [type(m) for m in fast.modules()] == [type(m) for m in ref.modules()]
     arch = fast.new_architecture(torch.Generator().manual_seed(2), init_scale=0.5)
-    x = torch.randn(8, *shape, generator=torch.Generator().manual_seed(3))
-    y = torch.arange(8) % 5
+    x = torch.randn(batch, *shape, generator=torch.Generator().manual_seed(3))
+    y = torch.arange(batch) % 5
     outputs, grads = [], []
     for net in (fast, ref):
         logits = net(x, arch)
@@ -102,6 +105,8 @@ def test_use_reference_switches_every_fast_module() -> None:
         (14, 3, 1, 1, 1), (14, 5, 1, 2, 1), (14, 3, 2, 1, 1), (14, 5, 2, 2, 1),  # separable convolutions
         (14, 3, 1, 2, 2), (14, 5, 1, 4, 2), (14, 3, 2, 2, 2), (13, 5, 2, 4, 2),  # dilated ones
         (7, 5, 1, 2, 1), (4, 5, 1, 4, 2), (9, 3, 1, 1, 1),
+        (12, 3, 1, 2, 2), (16, 5, 1, 4, 2), (15, 5, 1, 4, 2), (16, 5, 2, 2, 1), (15, 3, 2, 1, 1),  # larger maps
+        (16, 3, 1, 3, 3), (12, 3, 1, 1, 2),  # interleaved grids of 3; padding not a multiple of the dilation
     ],
 )
 @pytest.mark.parametrize("prune", [True, False])
@@ -120,14 +125,34 @@ def test_depthwise_conv2d_equals_conv2d(size: int, k: int, stride: int, padding:
     torch.testing.assert_close(torch.autograd.grad(out, x, g, retain_graph=True)[0], torch.autograd.grad(ref, x, g)[0])
 
 
-@pytest.mark.parametrize("k, stride, padding, dilation", [(3, 1, 1, 1), (5, 2, 2, 1), (3, 1, 2, 2)])
+@pytest.mark.parametrize(
+    "size, k, stride, padding, dilation",
+    [(9, 3, 1, 1, 1), (9, 5, 2, 2, 1), (9, 3, 1, 2, 2), (10, 3, 2, 1, 1), (10, 5, 1, 4, 2)],
+)
 @pytest.mark.parametrize("prune", [True, False])
-def test_depthwise_conv2d_second_order(k: int, stride: int, padding: int, dilation: int, prune: bool) -> None:
-    # Hessian-vector products of the estimators flow through the backward (9x9: not the matrix form)
+def test_depthwise_conv2d_second_order(size: int, k: int, stride: int, padding: int, dilation: int, prune: bool) -> None:
+    # Hessian-vector products of the estimators flow through the backward (9x9, 10x10: not the
+    # matrix form; 10x10 dilated: the weight gradient on interleaved grids)
     gen = torch.Generator().manual_seed(8)
-    x = torch.randn(1, 2, 9, 9, dtype=torch.float64, generator=gen, requires_grad=True)
+    x = torch.randn(1, 2, size, size, dtype=torch.float64, generator=gen, requires_grad=True)
     w = torch.randn(2, 1, k, k, dtype=torch.float64, generator=gen, requires_grad=True)
     assert torch.autograd.gradgradcheck(lambda a, b: depthwise_conv2d(a, b, stride, padding, dilation, prune), (x, w))
+
+
+@pytest.mark.parametrize("size, k, stride, padding, dilation", [(9, 5, 1, 2, 1), (10, 3, 1, 2, 2), (9, 3, 2, 1, 1)])
+def test_depthwise_conv2d_third_order(size: int, k: int, stride: int, padding: int, dilation: int) -> None:
+    # A backward differentiated twice (a look-ahead inside a look-ahead): the derivatives of the
+    # differentiable backward's own pieces, checked against finite differences.
+    gen = torch.Generator().manual_seed(9)
+    x = torch.randn(1, 2, size, size, dtype=torch.float64, generator=gen, requires_grad=True)
+    w = torch.randn(2, 1, k, k, dtype=torch.float64, generator=gen, requires_grad=True)
+    u = torch.randn(F.conv2d(x, w, None, stride, padding, dilation, 2).shape, dtype=torch.float64, generator=gen)
+
+    def backward(a: Tensor, b: Tensor) -> tuple[Tensor, ...]:
+        out = depthwise_conv2d(a * a, b, stride, padding, dilation)  # a * a: not linear in a
+        return torch.autograd.grad(out, (a, b), u, create_graph=True)
+
+    assert torch.autograd.gradgradcheck(backward, (x, w))
 
 
 def test_engine_will_execute_falls_back_to_true_outside_a_backward_pass() -> None:
@@ -182,6 +207,61 @@ def test_average_pooling_equals_avg_pool2d(size: int) -> None:
     torch.testing.assert_close(out, ref)
     g = torch.randn_like(ref)
     torch.testing.assert_close(torch.autograd.grad(out, x, g), torch.autograd.grad(ref, x, g))
+
+
+@pytest.mark.parametrize("stride", [1, 2])
+@pytest.mark.parametrize("size", [1, 4, 7, 14])
+def test_max_pooling_equals_max_pool2d(stride: int, size: int) -> None:
+    # Integer values make many ties inside windows: the gradient must reach the same input as
+    # PyTorch's (the first maximum of each window), not merely an equal value.
+    gen = torch.Generator().manual_seed(size)
+    x = torch.randint(-2, 3, (3, 4, size, size + 1), generator=gen).double().requires_grad_()
+    out = MaxPool3x3(stride)(x)
+    ref = F.max_pool2d(x, 3, stride, 1)
+    assert torch.equal(out, ref)
+    g = torch.randn_like(ref)
+    assert torch.equal(torch.autograd.grad(out, x, g)[0], torch.autograd.grad(ref, x, g)[0])
+    x.data[0, 0, 0, 0] = float("nan")  # NaN is a maximum in both layouts
+    assert torch.equal(MaxPool3x3(stride)(x).isnan(), F.max_pool2d(x, 3, stride, 1).isnan())
+    y = torch.randn(2, 3, size, size, dtype=torch.float64, generator=gen, requires_grad=True)
+    assert torch.autograd.gradgradcheck(MaxPool3x3(stride), (y,))
+
+
+def test_batch_norm_equals_pytorch_to_second_order() -> None:
+    # Large enough for the fast path (more than 2**16 elements), float64, an input far from
+    # centred; y**3 gives the loss a second derivative in x through the batch statistics.
+    gen = torch.Generator().manual_seed(11)
+    x = (3 * torch.randn(16, 8, 24, 24, dtype=torch.float64, generator=gen) + 2).requires_grad_()
+    fast, ref = BatchNorm2d(8, affine=False).double(), nn.BatchNorm2d(8, affine=False).double()
+    outs = [m(x) for m in (fast, ref)]
+    torch.testing.assert_close(outs[0], outs[1])
+    grads = [torch.autograd.grad((y**3).sum(), x, create_graph=True)[0] for y in outs]
+    torch.testing.assert_close(grads[0], grads[1])
+    v = torch.randn(x.shape, dtype=torch.float64, generator=gen)
+    torch.testing.assert_close(torch.autograd.grad(grads[0], x, v)[0], torch.autograd.grad(grads[1], x, v)[0])
+    for name in ("running_mean", "running_var", "num_batches_tracked"):
+        torch.testing.assert_close(getattr(fast, name), getattr(ref, name), msg=name)
+
+
+def test_batch_norm_paths_mix_in_one_graph() -> None:
+    # One module on a small batch (PyTorch's kernel, which saves the running statistics) and then
+    # a large one (the fast path, which updates them) in one graph: the backward must still run.
+    m = BatchNorm2d(8, affine=False)
+    small, large = torch.randn(2, 8, 4, 4, requires_grad=True), torch.randn(16, 8, 24, 24, requires_grad=True)
+    loss = (m(small) ** 3).sum() + (m(large) ** 3).sum()
+    grads = torch.autograd.grad(loss, [small, large], create_graph=True)
+    torch.autograd.grad(grads[0].sum() + grads[1].sum(), [small, large])
+
+
+def test_batch_norm_falls_back_where_the_fast_path_does_not_apply() -> None:
+    x = torch.randn(16, 8, 24, 24)
+    for m in (BatchNorm2d(8), BatchNorm2d(8, affine=False).eval(), BatchNorm2d(8, affine=False, momentum=None)):
+        ref = nn.BatchNorm2d(8, affine=m.affine, momentum=m.momentum).train(m.training)
+        ref.load_state_dict(m.state_dict())
+        torch.testing.assert_close(m(x), ref(x))
+        torch.testing.assert_close(m.running_var, ref.running_var)
+    with pytest.raises(ValueError, match="more than 1 value per channel"):
+        BatchNorm2d(3, affine=False)(torch.randn(1, 3, 1, 1))
 
 
 # -- the same search ----------------------------------------------------------------------------------

@@ -12,8 +12,8 @@ edges leaving a state with a few large kernels instead of many small ones; the m
 of m separate ops.
 
 Fast and reference paths: every module here with a ``fast`` attribute (`DepthwiseConv2d`,
-`PointwiseConv2d`) computes the same function in two ways. ``fast=True`` (the default) picks, on
-the CPU, the formulation that runs fastest there (see each class); ``fast=False`` is the plain
+`PointwiseConv2d`, `AvgPool3x3`, `MaxPool3x3`, `BatchNorm2d`) computes the same function in two
+ways. ``fast=True`` (the default) picks, on the CPU, the formulation that runs fastest there (see each class); ``fast=False`` is the plain
 op-by-op computation with ``F.conv2d``, kept as the reference the tests compare against.
 `use_reference` switches a whole network.
 """
@@ -43,6 +43,8 @@ __all__ = [
     "DilConv",
     "SepConv",
     "AvgPool3x3",
+    "MaxPool3x3",
+    "BatchNorm2d",
     "Identity",
     "Zero",
     "FactorizedReduce",
@@ -61,6 +63,73 @@ PRIMITIVES: tuple[str, ...] = (
 )
 
 
+class _BatchNormTraining(torch.autograd.Function):
+    """Training-mode BatchNorm without affine parameters, ``y = (x - mean) * invstd`` with the
+    batch's per-channel mean and ``invstd = 1 / sqrt(var + eps)`` (biased variance), updating the
+    running statistics as ``nn.BatchNorm2d`` does.
+
+    PyTorch's CPU BatchNorm accumulates float32 in double, which makes it several times slower
+    than the float32 reductions here (a sum, then the sum of squares of the centred input). The
+    backward is the operator behind ``nn.BatchNorm2d``'s own backward,
+    ``torch.ops.aten.native_batch_norm_backward`` (a documented Core ATen IR operator; PyTorch has
+    no Python wrapper for it), given these statistics: its derivative is defined, so every higher
+    derivative is PyTorch's too."""
+
+    @staticmethod
+    def forward(ctx: Any, x: Tensor, running_mean: Tensor, running_var: Tensor, momentum: float, eps: float) -> Tensor:
+        C = x.shape[1]
+        n = x.numel() // C
+        mean = x.sum((0, 2, 3)).div_(n)
+        y = x - mean.view(1, C, 1, 1)
+        var = (y * y).sum((0, 2, 3)).div_(n)
+        invstd = (var + eps).rsqrt_()
+        y.mul_(invstd.view(1, C, 1, 1))
+        # Updated through ``.data``, as PyTorch's kernel updates them: without a version bump, which
+        # would fail the backward of an earlier BatchNorm call in the same graph that saved them.
+        running_mean.data.mul_(1 - momentum).add_(mean, alpha=momentum)
+        running_var.data.mul_(1 - momentum).add_(var, alpha=momentum * n / (n - 1))  # unbiased, as PyTorch
+        ctx.save_for_backward(x, mean, invstd)
+        ctx.eps = eps
+        return y
+
+    @staticmethod
+    def backward(ctx: Any, grad: Tensor) -> tuple[Tensor | None, ...]:
+        x, mean, invstd = ctx.saved_tensors
+        grad_x = torch.ops.aten.native_batch_norm_backward(
+            grad, x, None, None, None, mean, invstd, True, ctx.eps, [True, False, False]
+        )[0]
+        return grad_x, None, None, None, None
+
+
+# Up to this many elements the fixed cost of a Python autograd.Function outweighs what
+# `_BatchNormTraining` saves (measured on the BatchNorms of DARTS supernets, float32, one thread).
+_SMALL_BATCH_NORM = 1 << 16
+
+
+class BatchNorm2d(nn.BatchNorm2d):
+    """``nn.BatchNorm2d`` (same parameters, buffers and function) with a faster CPU path where the
+    supernet uses it: in training mode, without affine parameters, with running statistics and a
+    fixed momentum, ``fast=True`` computes inputs of more than ``_SMALL_BATCH_NORM`` elements by
+    `_BatchNormTraining` (forward 1.4-2.7x as fast as PyTorch's kernel there, float32, one
+    thread). Any other case, or ``fast=False`` (the reference): ``nn.BatchNorm2d.forward``."""
+
+    def __init__(self, num_features: int, *args: Any, fast: bool = True, **kwargs: Any) -> None:
+        super().__init__(num_features, *args, **kwargs)
+        self.fast = fast
+
+    def forward(self, x: Tensor) -> Tensor:
+        if not (
+            self.fast and self.training and not self.affine and self.track_running_stats and self.momentum is not None
+            and x.device.type == "cpu" and x.dim() == 4 and x.numel() > _SMALL_BATCH_NORM
+        ):
+            return super().forward(x)
+        assert self.running_mean is not None and self.running_var is not None and self.num_batches_tracked is not None
+        self.num_batches_tracked.add_(1)
+        out = _BatchNormTraining.apply(x, self.running_mean, self.running_var, self.momentum, self.eps)
+        assert isinstance(out, Tensor)
+        return out
+
+
 class ReLUConvBN(nn.Module):
     """ReLU, then a (strided) convolution, then BatchNorm."""
 
@@ -73,7 +142,7 @@ class ReLUConvBN(nn.Module):
             if kernel_size == 1 and padding == 0
             else nn.Conv2d(C_in, C_out, kernel_size, stride=stride, padding=padding, bias=False)
         )
-        self.op = nn.Sequential(nn.ReLU(inplace=False), conv, nn.BatchNorm2d(C_out, affine=affine))
+        self.op = nn.Sequential(nn.ReLU(inplace=False), conv, BatchNorm2d(C_out, affine=affine))
 
     def forward(self, x: Tensor) -> Tensor:
         return self.op(x)
@@ -123,10 +192,10 @@ class _DepthwiseBackward(torch.autograd.Function):
     """``F.conv2d(x, weight, groups=C)`` with its backward written as other convolutions.
 
     PyTorch's CPU depthwise backward is slow on the shapes of a DARTS supernet (5-20x its
-    forward for 5x5 and dilated kernels, float32, one thread). Here the input gradient at
-    stride 1 is a forward convolution of the output gradient with the flipped kernel (same
-    dilation), and the weight gradient is taken in the channels-last layout (oneDNN's fast
-    kernels) for undilated kernels, and only when the backward pass wants it (``prune``:
+    forward for 5x5 and dilated kernels, float32, one thread). Here the input gradient is a
+    forward convolution with the flipped kernel (`_depthwise_input_grad`), and the weight
+    gradient is taken the fastest way measured (`_depthwise_weight_grad`), and only when the
+    backward pass wants it (``prune``:
     `engine_will_execute`; ``prune=False`` computes it whenever the weight requires grad). The
     backward is itself made of differentiable ops, so higher derivatives (Hessian-vector
     products) flow through it.
@@ -146,19 +215,94 @@ class _DepthwiseBackward(torch.autograd.Function):
     def backward(ctx: Any, grad: Tensor) -> tuple[Tensor | None, ...]:
         x, weight = ctx.saved_tensors
         stride, padding, dilation, prune = ctx.conv
-        C, k = x.shape[1], weight.shape[-1]
         grad_x = grad_w = None
+        # Differentiated again (create_graph): through the fast paths here too, not PyTorch's
+        # slow derivatives of its own depthwise kernels.
+        again = torch.is_grad_enabled()
         if ctx.needs_input_grad[0] and (not prune or engine_will_execute(ctx.next_functions[0][0])):
-            reach = dilation * (k - 1)
-            if stride == 1 and padding <= reach:
-                grad_x = F.conv2d(grad, weight.flip(-2, -1), None, 1, reach - padding, dilation, C)
-            else:
-                grad_x = conv2d_input(x.shape, weight, grad, stride, padding, dilation, C)
+            grad_x = _depthwise_input_grad(grad, weight, x.shape, stride, padding, dilation, again)
         if ctx.needs_input_grad[1] and (not prune or engine_will_execute(ctx.next_functions[1][0])):
-            if dilation == 1:
-                x, grad = x.contiguous(memory_format=torch.channels_last), grad.contiguous(memory_format=torch.channels_last)
-            grad_w = conv2d_weight(x, weight.shape, grad, stride, padding, dilation, C)
+            if again:
+                grad_w = _DepthwiseWeightGrad.apply(x, grad, weight.shape, stride, padding, dilation)
+            else:
+                grad_w = _depthwise_weight_grad(x, grad, weight.shape, stride, padding, dilation)
         return grad_x, grad_w, None, None, None, None
+
+
+class _DepthwiseWeightGrad(torch.autograd.Function):
+    """The weight gradient of a depthwise convolution, ``(x, grad) -> grad_w``, as a function
+    that is itself differentiated (Hessian-vector products through a backward pass). It is
+    bilinear: ``<v, grad_w(x, grad)> = <grad, conv(x, v)>``, so its derivative in ``grad`` is the
+    convolution of ``x`` with ``v`` and its derivative in ``x`` is that convolution's input
+    gradient, both by the fast paths here (PyTorch's derivative of its CPU weight-gradient kernel
+    runs transposed depthwise convolutions, several times slower)."""
+
+    @staticmethod
+    def forward(x: Tensor, grad: Tensor, shape: torch.Size, stride: int, padding: int, dilation: int) -> Tensor:
+        return _depthwise_weight_grad(x, grad, shape, stride, padding, dilation)
+
+    @staticmethod
+    def setup_context(ctx: Any, inputs: tuple[Any, ...], output: Tensor) -> None:
+        x, grad, _, stride, padding, dilation = inputs
+        ctx.save_for_backward(x, grad)
+        ctx.conv = (stride, padding, dilation)
+
+    @staticmethod
+    def backward(ctx: Any, v: Tensor) -> tuple[Tensor | None, ...]:
+        x, grad = ctx.saved_tensors
+        stride, padding, dilation = ctx.conv
+        again = torch.is_grad_enabled()
+        d_x = d_grad = None
+        if ctx.needs_input_grad[0]:
+            d_x = _depthwise_input_grad(grad, v, x.shape, stride, padding, dilation, again)
+        if ctx.needs_input_grad[1]:
+            d_grad = depthwise_conv2d(x, v, stride, padding, dilation)
+        return d_x, d_grad, None, None, None, None
+
+
+def _depthwise_input_grad(
+    grad: Tensor, weight: Tensor, shape: torch.Size, stride: int, padding: int, dilation: int, again: bool = False
+) -> Tensor:
+    """The input gradient of a depthwise convolution. At stride 1, a forward convolution of the
+    output gradient with the flipped kernel (same dilation): PyTorch's CPU transposed depthwise
+    kernel is several times slower; with ``again`` (it will be differentiated) that convolution
+    is `depthwise_conv2d`, whose own backward is fast. At larger strides PyTorch's own (spreading
+    the gradient onto the input grid first measured no faster)."""
+    C, k = shape[1], weight.shape[-1]
+    reach = dilation * (k - 1)
+    if stride == 1 and padding <= reach:
+        flipped = weight.flip(-2, -1)
+        if again:
+            return depthwise_conv2d(grad, flipped, 1, reach - padding, dilation)
+        return F.conv2d(grad, flipped, None, 1, reach - padding, dilation, C)
+    return conv2d_input(shape, weight, grad, stride, padding, dilation, C)
+
+
+def _depthwise_weight_grad(
+    x: Tensor, grad: Tensor, shape: torch.Size, stride: int, padding: int, dilation: int
+) -> Tensor:
+    """The weight gradient of a depthwise convolution (weight of ``shape``), the fastest way
+    measured on the CPU. A stride-1 convolution dilated by d reads d x d interleaved grids of pixels
+    independently, so on maps whose sides (and padding) are multiples of d it is the undilated
+    convolution of the d * d grids stacked along the batch, whose weight gradient PyTorch computes
+    several times faster. Kernels of 5 x 5 and more take it in the channels-last layout (oneDNN's
+    fast kernel there), 3 x 3 ones in the default layout, where they are faster."""
+    B, C, H, W = x.shape
+    k = shape[-1]
+    d = dilation
+    if d > 1 and stride == 1 and H % d == 0 and W % d == 0 and padding % d == 0:
+        x, grad = _interleaved_grids(x, d), _interleaved_grids(grad, d)
+        padding, d = padding // d, 1
+    if d == 1 and k >= 5:
+        x, grad = x.contiguous(memory_format=torch.channels_last), grad.contiguous(memory_format=torch.channels_last)
+    return conv2d_weight(x, shape, grad, stride, padding, d, C)
+
+
+def _interleaved_grids(x: Tensor, d: int) -> Tensor:
+    """(B, C, H, W) -> (d * d * B, C, H / d, W / d): grid (a, b) holds the pixels (d i + a, d j + b)."""
+    B, C, H, W = x.shape
+    grids = x.view(B, C, H // d, d, W // d, d).permute(3, 5, 0, 1, 2, 4)
+    return grids.reshape(d * d * B, C, H // d, W // d)
 
 
 def depthwise_conv2d(
@@ -282,7 +426,7 @@ class DilConv(nn.Module):
             nn.ReLU(inplace=False),
             DepthwiseConv2d(m * C_in, kernel_size, stride, padding, dilation),
             PointwiseConv2d(m * C_in, m * C_out, groups=m),
-            nn.BatchNorm2d(m * C_out, affine=affine),
+            BatchNorm2d(m * C_out, affine=affine),
         )
 
     def forward(self, x: Tensor) -> Tensor:
@@ -349,6 +493,31 @@ class AvgPool3x3(nn.Module):
         return f"stride={self.stride}"
 
 
+class MaxPool3x3(nn.Module):
+    """3x3 max pooling with padding 1 (DARTS's ``max_pool_3x3``), an ``nn.MaxPool2d(3, stride, 1)``.
+
+    ``fast=True`` on the CPU: PyTorch's own max pooling run on a channels-last copy of the input,
+    the result copied back. Both layouts take the first maximum of each window in the same order
+    (NaN counting as a maximum), so the values and the positions that receive the gradient are the
+    same; the channels-last kernel runs 2-8x faster forward and backward on the small maps and
+    batches of a CPU search (per-plane loops over a few dozen pixels are what the default layout
+    pays for). ``fast=False`` or another device: ``F.max_pool2d`` as it is (the reference).
+    """
+
+    def __init__(self, stride: int, fast: bool = True) -> None:
+        super().__init__()
+        self.stride, self.fast = stride, fast
+
+    def forward(self, x: Tensor) -> Tensor:
+        if not self.fast or x.device.type != "cpu" or x.dim() != 4:
+            return F.max_pool2d(x, 3, self.stride, 1)
+        y = F.max_pool2d(x.contiguous(memory_format=torch.channels_last), 3, self.stride, 1)
+        return y.contiguous()
+
+    def extra_repr(self) -> str:
+        return f"stride={self.stride}"
+
+
 @functools.lru_cache(maxsize=64)
 def _window_count(H: int, W: int, device: torch.device, dtype: torch.dtype) -> Tensor:
     """(H, W): how many pixels of each 3x3 window (padding 1) lie inside an H x W map."""
@@ -396,7 +565,7 @@ class FactorizedReduce(nn.Module):
         self.relu = nn.ReLU(inplace=False)
         self.conv_1 = PointwiseConv2d(m * C_in, m * C_out // 2, stride=2, groups=m)
         self.conv_2 = PointwiseConv2d(m * C_in, m * C_out // 2, stride=2, groups=m)
-        self.bn = nn.BatchNorm2d(m * C_out, affine=affine)
+        self.bn = BatchNorm2d(m * C_out, affine=affine)
 
     def forward(self, x: Tensor) -> Tensor:
         return self.activated(self.relu(x))
@@ -420,7 +589,7 @@ OpFactory = Callable[[int, int, bool, int], nn.Module]
 OPS: dict[str, OpFactory] = {
     "none": lambda C, stride, affine, m: Zero(stride),
     "avg_pool_3x3": lambda C, stride, affine, m: AvgPool3x3(stride),
-    "max_pool_3x3": lambda C, stride, affine, m: nn.MaxPool2d(3, stride=stride, padding=1),
+    "max_pool_3x3": lambda C, stride, affine, m: MaxPool3x3(stride),
     "skip_connect": lambda C, stride, affine, m: (
         Identity() if stride == 1 else FactorizedReduce(C, C, affine, m)
     ),

@@ -24,7 +24,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .architecture import Architecture, ArchWeights, OpMask, full_mask, num_edges
-from .ops import PRIMITIVES, DilConv, FactorizedReduce, ReLUConvBN, SepConv, Zero, make_op, use_reference
+from .ops import PRIMITIVES, BatchNorm2d, DilConv, FactorizedReduce, ReLUConvBN, SepConv, Zero, make_op, use_reference
 from .stem import StemKind, build_stem, reduction_indices
 
 __all__ = ["MixedOp", "SearchCell", "SuperNet", "channel_shuffle"]
@@ -87,7 +87,7 @@ class MixedOp(nn.Module):
                 continue
             if "pool" in name:
                 op: nn.Module = nn.Sequential(
-                    make_op(name, self.C_op, stride, affine=False), nn.BatchNorm2d(self.C_op, affine=False)
+                    make_op(name, self.C_op, stride, affine=False), BatchNorm2d(self.C_op, affine=False)
                 )
                 shared = True
             elif name == "skip_connect" and stride == 1:
