@@ -345,7 +345,10 @@ class _Evaluation:
             self.rule.estimators[(name, low)].attached and self.graph.lowers_of[low] for low in lookaheads
         )
         partial = self.gradients(loss, evaluation, levels, None, create_graph, keep)
-        deeper = self.carry(below, partial, point, create_graph)
+        # a look-ahead's first gradient of a lower's own loss at this point, whose graph the
+        # backward above kept: the same gradient a curvature of that lower here would form
+        known = {low: g for low, hop in hops.items() if (g := hop.start_gradient) is not None} if keep else {}
+        deeper = self.carry(below, partial, point, create_graph, known)
 
         total = partial[name]
         for low in lowers:
@@ -362,13 +365,15 @@ class _Evaluation:
         return total, loss
 
     def carry(
-        self, levels: tuple[str, ...], adjoints: Mapping[str, Tensors], point: Mapping[str, Tensors], create_graph: bool
+        self, levels: tuple[str, ...], adjoints: Mapping[str, Tensors], point: Mapping[str, Tensors], create_graph: bool,
+        known: Mapping[str, Tensors] | None = None,
     ) -> dict[str, Tensors]:
         """Bottom-up over ``levels``: what arrives at each from its lowers among them, through
-        their best responses, given the partial ``adjoints``."""
+        their best responses, given the partial ``adjoints``. ``known``: for some leaf levels,
+        the differentiable gradient of their own loss at ``point``, already formed."""
         deeper: dict[str, Tensors] = {}
         for level in levels:
-            arrived = self.pull(level, levels, adjoints, deeper, point, create_graph)
+            arrived = self.pull(level, levels, adjoints, deeper, point, create_graph, known)
             if arrived is not None:
                 deeper[level] = arrived
         return deeper
@@ -381,13 +386,16 @@ class _Evaluation:
         deeper: Mapping[str, Tensors],
         point: Mapping[str, Tensors],
         create_graph: bool,
+        known: Mapping[str, Tensors] | None = None,
     ) -> Tensors | None:
         """``sum_l vjp_{level,l}(adjoint(l))`` over the lowers ``l`` of ``level`` in ``among``."""
         arrived = None
         for low in self.graph.lowers_of[level]:
             if low not in among or not self.rule.estimators[(level, low)].uses_adjoint:
                 continue
-            part = self.vjp(self.hop(level, low, point, create_graph), _adjoint(low, adjoints, deeper), None)
+            hop = self.hop(level, low, point, create_graph)
+            hop.own_gradient = (known or {}).get(low)
+            part = self.vjp(hop, _adjoint(low, adjoints, deeper), None)
             arrived = part if arrived is None else autodiff.add(arrived, part)
         return arrived
 
@@ -446,6 +454,12 @@ class _Hop(Hop):
         self.create_graph = create_graph
         self.upper_params = tuple(point[upper])
         self.lower_params = tuple(point[lower])
+        #: the differentiable gradient of the lower's own loss here (a leaf lower), where the
+        #: rule already formed it: the partial curvature starts from it instead of a new pass
+        self.own_gradient: Tensors | None = None
+        #: what `direction` formed at ``lower_params`` itself, differentiably, where that is that
+        #: gradient (a leaf lower, a point of parameters, not values computed from others)
+        self.start_gradient: Tensors | None = None
 
     def lower_loss(self, overrides: Mapping[str, Tensors]) -> Tensor:
         # second derivatives and differences of this loss are taken: never in low precision
@@ -455,7 +469,10 @@ class _Hop(Hop):
     def curvature(self, hessian: str = "total") -> Curvature:
         if hessian == "total" and self.evaluation.graph.lowers_of[self.lower]:
             return _ReducedCurvature(self)
-        curvature = _PartialCurvature(self.lower_loss({}), self.lower_params, self.upper_params)
+        if self.own_gradient is not None:
+            curvature = _PartialCurvature(None, self.lower_params, self.upper_params, self.own_gradient)
+        else:
+            curvature = _PartialCurvature(self.lower_loss({}), self.lower_params, self.upper_params)
         if isinstance(self.problem.module, TaskBatch):  # a sum of per-task losses: one block per task
             curvature.tasks = self.problem.module.tasks
         return curvature
@@ -464,6 +481,9 @@ class _Hop(Hop):
         # a step that is differentiated again (unroll) is a second derivative: full precision
         with full_precision() if differentiable else nullcontext():
             grads, _ = self.evaluation.total(self.lower, {**self.point, self.lower: values}, differentiable)
+        if (differentiable and values is self.lower_params and not self.evaluation.graph.lowers_of[self.lower]
+                and not autodiff.computed(self.point.values())):  # the same pass a partial curvature here makes
+            self.start_gradient = grads
         return grads
 
     def upper_gradient(self, lower_values: Tensors) -> Tensors:
@@ -482,9 +502,13 @@ class _PartialCurvature(Curvature):
     differentiable, so that one forward and backward pass serves every product
     ``H v = d<g, v>/dtheta_l`` and ``(d^2 L_l / dtheta_u dtheta_l) x = d<g, x>/dtheta_u``."""
 
-    def __init__(self, loss: Tensor, lower: Tensors, upper: Tensors) -> None:
+    def __init__(self, loss: Tensor | None, lower: Tensors, upper: Tensors, gradient: Tensors | None = None) -> None:
+        """From ``loss``, or from ``gradient`` (that of such a loss in ``lower``, differentiable)."""
         self.lower, self.upper = lower, upper
-        self.gradient = autodiff.grad(loss, lower, create_graph=True)
+        if gradient is None:
+            assert loss is not None
+            gradient = autodiff.grad(loss, lower, create_graph=True)
+        self.gradient = gradient
         self.hvps = 0
 
     def hvp(self, v: Tensors, create_graph: bool = False) -> Tensors:

@@ -252,3 +252,41 @@ def test_training_with_the_exact_rule_descends_the_true_objective():
     assert after < start - 1.0 and slope < 1e-2 * start_slope
     _, (after_partial, slope_partial) = train("partial")
     assert after_partial > start and slope_partial > 0.1 * start_slope
+
+
+def _shared_lower_program(calls: dict[str, int]) -> tuple[list[mlo.Problem], dict[str, list[str]], dict]:
+    """LFM-CW's shape: ``a`` looks ahead of ``w1`` and of ``w2`` (unroll), ``w2``'s best response
+    follows ``w1`` too (an implicit edge on its own loss); ``w1``'s loss does not read ``w2``."""
+    g = torch.Generator().manual_seed(3)
+    A, c, t = torch.randn(3, 3, generator=g, dtype=torch.float64), torch.randn(3, generator=g, dtype=torch.float64), torch.randn(3, generator=g, dtype=torch.float64)
+    a, w1, w2 = (Vector(torch.randn(3, generator=g, dtype=torch.float64)) for _ in range(3))
+
+    def w2_loss(_: object) -> torch.Tensor:
+        calls["w2"] += 1
+        return 0.5 * ((w2.value - torch.tanh(A @ w1.value)) ** 2).sum() + 0.5 * (a.value.exp() * w2.value**2).sum()
+
+    problems = [
+        mlo.Problem("w2", w2, torch.optim.SGD(w2.parameters(), lr=0.1), loss=w2_loss),
+        mlo.Problem("w1", w1, torch.optim.SGD(w1.parameters(), lr=0.1),
+                    loss=lambda _: 0.5 * ((w1.value - c) ** 2).sum() + 0.5 * (a.value.exp() * w1.value**2).sum()),
+        mlo.Problem("a", a, torch.optim.SGD(a.parameters(), lr=0.1),
+                    loss=lambda _: (w1.value**2).sum() + ((w2.value - t) ** 2).sum()),
+    ]
+    estimators = {("a", "w1"): Unroll(), ("a", "w2"): Unroll(), ("w1", "w2"): CG(iterations=20, hessian="partial")}
+    return problems, {"a": ["w1", "w2"], "w1": ["w2"]}, estimators
+
+
+def test_a_lookaheads_gradient_serves_the_curvature_of_the_same_lower_at_the_same_point():
+    """The look-ahead of ``w2`` forms the differentiable gradient of ``w2``'s loss at the point;
+    the implicit edge ``w1 -> w2`` needs the same gradient there, and takes it instead of one more
+    forward and backward pass of ``w2``'s loss. The same hypergradient (to float64 rounding) as
+    at a point given as values computed from the parameters, where nothing is shared."""
+    calls = {"w2": 0}
+    problems, graph, estimators = _shared_lower_program(calls)
+    shared = mlo.hypergradient("a", problems, graph, estimators, batches={})
+    used_shared, calls["w2"] = calls["w2"], 0
+    params = {p.name: tuple(q * 1.0 for q in p.parameters()) for p in problems}  # computed values: nothing shared
+    apart = mlo.hypergradient("a", problems, graph, estimators, batches={}, point=params)
+    assert used_shared == calls["w2"] - 1
+    for x, y in zip(shared.gradient, apart.gradient):
+        assert relative_error(x, y) < 1e-12 and x.abs().max() > 0
