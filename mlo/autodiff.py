@@ -23,7 +23,7 @@ _RUN_BACKWARD: Callable[..., tuple[Tensor | None, ...]] | None = getattr(
     torch.autograd.graph, "_engine_run_backward", None
 )
 
-__all__ = ["Tensors", "grad", "all_finite", "finite_probe", "read", "norm_value", "norm_values", "norm_tensor", "axpy", "dot", "norm", "scale", "add", "sub", "zeros_like", "alias", "computed"]
+__all__ = ["Tensors", "grad", "all_finite", "finite_probe", "read", "norm_value", "norm_values", "axpy", "dot", "norm", "scale", "add", "sub", "zeros_like", "alias", "computed"]
 
 
 def _engine(
@@ -154,14 +154,6 @@ def dot(a: Sequence[Tensor], b: Sequence[Tensor]) -> Tensor:
 
 def norm(a: Sequence[Tensor]) -> Tensor:
     return torch.sqrt(dot(a, a))
-
-
-def norm_tensor(a: Sequence[Tensor]) -> Tensor:
-    """The Euclidean norm of a parameter list as a 0-d tensor on its device (no graph, no host
-    read): for tests that read several norms at once."""
-    if len(a) == 1:
-        return torch.linalg.vector_norm(a[0].detach())
-    return torch.linalg.vector_norm(torch.stack(torch._foreach_norm([t.detach() for t in a])))
 
 
 def norm_value(a: Sequence[Tensor]) -> float:

@@ -52,8 +52,7 @@ def conjugate_gradient(
         return per_task_cg(matvec, b, tasks, iterations, tol, stop_at_negative_curvature)
     b_norm = autodiff.norm_value(b)
     if not math.isfinite(b_norm) and not autodiff.all_finite(b):
-        return _nan_like(b), {"residual": math.nan, "iterations": 0.0, "converged": 0.0, "negative_curvature": 0.0,
-                              "finite_adjoint": 0.0}
+        return _non_finite_cg(b)
     x = autodiff.zeros_like(b)
     if b_norm == 0.0:
         return x, {"residual": 0.0, "iterations": 0.0, "converged": 1.0, "negative_curvature": 0.0}
@@ -109,8 +108,7 @@ def per_task_cg(
     ``iterations[t]``.
     """
     if not autodiff.all_finite(b):
-        return _nan_like(b), {"residual": math.nan, "iterations": 0.0, "converged": 0.0, "negative_curvature": 0.0,
-                              "finite_adjoint": 0.0}
+        return _non_finite_cg(b)
     x = autodiff.zeros_like(b)
     floor = max(tol, torch.finfo(b[0].dtype).eps)
     r, p = tuple(b), tuple(b)
@@ -155,6 +153,12 @@ def _nan_like(b: Tensors) -> Tensors:
     """The solution for a right-hand side with a non-finite element: NaN everywhere (the
     estimators' results are then not finite either; see `Estimator.guards_non_finite`)."""
     return tuple(torch.full_like(t, math.nan) for t in b)
+
+
+def _non_finite_cg(b: Tensors) -> tuple[Tensors, dict[str, float]]:
+    """CG's answer to a right-hand side with a non-finite element: no iteration, NaN solution."""
+    info = {"residual": math.nan, "iterations": 0.0, "converged": 0.0, "negative_curvature": 0.0, "finite_adjoint": 0.0}
+    return _nan_like(b), info
 
 
 def _task_dot(a: Tensors, b: Tensors, tasks: int) -> Tensor:
