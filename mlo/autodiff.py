@@ -14,7 +14,7 @@ import torch
 from torch import Tensor
 
 from . import distributed
-from .precision import no_autocast
+from .precision import autocast_on, no_autocast
 
 Tensors = tuple[Tensor, ...]
 
@@ -76,8 +76,14 @@ def grad(
     # see `mlo.precision.full_precision`) would run its products in bf16 all the same, and a
     # ``create_graph`` backward would record them so. With autocast off, each backward op runs in
     # the dtype its forward ran in: a caller's autocast reaches the forward passes only.
-    with no_autocast():
-        return distributed.average(_grad(outputs, inputs, grad_outputs, create_graph, retain_graph), differentiable=create_graph)
+    # (Written out rather than as ``with no_autocast(): ...``: this runs for every derivative, and
+    # each layer between here and autograd's engine costs microseconds in the middle of a round.)
+    if autocast_on():
+        with no_autocast():
+            got = _grad(outputs, inputs, grad_outputs, create_graph, retain_graph)
+    else:
+        got = _grad(outputs, inputs, grad_outputs, create_graph, retain_graph)
+    return distributed.average(got, differentiable=create_graph) if distributed.averaging() else got
 
 
 def _grad(

@@ -34,7 +34,7 @@ from torch import Tensor, nn
 from .errors import ProgramError
 
 __all__ = [
-    "active", "rank", "world_size", "is_main", "data_parallel", "average", "all_sum", "any_rank", "broadcast_module",
+    "active", "rank", "world_size", "is_main", "data_parallel", "averaging", "average", "all_sum", "any_rank", "broadcast_module",
     "refuse_wrapped", "warn_batch_statistics", "barrier", "init_from_env",
 ]
 
@@ -108,6 +108,11 @@ def data_parallel(enabled: bool = True) -> Iterator[None]:
         yield
     finally:
         _AVERAGING.reset(token)
+
+
+def averaging() -> bool:
+    """Whether `average` averages here: inside `data_parallel` with a process group active."""
+    return _AVERAGING.get()
 
 
 def average(tensors: Sequence[Tensor], differentiable: bool = False) -> tuple[Tensor, ...]:

@@ -115,8 +115,23 @@ class full_precision:  # noqa: N801 (used as a function: ``with full_precision()
             _FULL.reset(self.token)
 
 
+#: torch's test of every device's autocast state in one call (``torch._C._is_any_autocast_enabled``,
+#: private). Measured reason: `mlo.autodiff.grad` asks before every derivative; in place, in the
+#: middle of a round, the two public calls cost ~20 us per round of a small program (about 1 % of
+#: it), this one a quarter of that. Public fallback where it is missing: `_autocast_on_public`.
+_ANY_AUTOCAST: Callable[[], bool] | None = getattr(torch._C, "_is_any_autocast_enabled", None)
+
+
 def autocast_on() -> bool:
-    """Whether a caller entered autocast, on the CPU or on a GPU."""
+    """Whether a caller entered autocast, on the CPU or on a GPU (or, where torch can say so
+    in one call, on any device)."""
+    if _ANY_AUTOCAST is not None:
+        return bool(_ANY_AUTOCAST())
+    return _autocast_on_public()
+
+
+def _autocast_on_public() -> bool:
+    """`autocast_on` by torch's public functions: the CPU's and CUDA's autocast."""
     return torch.is_autocast_enabled("cpu") or torch.is_autocast_enabled("cuda")
 
 

@@ -172,3 +172,23 @@ def test_fp16_on_every_level_of_a_three_level_chain(estimator: str) -> None:
     fp32 = mlo.Engine(list(ref.problems.values()), graph, estimator)
     fp32.load_state_dict(engine.state_dict())
     assert 0 < relative_error(engine.hypergradient("top"), fp32.hypergradient("top")) <= 2e-3
+
+
+@pytest.mark.parametrize("test", ["fast", "public"])
+def test_autocast_on_sees_a_callers_autocast_on_both_paths(test: str) -> None:
+    """`autocast_on` (torch's one-call private test where present, else the public calls) is
+    True exactly inside a caller's autocast, and `no_autocast` turns it off inside."""
+    from mlo import precision
+
+    if test == "fast" and precision._ANY_AUTOCAST is None:
+        pytest.skip("this torch has no one-call autocast test")
+    on = precision.autocast_on if test == "fast" else precision._autocast_on_public
+    assert not on()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert on()
+        with precision.no_autocast():
+            assert not on()
+            assert torch.ones(2, 2).matmul(torch.ones(2, 2)).dtype == torch.float32
+        assert on()
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=False):
+        assert not on()
