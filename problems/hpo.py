@@ -70,7 +70,7 @@ def train_loss(model: nn.Module, rates: Rates, x: Tensor, y: Tensor) -> Tensor:
 def levels(model: nn.Module, rates: Rates, train: Any, val: Any, meta_lr: float) -> tuple[list[mlo.Problem], dict[str, list[str]]]:
     """``model`` (SGD at learning rate 1: the rates are in its loss) under ``rates`` (Adam)."""
     if len(_linears(model)) != rates.log_lr.numel():
-        raise ValueError(f"{rates.log_lr.numel()} rates for a model with {len(_linears(model))} linear layers")
+        raise ConfigError(f"{rates.log_lr.numel()} rates for a model with {len(_linears(model))} linear layers")
     lower = mlo.Problem("model", model, torch.optim.SGD(model.parameters(), lr=1.0), train,
                         loss=lambda batch: train_loss(model, rates, *batch))
     upper = mlo.Problem("rates", rates, torch.optim.Adam(rates.parameters(), lr=meta_lr), val,

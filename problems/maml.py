@@ -71,7 +71,7 @@ class DigitsTasks:
     def __init__(self, images: Tensor, labels: Tensor, classes: tuple[int, ...], ways: int, shots: int, query: int,
                  tasks: int, seed: int = 0) -> None:
         if ways > len(classes):
-            raise ValueError(f"{ways}-way tasks need at least {ways} classes, got {classes}")
+            raise ConfigError(f"{ways}-way tasks need at least {ways} classes, got {classes}")
         self.by_class = [images[labels == c].flatten(1) for c in classes]
         self.ways, self.shots, self.query, self.tasks, self.seed = ways, shots, query, tasks, seed
 
@@ -133,7 +133,7 @@ def imaml(net: nn.Module, tasks: int, data: Any, loss: Loss, inner_lr: float = 0
     """iMAML: the proximal inner problem solved by ``inner_steps`` SGD steps from theta every round,
     the hypergradient by conjugate gradient on ``H + proximal I``."""
     if proximal <= 0:
-        raise ValueError(f"iMAML needs a proximal strength > 0, got {proximal}")
+        raise ConfigError(f"iMAML needs a proximal strength > 0, got {proximal}")
     _, problems = _levels(net, tasks, data, loss, inner_lr, meta_lr, inner_steps, proximal)
     return problems, {"meta": ["tasks"]}, f"cg:iterations={cg_iterations}"
 

@@ -21,7 +21,7 @@ import torch
 from torch import Tensor, nn
 
 import mlo
-from mlo.errors import ArgumentError, ProgramError
+from mlo.errors import ArgumentError, ConfigError, ProgramError
 
 __all__ = ["Ridge", "Vector", "program"]
 
@@ -96,7 +96,7 @@ class Ridge:
 
     def _quadratic(self) -> None:
         if self.quartic:
-            raise ValueError("the closed form needs quartic = 0 (a quadratic inner problem)")
+            raise ConfigError("the closed form needs quartic = 0 (a quadratic inner problem)")
 
 
 Optimizer = Callable[..., torch.optim.Optimizer]

@@ -200,7 +200,7 @@ def paired_difference(values: list[float], reference: list[float]) -> dict[str, 
     """Mean, std and 95 % CI (Student t on n - 1 degrees of freedom) of ``values[i] - reference[i]``
     over paired seeds; with one pair, std and the interval are NaN."""
     if len(values) != len(reference) or not values:
-        raise ValueError(f"paired_difference needs equal, non-empty lists, got {len(values)} and {len(reference)}")
+        raise ConfigError(f"paired_difference needs equal, non-empty lists, got {len(values)} and {len(reference)}")
     diffs = [a - b for a, b in zip(values, reference)]
     n = len(diffs)
     mean = statistics.fmean(diffs)

@@ -19,6 +19,8 @@ from typing import NamedTuple
 import torch
 from torch import Tensor, nn
 
+from mlo.errors import ConfigError
+
 from .genotype import Genotype, GenotypeError
 from .ops import PRIMITIVES
 
@@ -138,7 +140,7 @@ def derive_genotype(
     E = num_edges(steps)
     for name, w in (("normal", weights.normal), ("reduce", weights.reduce)):
         if tuple(w.shape) != (E, len(PRIMITIVES)):
-            raise ValueError(
+            raise ConfigError(
                 f"{name} weights have shape {tuple(w.shape)}, expected {(E, len(PRIMITIVES))} "
                 f"for {steps} steps"
             )
@@ -187,7 +189,7 @@ class Architecture(nn.Module):
     ) -> None:
         super().__init__()
         if steps < 1 or not 1 <= multiplier <= steps:
-            raise ValueError(f"need steps >= 1 and 1 <= multiplier <= steps, got {steps}, {multiplier}")
+            raise ConfigError(f"need steps >= 1 and 1 <= multiplier <= steps, got {steps}, {multiplier}")
         self.steps = steps
         self.multiplier = multiplier
         self.edge_norm = edge_norm
@@ -195,9 +197,9 @@ class Architecture(nn.Module):
         mask = op_mask if op_mask is not None else full_mask(steps)
         for name, m in zip(("normal", "reduce"), mask):
             if tuple(m.shape) != (E, P):
-                raise ValueError(f"op mask '{name}' has shape {tuple(m.shape)}, expected {(E, P)}")
+                raise ConfigError(f"op mask '{name}' has shape {tuple(m.shape)}, expected {(E, P)}")
             if not bool(m.bool().any(dim=1).all()):
-                raise ValueError(f"op mask '{name}' leaves an edge without any operation")
+                raise ConfigError(f"op mask '{name}' leaves an edge without any operation")
         self.register_buffer("mask_normal", mask.normal.clone().bool())
         self.register_buffer("mask_reduce", mask.reduce.clone().bool())
 

@@ -23,6 +23,8 @@ from typing import Any, NamedTuple
 
 import torch
 
+from mlo.errors import ConfigError
+
 from .architecture import Architecture, OpMask
 from .search import SuperNet
 
@@ -51,7 +53,7 @@ def prune_mask(arch: Architecture, keep: int) -> OpMask:
     for w, m in ((weights.normal, arch.mask_normal), (weights.reduce, arch.mask_reduce)):
         remaining = int(m.sum(dim=1).min())
         if not 1 <= keep <= remaining:
-            raise ValueError(f"cannot keep {keep} ops per edge: some edge has only {remaining} left")
+            raise ConfigError(f"cannot keep {keep} ops per edge: some edge has only {remaining} left")
         score = w.detach().masked_fill(~m, float("-inf"))
         top = score.topk(keep, dim=1).indices
         new = torch.zeros_like(m).scatter_(1, top, True)

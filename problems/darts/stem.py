@@ -11,6 +11,8 @@ from typing import Literal, NamedTuple
 
 from torch import Tensor, nn
 
+from mlo.errors import ConfigError
+
 __all__ = ["StemKind", "Stem", "build_stem", "stem_for", "reduction_indices"]
 
 StemKind = Literal["cifar", "imagenet"]
@@ -19,7 +21,7 @@ StemKind = Literal["cifar", "imagenet"]
 def reduction_indices(layers: int) -> frozenset[int]:
     """Cells that halve the resolution: ``layers // 3`` and ``2 * layers // 3`` (as DARTS)."""
     if layers < 1:
-        raise ValueError(f"need at least one cell, got layers={layers}")
+        raise ConfigError(f"need at least one cell, got layers={layers}")
     return frozenset({layers // 3, 2 * layers // 3})
 
 
@@ -78,4 +80,4 @@ def build_stem(kind: StemKind, in_channels: int, C: int, stem_multiplier: int) -
         return Stem(_CifarStem(in_channels, C_stem), C_stem, C_stem, False)
     if kind == "imagenet":
         return Stem(_ImageNetStem(in_channels, C), C, C, True)
-    raise ValueError(f"unknown stem {kind!r}; known: 'cifar', 'imagenet'")
+    raise ConfigError(f"unknown stem {kind!r}; known: 'cifar', 'imagenet'")

@@ -20,6 +20,8 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import ConcatDataset, DataLoader, Dataset
 
+from mlo.errors import ConfigError
+
 from ..data import DataSplits
 from ..metrics import balanced_error, error
 from .genotype import Genotype
@@ -117,15 +119,15 @@ def train_from_scratch(
     NaN test errors): on a large test set, testing costs more than the training epoch.
     """
     if epochs < 1:
-        raise ValueError(f"epochs must be at least 1, got {epochs}")
+        raise ConfigError(f"epochs must be at least 1, got {epochs}")
     if lr_schedule not in LR_SCHEDULES:
-        raise ValueError(f"lr_schedule must be one of {', '.join(LR_SCHEDULES)}, got {lr_schedule!r}")
+        raise ConfigError(f"lr_schedule must be one of {', '.join(LR_SCHEDULES)}, got {lr_schedule!r}")
     if not 0 < lr_decay <= 1:
-        raise ValueError(f"lr_decay must be in (0, 1], got {lr_decay}")
+        raise ConfigError(f"lr_decay must be in (0, 1], got {lr_decay}")
     if not 0 <= label_smoothing < 1:
-        raise ValueError(f"label_smoothing must be in [0, 1), got {label_smoothing}")
+        raise ConfigError(f"label_smoothing must be in [0, 1), got {label_smoothing}")
     if weight_decay < 0:
-        raise ValueError(f"weight_decay must be >= 0, got {weight_decay}")
+        raise ConfigError(f"weight_decay must be >= 0, got {weight_decay}")
     device = torch.device(device)
     torch.manual_seed(seed)
     model = NetworkFromGenotype(

@@ -15,7 +15,7 @@ from PIL import Image
 from torch import Tensor
 from torch.utils.data import Dataset, Subset
 
-from mlo.errors import DataError
+from mlo.errors import ConfigError, DataError
 
 from .splits import DataSplits, labels_of, stratified_split
 
@@ -34,7 +34,7 @@ class Cutout:
 
     def __init__(self, length: int) -> None:
         if length < 1:
-            raise ValueError(f"cutout length must be positive, got {length}")
+            raise ConfigError(f"cutout length must be positive, got {length}")
         self.length = length
 
     def __call__(self, img: Tensor) -> Tensor:
@@ -175,9 +175,9 @@ def cifar(
     from torchvision import transforms as T
 
     if num_classes not in _CIFAR:
-        raise ValueError(f"CIFAR has 10 or 100 classes, got num_classes={num_classes}")
+        raise ConfigError(f"CIFAR has 10 or 100 classes, got num_classes={num_classes}")
     if not 0 < val_fraction < 1:
-        raise ValueError(f"val_fraction must be in (0, 1), got {val_fraction}")
+        raise ConfigError(f"val_fraction must be in (0, 1), got {val_fraction}")
     layout = _CIFAR[num_classes]
     root_path = Path(root).expanduser()
     folder = root_path if root_path.name == layout.folder else root_path / layout.folder

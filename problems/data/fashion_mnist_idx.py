@@ -10,7 +10,7 @@ import torch
 from torch import Tensor
 from torch.utils.data import TensorDataset
 
-from mlo.errors import DataError
+from mlo.errors import ConfigError, DataError
 
 from .splits import DataSplits, stratified_split
 
@@ -95,12 +95,12 @@ def fashion_mnist(
     are standardised with the mean and std of the ``train`` pixels.
     """
     if size < 1 or 28 % size:
-        raise ValueError(f"fashion-mnist image size must divide 28 (28, 14, 7, 4, 2, 1), got {size}")
+        raise ConfigError(f"fashion-mnist image size must divide 28 (28, 14, 7, 4, 2, 1), got {size}")
     if not 0 < val_fraction < 1:
-        raise ValueError(f"val_fraction must be in (0, 1), got {val_fraction}")
+        raise ConfigError(f"val_fraction must be in (0, 1), got {val_fraction}")
     for name, value in (("train_per_class", train_per_class), ("test_per_class", test_per_class)):
         if value is not None and value < 2:
-            raise ValueError(f"{name} must be >= 2, got {value}")
+            raise ConfigError(f"{name} must be >= 2, got {value}")
     folder = Path(root).expanduser() if root is not None else _debian_fashion_mnist()
     if folder is None or not all((folder / f).is_file() or (folder / (f + ".gz")).is_file() for f in FASHION_MNIST_FILES):
         raise DataError(_fashion_help(folder))

@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 from torch.utils.data import Subset
 
-from mlo.errors import DataError
+from mlo.errors import ConfigError, DataError
 
 from .splits import DataSplits, labels_of, stratified_split
 
@@ -67,11 +67,11 @@ def imagenet(
     from torchvision import transforms as T
 
     if not 0 < val_fraction < 1:
-        raise ValueError(f"val_fraction must be in (0, 1), got {val_fraction}")
+        raise ConfigError(f"val_fraction must be in (0, 1), got {val_fraction}")
     if not 0 < subset_fraction <= 1:
-        raise ValueError(f"subset_fraction must be in (0, 1], got {subset_fraction}")
+        raise ConfigError(f"subset_fraction must be in (0, 1], got {subset_fraction}")
     if size < 1:
-        raise ValueError(f"size must be >= 1, got {size}")
+        raise ConfigError(f"size must be >= 1, got {size}")
     resize = round(size * 256 / 224)
     root_path = Path(root).expanduser()
     if not root_path.is_dir():

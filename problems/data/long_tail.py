@@ -8,6 +8,8 @@ from dataclasses import replace
 import numpy as np
 from torch.utils.data import Subset
 
+from mlo.errors import ConfigError
+
 from .splits import DataSplits, labels_of
 
 __all__ = ["long_tailed"]
@@ -39,7 +41,7 @@ def long_tailed(splits: DataSplits, rho: float, seed: int = 0) -> DataSplits:
     every class. The kept examples are a seeded random choice within each class.
     """
     if not (isinstance(rho, (int, float)) and math.isfinite(rho) and rho >= 1):
-        raise ValueError(f"imbalance factor rho must be a finite number >= 1, got {rho!r}")
+        raise ConfigError(f"imbalance factor rho must be a finite number >= 1, got {rho!r}")
     rng = np.random.default_rng(seed)
     K = splits.num_classes
     train_idx = _long_tailed_indices(labels_of(splits.train), K, float(rho), rng)

@@ -7,6 +7,8 @@ import torch
 from torch import Tensor
 from torch.utils.data import TensorDataset
 
+from mlo.errors import ConfigError
+
 from .splits import DataSplits, stratified_split
 
 __all__ = ["digits_images", "digits"]
@@ -35,7 +37,7 @@ def digits(seed: int = 0, val_fraction: float = 0.2, test_fraction: float = 0.2)
     Pixels are standardised with the mean and std of the training pixels.
     """
     if not (0 < val_fraction < 1 and 0 < test_fraction < 1 and val_fraction + test_fraction < 1):
-        raise ValueError(
+        raise ConfigError(
             f"need 0 < val_fraction, test_fraction and val_fraction + test_fraction < 1, "
             f"got {val_fraction}, {test_fraction}"
         )

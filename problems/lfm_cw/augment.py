@@ -13,6 +13,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
+from mlo.errors import ConfigError, DataError
+
 __all__ = ["AugmentedReal"]
 
 
@@ -27,9 +29,9 @@ class AugmentedReal(nn.Module):
         super().__init__()
         counts = torch.bincount(labels, minlength=num_classes)
         if len(counts) > num_classes or bool((counts == 0).any()):
-            raise ValueError(f"AugmentedReal needs at least one image of each of the {num_classes} classes, got counts {counts.tolist()}")
+            raise DataError(f"AugmentedReal needs at least one image of each of the {num_classes} classes, got counts {counts.tolist()}")
         if shift < 0:
-            raise ValueError(f"shift must be >= 0, got {shift}")
+            raise ConfigError(f"shift must be >= 0, got {shift}")
         order = torch.argsort(labels, stable=True)
         self.register_buffer("images", images[order].clone())
         self.register_buffer("counts", counts)
@@ -39,7 +41,7 @@ class AugmentedReal(nn.Module):
 
     def forward(self, noise: Tensor, labels: Tensor) -> Tensor:
         if noise.shape[1] < 4:
-            raise ValueError(f"AugmentedReal reads 4 noise coordinates per image, got {noise.shape[1]}")
+            raise ConfigError(f"AugmentedReal reads 4 noise coordinates per image, got {noise.shape[1]}")
         u = torch.special.ndtr(noise[:, :3])  # uniform in (0, 1), (B, 3)
         counts = self.counts[labels]
         pick = self.starts[labels] + torch.minimum((u[:, 0] * counts).long(), counts - 1)

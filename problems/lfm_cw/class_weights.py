@@ -21,6 +21,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 import mlo
+from mlo.errors import ConfigError
 
 __all__ = ["ClassWeights", "class_mistakes"]
 
@@ -34,9 +35,9 @@ class ClassWeights(nn.Module):
     def __init__(self, num_classes: int, beta: float = 1.0, momentum: float = 0.9, learn_total: bool = False) -> None:
         super().__init__()
         if num_classes < 2:
-            raise ValueError(f"class weights need at least 2 classes, got {num_classes}")
+            raise ConfigError(f"class weights need at least 2 classes, got {num_classes}")
         if not 0.0 <= momentum < 1.0:
-            raise ValueError(f"mistakes momentum must be in [0, 1), got {momentum}")
+            raise ConfigError(f"mistakes momentum must be in [0, 1), got {momentum}")
         self.num_classes, self.beta, self.momentum = num_classes, float(beta), float(momentum)
         self.phi = nn.Parameter(torch.zeros(num_classes))
         self.log_total = nn.Parameter(torch.zeros(())) if learn_total else None
@@ -85,7 +86,7 @@ def _class_sums(logits: Tensor, labels: Tensor, num_classes: int, kind: str) -> 
     elif kind == "error":
         per_sample = (logits.argmax(dim=1) != labels).to(logits.dtype)
     else:
-        raise ValueError(f"mistakes kind must be 'ce' or 'error', got {kind!r}")
+        raise ConfigError(f"mistakes kind must be 'ce' or 'error', got {kind!r}")
     total = torch.zeros(num_classes, dtype=per_sample.dtype, device=per_sample.device).index_add_(0, labels, per_sample)
     return total, _counts(labels, num_classes, per_sample.dtype)
 

@@ -24,6 +24,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.utils.data import Dataset
 
+from mlo.errors import ConfigError, DataError
+
 from ..data import labels_of
 from .streams import BalancedBatches, data_range, stream
 
@@ -44,9 +46,9 @@ class ConditionalVAE(nn.Module):
     ) -> None:
         super().__init__()
         if num_classes < 1 or noise_dim < 1 or width < 1:
-            raise ValueError(f"ConditionalVAE: need positive sizes, got classes={num_classes}, noise_dim={noise_dim}, width={width}")
+            raise ConfigError(f"ConditionalVAE: need positive sizes, got classes={num_classes}, noise_dim={noise_dim}, width={width}")
         if pixels not in PIXELS:
-            raise ValueError(f"ConditionalVAE: pixels must be one of {', '.join(PIXELS)}, got {pixels!r}")
+            raise ConfigError(f"ConditionalVAE: pixels must be one of {', '.join(PIXELS)}, got {pixels!r}")
         self.num_classes, self.shape, self.noise_dim, self.pixels = num_classes, tuple(shape), noise_dim, pixels
         size = shape[0] * shape[1] * shape[2]
         self.encoder = nn.Sequential(nn.Linear(size + num_classes, width), nn.ReLU(), nn.Linear(width, width), nn.ReLU())
@@ -97,7 +99,7 @@ def pretrain_cvae(
     vae = ConditionalVAE(num_classes, shape, noise_dim, pixels=pixels).to(device)
     low, high = data_range(train, workers=workers)
     if not high > low:
-        raise ValueError(f"pretrain_cvae: the training images are constant (range [{low}, {high}])")
+        raise DataError(f"pretrain_cvae: the training images are constant (range [{low}, {high}])")
     vae.low.fill_(low)
     vae.high.fill_(high)
     labels = torch.from_numpy(labels_of(train))

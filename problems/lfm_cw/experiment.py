@@ -145,7 +145,7 @@ def genotype_distance(a: Genotype, b: Genotype) -> int:
     """How many of ``a``'s edges (input, op) ``b`` lacks, node by node, in both cells: 0 for the
     same genotype, at most 2 edges x nodes x 2 cells (the order of a node's two edges is ignored)."""
     if a.steps != b.steps:
-        raise ValueError(f"genotypes with {a.steps} and {b.steps} nodes per cell cannot be compared")
+        raise ConfigError(f"genotypes with {a.steps} and {b.steps} nodes per cell cannot be compared")
     differ = 0
     for ours, theirs in ((a.normal, b.normal), (a.reduce, b.reduce)):
         for node in range(a.steps):

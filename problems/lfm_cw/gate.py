@@ -31,6 +31,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.utils.data import Dataset, TensorDataset
 
+from mlo.errors import DataError
+
 from ..data import labels_of
 from .streams import ShuffledBatches, class_pixel_std, stream
 
@@ -93,7 +95,7 @@ def _mean_of_classes(stds: list[float]) -> float:
     """The mean of the per-class stds that exist (classes with at least 2 images)."""
     present = [s for s in stds if not math.isnan(s)]
     if not present:
-        raise ValueError("within_class_std: no class has two images")
+        raise DataError("within_class_std: no class has two images")
     return sum(present) / len(present)
 
 

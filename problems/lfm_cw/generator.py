@@ -18,6 +18,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from mlo.errors import ConfigError
+
 __all__ = ["ConditionalGenerator", "ConditionalDiscriminator", "discriminator_loss", "generator_loss", "load_generator"]
 
 
@@ -28,7 +30,7 @@ class ConditionalGenerator(nn.Module):
         super().__init__()
         c, h, w = shape
         if h % 4 or w % 4:
-            raise ValueError(f"generator: image height and width must be divisible by 4, got {h}x{w}")
+            raise ConfigError(f"generator: image height and width must be divisible by 4, got {h}x{w}")
         self.noise_dim, self.num_classes, self.shape = noise_dim, num_classes, shape
         self.width, self.h0, self.w0 = width, h // 4, w // 4
         self.embed = nn.Embedding(num_classes, noise_dim)
@@ -110,7 +112,7 @@ def load_generator(
         try:
             obj = torch.load(path, map_location="cpu", weights_only=True)
         except pickle.UnpicklingError as err:
-            raise ValueError(
+            raise ConfigError(
                 f"generator checkpoint {str(path)!r} is not a plain state dict ({str(err).splitlines()[0]}); "
                 "a pickled module loads only with allow_pickle=True (--set unsafe_pickle=true), which runs "
                 "the code the file holds: use it only for a file you trust"
@@ -123,9 +125,9 @@ def load_generator(
         try:
             module.load_state_dict(obj)
         except RuntimeError as err:
-            raise ValueError(
+            raise ConfigError(
                 f"generator checkpoint {str(path)!r} is a state dict that does not fit "
                 f"{kind.__name__}({num_classes}, {shape}): {err}"
             ) from None
         return module.eval() if kind is ConditionalVAE else module
-    raise ValueError(f"generator checkpoint {str(path)!r} holds a {type(obj).__name__}, not a module or state dict")
+    raise ConfigError(f"generator checkpoint {str(path)!r} holds a {type(obj).__name__}, not a module or state dict")

@@ -42,6 +42,7 @@ from torch.utils.data import DataLoader, Dataset
 
 import mlo
 from mlo.estimators.base import Hop, Info
+from mlo.errors import ConfigError, DataError
 
 from ..darts.architecture import Architecture
 from ..darts.search import SuperNet
@@ -93,13 +94,13 @@ class Constants:
     def __post_init__(self) -> None:
         for name in ("lam", "gamma", "beta"):
             if getattr(self, name) < 0:
-                raise ValueError(f"LFM-CW constant {name} must be >= 0, got {getattr(self, name)}")
+                raise ConfigError(f"LFM-CW constant {name} must be >= 0, got {getattr(self, name)}")
         if self.synthetic_per_step < 1:
-            raise ValueError(f"synthetic_per_step must be >= 1, got {self.synthetic_per_step}")
+            raise ConfigError(f"synthetic_per_step must be >= 1, got {self.synthetic_per_step}")
         if self.mistakes not in ("ce", "error"):
-            raise ValueError(f"mistakes must be 'ce' or 'error', got {self.mistakes!r}")
+            raise ConfigError(f"mistakes must be 'ce' or 'error', got {self.mistakes!r}")
         if self.mistakes_grad and self.mistakes != "ce":
-            raise ValueError("mistakes_grad needs mistakes='ce' (an error rate has no derivative in W1); "
+            raise ConfigError("mistakes_grad needs mistakes='ce' (an error rate has no derivative in W1); "
                              "with mistakes='error' set mistakes_grad=False")
 
 
@@ -134,7 +135,7 @@ class Optimizers:
         for name in ("w_grad_clip", "arch_grad_clip"):
             value = getattr(self, name)
             if value is not None and not value > 0:
-                raise ValueError(f"{name} must be > 0 or None (not clipped), got {value}")
+                raise ConfigError(f"{name} must be > 0 or None (not clipped), got {value}")
 
 
 def _clipped(max_norm: float | None) -> mlo.transforms.GradientTransform | None:
@@ -269,7 +270,7 @@ class _WithNoise:
     def __init__(self, base: _OnDevice | None, n: int, noise_dim: int, classes: int, seed: int, device: torch.device):
         world = mlo.distributed.world_size()
         if n % world:
-            raise ValueError(f"{n} synthetic samples per step do not split evenly over {world} ranks")
+            raise ConfigError(f"{n} synthetic samples per step do not split evenly over {world} ranks")
         self.base, self.n, self.noise_dim, self.classes, self.device = base, n, noise_dim, classes, device
         self.gen = torch.Generator().manual_seed(seed)
         self.share = slice(mlo.distributed.rank(), None, world)
@@ -457,7 +458,7 @@ def inverse_frequency(dataset: Dataset, num_classes: int) -> Tensor:
     over the data set's images (a class-balanced cross-entropy)."""
     counts = torch.bincount(torch.from_numpy(labels_of(dataset)), minlength=num_classes).double()
     if bool((counts == 0).any()):
-        raise ValueError(f"a class-balanced loss needs every class in the training data; counts {counts.long().tolist()}")
+        raise DataError(f"a class-balanced loss needs every class in the training data; counts {counts.long().tolist()}")
     weights = 1.0 / counts
     return (weights * counts.sum() / (weights * counts).sum()).float()
 

@@ -17,6 +17,8 @@ import torch
 from torch import Tensor
 from torch.utils.data import DataLoader, Dataset, Sampler, Subset
 
+from mlo.errors import ConfigError
+
 from ..data import labels_of
 
 __all__ = ["ShuffledBatches", "BalancedBatches", "stream", "data_range", "PixelMoments", "class_pixel_std"]
@@ -28,7 +30,7 @@ class ShuffledBatches(Sampler[list[int]]):
 
     def __init__(self, size: int, batch_size: int, epochs: int, seed: int) -> None:
         if size < 1 or batch_size < 1 or epochs < 0:
-            raise ValueError(f"ShuffledBatches: need size, batch_size >= 1 and epochs >= 0, got {size}, {batch_size}, {epochs}")
+            raise ConfigError(f"ShuffledBatches: need size, batch_size >= 1 and epochs >= 0, got {size}, {batch_size}, {epochs}")
         self.size, self.batch_size, self.epochs, self.seed = size, batch_size, epochs, seed
 
     def __iter__(self) -> Iterator[list[int]]:
@@ -47,7 +49,7 @@ class BalancedBatches(Sampler[list[int]]):
 
     def __init__(self, labels: Tensor, batch_size: int, steps: int, seed: int) -> None:
         if len(labels) < 1 or batch_size < 1 or steps < 0:
-            raise ValueError(f"BalancedBatches: need labels, batch_size >= 1 and steps >= 0, got {len(labels)}, {batch_size}, {steps}")
+            raise ConfigError(f"BalancedBatches: need labels, batch_size >= 1 and steps >= 0, got {len(labels)}, {batch_size}, {steps}")
         counts = torch.bincount(labels).double()
         self.weights = 1.0 / counts[labels]  # (N,)
         self.batch_size, self.steps, self.seed = batch_size, steps, seed
