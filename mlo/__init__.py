@@ -32,11 +32,12 @@ from .errors import (
 )
 from .hooks import Hook
 from .rule import hypergradient
-from .problem import Problem, cycle
+from .problem import Problem, cycle, derivative_wanted
 
 __all__ = [
     "Problem",
     "cycle",
+    "derivative_wanted",
     "Engine",
     "hypergradient",
     "Hook",

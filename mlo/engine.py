@@ -311,7 +311,7 @@ class Engine:
             batches = self._batches()
             if self.graph.lowers_of[name]:
                 return self._evaluate(name, self._rule, batches)
-            with batches_in_use(batches):
+            with batches_in_use(batches, self._rule.differentiated[name]):
                 loss = self._rule.losses[name](batches[name], {})
             return autodiff.grad(loss, self.program.params[name]), loss
 

@@ -18,7 +18,7 @@ from torch.utils.data import DataLoader
 from .errors import ArgumentError, ProgramError
 from .transforms import GradientTransform
 
-__all__ = ["Problem", "cycle", "batches_in_use"]
+__all__ = ["Problem", "cycle", "batches_in_use", "derivative_wanted"]
 
 #: A level's loss as a function of its batch (a closure over the modules it reads).
 LossFn = Callable[[Any], Tensor]
@@ -29,20 +29,43 @@ InitFn = Callable[[], Sequence[Tensor]]
 _IN_USE: ContextVar[Mapping[str, Any] | None] = ContextVar("mlo_batches_in_use", default=None)
 
 
+#: the levels in whose parameters the running evaluation takes derivatives (None: no evaluation)
+_DIFFERENTIATED: ContextVar[frozenset[str] | None] = ContextVar("mlo_differentiated", default=None)
+
+
 class batches_in_use:  # noqa: N801 (used as a function: ``with batches_in_use(batches):``)
     """Inside: ``Problem.batch`` of each level named in ``batches`` is that batch. The
     hypergradient rule and the engine's plain steps enter it with the batches they were given,
-    so that a loss reading another level's batch sees the one the evaluation runs on. (A class:
-    it is entered on every step, and costs less than a generator-based context manager.)"""
+    so that a loss reading another level's batch sees the one the evaluation runs on; and with
+    ``differentiated``, the levels in whose parameters the evaluation takes derivatives
+    (`derivative_wanted`). (A class: it is entered on every step, and costs less than a
+    generator-based context manager.)"""
 
-    def __init__(self, batches: Mapping[str, Any]) -> None:
+    def __init__(self, batches: Mapping[str, Any], differentiated: frozenset[str] | None = None) -> None:
         self.batches = batches
+        self.differentiated = differentiated
 
     def __enter__(self) -> None:
         self.token = _IN_USE.set(self.batches)
+        self.levels = _DIFFERENTIATED.set(self.differentiated)
 
     def __exit__(self, *exc: object) -> None:
+        _DIFFERENTIATED.reset(self.levels)
         _IN_USE.reset(self.token)
+
+
+def derivative_wanted(level: str) -> bool:
+    """Whether the evaluation running now may take a derivative in the parameters of ``level``.
+
+    A step of a level, `Engine.hypergradient` and `mlo.check` take derivatives only in the
+    parameters of the level evaluated and of the levels below it in the graph (those its
+    hypergradient flows through). For any other level this is False while they run: a loss
+    that reads that level may then skip work whose only use is that level's derivative, as long
+    as the loss's value stays the same (LFM-CW's ``w2`` skips W1's forward pass on its validation
+    batch, which only the derivative in W1 and the architecture needs, when the step is W2's own
+    or the class weights'). Outside such an evaluation: True."""
+    levels = _DIFFERENTIATED.get()
+    return levels is None or level in levels
 
 
 class Problem:

@@ -237,6 +237,8 @@ class Rule:
         self.program, self.graph, self.estimators, self.losses = program, graph, estimators, losses
         self.problems = program.problems
         self.plans = {name: self._plan(name) for name in graph.levels}
+        #: per level: the levels its hypergradient takes derivatives in (itself and those below it)
+        self.differentiated = {name: frozenset((name, *graph.descendants(name))) for name in graph.levels}
 
     def __call__(
         self,
@@ -248,7 +250,7 @@ class Rule:
     ) -> Result:
         """``level``'s hypergradient at ``point`` (every level's values) on ``batches``."""
         evaluation = _Evaluation(self, batches, last_gradients or {})
-        with batches_in_use(batches):
+        with batches_in_use(batches, self.differentiated[level]):
             gradient, loss = evaluation.total(level, point, create_graph)
         return Result(gradient, loss, evaluation.infos)
 

@@ -290,3 +290,38 @@ def test_a_lookaheads_gradient_serves_the_curvature_of_the_same_lower_at_the_sam
     assert used_shared == calls["w2"] - 1
     for x, y in zip(shared.gradient, apart.gradient):
         assert relative_error(x, y) < 1e-12 and x.abs().max() > 0
+
+
+def test_derivative_wanted_names_the_evaluated_level_and_those_below_it():
+    """Inside an evaluation, `mlo.derivative_wanted` is True for the level evaluated and the
+    levels below it in the graph (the only ones whose parameters its derivatives are taken in),
+    False for the others; outside any evaluation it is True. Recorded in the bottom level's loss,
+    which every evaluation here reads."""
+    g = torch.Generator().manual_seed(0)
+    low, mid, top, side = (Vector(torch.randn(2, generator=g, dtype=torch.float64)) for _ in range(4))
+    names = ("low", "mid", "top", "side")
+    seen: list[frozenset[str]] = []
+
+    def low_loss(_: object) -> torch.Tensor:
+        seen.append(frozenset(n for n in names if mlo.derivative_wanted(n)))
+        return 0.5 * ((low.value - mid.value - side.value) ** 2).sum() + (low.value**4).sum()
+
+    problems = [
+        mlo.Problem("low", low, torch.optim.SGD(low.parameters(), lr=0.1), loss=low_loss),
+        mlo.Problem("mid", mid, torch.optim.SGD(mid.parameters(), lr=0.1),
+                    loss=lambda _: ((low.value - 1.0) ** 2).sum() + 0.5 * ((mid.value - top.value) ** 2).sum()),
+        mlo.Problem("top", top, torch.optim.SGD(top.parameters(), lr=0.1), loss=lambda _: ((mid.value + 2.0) ** 2).sum()),
+        mlo.Problem("side", side, torch.optim.SGD(side.parameters(), lr=0.1), loss=lambda _: ((low.value + 3.0) ** 2).sum()),
+    ]
+    graph = {"top": ["mid"], "mid": ["low"], "side": ["low"]}
+    engine = mlo.Engine(problems, graph, "unroll:steps=1")
+    for level, want in [("low", {"low"}), ("mid", {"mid", "low"}), ("top", {"top", "mid", "low"}), ("side", {"side", "low"})]:
+        seen.clear()
+        engine.step(level)
+        assert seen and all(s == want for s in seen), (level, seen)
+    seen.clear()
+    engine.hypergradient("side")
+    assert seen and all(s == {"side", "low"} for s in seen)
+    seen.clear()
+    low_loss(None)
+    assert seen == [frozenset(names)]  # outside an evaluation: every level

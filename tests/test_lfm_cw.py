@@ -471,6 +471,38 @@ def test_mistakes_path_is_the_edge_w1_to_w2_and_equals_its_autograd_reference(fl
     assert "w1" not in plain.graph and ("w1", "w2") not in plain.estimators
 
 
+def test_w2_skips_w1s_forward_pass_where_no_derivative_in_w1_or_the_architecture_is_taken(float64: None, one_thread: None) -> None:
+    """W2's loss reads W1 only for the derivative of the mistakes in W1 and the architecture
+    (its value is the mistakes buffer's). W2's own step and the class weights' step take no such
+    derivative, and run no W1 forward pass; the architecture's does. Skipping changes nothing:
+    the loss, and its gradients in W2 and phi, equal the full computation's exactly."""
+    program, engine = _mistakes_path_program()
+    levels = {p.name: p for p in program.problems}
+    assert bool(program.class_weights.measured)
+    calls: list[int] = []
+    handle = program.w1.register_forward_hook(lambda *_: calls.append(1))
+    try:
+        for level, runs_w1 in (("w2", False), ("class_weights", False), ("architecture", True)):
+            calls.clear()
+            engine.hypergradient(level)
+            assert bool(calls) == runs_w1, level
+        batch = engine.batch("w2")
+        wrt = list(levels["w2"].parameters()) + [program.class_weights.phi]
+        with mlo.functional.frozen_buffers(list(program.w1.buffers()) + list(program.w2.buffers())):
+            calls.clear()
+            full = levels["w2"].loss(batch)  # outside an evaluation: W1's forward pass runs
+            assert calls
+            calls.clear()
+            with mlo.problem.batches_in_use({}, frozenset({"w2", "class_weights"})):
+                skipped = levels["w2"].loss(batch)
+            assert not calls
+            assert float(full) == float(skipped)
+            for a, b in zip(torch.autograd.grad(full, wrt), torch.autograd.grad(skipped, wrt)):
+                assert torch.equal(a, b)
+    finally:
+        handle.remove()
+
+
 def relative_error(got, want) -> float:
     g = torch.cat([t.reshape(-1) for t in got])
     w = torch.cat([t.reshape(-1) for t in want])

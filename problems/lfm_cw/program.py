@@ -323,13 +323,16 @@ class RetrainLoss(mlo.Problem):
         super().__init__("w2", net, **kw)
         self.arch, self.weights, self.generator, self.lam, self.w1 = arch, weights, generator, lam, w1
 
+    #: the levels whose derivatives the mistakes path carries: W1's forward pass reads both
+    MISTAKES_READ = ("w1", "architecture")
+
     def loss(self, batch: tuple[Tensor, ...]) -> Tensor:
         if self.w1 is None:
             c = self.weights()  # (K,)
         else:
             *rest, x_val, y_val = batch
             batch = tuple(rest)
-            c = self.weights(self.weights.tracked(self.w1(x_val, self.arch), y_val))
+            c = self.class_weights(x_val, y_val)
         if self.generator is None:
             x, y = batch
             per_sample = F.cross_entropy(self.module(x, self.arch), y, reduction="none")
@@ -340,6 +343,17 @@ class RetrainLoss(mlo.Problem):
             fake = _generated(self.generator, z, k, x.dtype)  # (n, C, H, W)
         synthetic = F.cross_entropy(self.module(fake, self.arch), k, reduction="none")
         return real + self.lam * (c[k] * synthetic).mean()
+
+    def class_weights(self, x_val: Tensor, y_val: Tensor) -> Tensor:
+        """``c`` with W1's mistakes on the validation batch differentiable (`ClassWeights.tracked`)
+        wherever a derivative in W1 or the architecture may be taken. Where none is (W2's own step,
+        the class weights' step: `mlo.derivative_wanted`) and the mistakes buffer holds a
+        measurement, the same value from the buffer alone, without W1's forward pass (one of an
+        LFM-CW round's supernet passes), whose only use there would be a derivative nobody takes."""
+        if any(mlo.derivative_wanted(level) for level in self.MISTAKES_READ) or not bool(self.weights.measured):
+            assert self.w1 is not None
+            return self.weights(self.weights.tracked(self.w1(x_val, self.arch), y_val))
+        return self.weights()
 
 
 class WithValidation:
