@@ -250,7 +250,8 @@ class Rule:
     ) -> Result:
         """``level``'s hypergradient at ``point`` (every level's values) on ``batches``."""
         evaluation = _Evaluation(self, batches, last_gradients or {})
-        with batches_in_use(batches, self.differentiated[level]):
+        # a result kept differentiable may be differentiated in anything: every level is wanted
+        with batches_in_use(batches, None if create_graph else self.differentiated[level]):
             gradient, loss = evaluation.total(level, point, create_graph)
         return Result(gradient, loss, evaluation.infos)
 
