@@ -29,6 +29,16 @@ def _builtin_raises(path: Path) -> list[tuple[int, str]]:
     return found
 
 
+def test_the_bundled_programs_raise_no_bare_builtin_exception():
+    """`mlo.problems` too: a bad option or bad data raises ConfigError, DataError, ... (each
+    still the ValueError, TypeError or FileNotFoundError it was)."""
+    import mlo.problems
+
+    root = Path(mlo.problems.__file__).parent
+    stray = [f"{path.relative_to(root)}:{line} raises {name}" for path in sorted(root.rglob("*.py")) for line, name in _builtin_raises(path)]
+    assert stray == []
+
+
 def test_the_core_raises_no_bare_builtin_exception():
     stray = [
         f"{path.relative_to(CORE)}:{line} raises {name}"

@@ -30,6 +30,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.nn.grad import conv2d_input, conv2d_weight
 
+from mlo.errors import ConfigError
+
 __all__ = [
     "PRIMITIVES",
     "OPS",
@@ -560,7 +562,7 @@ class FactorizedReduce(nn.Module):
     def __init__(self, C_in: int, C_out: int, affine: bool = True, copies: int = 1) -> None:
         super().__init__()
         if C_out % 2:
-            raise ValueError(f"FactorizedReduce needs an even number of output channels, got {C_out}")
+            raise ConfigError(f"FactorizedReduce needs an even number of output channels, got {C_out}")
         m = self.copies = copies
         self.relu = nn.ReLU(inplace=False)
         self.conv_1 = PointwiseConv2d(m * C_in, m * C_out // 2, stride=2, groups=m)
@@ -607,7 +609,7 @@ def make_op(name: str, C: int, stride: int, affine: bool, copies: int = 1) -> nn
     try:
         factory = OPS[name]
     except KeyError:
-        raise ValueError(f"unknown DARTS operation {name!r}; known: {', '.join(PRIMITIVES)}") from None
+        raise ConfigError(f"unknown DARTS operation {name!r}; known: {', '.join(PRIMITIVES)}") from None
     if copies < 1:
-        raise ValueError(f"copies must be at least 1, got {copies}")
+        raise ConfigError(f"copies must be at least 1, got {copies}")
     return factory(C, stride, affine, copies)

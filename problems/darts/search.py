@@ -23,6 +23,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from mlo.errors import ConfigError
+
 from .architecture import Architecture, ArchWeights, OpMask, full_mask, num_edges
 from .ops import PRIMITIVES, BatchNorm2d, DilConv, FactorizedReduce, ReLUConvBN, SepConv, Zero, make_op, use_reference
 from .stem import StemKind, build_stem, reduction_indices
@@ -67,9 +69,9 @@ class MixedOp(nn.Module):
         super().__init__()
         self.fast = fast
         if C % pc_k:
-            raise ValueError(f"pc_k={pc_k} must divide the channel count C={C}")
+            raise ConfigError(f"pc_k={pc_k} must divide the channel count C={C}")
         if kept is not None and len(kept) != n_edges:
-            raise ValueError(f"kept lists {len(kept)} edges, expected {n_edges}")
+            raise ConfigError(f"kept lists {len(kept)} edges, expected {n_edges}")
         self.C = C
         self.stride = stride
         self.n_edges = n_edges
@@ -257,7 +259,7 @@ class SuperNet(nn.Module):
     ) -> None:
         super().__init__()
         if pc_k < 1 or C % pc_k:
-            raise ValueError(f"pc_k must be a positive divisor of C={C}, got {pc_k}")
+            raise ConfigError(f"pc_k must be a positive divisor of C={C}, got {pc_k}")
         self.C = C
         self.num_classes = num_classes
         self.layers = layers
@@ -269,7 +271,7 @@ class SuperNet(nn.Module):
         E = num_edges(steps)
         for m in mask:
             if tuple(m.shape) != (E, len(PRIMITIVES)):
-                raise ValueError(f"op mask has shape {tuple(m.shape)}, expected {(E, len(PRIMITIVES))}")
+                raise ConfigError(f"op mask has shape {tuple(m.shape)}, expected {(E, len(PRIMITIVES))}")
         self.register_buffer("mask_normal", mask.normal.clone().bool(), persistent=False)
         self.register_buffer("mask_reduce", mask.reduce.clone().bool(), persistent=False)
         self._pruned = not bool(mask.normal.all() and mask.reduce.all())
@@ -311,7 +313,7 @@ class SuperNet(nn.Module):
         w = arch() if isinstance(arch, Architecture) else arch
         if (w.normal_edges is not None) != self.edge_norm:
             have = "has" if w.normal_edges is not None else "has no"
-            raise ValueError(
+            raise ConfigError(
                 f"the architecture {have} edge weights but the supernet was built with "
                 f"edge_norm={self.edge_norm}"
             )
@@ -319,7 +321,7 @@ class SuperNet(nn.Module):
             extra = (w.normal.detach() != 0) & ~self.mask_normal
             extra |= (w.reduce.detach() != 0) & ~self.mask_reduce
             if bool(extra.any()):
-                raise ValueError(
+                raise ConfigError(
                     "the architecture gives weight to ops this supernet has pruned; build the "
                     "supernet with the architecture's op_mask"
                 )

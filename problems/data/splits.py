@@ -9,6 +9,8 @@ from dataclasses import dataclass
 import numpy as np
 from torch.utils.data import ConcatDataset, Dataset, Subset, TensorDataset
 
+from mlo.errors import ArgumentError
+
 __all__ = ["DataSplits", "labels_of", "class_counts", "stratified_split"]
 
 
@@ -45,7 +47,7 @@ def labels_of(dataset: Dataset) -> np.ndarray:
     targets = getattr(dataset, "targets", None)
     if targets is not None:
         return np.asarray(targets, dtype=np.int64)
-    raise TypeError(f"cannot read labels of {type(dataset).__name__} without loading it")
+    raise ArgumentError(f"cannot read labels of {type(dataset).__name__} without loading it")
 
 
 def class_counts(dataset: Dataset, num_classes: int) -> np.ndarray:

@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from mlo.errors import ConfigError
+from mlo.errors import ConfigError, DataError
 
 __all__ = ["ConditionalGenerator", "ConditionalDiscriminator", "discriminator_loss", "generator_loss", "load_generator"]
 
@@ -105,7 +105,7 @@ def load_generator(
 
     path = Path(path)
     if not path.is_file():
-        raise FileNotFoundError(f"generator checkpoint {str(path)!r} does not exist")
+        raise DataError(f"generator checkpoint {str(path)!r} does not exist")
     if allow_pickle:
         obj = torch.load(path, map_location="cpu", weights_only=False)
     else:
