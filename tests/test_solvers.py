@@ -19,6 +19,7 @@ from mlo.estimators.solvers import (
     per_task_largest_eigenvalue,
     per_task_neumann_series,
 )
+from mlo.estimators.update_rules import rule_for
 from mlo.problems.ridge import Vector
 
 from .helpers import relative_error, ridge
@@ -296,3 +297,21 @@ def test_per_task_series_catches_a_diverging_task_that_the_joint_norm_hides():
     neumann_series(lambda v: (torch.block_diag(*blocks) @ v[0],), (b.reshape(-1),), 3, 0.5, 2.0, "e")  # no error
     with pytest.raises(mlo.DivergenceError, match="neumann on e, task 1: term 1 has norm"):
         per_task_neumann_series(matvec, (b,), 2, 3, alpha, 2.0, "e")
+
+
+@pytest.mark.parametrize("momentum", [0.0, 0.9], ids=["plain-sgd", "momentum"])
+def test_unroll_step_norm_is_the_lookaheads_distance_with_either_rule(momentum: float) -> None:
+    """One look-ahead step: plain SGD reports lr times the gradient's norm (no difference formed),
+    SGD with momentum the norm of the difference; both are how far the look-ahead moved."""
+    r = ridge()
+    for group in r.inner.optimizer.param_groups:
+        group["momentum"] = momentum
+    engine = r.engine("unroll:steps=1")
+    engine.run(2)  # a momentum buffer, where there is one
+    engine.hypergradient("h")
+    w = r.w().detach().requires_grad_()
+    (g,) = torch.autograd.grad(r.inner_fn(w, r.h()), w)
+    (ahead,) = rule_for(r.inner.optimizer, tuple(r.inner.parameters())).step((w,), (g,))
+    info = engine.diagnostics.by_edge[("h", "w")]
+    assert info["step_norm"] == pytest.approx(float((ahead - w).norm()), rel=1e-9)
+    assert info["step_norm"] > 0

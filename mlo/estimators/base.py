@@ -34,15 +34,23 @@ from ..autodiff import Tensors
 from ..errors import EstimatorError
 from ..problem import Problem
 
-__all__ = ["Estimator", "Hop", "Curvature", "Info", "option_types", "choices_of", "non_finite_result", "adjoint_not_finite",
+__all__ = ["Estimator", "Hop", "Curvature", "Info", "Norm", "option_types", "choices_of", "non_finite_result", "adjoint_not_finite",
            "read_info"]
 
+@dataclasses.dataclass(frozen=True)
+class Norm:
+    """A Euclidean norm over several tensors, left unread: ``scale`` times the norm of the
+    values of ``parts``, the 0-d norms of the tensors (one fused ``torch._foreach_norm``)."""
+
+    parts: tuple[Tensor, ...]
+    scale: float = 1.0
+
+
 #: Diagnostics an estimator reports for one evaluation (residuals, Hessian-vector products, ...).
-#: A value may be left as a 0-d tensor, or a tuple of 0-d tensors that stands for the Euclidean
-#: norm of their values (the parts of a norm over several tensors): it is read as a float only
-#: when the diagnostics are read (`read_info`; ``Engine.diagnostics``), so that reporting it costs
-#: no host read, and no combining operation, on every step.
-Info = dict[str, float | Tensor | tuple[Tensor, ...]]
+#: A value may be left as a 0-d tensor or a `Norm`: it is read as a float only when the
+#: diagnostics are read (`read_info`; ``Engine.diagnostics``), so that reporting it costs no host
+#: read, and no combining operation, on every step.
+Info = dict[str, float | Tensor | Norm]
 
 
 class Curvature(ABC):
@@ -85,6 +93,9 @@ class Hop(ABC):
     last_gradient: Tensors | None
     #: whether the estimator's result must stay differentiable (inside a look-ahead or a curvature)
     create_graph: bool
+    #: the gradient `direction` formed at ``lower_params`` themselves, differentiably, where that
+    #: is the lower level's own gradient (a leaf lower at a point of parameters); else ``None``
+    start_gradient: Tensors | None
 
     @abstractmethod
     def curvature(self, hessian: str = "total") -> Curvature:
@@ -182,7 +193,7 @@ class Estimator(ABC):
         level (recorded even where ``vjp`` is not called, as for ``unroll`` on a plain edge)."""
         with torch.no_grad():  # one norm per tensor: read and combined only when the diagnostics are
             step = autodiff.sub(lookahead, hop.lower_params)
-            return {"step_norm": tuple(torch._foreach_norm(list(step)))}
+            return {"step_norm": Norm(tuple(torch._foreach_norm(list(step))))}
 
     @abstractmethod
     def vjp(self, hop: Hop, adjoint: Tensors, lookahead: Tensors | None) -> tuple[Tensors, Info]:
@@ -194,14 +205,14 @@ class Estimator(ABC):
 
 def read_info(info: Info) -> dict[str, float]:
     """``info`` with every value a float: the tensors among them read in one host read."""
-    lazy = {key: value for key, value in info.items() if isinstance(value, (Tensor, tuple))}
-    values = iter(autodiff.read(*(t for v in lazy.values() for t in ((v,) if isinstance(v, Tensor) else v))))
+    lazy = [value for value in info.values() if isinstance(value, (Tensor, Norm))]
+    values = iter(autodiff.read(*(t for v in lazy for t in ((v,) if isinstance(v, Tensor) else v.parts))))
     out: dict[str, float] = {}
     for key, value in info.items():
         if isinstance(value, Tensor):
             out[key] = next(values)
-        elif isinstance(value, tuple):  # the parts of a norm
-            out[key] = math.hypot(*(next(values) for _ in value))
+        elif isinstance(value, Norm):
+            out[key] = value.scale * math.hypot(*(next(values) for _ in value.parts))
         else:
             out[key] = float(value)
     return out
