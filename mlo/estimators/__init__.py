@@ -8,7 +8,7 @@ Each estimator is a small frozen dataclass whose fields are its options, registe
     estimators.parse("neumann:alpha=0.05")   # from a config string or a command-line flag
 """
 
-from .base import Curvature, Estimator, Hop, Info
+from .base import Curvature, Estimator, Hop, Info, Norm
 from .cg import CG
 from .finite_difference import FiniteDifference
 from .first_order import FirstOrder
@@ -21,6 +21,7 @@ __all__ = [
     "Estimator",
     "Hop",
     "Info",
+    "Norm",
     "Curvature",
     "CG",
     "FiniteDifference",
