@@ -268,7 +268,7 @@ def run(quick: bool = False, json_path: str | Path | None = None, repeats: int |
             "programs": programs_config,
             "cases": [{"kind": c.kind, "algorithms": list(c.algorithms), "repeats": repeats or c.repeats,
                        "warmup": c.warmup} for c in cases(quick)],
-            "timing": "interleaved round-robin, order rotated per repetition, after warm-up; perf_counter",
+            "timing": "interleaved round-robin, a seeded random order per repetition, after warm-up; perf_counter",
             "memory": MEMORY_METHOD,
             "torch_threads": torch.get_num_threads(),
         }

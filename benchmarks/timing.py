@@ -2,9 +2,13 @@
 
 Timing. Each contender is a built implementation with a ``step()`` that runs one round. After
 ``warmup`` rounds each, the contenders run round-robin: repetition ``r`` times one round of each,
-in an order rotated by ``r`` so no implementation always runs first or last. Slow drifts of a
-noisy machine (other processes, thermal state) then hit every implementation alike, and ratios
-taken repetition by repetition (`paired_ratio`) cancel them. ``time.perf_counter`` around each
+in an order drawn at random for it (seeded: the same orders every run). Slow drifts of a noisy
+machine (other processes, thermal state) then hit every implementation alike, and ratios taken
+repetition by repetition (`paired_ratio`) cancel them. Random orders, not a rotation: a round
+finds the caches as the round before it left them, and under a rotation every contender always
+follows the same one (measured: mlo's small reweighting unroll(1) round, always after higher's,
+took 1.050 of hand-engine's; a second copy of it in the same run, always after mlo's, 1.032).
+With random orders every contender follows every other about equally often. ``time.perf_counter`` around each
 round. The garbage collector is run once before the timed rounds and then left to run as it
 normally would (an implementation that creates reference cycles pays for collecting them).
 
@@ -26,6 +30,7 @@ import json
 import math
 import os
 import platform
+import random
 import statistics
 import sys
 import time
@@ -163,11 +168,12 @@ def measure(
             c.step()
     _sync(device)
     samples: list[list[float]] = [[] for _ in contenders]
-    n = len(contenders)
+    order = list(range(len(contenders)))
+    shuffler = random.Random(0)
     gc.collect()
-    for r in range(repeats):
-        for k in range(n):
-            i = (k + r) % n
+    for _ in range(repeats):
+        shuffler.shuffle(order)
+        for i in order:
             _sync(device)
             t0 = time.perf_counter()
             contenders[i].step()
