@@ -28,13 +28,26 @@ REQUIRED = ("problem", "impl", "median_s", "peak_mb", "samples_s")
 # ---------------------------------------------------------------------------------------------- harness
 
 
-def test_rounds_are_interleaved_and_rotated() -> None:
-    calls: list[str] = []
-    contenders = [Contender("p", name, (lambda name=name: calls.append(name))) for name in "abc"]
-    results = measure(contenders, repeats=3, warmup=1, memory=False)
+def test_rounds_are_interleaved_in_seeded_random_orders() -> None:
+    """Each repetition runs every contender once, in an order drawn for it; over many
+    repetitions every contender follows every other one (no fixed predecessor, as under a
+    rotation); the orders are the same on every run."""
+    def run() -> list[str]:
+        calls: list[str] = []
+        contenders = [Contender("p", name, (lambda name=name: calls.append(name))) for name in "abc"]
+        results = measure(contenders, repeats=60, warmup=1, memory=False)
+        assert [len(r.samples_s) for r in results] == [60, 60, 60]
+        return calls
+
+    calls = run()
     assert calls[:3] == ["a", "b", "c"]  # warm-up
-    assert calls[3:12] == ["a", "b", "c", "b", "c", "a", "c", "a", "b"]
-    assert [len(r.samples_s) for r in results] == [3, 3, 3]
+    timed = calls[3:]
+    for r in range(60):
+        assert sorted(timed[3 * r : 3 * r + 3]) == ["a", "b", "c"]
+    follows = {(x, y) for r in range(60) for x, y in zip(timed[3 * r : 3 * r + 2], timed[3 * r + 1 : 3 * r + 3])}
+    assert follows == {(x, y) for x in "abc" for y in "abc" if x != y}
+    assert len({tuple(timed[3 * r : 3 * r + 3]) for r in range(60)}) > 3  # not one rotation
+    assert run() == calls
 
 
 def test_peak_memory_counts_what_a_round_allocates() -> None:
