@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Iterable, Sequence
-from dataclasses import dataclass
 
 import torch
 from torch import Tensor
@@ -24,7 +23,7 @@ _RUN_BACKWARD: Callable[..., tuple[Tensor | None, ...]] | None = getattr(
     torch.autograd.graph, "_engine_run_backward", None
 )
 
-__all__ = ["Tensors", "grad", "all_finite", "finite_probe", "FiniteProbe", "read", "norm_value", "norm_values", "axpy", "dot", "norm", "scale", "add", "sub", "zeros_like", "alias", "computed"]
+__all__ = ["Tensors", "grad", "all_finite", "finite_probe", "read", "norm_value", "norm_values", "axpy", "dot", "norm", "scale", "add", "sub", "zeros_like", "alias", "computed"]
 
 
 def _engine(
@@ -111,94 +110,46 @@ def _grad(
     return tuple(torch.zeros_like(x) if r is None else r for x, r in zip(inputs, result))
 
 
-#: lists up to this long are probed tensor by tensor (`finite_probe`'s public path); longer ones by
-#: one fused norm
+#: lists up to this long are probed tensor by tensor (`finite_probe`); longer ones by one fused norm
 PROBE_SUMS = 8
 
-#: torch's fused finiteness test of a list of tensors, where this torch has it (private API): the
-#: kernel ``GradScaler`` unscales with, one pass over every element of every tensor setting one
-#: flag; with a scale of exactly 1 it leaves every value as it is (bit for bit). Measured reason:
-#: the engine probes every step's gradients; in place, in the middle of a round of the small
-#: reweighting program (unroll(1), 2.2 ms, interleaved in one process), one kernel and one read
-#: instead of a sum per tensor cost 1.2 % less of the round. Public fallback: the sums.
-_FUSED_CHECK: Callable[[list[Tensor], Tensor, Tensor], None] | None = getattr(
-    torch, "_amp_foreach_non_finite_check_and_unscale_", None
-)
-#: the unit scale of the fused test, one per device (the kernel only reads it)
-_UNIT: dict[torch.device, Tensor] = {}
 
-
-@dataclass(frozen=True)
-class FiniteProbe:
-    """0-d tensors to read as floats (with anything else, in one host read: `read`) that decide
-    whether every element of a list of tensors is finite, without a graph or a host read of
-    their own. Either one flag from torch's fused test (``exact``: 0.0 finite, 1.0 not), or the
-    sum of each tensor (NaN and infinities propagate through a sum; a sum can also overflow on
-    finite elements, so a non-finite sum proves nothing by itself)."""
-
-    tensors: list[Tensor]
-    exact: bool
-
-    def finite(self, values: Sequence[float]) -> bool:
-        """True when the values read from ``tensors`` prove every element finite; False when
-        they do not (``exact``: an element is not finite; else only maybe: `all_finite` then runs
-        the element-wise test)."""
-        if self.exact:
-            return values[0] == 0.0
-        return all(map(math.isfinite, values))
-
-
-def finite_probe(tensors: Sequence[Tensor]) -> FiniteProbe:
-    """The `FiniteProbe` of ``tensors``: torch's fused test where it is there and suits the list
-    (tensors on one device that no graph records), else a sum per tensor (a long list: one fused
-    norm). Why not a norm: in the middle of a round (cold caches) every operation costs its
-    dispatch, several microseconds on a CPU; a probe of one kernel and one read costs least."""
-    if _FUSED_CHECK is not None and tensors and not any(t.requires_grad for t in tensors):
-        device = tensors[0].device
-        unit = _UNIT.get(device)
-        if unit is None:
-            unit = _UNIT[device] = torch.ones(1, dtype=torch.float32, device=device)
-        flag = torch.zeros(1, dtype=torch.float32, device=device)  # the kernel takes float32 only
-        try:
-            _FUSED_CHECK(list(tensors), flag, unit)
-        except (RuntimeError, TypeError):  # tensors on several devices, integer or sparse ones
-            pass
-        else:
-            return FiniteProbe([flag], exact=True)
-    return _sum_probe(tensors)
-
-
-def _sum_probe(tensors: Sequence[Tensor]) -> FiniteProbe:
-    """`finite_probe` by public functions: the sum of each tensor, or of a long list's norms."""
+def finite_probe(tensors: Sequence[Tensor]) -> list[Tensor]:
+    """0-d tensors that are all finite when every element of ``tensors`` is (no host read, no
+    graph): each tensor's sum. NaN and infinities propagate through a sum, so finite probes
+    prove every element finite; a sum can also overflow on finite elements, so a non-finite
+    probe proves nothing by itself (`all_finite` then runs the exact test). Why sums: in the
+    middle of a round (cold caches) every operation costs its dispatch, several microseconds
+    on a CPU, and a sum per tensor read as it is (`read`) is the fewest for the few tensors of a
+    small program, fewer than a fused norm with a stack. A long list takes one fused norm.
+    (torch's fused finiteness kernel, the one ``GradScaler`` uses, measured no faster in place
+    on the CPU: its kernel and the flag it needs cost what the sums save.)"""
     if len(tensors) > PROBE_SUMS:
         with torch.no_grad():
-            return FiniteProbe([torch.stack(torch._foreach_norm(list(tensors))).sum()], exact=False)
-    return FiniteProbe([(t.detach() if t.requires_grad else t).sum() for t in tensors], exact=False)
+            return [torch.stack(torch._foreach_norm(list(tensors))).sum()]
+    return [(t.detach() if t.requires_grad else t).sum() for t in tensors]  # detached: no graph
 
 
 def read(*values: Tensor) -> list[float]:
-    """0-d (or one-element) tensors as floats. On a CPU each is read by itself (reading costs
-    nothing there, and a stack would be one more operation); elsewhere they are stacked into one
-    transfer, so a GPU synchronizes once."""
+    """0-d tensors as floats. On a CPU each is read by itself (reading costs nothing there, and
+    a stack would be one more operation); elsewhere they are stacked into one transfer, so a
+    GPU synchronizes once."""
     if not values:
         return []
     if values[0].is_cpu:
         return [(v.detach() if v.requires_grad else v).item() for v in values]
-    return torch.cat([v.detach().reshape(1) for v in values]).tolist()  # cat promotes dtypes
+    return torch.stack([v.detach() for v in values]).tolist()  # stack promotes dtypes
 
 
 def all_finite(tensors: Sequence[Tensor]) -> bool:
     """Whether every element of every tensor is finite, with one host read on the common path:
-    the `finite_probe` of the tensors; only where a probe of sums is not finite (a non-finite
-    element, or finite elements whose sum overflowed) the element-wise test runs."""
+    the `finite_probe` of the tensors; only where it is not finite (a non-finite element, or
+    finite elements whose sum overflowed) the element-wise test runs."""
     if not tensors:
         return True
-    probe = finite_probe(tensors)
-    if probe.finite(read(*probe.tensors)):
+    if all(map(math.isfinite, read(*finite_probe(tensors)))):
         return True
-    if probe.exact:
-        return False
-    return all(bool(torch.isfinite(t.detach()).all()) for t in tensors)  # the rare path: element-wise
+    return all(bool(torch.isfinite(t.detach()).all()) for t in tensors)
 
 
 def dot(a: Sequence[Tensor], b: Sequence[Tensor]) -> Tensor:

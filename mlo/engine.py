@@ -446,9 +446,8 @@ class Engine:
             value, *norms = _read(loss, grads)  # value: |loss|
             finite = math.isfinite(value) and all(map(math.isfinite, norms))
         else:
-            probe = autodiff.finite_probe(grads)
-            value, *probes = autodiff.read(loss, *probe.tensors)
-            finite = math.isfinite(value) and probe.finite(probes)
+            value, *probes = autodiff.read(loss, *autodiff.finite_probe(grads))
+            finite = math.isfinite(value) and all(map(math.isfinite, probes))
             value = abs(value)
         if not finite:  # a non-finite element, or only an overflow in a norm or a sum
             if self.check_finite:

@@ -186,32 +186,21 @@ FINITE_CASES = {
     "inf": [torch.tensor(float("inf"))],
     "-inf in bf16": [torch.randn(3), torch.tensor([-float("inf"), 1.0], dtype=torch.bfloat16)],
     "overflowing sum": [torch.full((4, 3), 3e38)],  # finite elements; their sum is not
-    "integers": [torch.arange(3), torch.randn(2)],  # the fused kernel refuses integers
+    "integers": [torch.arange(3), torch.randn(2)],
     "requires grad": [torch.randn(3, requires_grad=True) * 2],
     "empty": [torch.empty(0), torch.tensor([float("nan")])],
 }
 
 
-@pytest.mark.parametrize("fused", [True, False], ids=["fused", "public"])
 @pytest.mark.parametrize("case", list(FINITE_CASES))
-def test_finite_probe_and_all_finite_agree_with_an_elementwise_test(case: str, fused: bool, monkeypatch: pytest.MonkeyPatch) -> None:
-    """Both paths of the probe (torch's fused kernel, private, and the public sums): a probe that
-    reads finite proves every element finite, an exact probe that does not proves one is not, and
-    ``all_finite`` is the element-wise answer; the probe leaves every value as it was."""
-    if not fused:
-        monkeypatch.setattr(autodiff, "_FUSED_CHECK", None)
-    elif autodiff._FUSED_CHECK is None:
-        pytest.skip("this torch has no fused finiteness kernel")
+def test_finite_probe_and_all_finite_agree_with_an_elementwise_test(case: str) -> None:
+    """A probe that reads finite proves every element finite; ``all_finite`` is the element-wise
+    answer, also where a probe overflows or a tensor is empty; neither changes a value."""
     tensors = FINITE_CASES[case]
     before = [t.detach().clone() for t in tensors]
     want = all(bool(torch.isfinite(t).all()) for t in tensors)
-    probe = autodiff.finite_probe(tensors)
-    says = probe.finite(autodiff.read(*probe.tensors))
-    assert says <= want  # never claims finite wrongly
-    if probe.exact:
-        assert says == want
+    probes = autodiff.read(*autodiff.finite_probe(tensors))
+    assert all(map(math.isfinite, probes)) <= want  # never claims finite wrongly
     assert autodiff.all_finite(tensors) is want
     for t, b in zip(tensors, before):
-        assert torch.equal(t.detach(), b) or (torch.isnan(b).any() and torch.equal(t.detach().nan_to_num(), b.nan_to_num()))
-    if fused and case in ("finite", "nan", "-inf in bf16", "overflowing sum"):
-        assert probe.exact  # the kernel took these lists: exact, no overflow
+        assert torch.equal(t.detach().nan_to_num(), b.nan_to_num())
