@@ -34,7 +34,7 @@ PIECES: dict[str, tuple[tuple[str, str], ...]] = {
     "optimizer step": (("torch/optim/optimizer.py", "wrapper"),),
     "finiteness check": (("mlo/engine.py", "_watch"), ("mlo/autodiff.py", "all_finite")),
     "divergence test": (("mlo/estimators/solvers.py", "_term_norms"),),
-    "diagnostics": (("mlo/estimators/base.py", "lookahead_info"),),
+    "diagnostics": (("mlo/estimators/base.py", "lookahead_info"), ("mlo/estimators/unroll.py", "lookahead_info")),
     "autograd passes": (("mlo/autodiff.py", "_engine"),),
     "loss forward": (("mlo/functional.py", "loss"),),
     "data": (("mlo/streams.py", "draw"),),
@@ -60,10 +60,18 @@ def _interleaved(steps: dict[str, Callable[[], Any]], rounds: int) -> dict[str, 
 
 
 def _cumulative(stats: pstats.Stats, piece: Sequence[tuple[str, str]]) -> float:
+    """The cumulative time of the functions of ``piece``, each call counted once: the time of a
+    call made from another function of the piece (an override calling its base) is in its
+    caller's already."""
+
+    def matches(key: tuple[str, int, str]) -> bool:
+        file, _, func = key
+        return any(file.endswith(suffix) and func == name for suffix, name in piece)
+
     total = 0.0
-    for (file, _, func), row in stats.stats.items():  # type: ignore[attr-defined]
-        if any(file.endswith(suffix) and func == name for suffix, name in piece):
-            total += row[3]
+    for key, row in stats.stats.items():  # type: ignore[attr-defined]
+        if matches(key):
+            total += row[3] - sum(timing[3] for caller, timing in row[4].items() if matches(caller))
     return total
 
 

@@ -287,3 +287,35 @@ def test_speed_profile_covers_every_algorithm(tmp_path: Path) -> None:
     profiles = json.loads(path.read_text())["profiles"]
     algorithms = [speed._label(spec) for spec in speed.cases(quick=True)[0].algorithms]
     assert sorted(profiles) == sorted(f"ridge {a}" for a in algorithms)
+
+
+def _inner_piece() -> float:
+    return sum(i * i for i in range(20000))
+
+
+def _outer_piece() -> float:
+    return _inner_piece() + _inner_piece()
+
+
+def test_breakdown_counts_a_call_from_within_its_piece_once() -> None:
+    """An override that calls its base, both in one piece: the base's time is in the override's
+    already, so the piece's time is the outer function's, not outer + inner."""
+    import cProfile
+    import pstats
+
+    from mlo.benchmarks.breakdown import _cumulative
+
+    profiler = cProfile.Profile()
+    profiler.enable()
+    _outer_piece()
+    _inner_piece()  # a call from outside the piece counts
+    profiler.disable()
+    stats = pstats.Stats(profiler)
+    here = "tests/test_benchmarks.py"
+    rows = {func: row for (file, _, func), row in stats.stats.items() if file.endswith(here)}  # type: ignore[attr-defined]
+    outer, inner = rows["_outer_piece"][3], rows["_inner_piece"][3]
+    from_outer = next(t[3] for caller, t in rows["_inner_piece"][4].items() if caller[2] == "_outer_piece")
+    both = _cumulative(stats, ((here, "_outer_piece"), (here, "_inner_piece")))
+    assert both == pytest.approx(outer + inner - from_outer)
+    assert both < outer + inner
+    assert _cumulative(stats, ((here, "_inner_piece"),)) == pytest.approx(inner)
