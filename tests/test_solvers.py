@@ -301,8 +301,8 @@ def test_per_task_series_catches_a_diverging_task_that_the_joint_norm_hides():
 
 @pytest.mark.parametrize("momentum", [0.0, 0.9], ids=["plain-sgd", "momentum"])
 def test_unroll_step_norm_is_the_lookaheads_distance_with_either_rule(momentum: float) -> None:
-    """One look-ahead step: plain SGD reports lr times the gradient's norm (no difference formed),
-    SGD with momentum the norm of the difference; both are how far the look-ahead moved."""
+    """One look-ahead step reports how far it moved the lower level, with plain SGD and with
+    momentum (whose look-ahead is not lr times the gradient)."""
     r = ridge()
     for group in r.inner.optimizer.param_groups:
         group["momentum"] = momentum

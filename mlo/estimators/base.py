@@ -93,9 +93,6 @@ class Hop(ABC):
     last_gradient: Tensors | None
     #: whether the estimator's result must stay differentiable (inside a look-ahead or a curvature)
     create_graph: bool
-    #: the gradient `direction` formed at ``lower_params`` themselves, differentiably, where that
-    #: is the lower level's own gradient (a leaf lower at a point of parameters); else ``None``
-    start_gradient: Tensors | None
 
     @abstractmethod
     def curvature(self, hessian: str = "total") -> Curvature:

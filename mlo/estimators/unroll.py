@@ -15,15 +15,13 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import ClassVar
 
-import torch
-
 from .. import autodiff
 from ..autodiff import Tensors
 from ..errors import EstimatorError
 from ..problem import Problem
-from .base import Estimator, Hop, Info, Norm, adjoint_not_finite, non_finite_result, zero_result
+from .base import Estimator, Hop, Info, adjoint_not_finite, non_finite_result, zero_result
 from .registry import register
-from .update_rules import plain_sgd_lr, rule_for, unsupported_reason
+from .update_rules import rule_for, unsupported_reason
 
 
 @register
@@ -63,13 +61,4 @@ class Unroll(Estimator):
         return grads, {"steps": float(self.steps), "adjoint_norm": size}
 
     def lookahead_info(self, hop: Hop, lookahead: Tensors) -> Info:
-        lr = plain_sgd_lr(hop.problem.optimizer) if self.steps == 1 and hop.start_gradient is not None else None
-        if lr is None:
-            return {"steps": float(self.steps), **super().lookahead_info(hop, lookahead)}
-        # one plain SGD step from the lower parameters moves them by lr times their gradient: its
-        # norm is one fused norm of that gradient, no difference of parameter-sized tensors (on a
-        # small program the difference and its norm cost 2-3 % of a round, this about half that)
-        assert hop.start_gradient is not None
-        with torch.no_grad():
-            parts = tuple(torch._foreach_norm(list(hop.start_gradient)))
-        return {"steps": 1.0, "step_norm": Norm(parts, lr)}
+        return {"steps": float(self.steps), **super().lookahead_info(hop, lookahead)}

@@ -120,13 +120,6 @@ def _plain_sgd_lr(step_fn: Step, groups: list[dict[str, Any]]) -> float | None:
     return lrs.pop() if len(lrs) == 1 else None
 
 
-def plain_sgd_lr(optimizer: torch.optim.Optimizer) -> float | None:
-    """The one learning rate of ``optimizer`` when it is SGD without momentum, weight decay or
-    maximize, with one learning rate for all its parameters; otherwise ``None``."""
-    step_fn = _RULES.get(type(optimizer))
-    return _plain_sgd_lr(step_fn, optimizer.param_groups) if step_fn is _sgd else None
-
-
 def rule_for(optimizer: torch.optim.Optimizer, params: Tensors) -> UpdateRule:
     """The differentiable update rule of ``optimizer`` for ``params`` (which it owns), starting from
     a detached copy of its current state."""
