@@ -200,18 +200,16 @@ class _DepthwiseBackward(torch.autograd.Function):
     backward pass wants it (``prune``:
     `engine_will_execute`; ``prune=False`` computes it whenever the weight requires grad). The
     backward is itself made of differentiable ops, so higher derivatives (Hessian-vector
-    products) flow through it.
+    products) flow through it. Written in the ``forward(ctx, ...)`` form: with a separate
+    ``setup_context``, ``Function.apply`` binds the arguments to the signature of ``forward`` on
+    every call, a fixed cost that is large beside these small convolutions.
     """
 
     @staticmethod
-    def forward(x: Tensor, weight: Tensor, stride: int, padding: int, dilation: int, prune: bool) -> Tensor:
-        return F.conv2d(x, weight, None, stride, padding, dilation, x.shape[1])
-
-    @staticmethod
-    def setup_context(ctx: Any, inputs: tuple[Any, ...], output: Tensor) -> None:
-        x, weight, stride, padding, dilation, prune = inputs
+    def forward(ctx: Any, x: Tensor, weight: Tensor, stride: int, padding: int, dilation: int, prune: bool) -> Tensor:
         ctx.save_for_backward(x, weight)
         ctx.conv = (stride, padding, dilation, prune)
+        return F.conv2d(x, weight, None, stride, padding, dilation, x.shape[1])
 
     @staticmethod
     def backward(ctx: Any, grad: Tensor) -> tuple[Tensor | None, ...]:
@@ -240,14 +238,12 @@ class _DepthwiseWeightGrad(torch.autograd.Function):
     runs transposed depthwise convolutions, several times slower)."""
 
     @staticmethod
-    def forward(x: Tensor, grad: Tensor, shape: torch.Size, stride: int, padding: int, dilation: int) -> Tensor:
-        return _depthwise_weight_grad(x, grad, shape, stride, padding, dilation)
-
-    @staticmethod
-    def setup_context(ctx: Any, inputs: tuple[Any, ...], output: Tensor) -> None:
-        x, grad, _, stride, padding, dilation = inputs
+    def forward(
+        ctx: Any, x: Tensor, grad: Tensor, shape: torch.Size, stride: int, padding: int, dilation: int
+    ) -> Tensor:
         ctx.save_for_backward(x, grad)
         ctx.conv = (stride, padding, dilation)
+        return _depthwise_weight_grad(x, grad, shape, stride, padding, dilation)
 
     @staticmethod
     def backward(ctx: Any, v: Tensor) -> tuple[Tensor | None, ...]:
