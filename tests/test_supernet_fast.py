@@ -18,7 +18,14 @@ from mlo.problems.darts import (
     pdarts_next_stage,
     use_reference,
 )
-from mlo.problems.darts.ops import AvgPool3x3, BatchNorm2d, MaxPool3x3, engine_will_execute
+from mlo.problems.darts.ops import (
+    AvgPool3x3,
+    BatchNorm2d,
+    DilConv,
+    FactorizedReduce,
+    MaxPool3x3,
+    engine_will_execute,
+)
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -197,6 +204,28 @@ def test_pointwise_conv_equals_conv2d(stride: int, groups: int, size: int) -> No
     torch.testing.assert_close(
         torch.autograd.grad(out, (x, fast.weight), g), torch.autograd.grad(expected, (x, ref.weight), g)
     )
+
+
+@pytest.mark.parametrize("size", [1, 2, 5, 7, 14])
+@pytest.mark.parametrize("shared_grid", [False, True])
+def test_reduction_ops_equal_reference(size: int, shared_grid: bool) -> None:
+    # FactorizedReduce reads the odd pixels directly; with ``shared_grid`` it and the dilated
+    # convolution start from the even pixels the caller took once. Odd and even sides, rectangular.
+    torch.manual_seed(size)
+    for make in (lambda: FactorizedReduce(3, 4, affine=False, copies=2), lambda: DilConv(3, 3, 5, 2, 4, 2, False, 2)):
+        fast = make().double()
+        ref = use_reference(copy.deepcopy(fast))
+        x = torch.randn(2, 6, size, size + 1, dtype=torch.float64, requires_grad=True)
+        a = F.relu(x)
+        out = fast.activated(a, a[:, :, ::2, ::2] if shared_grid else None)
+        expected = ref(x)
+        torch.testing.assert_close(out, expected)
+        g = torch.randn_like(out)
+        params = list(fast.parameters())
+        torch.testing.assert_close(
+            torch.autograd.grad(out, [x, *params], g, create_graph=True),
+            torch.autograd.grad(expected, [x, *ref.parameters()], g, create_graph=True),
+        )
 
 
 @pytest.mark.parametrize("size", [1, 2, 5, 14])

@@ -200,18 +200,16 @@ class _DepthwiseBackward(torch.autograd.Function):
     backward pass wants it (``prune``:
     `engine_will_execute`; ``prune=False`` computes it whenever the weight requires grad). The
     backward is itself made of differentiable ops, so higher derivatives (Hessian-vector
-    products) flow through it.
+    products) flow through it. Written in the ``forward(ctx, ...)`` form: with a separate
+    ``setup_context``, ``Function.apply`` binds the arguments to the signature of ``forward`` on
+    every call, a fixed cost that is large beside these small convolutions.
     """
 
     @staticmethod
-    def forward(x: Tensor, weight: Tensor, stride: int, padding: int, dilation: int, prune: bool) -> Tensor:
-        return F.conv2d(x, weight, None, stride, padding, dilation, x.shape[1])
-
-    @staticmethod
-    def setup_context(ctx: Any, inputs: tuple[Any, ...], output: Tensor) -> None:
-        x, weight, stride, padding, dilation, prune = inputs
+    def forward(ctx: Any, x: Tensor, weight: Tensor, stride: int, padding: int, dilation: int, prune: bool) -> Tensor:
         ctx.save_for_backward(x, weight)
         ctx.conv = (stride, padding, dilation, prune)
+        return F.conv2d(x, weight, None, stride, padding, dilation, x.shape[1])
 
     @staticmethod
     def backward(ctx: Any, grad: Tensor) -> tuple[Tensor | None, ...]:
@@ -240,14 +238,12 @@ class _DepthwiseWeightGrad(torch.autograd.Function):
     runs transposed depthwise convolutions, several times slower)."""
 
     @staticmethod
-    def forward(x: Tensor, grad: Tensor, shape: torch.Size, stride: int, padding: int, dilation: int) -> Tensor:
-        return _depthwise_weight_grad(x, grad, shape, stride, padding, dilation)
-
-    @staticmethod
-    def setup_context(ctx: Any, inputs: tuple[Any, ...], output: Tensor) -> None:
-        x, grad, _, stride, padding, dilation = inputs
+    def forward(
+        ctx: Any, x: Tensor, grad: Tensor, shape: torch.Size, stride: int, padding: int, dilation: int
+    ) -> Tensor:
         ctx.save_for_backward(x, grad)
         ctx.conv = (stride, padding, dilation)
+        return _depthwise_weight_grad(x, grad, shape, stride, padding, dilation)
 
     @staticmethod
     def backward(ctx: Any, v: Tensor) -> tuple[Tensor | None, ...]:
@@ -368,6 +364,17 @@ class DepthwiseConv2d(nn.Module):
             return depthwise_conv2d(x, self.weight, self.stride, self.padding, self.dilation)
         return F.conv2d(x, self.weight, None, self.stride, self.padding, self.dilation, self.C)
 
+    @property
+    def reads_grid(self) -> bool:
+        """Whether the fast path reads only every ``stride``-th pixel (stride equal to the dilation,
+        padding a multiple of it): then `on_grid` computes it from that grid."""
+        s = self.stride
+        return self.fast and s > 1 and self.dilation == s and self.padding % s == 0
+
+    def on_grid(self, grid: Tensor) -> Tensor:
+        """The convolution from ``x[:, :, ::stride, ::stride]`` (see `reads_grid`)."""
+        return depthwise_conv2d(grid, self.weight, 1, self.padding // self.stride, 1)
+
     def extra_repr(self) -> str:
         return f"{self.C}, kernel_size={self.k}, stride={self.stride}, padding={self.padding}, dilation={self.dilation}"
 
@@ -389,9 +396,12 @@ class PointwiseConv2d(nn.Conv2d):
     def forward(self, x: Tensor) -> Tensor:
         if not self.fast or x.device.type != "cpu":
             return super().forward(x)
-        s, g = self.stride[0], self.groups
-        if s > 1:
-            x = x[:, :, ::s, ::s]
+        s = self.stride[0]
+        return self.on_grid(x[:, :, ::s, ::s] if s > 1 else x)
+
+    def on_grid(self, x: Tensor) -> Tensor:
+        """The fast computation on an input already taken at every ``stride``-th pixel."""
+        g = self.groups
         B, C_in, H, W = x.shape
         C_out = self.out_channels
         w = self.weight.view(g, C_out // g, C_in // g)
@@ -434,9 +444,15 @@ class DilConv(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         return self.op(x)
 
-    def activated(self, x: Tensor) -> Tensor:
-        """The op on an input that has already been through its ReLU (``relu(x)`` given)."""
-        return self.op[3](self.op[2](self.op[1](x)))
+    def activated(self, x: Tensor, grid: Tensor | None = None) -> Tensor:
+        """The op on an input that has already been through its ReLU (``relu(x)`` given).
+
+        ``grid``: ``x[:, :, ::2, ::2]`` where the caller has it (the ops of a reduction edge share
+        it); a depthwise convolution that reads only that grid then starts from it."""
+        dw = self.op[1]
+        assert isinstance(dw, DepthwiseConv2d)
+        y = dw.on_grid(grid) if grid is not None and dw.stride == 2 and dw.reads_grid else dw(x)
+        return self.op[3](self.op[2](y))
 
 
 class SepConv(nn.Module):
@@ -572,10 +588,20 @@ class FactorizedReduce(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         return self.activated(self.relu(x))
 
-    def activated(self, x: Tensor) -> Tensor:
-        """The op on an input that has already been through its ReLU."""
-        shifted = F.pad(x[:, :, 1:, 1:], (0, 1, 0, 1))  # same size as x, offset by one pixel
-        a, b = self.conv_1(x), self.conv_2(shifted)  # (B, m * C_out / 2, H', W') each
+    def activated(self, x: Tensor, grid: Tensor | None = None) -> Tensor:
+        """The op on an input that has already been through its ReLU. ``grid``: ``x[:, :, ::2, ::2]``
+        where the caller has it (see `DilConv.activated`)."""
+        fast = self.conv_1.fast and x.device.type == "cpu"
+        a = self.conv_1.on_grid(grid) if fast and grid is not None else self.conv_1(x)  # (B, m C_out / 2, H', W')
+        if fast:
+            # What the stride-2 convolution of the shifted map reads: the odd pixels, and the
+            # padding's zero at the end of an odd side.
+            H, W = x.shape[-2:]
+            odd = x[:, :, 1::2, 1::2]
+            b = self.conv_2.on_grid(F.pad(odd, (0, W % 2, 0, H % 2)) if H % 2 or W % 2 else odd)
+        else:
+            shifted = F.pad(x[:, :, 1:, 1:], (0, 1, 0, 1))  # same size as x, offset by one pixel
+            b = self.conv_2(shifted)
         if self.copies == 1:
             return self.bn(torch.cat([a, b], dim=1))
         # Per copy: its half from conv_1, then its half from conv_2.

@@ -114,6 +114,7 @@ class MixedOp(nn.Module):
         # Fast: every parametric op begins with a ReLU, so they share one ReLU of x (then skip theirs).
         source = F.relu(x) if self.fast else x
         stacked: dict[int, Tensor] = {}  # copies -> source repeated that many times along channels
+        grids: dict[int, Tensor] = {}  # copies -> its even pixels, shared by the stride-2 ops that read only them
         out: Tensor | None = None
         for k, op, shared, full in zip(self.op_indices, self.ops, self.shared, self.all_edges):
             edges: Tensor = getattr(self, f"edges_{k}")
@@ -123,7 +124,11 @@ class MixedOp(nn.Module):
             else:
                 if m not in stacked:
                     stacked[m] = source if m == 1 else source.repeat(1, m, 1, 1)
-                if self.fast:
+                if self.fast and self.stride == 2 and isinstance(op, (DilConv, FactorizedReduce)):
+                    if m not in grids:
+                        grids[m] = stacked[m][:, :, ::2, ::2]
+                    y = op.activated(stacked[m], grids[m])
+                elif self.fast:
                     assert isinstance(op, (SepConv, DilConv, FactorizedReduce))
                     y = op.activated(stacked[m])
                 else:
