@@ -39,11 +39,10 @@ __all__ = ["Estimator", "Hop", "Curvature", "Info", "Norm", "option_types", "cho
 
 @dataclasses.dataclass(frozen=True)
 class Norm:
-    """A Euclidean norm over several tensors, left unread: ``scale`` times the norm of the
-    values of ``parts``, the 0-d norms of the tensors (one fused ``torch._foreach_norm``)."""
+    """A Euclidean norm over several tensors, left unread: the norm of the values of ``parts``,
+    the 0-d norms of the tensors (one fused ``torch._foreach_norm``)."""
 
     parts: tuple[Tensor, ...]
-    scale: float = 1.0
 
 
 #: Diagnostics an estimator reports for one evaluation (residuals, Hessian-vector products, ...).
@@ -209,7 +208,7 @@ def read_info(info: Info) -> dict[str, float]:
         if isinstance(value, Tensor):
             out[key] = next(values)
         elif isinstance(value, Norm):
-            out[key] = value.scale * math.hypot(*(next(values) for _ in value.parts))
+            out[key] = math.hypot(*(next(values) for _ in value.parts))
         else:
             out[key] = float(value)
     return out
