@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import copy
-from collections.abc import Callable
 
 import pytest
 import torch
@@ -271,50 +270,6 @@ def test_batch_norm_equals_pytorch_to_second_order() -> None:
     torch.testing.assert_close(torch.autograd.grad(grads[0], x, v)[0], torch.autograd.grad(grads[1], x, v)[0])
     for name in ("running_mean", "running_var", "num_batches_tracked"):
         torch.testing.assert_close(getattr(fast, name), getattr(ref, name), msg=name)
-
-
-def _plain_batch_norm(x: Tensor, eps: float = 1e-5) -> Tensor:
-    """Training-mode BatchNorm without affine parameters in elementary ops (differentiable to any
-    order, where PyTorch's own BatchNorm stops at the second)."""
-    mean = x.mean((0, 2, 3), keepdim=True)
-    var = ((x - mean) ** 2).mean((0, 2, 3), keepdim=True)
-    return (x - mean) / torch.sqrt(var + eps)
-
-
-def test_batch_norm_equals_plain_ops_to_third_order() -> None:
-    # The fast path's input gradient, differentiated again (the closed forms of
-    # `_BatchNormInputGrad`) and a third time, in the input and in a parameter the upstream
-    # gradient depends on, against BatchNorm written in elementary ops; float64, more than 2**16
-    # elements (the fast path).
-    gen = torch.Generator().manual_seed(12)
-    x = (2 * torch.randn(16, 8, 24, 24, dtype=torch.float64, generator=gen) - 1).requires_grad_()
-    w = torch.randn(x.shape, dtype=torch.float64, generator=gen).requires_grad_()
-    v, z, zw = (torch.randn(x.shape, dtype=torch.float64, generator=gen) for _ in range(3))
-
-    def derivatives(m: Callable[[Tensor], Tensor]) -> list[Tensor]:
-        y = m(x)
-        (g,) = torch.autograd.grad((y**3 * w).sum(), x, create_graph=True)  # upstream gradient reads w
-        hx, hw = torch.autograd.grad((g * v).sum(), (x, w), create_graph=True)
-        third = torch.autograd.grad((hx * z).sum() + (hw * zw).sum(), (x, w))
-        return [y, g, hx, hw, *third]
-
-    fast = BatchNorm2d(8, affine=False).double()
-    for name, a, b in zip(("y", "g", "hx", "hw", "tx", "tw"), derivatives(fast), derivatives(_plain_batch_norm)):
-        torch.testing.assert_close(a, b, msg=name)
-
-
-def test_batch_norm_second_order_wants_only_what_is_asked() -> None:
-    # Differentiating the input gradient in the upstream gradient alone, or in the input alone,
-    # gives what the full derivative gives for that part.
-    gen = torch.Generator().manual_seed(13)
-    x = torch.randn(16, 8, 24, 24, dtype=torch.float64, generator=gen).requires_grad_()
-    u = torch.randn(x.shape, dtype=torch.float64, generator=gen).requires_grad_()
-    v = torch.randn(x.shape, dtype=torch.float64, generator=gen)
-    for m in (BatchNorm2d(8, affine=False).double(), nn.BatchNorm2d(8, affine=False).double()):
-        (g,) = torch.autograd.grad(m(x), x, u, create_graph=True)
-        both = torch.autograd.grad(g, (x, u), v, retain_graph=True)
-        torch.testing.assert_close(torch.autograd.grad(g, x, v, retain_graph=True)[0], both[0])
-        torch.testing.assert_close(torch.autograd.grad(g, u, v)[0], both[1])
 
 
 def test_batch_norm_paths_mix_in_one_graph() -> None:

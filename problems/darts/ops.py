@@ -74,9 +74,8 @@ class _BatchNormTraining(torch.autograd.Function):
     than the float32 reductions here (a sum, then the sum of squares of the centred input). The
     backward is the operator behind ``nn.BatchNorm2d``'s own backward,
     ``torch.ops.aten.native_batch_norm_backward`` (a documented Core ATen IR operator; PyTorch has
-    no Python wrapper for it), given these statistics; a backward that will be differentiated
-    again (``create_graph``) goes through `_BatchNormInputGrad`, whose derivatives are closed
-    forms."""
+    no Python wrapper for it), given these statistics: its derivative is defined, so every higher
+    derivative is PyTorch's too."""
 
     @staticmethod
     def forward(ctx: Any, x: Tensor, running_mean: Tensor, running_var: Tensor, momentum: float, eps: float) -> Tensor:
@@ -98,69 +97,10 @@ class _BatchNormTraining(torch.autograd.Function):
     @staticmethod
     def backward(ctx: Any, grad: Tensor) -> tuple[Tensor | None, ...]:
         x, mean, invstd = ctx.saved_tensors
-        if torch.is_grad_enabled():  # the input gradient will be differentiated again
-            grad_x = _BatchNormInputGrad.apply(grad, x, mean, invstd, ctx.eps)
-        else:
-            grad_x = _native_input_grad(grad, x, mean, invstd, ctx.eps)
+        grad_x = torch.ops.aten.native_batch_norm_backward(
+            grad, x, None, None, None, mean, invstd, True, ctx.eps, [True, False, False]
+        )[0]
         return grad_x, None, None, None, None
-
-
-def _native_input_grad(grad: Tensor, x: Tensor, mean: Tensor, invstd: Tensor, eps: float) -> Tensor:
-    """The input gradient of training-mode BatchNorm without affine parameters, by the operator
-    behind ``nn.BatchNorm2d``'s backward (differentiable to any order in ``grad`` and ``x``: its
-    derivative treats the batch statistics as functions of ``x``)."""
-    out = torch.ops.aten.native_batch_norm_backward(grad, x, None, None, None, mean, invstd, True, eps, [True, False, False])
-    return out[0]
-
-
-def _channel_means(*maps: Tensor) -> list[Tensor]:
-    """Per-channel means over batch and pixels, shaped (1, C, 1, 1) to broadcast."""
-    return [t.mean((0, 2, 3), keepdim=True) for t in maps]
-
-
-class _BatchNormInputGrad(torch.autograd.Function):
-    """``(grad, x) -> grad_x``, the input gradient of `_BatchNormTraining`, as a function that is
-    itself differentiated (a Hessian-vector product through a backward pass).
-
-    With ``y = (x - mean) s`` (``s = invstd``) and ``E`` the mean over batch and pixels of a
-    channel, ``grad_x = s (g - E[g] - y E[g y])``. Its derivatives against an adjoint ``v``, in
-    closed form (exact with ``eps`` too: ``s`` is differentiated as ``(var + eps)^(-1/2)``)::
-
-        d grad = s (v - E[v] - y E[v y])
-        d x    = s^2 (y (3 E[v y] E[g y] - E[v g] + E[v] E[g]) - E[g y] (v - E[v]) - E[v y] (g - E[g]))
-
-    a few passes over the maps, where PyTorch's derivative of its kernel runs about twenty small
-    ops with float64 accumulation (several times slower on the CPU), and supports no third
-    derivative. Differentiated again, the same formulas are computed with the statistics taken
-    afresh from ``x`` by differentiable ops, so every higher derivative is exact too."""
-
-    @staticmethod
-    def forward(ctx: Any, grad: Tensor, x: Tensor, mean: Tensor, invstd: Tensor, eps: float) -> Tensor:
-        ctx.save_for_backward(grad, x, mean, invstd)
-        ctx.eps = eps
-        return _native_input_grad(grad, x, mean, invstd, eps)
-
-    @staticmethod
-    def backward(ctx: Any, v: Tensor) -> tuple[Tensor | None, ...]:
-        g, x, mean, invstd = ctx.saved_tensors
-        C = x.shape[1]
-        if torch.is_grad_enabled():  # differentiated again: statistics as functions of x
-            mean = x.mean((0, 2, 3))
-            invstd = (x.var((0, 2, 3), unbiased=False) + ctx.eps).rsqrt()
-        s = invstd.view(1, C, 1, 1)
-        y = (x - mean.view(1, C, 1, 1)) * s
-        Ev, Evy = _channel_means(v, v * y)
-        d_g = d_x = None
-        if ctx.needs_input_grad[0]:
-            d_g = (v - Ev - y * Evy) * s
-        if ctx.needs_input_grad[1]:
-            Eg, Egy, Evg = _channel_means(g, g * y, v * g)
-            s2 = s * s
-            d_x = y * ((3 * Evy * Egy - Evg + Ev * Eg) * s2)
-            d_x = torch.addcmul(d_x, v, Egy * s2, value=-1)
-            d_x = torch.addcmul(d_x, g, Evy * s2, value=-1)
-            d_x = d_x + (Egy * Ev + Evy * Eg) * s2
-        return d_g, d_x, None, None, None
 
 
 # Up to this many elements the fixed cost of a Python autograd.Function outweighs what
