@@ -14,7 +14,10 @@ FLOPs per round: the forward FLOPs of one supernet pass (convolutions and matrix
 by ``torch.utils.flop_counter``, scaled by each pass's batch size) times 3 for every pass that
 runs with gradients (forward and a backward of about twice its cost) and times 1 for passes
 without (W1's mistakes on a validation batch). It is an upper estimate: the finite-difference
-passes only need the input gradients.
+passes only need the input gradients. Each method's passes per round are counted too (with and
+without gradients, and the images they read), and one core's matrix-product speed is probed
+before every repetition: on a shared host it drifts by a third within minutes, which the
+interleaved ratios absorb and the seconds do not.
 
 Run: ``python -m mlo.benchmarks.supernet [--repeats N] [--settings fmnist14,fmnist28] [--json PATH]``.
 """
@@ -53,6 +56,8 @@ __all__ = [
     "Setting",
     "search_engine",
     "round_flops",
+    "round_passes",
+    "pass_summary",
     "matmul_gflops",
     "time_rounds",
     "fashion_darts",
@@ -112,9 +117,9 @@ def _forward_flops(net: SuperNet, setting: Setting) -> float:
     return float(counter.get_total_flops())
 
 
-def round_flops(engine: mlo.Engine, nets: Sequence[SuperNet], setting: Setting) -> float:
-    """Estimated FLOPs of the next round of ``engine`` (see the module docstring); runs that round."""
-    per_image = _forward_flops(nets[0], setting) / setting.batch
+def round_passes(engine: mlo.Engine, nets: Sequence[SuperNet]) -> list[tuple[int, bool]]:
+    """The supernet forward passes of the next round of ``engine``, in order: (batch size,
+    whether it ran with gradients) each; runs that round."""
     passes: list[tuple[int, bool]] = []
 
     def record(module: nn.Module, args: tuple[Any, ...], output: Tensor) -> None:
@@ -126,12 +131,30 @@ def round_flops(engine: mlo.Engine, nets: Sequence[SuperNet], setting: Setting) 
     finally:
         for h in handles:
             h.remove()
-    return sum(per_image * batch * (3 if grad else 1) for batch, grad in passes)
+    return passes
+
+
+def pass_summary(passes: Sequence[tuple[int, bool]]) -> dict[str, int]:
+    """Counts of `round_passes`: passes with and without gradients, and the images they read."""
+    return {
+        "with_gradients": sum(1 for _, grad in passes if grad),
+        "without_gradients": sum(1 for _, grad in passes if not grad),
+        "images": sum(batch for batch, _ in passes),
+    }
+
+
+def round_flops(engine: mlo.Engine, nets: Sequence[SuperNet], setting: Setting) -> tuple[float, list[tuple[int, bool]]]:
+    """Estimated FLOPs of the next round of ``engine`` (see the module docstring) and its passes
+    (`round_passes`); runs that round."""
+    per_image = _forward_flops(nets[0], setting) / setting.batch
+    passes = round_passes(engine, nets)
+    return sum(per_image * batch * (3 if grad else 1) for batch, grad in passes), passes
 
 
 def matmul_gflops(n: int = 1024, repeats: int = 5) -> float:
     """One core's float32 matrix-product speed: median GFLOP/s of an n x n product (CPU time)."""
-    a, b = torch.randn(n, n), torch.randn(n, n)
+    gen = torch.Generator().manual_seed(0)  # leaves the global random state to the programs timed
+    a, b = torch.randn(n, n, generator=gen), torch.randn(n, n, generator=gen)
     a @ b
     times = []
     for _ in range(repeats):
@@ -164,25 +187,32 @@ def time_rounds(
     per round with the achieved GFLOP/s of each; and the ratio lfm-cw / darts-2nd of each."""
     engines: dict[tuple[str, bool], mlo.Engine] = {}
     flops: dict[str, float] = {}
+    passes: dict[str, dict[str, int]] = {}
     for method in methods:
         for fast in (True, False):
             engine, nets = search_engine(method, setting, fast)
             for _ in range(warmup):
                 engine.run(1)
             if fast:
-                flops[method] = round_flops(engine, nets, setting)
+                flops[method], seen = round_flops(engine, nets, setting)
+                passes[method] = pass_summary(seen)
             engines[(method, fast)] = engine
     cpu: dict[tuple[str, bool], list[float]] = {key: [] for key in engines}
     wall: dict[tuple[str, bool], list[float]] = {key: [] for key in engines}
     keys = list(engines)
+    machine: list[float] = []  # the machine's speed before each repetition: shared hosts drift
     for r in range(repeats):
+        machine.append(matmul_gflops(512, 9))
         for key in keys if r % 2 == 0 else keys[::-1]:
             c0, w0 = time.process_time(), time.perf_counter()
             engines[key].run(1)
             cpu[key].append(time.process_time() - c0)
             wall[key].append(time.perf_counter() - w0)
         log(f"supernet {setting}: repetition {r + 1}/{repeats}")
-    out: dict[str, Any] = {"setting": setting.__dict__, "repeats": repeats, "methods": {}}
+    out: dict[str, Any] = {
+        "setting": setting.__dict__, "repeats": repeats, "methods": {},
+        "matmul_gflops_per_repetition": [round(g, 1) for g in machine],
+    }
     for method in methods:
         fast_cpu, ref_cpu = cpu[(method, True)], cpu[(method, False)]
         speedups = [b / a for a, b in zip(fast_cpu, ref_cpu)]
@@ -193,7 +223,7 @@ def time_rounds(
             "reference_wall_s": statistics.median(wall[(method, False)]),
             "speedup_cpu": statistics.median(speedups), "speedup_cpu_95": [low, high],
             "speedup_wall": statistics.median(b / a for a, b in zip(wall[(method, True)], wall[(method, False)])),
-            "gflop_per_round": flops[method] / 1e9,
+            "gflop_per_round": flops[method] / 1e9, "supernet_passes": passes[method],
             "fast_gflops": flops[method] / 1e9 / statistics.median(fast_cpu),
             "reference_gflops": flops[method] / 1e9 / statistics.median(ref_cpu),
         }

@@ -319,3 +319,26 @@ def test_breakdown_counts_a_call_from_within_its_piece_once() -> None:
     assert both == pytest.approx(outer + inner - from_outer)
     assert both < outer + inner
     assert _cumulative(stats, ((here, "_inner_piece"),)) == pytest.approx(inner)
+
+
+def test_supernet_round_passes_counts_each_forward_pass_of_the_supernets() -> None:
+    # One level whose loss runs the supernet twice with gradients (batches 4 and 2) and once
+    # without: a round of it runs exactly those three passes, in that order.
+    from mlo.benchmarks.supernet import pass_summary, round_passes
+    from mlo.problems.darts import SuperNet
+
+    torch.manual_seed(0)
+    net = SuperNet(C=2, num_classes=3, layers=1, in_channels=1, steps=2, multiplier=2)
+    arch = net.new_architecture()
+    x = torch.randn(4, 1, 8, 8)
+
+    def loss(batch: object) -> torch.Tensor:
+        with torch.no_grad():
+            net(x[:3], arch)
+        return net(x, arch).square().mean() + net(x[:2], arch).square().mean()
+
+    level = mlo.Problem("w", net, torch.optim.SGD(net.parameters(), lr=0.1), loss=loss)
+    # the no-grad pass runs first inside the loss; the gradient passes follow
+    passes = round_passes(mlo.Engine([level]), [net])
+    assert passes == [(3, False), (4, True), (2, True)]
+    assert pass_summary(passes) == {"with_gradients": 2, "without_gradients": 1, "images": 9}
