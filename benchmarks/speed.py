@@ -5,17 +5,21 @@ Workloads (`benchmarks.workloads`): (a) ridge HPO, (b) Meta-Weight-Net reweighti
 implementation runs its own copy of it. For every program and algorithm, the implementations
 that can run it are timed interleaved in one run (`benchmarks.timing`), then compared:
 
-- mlo / hand-written: target <= 1.10 everywhere (the hand-written loop does the same passes and
-  gives the same numbers: see tests/test_benchmarks.py).
-- mlo / Betty: time <= 0.8 on ridge (framework overhead dominates there), < 1.0 on the others;
-  peak memory <= 1.0. Betty's rounds are timed as the body of its own training loop
+- mlo / hand-written: target <= 1.0 where the hand-engine loop runs the row too (the bilevel
+  programs), <= 1.10 elsewhere (the hand-written loop does the same passes and gives the same
+  numbers: see tests/test_benchmarks.py).
+- mlo / Betty: time <= 0.90 on ridge with Neumann, <= 0.8 on ridge's other rows (framework
+  overhead dominates there), < 1.0 on the others; peak memory <= 1.0. Betty's rounds are timed as the body of its own training loop
   (`BettyProgram.iterate`), so it is not charged for being called one round at a time. Where
   Betty's method is not mlo's (its CG, its "darts" finite difference), the row says so: the
   times are still those of one round of each library's method.
-- mlo / hand-engine (no target): the hand-written loop taking its gradients through autograd's
-  engine directly, as mlo does. It is the floor for any framework running the same passes, so
-  this ratio is what is left of mlo's own overhead, and hand-engine / hand bounds what any
-  framework can gain over the hand-written loop.
+- mlo / hand-engine: target <= 1.05; the hand-written loop taking its gradients through
+  autograd's engine directly, as mlo does. It is the floor for any framework running the same
+  passes, so this ratio is what is left of mlo's own overhead, and hand-engine / hand bounds what
+  any framework can gain over the hand-written loop.
+
+The targets the tables show are the bounds ``--check`` holds the rows to where it holds them
+(`CHECK_BOUNDS`, `BETTY_CHECK_BOUNDS`), so a row marked missed is a row the check fails.
 
 MAML and iMAML (`benchmarks.maml`): one meta-step on 16 sinusoid tasks, mlo (the tasks as one
 level, vmapped) against per-task loops: MAML against higher's (target: mlo / higher <= 1/3) and a
@@ -54,7 +58,7 @@ from .implementations import NotApplicable, build_round
 from .report import Ratio, make_console, print_tables, ratio, ratios_table, results_table
 from .timing import MEMORY_METHOD, Contender, Result, measure, write_json
 
-__all__ = ["Case", "cases", "run", "check", "TARGETS", "CHECK_BOUNDS", "BETTY_CHECK_BOUNDS"]
+__all__ = ["Case", "cases", "run", "check", "check_bound", "TARGETS", "CHECK_BOUNDS", "BETTY_CHECK_BOUNDS"]
 
 IMPLS = ("mlo", "hand", "hand-engine", "betty", "higher", "torchopt")
 
@@ -131,22 +135,42 @@ def _label(spec: str) -> str:
     return name if not opts else f"{name}({opts})"
 
 
+def check_bound(problem: str, algorithm: str, peer: str, has_floor: bool) -> float | None:
+    """The bound ``--check`` holds mlo / ``peer`` to on a row, or None where it holds none: the
+    hand-engine floor on every row, the hand-written loop where the floor runs the row too
+    (``has_floor``: the bilevel programs; MAML's per-task loops have their own targets), Betty
+    where `BETTY_CHECK_BOUNDS` names the row."""
+    if peer == "hand-engine" or (peer == "hand" and has_floor):
+        return CHECK_BOUNDS[peer]
+    if peer == "betty":
+        return next((b for (p, prefix), b in BETTY_CHECK_BOUNDS.items() if problem == p and algorithm.startswith(prefix)), None)
+    return None
+
+
 def _ratios(kind: str, results: Sequence[Result]) -> list[Ratio]:
     by_impl = {r.impl: r for r in results}
     mine = by_impl.get("mlo")
     if mine is None:
         return []
+    floor = "hand-engine" in by_impl
+
+    def bound(peer: str) -> float | None:
+        return check_bound(mine.problem, mine.algorithm, peer, floor)
+
     out = []
     if "hand" in by_impl:
-        out.append(ratio(mine, by_impl["hand"], HAND_TARGET))
+        out.append(ratio(mine, by_impl["hand"], bound("hand") or HAND_TARGET))
     if "betty" in by_impl:
         target, strict = TARGETS[kind]
+        checked = bound("betty")
+        if checked is not None:
+            target, strict = checked, False
         betty = by_impl["betty"]
         note = "Betty runs a different method (see its note)" if betty.note else ""
         out.append(ratio(mine, betty, target, strict, MEMORY_TARGET, note))
     for peer in ("hand-engine", "higher", "torchopt"):
         if peer in by_impl:
-            out.append(ratio(mine, by_impl[peer]))
+            out.append(ratio(mine, by_impl[peer], bound(peer)))
     return out
 
 
@@ -180,12 +204,7 @@ def check(ratios: Sequence[Ratio]) -> list[str]:
     for q in ratios:
         if q.num != "mlo" or math.isnan(q.time_ratio):
             continue
-        bound = None
-        if q.den == "hand-engine" or (q.den == "hand" and (q.problem, q.algorithm) in floors):
-            bound = CHECK_BOUNDS[q.den]
-        elif q.den == "betty":
-            bound = next((b for (problem, prefix), b in BETTY_CHECK_BOUNDS.items()
-                          if q.problem == problem and q.algorithm.startswith(prefix)), None)
+        bound = check_bound(q.problem, q.algorithm, q.den, (q.problem, q.algorithm) in floors)
         if bound is not None and q.time_ratio > bound:
             failed.append(f"{q.problem} {q.algorithm}: mlo / {q.den} = {q.time_ratio:.3f} > {bound:.2f}")
     return failed

@@ -278,6 +278,35 @@ def test_speed_check_names_each_row_past_its_bound() -> None:
     assert failed[1].startswith("ridge neumann(iterations=10,alpha=0.1): mlo / betty = 0.950")
 
 
+def test_speed_tables_mark_missed_exactly_the_rows_the_check_fails() -> None:
+    """The time targets the ratio tables show are the ``--check`` bounds where it holds one, so
+    "missed" and a failed check agree row by row; rows without a check bound keep their targets."""
+    from mlo.benchmarks.timing import Result
+
+    def result(problem: str, algorithm: str, impl: str, seconds: float) -> Result:
+        return Result(problem, impl, algorithm, seconds, seconds, seconds, 0.0, 1.0, [seconds] * 3)
+
+    def rows(problem: str, algorithm: str, times: dict[str, float]) -> list:
+        return speed._ratios(problem, [result(problem, algorithm, impl, t) for impl, t in times.items()])
+
+    # ridge Neumann: 1.04 of the floor (within 1.05), 1.01 of the hand-written loop (past 1.0),
+    # 0.93 of Betty (past 0.90)
+    ridge = rows("ridge", "neumann(iterations=10,alpha=0.1)", {"mlo": 1.04, "hand-engine": 1.0, "hand": 1.04 / 1.01, "betty": 1.04 / 0.93})
+    # ridge CG against Betty: no check bound, the table's own target (0.8); reweighting against
+    # Betty: strictly below 1
+    other = rows("ridge", "cg(iterations=10)", {"mlo": 0.7, "betty": 1.0}) + rows("reweighting", "neumann(iterations=5,alpha=0.1)", {"mlo": 1.0, "betty": 1.0})
+    by_den = {(q.algorithm, q.den): q for q in ridge + other}
+    assert by_den[("neumann(iterations=10,alpha=0.1)", "hand-engine")].time_target == speed.CHECK_BOUNDS["hand-engine"]
+    assert by_den[("neumann(iterations=10,alpha=0.1)", "hand")].time_target == speed.CHECK_BOUNDS["hand"]
+    assert by_den[("neumann(iterations=10,alpha=0.1)", "betty")].time_target == speed.BETTY_CHECK_BOUNDS[("ridge", "neumann")]
+    assert by_den[("cg(iterations=10)", "betty")].time_target == speed.TARGETS["ridge"][0]
+    assert by_den[("neumann(iterations=5,alpha=0.1)", "betty")].time_met is False  # 1.0 is not < 1.0
+    failed = speed.check(ridge + other)
+    missed = [q for q in ridge + other if q.time_met is False and speed.check_bound(q.problem, q.algorithm, q.den, True) is not None]
+    assert len(failed) == len(missed) == 2
+    assert {f.split(" = ")[0] for f in failed} == {f"{q.problem} {q.algorithm}: mlo / {q.den}" for q in missed}
+
+
 def test_speed_profile_covers_every_algorithm(tmp_path: Path) -> None:
     """``--profile`` profiles mlo's rounds of each algorithm of a program, not only the last."""
     path = tmp_path / "speed.json"
