@@ -65,6 +65,7 @@ def _worker(rounds: int, batch: int, sync: str, out: str, extras: bool) -> None:
         Path(out).write_text(json.dumps({"ranks": mlo.distributed.world_size(), "sync": sync, "rounds_per_second": rounds / seconds,
                                          "all_reduces_per_round": all_reduces, "once_vs_exact": errors}))
     if dist.is_initialized():
+        mlo.distributed.barrier()  # no rank tears the group down while another still uses it
         dist.destroy_process_group()
 
 

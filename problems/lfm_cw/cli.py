@@ -199,11 +199,15 @@ def _process_group(device: str) -> Iterator[str]:
 
     started = not dist.is_initialized()
     device = distributed.init_from_env(device)
+    finished = False
     try:
         with batch_statistics_explained():
             yield device
+        finished = True
     finally:
         if started and dist.is_initialized():
+            if finished:  # no rank tears the group down while another still uses it: gloo aborts that one
+                distributed.barrier()
             dist.destroy_process_group()
 
 
