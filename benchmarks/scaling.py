@@ -35,8 +35,6 @@ __all__ = ["main"]
 
 
 def _worker(rounds: int, batch: int, sync: str, out: str, extras: bool) -> None:
-    import torch.distributed as dist
-
     import mlo
     from mlo.problems import data
     from mlo.problems.darts import SuperNet
@@ -64,9 +62,7 @@ def _worker(rounds: int, batch: int, sync: str, out: str, extras: bool) -> None:
     if mlo.distributed.is_main():
         Path(out).write_text(json.dumps({"ranks": mlo.distributed.world_size(), "sync": sync, "rounds_per_second": rounds / seconds,
                                          "all_reduces_per_round": all_reduces, "once_vs_exact": errors}))
-    if dist.is_initialized():
-        mlo.distributed.barrier()  # no rank tears the group down while another still uses it
-        dist.destroy_process_group()
+    mlo.distributed.shutdown()
 
 
 def _sync_errors(engine: Any) -> dict[str, float]:

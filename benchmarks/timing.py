@@ -9,8 +9,9 @@ finds the caches as the round before it left them, and under a rotation every co
 follows the same one (measured: mlo's small reweighting unroll(1) round, always after higher's,
 took 1.050 of hand-engine's; a second copy of it in the same run, always after mlo's, 1.032).
 With random orders every contender follows every other about equally often.
-``time.perf_counter`` around each round. The garbage collector is run once before the timed rounds and then left to run as it
-normally would (an implementation that creates reference cycles pays for collecting them).
+``time.perf_counter`` around each round. The garbage collector is run once before the timed
+rounds and then left to run as it normally would (an implementation that creates reference
+cycles pays for collecting them).
 
 Peak memory, measured in a separate, untimed round per contender (the tracking slows the round):
 

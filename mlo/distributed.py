@@ -35,7 +35,7 @@ from .errors import ProgramError
 
 __all__ = [
     "active", "rank", "world_size", "is_main", "data_parallel", "averaging", "average", "all_sum", "any_rank", "broadcast_module",
-    "refuse_wrapped", "warn_batch_statistics", "barrier", "init_from_env",
+    "refuse_wrapped", "warn_batch_statistics", "barrier", "shutdown", "init_from_env",
 ]
 
 _AVERAGING: ContextVar[bool] = ContextVar("mlo_data_parallel", default=False)
@@ -65,6 +65,17 @@ def barrier() -> None:
     """Wait for every rank (nothing without a process group)."""
     if active():
         dist.barrier()
+
+
+def shutdown(wait: bool = True) -> None:
+    """Destroy the default process group (nothing without one). ``wait``: every rank first waits
+    for the others, so that none tears the group down while another still uses it (gloo aborts
+    that one: "terminate called without an active exception"); pass False when leaving on an
+    error, where the other ranks may never arrive."""
+    if dist.is_available() and dist.is_initialized():
+        if wait:
+            barrier()
+        dist.destroy_process_group()
 
 
 def all_sum(*tensors: Tensor) -> None:

@@ -59,13 +59,12 @@ def _rank_main(rank: int, worker: Callable[..., None], store: str, args: tuple[A
 
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=2)
+    finished = False
     try:
         worker(rank, *args)
-        # Neither rank tears the group down while the other may still be using it: gloo aborts
-        # the process ("terminate called without an active exception") when it is.
-        dist.barrier()
+        finished = True
     finally:
-        dist.destroy_process_group()
+        mlo.distributed.shutdown(wait=finished)
 
 # ---------------------------------------------------------------------------------------------- basics
 

@@ -205,10 +205,8 @@ def _process_group(device: str) -> Iterator[str]:
             yield device
         finished = True
     finally:
-        if started and dist.is_initialized():
-            if finished:  # no rank tears the group down while another still uses it: gloo aborts that one
-                distributed.barrier()
-            dist.destroy_process_group()
+        if started:
+            distributed.shutdown(wait=finished)
 
 
 #: what `mlo.distributed.warn_batch_statistics` says of each level with BatchNorm, once per engine and rank
