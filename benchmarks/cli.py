@@ -38,6 +38,11 @@ def _configure(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     parser.add_argument("--check", action="store_true",
                         help="speed: exit 1, naming the rows, when a time ratio is past its bound "
                         "(mlo / hand-engine <= 1.05 and mlo / hand <= 1.0 on every row, mlo / Betty <= 0.90 on ridge neumann)")
+    parser.add_argument("--device", default="cpu", metavar="DEVICE",
+                        help="speed: where the programs run, cpu (default) or cuda[:N] (the GPU rows)")
+    parser.add_argument("--compile", nargs="?", const="inductor", metavar="BACKEND",
+                        help="speed: also time mlo with each lower module under torch.compile (backend inductor unless "
+                        "named) on the first-order rows (finite_difference, first_order, sama)")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                         help="lfm-cw: an option of the runs' config (as `mlo run --set`), e.g. search_rounds=15")
     parser.add_argument("--fixed", action="store_true",
@@ -82,8 +87,14 @@ def main(args: argparse.Namespace) -> int:
     if args.suite == "speed":
         from . import speed
 
+        try:
+            device = speed.resolve_device(args.device)
+        except ConfigError as err:
+            console.print(f"[red]mlo bench speed:[/] {err}")
+            return 2
         _, ratios = speed.run(quick=args.quick, json_path=json_path, repeats=args.repeats, console=console,
-                              profile=args.profile, only=args.only.split(",") if args.only else None)
+                              profile=args.profile, only=args.only.split(",") if args.only else None,
+                              device=device, compile_backend=args.compile)
         failed = speed.check(ratios) if args.check else []
         for row in failed:
             console.print(f"[red]mlo bench speed --check: past its bound:[/] {row}")

@@ -5,6 +5,8 @@ runs one round (the lower level's ``steps`` steps, then one upper step), or rais
 `NotApplicable` saying why that implementation cannot run that algorithm:
 
 - ``mlo``: ``mlo.Engine`` with the estimator.
+- ``mlo-compile``: the same with the lower module compiled by ``torch.compile`` (estimators that
+  take first-order gradients only: ``Estimator.double_backward`` is False).
 - ``hand``: the hand-written loop (`benchmarks.handwritten`).
 - ``hand-engine``: the same loop taking its gradients through autograd's engine directly
   (`mlo.autodiff.grad`, as mlo does): the floor for any framework running these passes.
@@ -44,6 +46,16 @@ class NotApplicable(Exception):
 def mlo_round(c: Copy, estimator: Estimator) -> tuple[Round, str]:
     engine = mlo.Engine(as_mlo(c), GRAPH, estimator)
     return (lambda: engine.run(1)), ""
+
+
+def mlo_compiled_round(c: Copy, estimator: Estimator, backend: str = "inductor") -> tuple[Round, str]:
+    """mlo's round with the lower module compiled (``torch.compile``), for estimators that take
+    first-order gradients only: a compiled module's backward cannot be differentiated again."""
+    if estimator.double_backward:
+        raise NotApplicable(f"torch.compile takes no double backward, which {estimator.name} needs "
+                            "(first_order, finite_difference and sama run compiled)")
+    c.compile_lower(backend)
+    return mlo_round(c, estimator)[0], f"lower module compiled: torch.compile(backend={backend!r})"
 
 
 def hand_round(c: Copy, estimator: Estimator, direct_engine: bool = False) -> tuple[Round, str]:
@@ -181,6 +193,7 @@ def torchopt_round(c: Copy, estimator: Estimator) -> tuple[Round, str]:
 
 IMPLEMENTATIONS: dict[str, Callable[[Copy, Estimator], tuple[Round, str]]] = {
     "mlo": mlo_round,
+    "mlo-compile": mlo_compiled_round,
     "hand": hand_round,
     "hand-engine": hand_engine_round,
     "betty": betty_round,

@@ -30,6 +30,7 @@ import mlo
 from mlo.problems.maml import SinusoidTasks, Tasks, imaml, maml
 
 from .timing import Contender
+from .workloads import on_device
 
 __all__ = ["meta_batch", "network", "mlo_step", "hand_step", "higher_step", "mlo_imaml_step", "hand_imaml_step",
            "hand_imaml_gradient", "hand_cg", "contenders", "copies", "CONFIG", "STEPS", "IMAML_STEPS"]
@@ -187,20 +188,20 @@ IMAML_STEPS: dict[str, Callable[[nn.Module, Tasks, int, float, float, float, int
     "mlo": mlo_imaml_step, "hand": hand_imaml_step}
 
 
-def contenders(quick: bool = False) -> list[Contender]:
+def contenders(quick: bool = False, device: torch.device | str = "cpu") -> list[Contender]:
     """MAML (mlo, the hand-written loop, higher) and iMAML (mlo, the hand-written per-task loop),
-    each on copies of one network and one meta-batch."""
+    each on copies of one network and one meta-batch, on ``device``."""
     tasks = 4 if quick else CONFIG["tasks"]
-    batch = meta_batch(tasks, CONFIG["shots"], CONFIG["query"])
+    batch = on_device(meta_batch(tasks, CONFIG["shots"], CONFIG["query"]), torch.device(device))
     out = []
     for impl, build in STEPS.items():
         if impl == "higher" and importlib.util.find_spec("higher") is None:
             continue
-        step = build(network(CONFIG["hidden"]), batch, CONFIG["inner_steps"], CONFIG["inner_lr"], CONFIG["meta_lr"])
+        step = build(network(CONFIG["hidden"]).to(device), batch, CONFIG["inner_steps"], CONFIG["inner_lr"], CONFIG["meta_lr"])
         out.append(Contender(f"maml sinusoid x{tasks}", impl, step, f"maml(inner_steps={CONFIG['inner_steps']})"))
     for impl, build_imaml in IMAML_STEPS.items():
-        step = build_imaml(network(CONFIG["hidden"]), batch, CONFIG["imaml_steps"], CONFIG["inner_lr"], CONFIG["meta_lr"],
-                           CONFIG["proximal"], CONFIG["cg_iterations"])
+        step = build_imaml(network(CONFIG["hidden"]).to(device), batch, CONFIG["imaml_steps"], CONFIG["inner_lr"],
+                           CONFIG["meta_lr"], CONFIG["proximal"], CONFIG["cg_iterations"])
         out.append(Contender(f"imaml sinusoid x{tasks}", impl, step,
                              f"imaml(inner_steps={CONFIG['imaml_steps']}, cg={CONFIG['cg_iterations']})"))
     return out

@@ -1,7 +1,8 @@
 """The ``speed`` suite: time per round and peak memory of mlo beside a hand-written loop and its peers.
 
 Workloads (`benchmarks.workloads`): (a) ridge HPO, (b) Meta-Weight-Net reweighting on digits,
-(c) one DARTS supernet round at 8x8 and at 32x32. Each program is built once; each
+(c) one DARTS supernet round at 8x8 and at 32x32 on digits and at 14x14 and 28x28 on
+Fashion-MNIST; on a GPU also on DARTS's own search network (`GPU_CASES`). Each program is built once; each
 implementation runs its own copy of it. For every program and algorithm, the implementations
 that can run it are timed interleaved in one run (`benchmarks.timing`), then compared:
 
@@ -17,6 +18,12 @@ that can run it are timed interleaved in one run (`benchmarks.timing`), then com
   autograd's engine directly, as mlo does. It is the floor for any framework running the same
   passes, so this ratio is what is left of mlo's own overhead, and hand-engine / hand bounds what
   any framework can gain over the hand-written loop.
+
+Devices: everything runs on ``device`` (``mlo bench speed --device cuda``): the programs' modules
+and batches are moved there, every round is timed between two synchronisations, and peak memory
+is the CUDA allocator's. ``--compile`` adds ``mlo-compile``: mlo with the lower module under
+``torch.compile``, on the rows whose estimator takes first-order gradients only (a compiled
+backward is not differentiated again: ``Estimator.double_backward``), compared with mlo's own round.
 
 The targets the tables show are the bounds ``--check`` holds the rows to where it holds them
 (`CHECK_BOUNDS`, `BETTY_CHECK_BOUNDS`), so a row marked missed is a row the check fails.
@@ -38,6 +45,7 @@ from __future__ import annotations
 
 import cProfile
 import dataclasses
+import functools
 import io
 import math
 import pstats
@@ -50,15 +58,17 @@ import torch
 from rich.console import Console
 
 from mlo import estimators
+from mlo.errors import ConfigError
 
 from . import maml as maml_bench
 from . import workloads
 from . import supernet as supernet_bench
-from .implementations import NotApplicable, build_round
+from .implementations import NotApplicable, build_round, mlo_compiled_round
 from .report import Ratio, make_console, print_tables, ratio, ratios_table, results_table
 from .timing import MEMORY_METHOD, Contender, Result, measure, write_json
 
-__all__ = ["Case", "cases", "run", "check", "check_bound", "TARGETS", "CHECK_BOUNDS", "BETTY_CHECK_BOUNDS"]
+__all__ = ["Case", "cases", "run", "check", "check_bound", "resolve_device", "TARGETS", "CHECK_BOUNDS",
+           "BETTY_CHECK_BOUNDS"]
 
 IMPLS = ("mlo", "hand", "hand-engine", "betty", "higher", "torchopt")
 
@@ -90,8 +100,9 @@ class Case:
     focus: str | None = None
 
 
-def cases(quick: bool = False) -> list[Case]:
-    """The suite's programs; ``quick`` shrinks every size for a run of seconds (used in tests)."""
+def cases(quick: bool = False, device: torch.device | str = "cpu") -> list[Case]:
+    """The suite's programs; ``quick`` shrinks every size for a run of seconds (used in tests).
+    On a GPU (``device`` cuda) the suite adds `GPU_CASES`."""
     if quick:
         return [
             Case("ridge", lambda: workloads.ridge(n=100, dim=10), ("neumann:iterations=5,alpha=0.1", "unroll:steps=2"), 5, 1),
@@ -113,16 +124,28 @@ def cases(quick: bool = False) -> list[Case]:
         Case("darts", lambda: workloads.darts(size=8, C=8, layers=3, batch=32), ("finite_difference", "first_order"), 12, 1),
         Case("darts", lambda: workloads.darts(size=32, C=8, layers=2, batch=16), ("finite_difference", "first_order"), 6, 1),
         *(Case("darts", build, algorithms, repeats, 1) for build, algorithms, repeats in supernet_bench.speed_programs()),
+        *(GPU_CASES if torch.device(device).type == "cuda" else []),
     ]
 
 
-def _contenders(program: workloads.Bilevel, spec: str, impls: Sequence[str]) -> tuple[list[Contender], dict[str, str]]:
+#: rows only a GPU runs in reasonable time: DARTS's own search network (CIFAR-sized 3x32x32
+#: images, C=16, 8 cells, batch 64), the size of Betty's DARTS example
+GPU_CASES = [
+    Case("darts", lambda: workloads.darts(size=32, C=16, layers=8, batch=64, name="darts-search32"),
+         ("finite_difference", "first_order"), 50, 3),
+]
+
+
+def _contenders(program: workloads.Bilevel, spec: str, impls: Sequence[str],
+                compile_backend: str = "inductor") -> tuple[list[Contender], dict[str, str]]:
     est = estimators.parse(spec)
     label = _label(spec)
     built, skipped = [], {}
     for impl in impls:
+        build = functools.partial(mlo_compiled_round, backend=compile_backend) if impl == "mlo-compile" \
+            else functools.partial(build_round, impl)
         try:
-            step, note = build_round(impl, program.instantiate(), est)
+            step, note = build(program.instantiate(), est)
         except NotApplicable as why:
             skipped[impl] = str(why)
             continue
@@ -171,6 +194,8 @@ def _ratios(kind: str, results: Sequence[Result]) -> list[Ratio]:
     for peer in ("hand-engine", "higher", "torchopt"):
         if peer in by_impl:
             out.append(ratio(mine, by_impl[peer], bound(peer)))
+    if "mlo-compile" in by_impl:  # what torch.compile changes in mlo's own round
+        out.append(ratio(by_impl["mlo-compile"], mine))
     return out
 
 
@@ -222,35 +247,65 @@ def profile_rounds(contender: Contender, rounds: int, top: int = 15) -> str:
     return out.getvalue()
 
 
+def resolve_device(name: str | torch.device) -> torch.device:
+    """The device the suite runs on, checked before anything is built: ``cpu`` or ``cuda[:N]``
+    with that GPU present (`ConfigError` naming the option otherwise)."""
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise ConfigError(f"--device {str(name)!r} is not a device: the speed suite runs on cpu or cuda[:N]") from None
+    if device.type not in ("cpu", "cuda"):
+        raise ConfigError(f"--device {str(name)!r}: the speed suite runs on cpu or cuda[:N]")
+    if device.type == "cuda":
+        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if count == 0:
+            raise ConfigError(f"--device {str(name)!r}: this machine has no CUDA GPU (torch.cuda.is_available() is "
+                              "False); the suite's GPU rows need one")
+        if device.index is not None and device.index >= count:
+            raise ConfigError(f"--device {str(name)!r}: this machine has {count} CUDA GPU(s), numbered from 0")
+    return device
+
+
 def run(quick: bool = False, json_path: str | Path | None = None, repeats: int | None = None,
         console: Console | None = None, impls: Sequence[str] = IMPLS,
-        profile: bool = False, only: Sequence[str] | None = None) -> tuple[list[Result], list[Ratio]]:
+        profile: bool = False, only: Sequence[str] | None = None, device: str | torch.device = "cpu",
+        compile_backend: str | None = None) -> tuple[list[Result], list[Ratio]]:
     """Run the suite, print its tables, write JSON to ``json_path`` if given. ``profile``: also
     print (and keep in the JSON) a cProfile of mlo's rounds for every program and algorithm.
     ``only``: the programs to run, by name (``ridge``, ``reweighting``, ``hpo``, ``reweighting-large``,
-    ``darts8x8``, ``darts32x32``, ``maml``); all by default."""
+    ``darts8x8``, ``darts32x32``, ``darts-fmnist14``, ``darts-fmnist28``, ``maml``, and on a GPU
+    ``darts-search32``); all by default.
+    ``device``: where every program runs (``cuda`` for the GPU rows; rounds are timed between
+    synchronisations and peak memory is the CUDA allocator's). ``compile_backend``: also time mlo
+    with each program's lower module compiled by ``torch.compile(backend=...)`` (``mlo-compile``;
+    the first-order algorithms, as the compiled backward is not differentiated again)."""
+    device = resolve_device(device)
     console = console or make_console()
+    if compile_backend is not None:
+        impls = (*impls, "mlo-compile")
     results: list[Result] = []
     ratios: list[Ratio] = []
     versus: list[Ratio] = []  # one estimator against the others, all run by mlo
     skipped: dict[str, dict[str, str]] = {}
     programs_config: dict[str, Any] = {}
     profiles: dict[str, str] = {}
-    for case in cases(quick):
+    for case in cases(quick, device):
         program = case.build()
         if only is not None and program.name not in only:
             continue
+        if device.type != "cpu":
+            program = program.to(device)
         programs_config[program.name] = program.config
         groups: list[list[Contender]] = []
         for spec in case.algorithms:
-            contenders, missing = _contenders(program, spec, impls)
+            contenders, missing = _contenders(program, spec, impls, compile_backend or "inductor")
             if missing:
                 skipped[f"{program.name} {_label(spec)}"] = missing
             console.log(f"speed: {program.name} {_label(spec)}: {', '.join(c.impl for c in contenders)}")
             groups.append(contenders)
         batches = [[c for group in groups for c in group]] if case.focus else groups
         for batch in batches:
-            measured = measure(batch, repeats or case.repeats, case.warmup)
+            measured = measure(batch, repeats or case.repeats, case.warmup, device)
             results.extend(measured)
             for algorithm in dict.fromkeys(r.algorithm for r in measured):
                 ratios.extend(_ratios(case.kind, [r for r in measured if r.algorithm == algorithm]))
@@ -265,7 +320,7 @@ def run(quick: bool = False, json_path: str | Path | None = None, repeats: int |
                         console.print(profiles[key], markup=False, highlight=False)
     # MAML: the tasks of a meta-batch as one vmapped level against per-task loops (higher's, by hand)
     measured = [] if only is not None and "maml" not in only else measure(
-        maml_bench.contenders(quick), 3 if quick else (repeats or 15), 1)
+        maml_bench.contenders(quick, device), 3 if quick else (repeats or 15), 1, device)
     results.extend(measured)
     for problem in dict.fromkeys(r.problem for r in measured):
         by_impl = {r.impl: r for r in measured if r.problem == problem}
@@ -286,10 +341,12 @@ def run(quick: bool = False, json_path: str | Path | None = None, repeats: int |
             "repeats": repeats,
             "programs": programs_config,
             "cases": [{"kind": c.kind, "algorithms": list(c.algorithms), "repeats": repeats or c.repeats,
-                       "warmup": c.warmup} for c in cases(quick)],
+                       "warmup": c.warmup} for c in cases(quick, device)],
             "timing": "interleaved round-robin, a seeded random order per repetition, after warm-up; perf_counter",
             "memory": MEMORY_METHOD,
             "torch_threads": torch.get_num_threads(),
+            "device": str(device),
+            "compile_backend": compile_backend,
         }
         write_json(json_path, "speed", config, results, ratios=[q.as_dict() for q in ratios], skipped=skipped,
                    profiles=profiles, estimator_ratios=[q.as_dict() for q in versus])

@@ -23,6 +23,7 @@ Workloads (sizes are arguments; the speed suite records the ones it uses):
 from __future__ import annotations
 
 import copy
+import dataclasses
 import math
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
@@ -40,6 +41,7 @@ from mlo.problems.ridge import Ridge, Vector
 __all__ = [
     "Bilevel",
     "Copy",
+    "on_device",
     "ridge",
     "reweighting",
     "hpo",
@@ -76,6 +78,13 @@ class Copy:
             "lower": [n for n, p in self.lower.named_parameters() if p.requires_grad],
             "upper": [n for n, p in self.upper.named_parameters() if p.requires_grad],
         }
+
+    def compile_lower(self, backend: str = "inductor") -> None:
+        """Run the lower module through ``torch.compile(backend=backend)`` from now on: the same
+        parameters, so the optimizers built already step them."""
+        self.lower = torch.compile(self.lower, backend=backend)  # type: ignore[assignment]
+        self._both = _Both(self.lower, self.upper)
+        self._names["lower"] = [n for n, p in self.lower.named_parameters() if p.requires_grad]
 
     def lower_params(self) -> list[nn.Parameter]:
         return [p for p in self.lower.parameters() if p.requires_grad]
@@ -132,6 +141,35 @@ class Bilevel:
         """A fresh copy: modules deep-copied from the prototypes, new optimizers, same batches."""
         return Copy(self)
 
+    def to(self, device: torch.device | str) -> "Bilevel":
+        """This program on ``device``: copies of the prototypes and of every tensor in the batches
+        there (the losses read only the modules and the batches)."""
+        device = torch.device(device)
+        return dataclasses.replace(
+            self,
+            lower=copy.deepcopy(self.lower).to(device),
+            upper=copy.deepcopy(self.upper).to(device),
+            lower_batches=on_device(self.lower_batches, device),
+            upper_batches=on_device(self.upper_batches, device),
+            config={**self.config, "device": str(device)},
+        )
+
+
+def on_device(value: Any, device: torch.device) -> Any:
+    """``value`` with every tensor in it moved to ``device``: tensors, and the tuples, lists, dicts
+    and dataclass instances that hold them, recursively; anything else as it is."""
+    if isinstance(value, Tensor):
+        return value.to(device)
+    if isinstance(value, (tuple, list)):
+        moved = [on_device(v, device) for v in value]
+        return type(value)(*moved) if hasattr(value, "_fields") else type(value)(moved)
+    if isinstance(value, dict):
+        return {k: on_device(v, device) for k, v in value.items()}
+    if dataclasses.is_dataclass(value) and not isinstance(value, type):
+        return dataclasses.replace(value, **{f.name: on_device(getattr(value, f.name), device)
+                                             for f in dataclasses.fields(value) if f.init})
+    return value
+
 
 def as_mlo(c: Copy) -> list[mlo.Problem]:
     """The copy as two mlo levels, ``lower`` and ``upper``, wired by `GRAPH`."""
@@ -159,10 +197,10 @@ def ridge(n: int = 1000, dim: int = 100, seed: int = 0, lower_lr: float = 0.1, u
         "ridge",
         Vector(torch.zeros(dim, dtype=dtype)),
         Vector(torch.full((dim,), -2.0, dtype=dtype)),
-        lambda lower, upper, batch: data.inner(_value(lower), _value(upper)),
-        lambda lower, upper, batch: data.outer(_value(lower), _value(upper)),
-        [None],
-        [None],
+        lambda lower, upper, batch: batch.inner(_value(lower), _value(upper)),
+        lambda lower, upper, batch: batch.outer(_value(lower), _value(upper)),
+        [data],  # full batch: the data set itself, every step
+        [data],
         lambda ps: torch.optim.SGD(ps, lr=lower_lr),
         lambda ps: torch.optim.Adam(ps, lr=upper_lr),
         config={"n": n, "dim": dim, "lower": f"SGD(lr={lower_lr})", "upper": f"Adam(lr={upper_lr})",
@@ -282,10 +320,10 @@ def _supernet_loss(lower: nn.Module, upper: nn.Module, batch: tuple[Tensor, Tens
 
 
 def darts(size: int = 8, C: int = 8, layers: int = 5, batch: int = 32, seed: int = 0,
-          lower_lr: float = 0.025, upper_lr: float = 3e-4) -> Bilevel:
+          lower_lr: float = 0.025, upper_lr: float = 3e-4, name: str | None = None) -> Bilevel:
     """One DARTS search program on digits at ``size`` x ``size`` (1 channel at 8, 3 otherwise):
     SuperNet weights on training batches (SGD), architecture logits on validation batches
-    (Adam, DARTS's betas and weight decay)."""
+    (Adam, DARTS's betas and weight decay). ``name``: the row's, ``darts{size}x{size}`` unless given."""
     from mlo.problems.darts import Architecture, SuperNet  # noqa: F401  (Architecture: see new_architecture)
 
     channels = 1 if size == 8 else 3
@@ -295,7 +333,7 @@ def darts(size: int = 8, C: int = 8, layers: int = 5, batch: int = 32, seed: int
     net = SuperNet(C=C, num_classes=10, layers=layers, in_channels=channels)
     arch = net.new_architecture(torch.Generator().manual_seed(seed))
     return Bilevel(
-        f"darts{size}x{size}",
+        name or f"darts{size}x{size}",
         net,
         arch,
         _supernet_loss,

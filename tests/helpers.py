@@ -340,17 +340,45 @@ def quadratic(
 # ---------------------------------------------------------------------------------------------- MLP bilevel
 
 
+class OnceTanh(torch.autograd.Function):
+    """``tanh`` whose backward raises when it is differentiated again, as a ``torch.compile``-d
+    module's does (PyTorch's ``once_differentiable`` cuts that path silently instead)."""
+
+    @staticmethod
+    def forward(ctx: Any, x: Tensor) -> Tensor:
+        y = torch.tanh(x)
+        ctx.save_for_backward(y)
+        return y
+
+    @staticmethod
+    def backward(ctx: Any, grad: Tensor) -> Tensor:
+        (y,) = ctx.saved_tensors
+        return _TanhBackward.apply(grad, y)
+
+
+class _TanhBackward(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx: Any, grad: Tensor, y: Tensor) -> Tensor:
+        return grad * (1 - y * y)
+
+    @staticmethod
+    def backward(ctx: Any, *grads: Tensor) -> Any:
+        raise RuntimeError("OnceTanh's backward was differentiated again (double backward)")
+
+
 class MLP(nn.Module):
-    def __init__(self, d_in: int, hidden: int, batchnorm: bool, unused: bool) -> None:
+    def __init__(self, d_in: int, hidden: int, batchnorm: bool, unused: bool, once_differentiable: bool = False) -> None:
         super().__init__()
         self.fc1 = nn.Linear(d_in, hidden)
         self.norm = nn.BatchNorm1d(hidden) if batchnorm else nn.Identity()
         self.fc2 = nn.Linear(hidden, 1)
+        self.once_differentiable = once_differentiable
         if unused:
             self.unused = nn.Parameter(torch.randn(2))
 
     def forward(self, x: Tensor) -> Tensor:
-        return self.fc2(torch.tanh(self.norm(self.fc1(x)))).squeeze(-1)
+        h = self.norm(self.fc1(x))
+        return self.fc2(OnceTanh.apply(h) if self.once_differentiable else torch.tanh(h)).squeeze(-1)
 
 
 class Hyper(nn.Module):
@@ -396,12 +424,14 @@ def mlp_program(
     d_in: int = 3,
     hidden: int = 6,
     batches: int = 1,
+    once_differentiable: bool = False,
 ) -> MLPProgram:
     """Lower: an MLP (optionally with BatchNorm, in train mode) fit to random data, its inputs
     scaled by the upper's ``scale`` and its weights decayed by ``exp(log_decay)``. Upper: the
-    MLP's validation error. ``optimizer`` builds the lower optimizer from param groups."""
+    MLP's validation error. ``optimizer`` builds the lower optimizer from param groups.
+    ``once_differentiable``: the MLP's backward raises when differentiated again (`OnceTanh`)."""
     torch.manual_seed(seed)
-    model = MLP(d_in, hidden, batchnorm, unused)
+    model = MLP(d_in, hidden, batchnorm, unused, once_differentiable)
     hyper = Hyper(d_in, unused)
     train = [(torch.randn(n, d_in), torch.randn(n)) for _ in range(batches)]
     val = [(torch.randn(n, d_in), torch.randn(n)) for _ in range(batches)]

@@ -371,3 +371,97 @@ def test_supernet_round_passes_counts_each_forward_pass_of_the_supernets() -> No
     passes = round_passes(mlo.Engine([level]), [net])
     assert passes == [(3, False), (4, True), (2, True)]
     assert pass_summary(passes) == {"with_gradients": 2, "without_gradients": 1, "images": 9}
+
+
+# ---------------------------------------------------------------------------------------------- devices and torch.compile
+
+
+def test_a_program_moves_to_a_device_with_every_tensor_of_its_batches() -> None:
+    """`Bilevel.to`: the modules and every tensor the batches hold (tuples, a dataclass such as
+    ridge's data) on the device; the prototype stays where it was."""
+    for program in (workloads.ridge(n=20, dim=3), workloads.reweighting(hidden=8, batch=50)):
+        moved = program.to("meta")
+        assert moved.name == program.name and moved.config["device"] == "meta"
+        assert all(t.device.type == "meta" for m in (moved.lower, moved.upper) for t in m.state_dict().values())
+        tensors = [t for b in moved.lower_batches + moved.upper_batches for t in _tensors_in(b)]
+        assert tensors and all(t.device.type == "meta" for t in tensors)
+        assert all(t.device.type == "cpu" for t in program.lower.state_dict().values())
+        assert all(t.device.type == "cpu" for b in program.lower_batches for t in _tensors_in(b))
+
+
+def _tensors_in(value: Any) -> list[torch.Tensor]:
+    if isinstance(value, torch.Tensor):
+        return [value]
+    if isinstance(value, (tuple, list)):
+        return [t for v in value for t in _tensors_in(v)]
+    if hasattr(value, "__dataclass_fields__"):
+        return [t for name in value.__dataclass_fields__ for t in _tensors_in(getattr(value, name))]
+    return []
+
+
+def test_on_device_keeps_named_tuples_and_dicts() -> None:
+    from mlo.problems.maml import Tasks
+
+    tasks = Tasks(*(torch.ones(2, 3) for _ in range(4)))
+    moved = workloads.on_device({"tasks": tasks, "n": 3}, torch.device("meta"))
+    assert isinstance(moved["tasks"], Tasks) and moved["n"] == 3
+    assert all(t.device.type == "meta" for t in moved["tasks"])
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="tests the refusal on a machine without CUDA")
+def test_speed_refuses_a_device_it_cannot_run_on_before_running_anything(capsys: pytest.CaptureFixture[str]) -> None:
+    for name, said in (("cuda", "no CUDA GPU"), ("tpu", "not a device"), ("meta", "cpu or cuda")):
+        with pytest.raises(mlo.errors.ConfigError, match=f"--device '{name}'.*{said}"):
+            speed.resolve_device(name)
+    from mlo.cli import main as mlo_main
+
+    assert mlo_main(["bench", "speed", "--quick", "--device", "cuda"]) == 2
+    assert "--device 'cuda'" in capsys.readouterr().out
+
+
+def test_the_gpu_rows_join_the_suite_on_a_gpu_only() -> None:
+    cpu, gpu = speed.cases(), speed.cases(device="cuda")
+    assert speed.GPU_CASES and not any(case in cpu for case in speed.GPU_CASES)
+    assert gpu[len(cpu):] == speed.GPU_CASES
+    assert [(c.kind, c.algorithms, c.repeats) for c in gpu[:len(cpu)]] == [(c.kind, c.algorithms, c.repeats) for c in cpu]
+
+
+def test_compiled_mlo_round_computes_what_mlo_computes() -> None:
+    """``mlo-compile`` (the lower module under ``torch.compile``; the ``eager`` backend here, to
+    keep the test fast) holds mlo's parameters after three rounds of a first-order estimator, and
+    refuses an estimator that differentiates a backward again."""
+    from mlo.benchmarks.implementations import mlo_compiled_round
+
+    torch.manual_seed(0)
+    program = workloads.reweighting(hidden=8, batch=50)
+    est = mlo.estimators.parse("finite_difference")
+    plain, compiled = program.instantiate(), program.instantiate()
+    step, _ = build_round("mlo", plain, est)
+    step_compiled, note = mlo_compiled_round(compiled, est, backend="eager")
+    assert "torch.compile" in note and type(compiled.lower) is not type(plain.lower)
+    for _ in range(3):
+        step()
+        step_compiled()
+    for a, b in zip(plain.upper_params() + plain.lower_params(), compiled.upper_params() + compiled.lower_params(), strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7)
+    assert any((a - p).abs().max() > 0 for a, p in zip(compiled.upper_params(), program.upper.parameters()))
+    with pytest.raises(NotApplicable, match="double backward.*neumann"):
+        mlo_compiled_round(program.instantiate(), mlo.estimators.parse("neumann"), backend="eager")
+
+
+def test_speed_times_mlo_compiled_beside_mlo(tmp_path: Path) -> None:
+    """``--compile``: an ``mlo-compile`` contender on the first-order rows (sama here), compared
+    with mlo's round; the rows that differentiate a backward again say why they have none."""
+    path = tmp_path / "speed.json"
+    with warnings.catch_warnings(), single_threaded():
+        warnings.simplefilter("ignore")
+        _, ratios = speed.run(quick=True, json_path=path, repeats=2, impls=("mlo",), only=["reweighting"],
+                              compile_backend="eager")
+    doc = json.loads(path.read_text())
+    assert doc["config"]["compile_backend"] == "eager" and doc["config"]["device"] == "cpu"
+    compiled = {r["algorithm"] for r in doc["results"] if r["impl"] == "mlo-compile"}
+    assert compiled == {"sama"}
+    assert [(q.num, q.den) for q in ratios if q.algorithm == "sama"] == [("mlo-compile", "mlo")]
+    skipped = {row: why["mlo-compile"] for row, why in doc["skipped"].items() if "mlo-compile" in why}
+    assert sorted(skipped) == ["reweighting neumann(iterations=2,alpha=0.1)", "reweighting unroll(steps=1)"]
+    assert all("double backward" in why for why in skipped.values())

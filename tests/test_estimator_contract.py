@@ -68,6 +68,25 @@ def test_shapes_dtypes_and_finiteness(program):
     assert any(g.abs().max() > 0 for g in grads)
 
 
+@pytest.mark.parametrize("name", NAMES)
+def test_double_backward_says_whether_the_estimator_differentiates_a_backward_again(name):
+    """``double_backward`` is False exactly where the hypergradient runs through a lower model
+    whose backward cannot be differentiated again (`OnceTanh`, as a ``torch.compile``-d module),
+    and equals the hypergradient of the same model with an ordinary ``tanh``."""
+    est = estimators.get(name)
+    once = mlp_program(batches=2, once_differentiable=True).engine(est)
+    if est.double_backward:
+        with pytest.raises(RuntimeError, match="double backward"):
+            once.hypergradient("upper")
+        return
+    plain = mlp_program(batches=2).engine(est)
+    for level in ("lower", "upper"):  # rounds first: sama reads the lower level's last step
+        once.step(level)
+        plain.step(level)
+    for a, b in zip(once.hypergradient("upper"), plain.hypergradient("upper"), strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-14)
+
+
 def test_hypergradient_changes_nothing(program):
     lower, upper = program.lower, program.upper
     assert lower.module.training and lower.module.norm.training

@@ -138,6 +138,11 @@ class Estimator(ABC):
     #: overflow, a NaN loss) by a non-finite result, without raising or warning
     #: (`non_finite_result`); otherwise the rule tests every adjoint before calling ``vjp``
     guards_non_finite: ClassVar[bool] = False
+    #: True when the estimator differentiates a backward pass again (a Hessian- or mixed-vector
+    #: product, a look-ahead kept differentiable); False when first-order gradients are all it
+    #: takes of the losses, so the levels it serves may run code that takes no double backward
+    #: (a ``torch.compile``-d module, an autograd Function marked ``once_differentiable``)
+    double_backward: ClassVar[bool] = True
 
     def __post_init__(self) -> None:
         hints = typing.get_type_hints(type(self))

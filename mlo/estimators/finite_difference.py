@@ -37,6 +37,7 @@ class FiniteDifference(Estimator):
 
     name: ClassVar[str] = "finite_difference"
     guards_non_finite: ClassVar[bool] = True
+    double_backward: ClassVar[bool] = False
     radius: float = 0.01
 
     def validate(self) -> None:

@@ -17,6 +17,7 @@ class FirstOrder(Estimator):
 
     name: ClassVar[str] = "first_order"
     uses_adjoint: ClassVar[bool] = False
+    double_backward: ClassVar[bool] = False
 
     def vjp(self, hop: Hop, adjoint: Tensors, lookahead: Tensors | None) -> tuple[Tensors, Info]:
         return zero_result(hop)

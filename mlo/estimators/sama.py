@@ -49,6 +49,7 @@ class Sama(Estimator):
 
     name: ClassVar[str] = "sama"
     guards_non_finite: ClassVar[bool] = True
+    double_backward: ClassVar[bool] = False
     radius: float = 1.0
 
     def validate(self) -> None:
