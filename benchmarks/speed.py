@@ -280,6 +280,8 @@ def run(quick: bool = False, json_path: str | Path | None = None, repeats: int |
     with each program's lower module compiled by ``torch.compile(backend=...)`` (``mlo-compile``;
     the first-order algorithms, as the compiled backward is not differentiated again)."""
     device = resolve_device(device)
+    if device.type == "cuda":  # peers that place modules on "the" GPU (Betty) place them on this one
+        torch.cuda.set_device(device)
     console = console or make_console()
     if compile_backend is not None:
         impls = (*impls, "mlo-compile")
