@@ -87,14 +87,13 @@ def main(args: argparse.Namespace) -> int:
     if args.suite == "speed":
         from . import speed
 
-        try:
-            device = speed.resolve_device(args.device)
+        try:  # a device the suite cannot use is refused before anything is built
+            _, ratios = speed.run(quick=args.quick, json_path=json_path, repeats=args.repeats, console=console,
+                                  profile=args.profile, only=args.only.split(",") if args.only else None,
+                                  device=args.device, compile_backend=args.compile)
         except ConfigError as err:
             console.print(f"[red]mlo bench speed:[/] {err}")
             return 2
-        _, ratios = speed.run(quick=args.quick, json_path=json_path, repeats=args.repeats, console=console,
-                              profile=args.profile, only=args.only.split(",") if args.only else None,
-                              device=device, compile_backend=args.compile)
         failed = speed.check(ratios) if args.check else []
         for row in failed:
             console.print(f"[red]mlo bench speed --check: past its bound:[/] {row}")
